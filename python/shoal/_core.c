@@ -1,0 +1,639 @@
+/*
+ * python/shoal/_core.c - the shoal._core extension: the node arena from Python.
+ *
+ * Arena wraps one shoal_arena; Block owns exactly one reference to one block
+ * and is the base object of every numpy array built over arena memory, so the
+ * reference lives exactly as long as the last array (or memoryview) that uses
+ * it. Read-only views are enforced twice: the array is created without
+ * NPY_ARRAY_WRITEABLE, and the Block refuses writable buffer requests, so
+ * numpy cannot be talked into making it writable later.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <numpy/arrayobject.h>
+
+#include <shoal/arena.h>
+#include <shoal/array.h>
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct {
+    PyObject_HEAD
+    shoal_arena *arena;
+    Py_ssize_t live_blocks; /* Blocks that still hold a reference */
+    int attached; /* 1 if made by attach(), 0 if created here */
+} ArenaObject;
+
+typedef struct {
+    PyObject_HEAD
+    ArenaObject *owner; /* strong: keeps the mapping alive */
+    shoal_handle handle;
+    int readonly;
+    Py_ssize_t exports; /* memoryviews and the like currently exported */
+} BlockObject;
+
+static PyTypeObject ArenaType;
+static PyTypeObject BlockType;
+
+/* Raises OSError(errno, "what: strerror"); OSError picks the subclass that
+ * matches errno (FileNotFoundError for ENOENT, and so on). */
+static PyObject *raise_errno(int neg, const char *what)
+{
+    int e = -neg;
+    PyObject *args = Py_BuildValue("(iN)", e, PyUnicode_FromFormat("%s: %s", what, strerror(e)));
+    if (!args)
+        return NULL;
+    PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);
+    Py_DECREF(args);
+    if (exc) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static int arena_usable(ArenaObject *self)
+{
+    if (!self->arena) {
+        PyErr_SetString(PyExc_ValueError, "this shoal Arena is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- Block ---------------------------------------------------------------- */
+
+/* Makes a Block that takes over one reference already held for handle. */
+static BlockObject *block_new(ArenaObject *owner, shoal_handle h, int readonly)
+{
+    BlockObject *b = PyObject_New(BlockObject, &BlockType);
+    if (!b)
+        return NULL;
+    Py_INCREF(owner);
+    b->owner = owner;
+    b->handle = h;
+    b->readonly = readonly;
+    b->exports = 0;
+    owner->live_blocks++;
+    return b;
+}
+
+static void block_dealloc(BlockObject *self)
+{
+    ArenaObject *owner = self->owner;
+    if (owner && owner->arena) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = shoal_arena_release(owner->arena, self->handle);
+        Py_END_ALLOW_THREADS
+        /* -ECHILD: a forked child inherited this object; the parent still
+         * holds the reference, so there is nothing to release here. */
+        (void)rc;
+    }
+    if (owner) {
+        owner->live_blocks--;
+        Py_DECREF(owner);
+    }
+    PyObject_Free(self);
+}
+
+static int block_getbuffer(BlockObject *self, Py_buffer *view, int flags)
+{
+    if ((flags & PyBUF_WRITABLE) && self->readonly) {
+        PyErr_SetString(PyExc_BufferError,
+                        "this shoal arena block is shared read-only; view it with readonly=False "
+                        "only if every process may see your writes");
+        return -1;
+    }
+    void *p;
+    int rc = shoal_arena_ptr(self->owner->arena, self->handle, &p);
+    if (rc < 0) {
+        raise_errno(rc, "shoal block is no longer valid");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, p, (Py_ssize_t)self->handle.length, self->readonly,
+                          flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void block_releasebuffer(BlockObject *self, Py_buffer *view)
+{
+    (void)view;
+    self->exports--;
+}
+
+static PyBufferProcs block_as_buffer = {
+    .bf_getbuffer = (getbufferproc)block_getbuffer,
+    .bf_releasebuffer = (releasebufferproc)block_releasebuffer,
+};
+
+static PyObject *block_get_handle(BlockObject *self, void *closure)
+{
+    (void)closure;
+    return Py_BuildValue("(KKK)", (unsigned long long)self->handle.offset,
+                         (unsigned long long)self->handle.length, (unsigned long long)self->handle.generation);
+}
+
+static PyObject *block_get_readonly(BlockObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->readonly);
+}
+
+static PyObject *block_repr(BlockObject *self)
+{
+    return PyUnicode_FromFormat("<shoal Block offset=%llu length=%llu generation=%llu%s>",
+                                (unsigned long long)self->handle.offset,
+                                (unsigned long long)self->handle.length,
+                                (unsigned long long)self->handle.generation,
+                                self->readonly ? " read-only" : "");
+}
+
+static PyGetSetDef block_getset[] = {
+    {"handle", (getter)block_get_handle, NULL, "(offset, length, generation) of the block", NULL},
+    {"readonly", (getter)block_get_readonly, NULL, "whether buffers of this block are read-only", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject BlockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shoal._core.Block",
+    .tp_basicsize = sizeof(BlockObject),
+    .tp_dealloc = (destructor)block_dealloc,
+    .tp_repr = (reprfunc)block_repr,
+    .tp_as_buffer = &block_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One reference to one arena block; released when the object is collected.",
+    .tp_getset = block_getset,
+};
+
+/* ---- Arena ---------------------------------------------------------------- */
+
+static PyObject *arena_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"heap_size", "retain_bytes", "prefault", "populate", "max_holders", "max_refs", NULL};
+    unsigned long long heap = 0, retain = 0;
+    int prefault = 0, populate = 1;
+    unsigned int holders = 0, refs = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|KKppII:Arena", kwlist, &heap, &retain, &prefault, &populate,
+                                     &holders, &refs))
+        return NULL;
+    shoal_arena_opts o = {
+        .heap_size = heap,
+        .retain_bytes = retain,
+        .max_holders = holders,
+        .max_refs = refs,
+        .flags = (prefault ? SHOAL_ARENA_PREFAULT_THREAD : 0) | (populate ? 0 : SHOAL_ARENA_NO_POPULATE),
+    };
+    ArenaObject *self = (ArenaObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_arena_create(&o, &self->arena);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        Py_DECREF(self);
+        return raise_errno(rc, "cannot create a shoal arena");
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *arena_attach(PyTypeObject *type, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i:attach", &fd))
+        return NULL;
+    ArenaObject *self = (ArenaObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_arena_attach(fd, &self->arena);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        Py_DECREF(self);
+        return raise_errno(rc, "cannot attach to the shoal arena behind this fd");
+    }
+    self->attached = 1;
+    return (PyObject *)self;
+}
+
+static void arena_dealloc(ArenaObject *self)
+{
+    /* Blocks hold a strong reference to us, so none is alive here. */
+    shoal_arena_close(self->arena);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *arena_close(ArenaObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!self->arena)
+        Py_RETURN_NONE;
+    if (self->live_blocks) {
+        PyErr_Format(PyExc_BufferError,
+                     "cannot close the arena: %zd arrays or blocks still use it; delete them first",
+                     self->live_blocks);
+        return NULL;
+    }
+    shoal_arena *a = self->arena;
+    self->arena = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    shoal_arena_close(a);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *arena_get_fd(ArenaObject *self, void *closure)
+{
+    (void)closure;
+    if (arena_usable(self) < 0)
+        return NULL;
+    return PyLong_FromLong(shoal_arena_fd(self->arena));
+}
+
+static PyObject *arena_alloc(ArenaObject *self, PyObject *args)
+{
+    unsigned long long n;
+    if (!PyArg_ParseTuple(args, "K:alloc", &n) || arena_usable(self) < 0)
+        return NULL;
+    shoal_handle h;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_arena_alloc(self->arena, n, &h);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return raise_errno(rc, "arena allocation failed");
+    BlockObject *b = block_new(self, h, 0);
+    if (!b) {
+        shoal_arena_release(self->arena, h);
+        return NULL;
+    }
+    return (PyObject *)b;
+}
+
+/* Builds an ndarray over p with base `block` (reference stolen). */
+static PyObject *make_array(PyArray_Descr *descr, int nd, npy_intp *dims, npy_intp *strides, void *p,
+                            int flags, BlockObject *block)
+{
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, strides, p, flags, NULL);
+    if (!arr) {
+        Py_DECREF(block);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)block) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static int refuse_objects(PyArray_Descr *descr)
+{
+    if (PyDataType_REFCHK(descr)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "object arrays cannot live in shared memory (they hold pointers into one "
+                        "process); pickle them instead");
+        return -1;
+    }
+    if (PyDataType_HASFIELDS(descr) || PyDataType_HASSUBARRAY(descr)) {
+        PyErr_SetString(PyExc_TypeError, "structured dtypes are not supported in the arena yet");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *arena_empty(ArenaObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"shape", "dtype", "order", NULL};
+    PyObject *shape_obj, *dtype_obj = Py_None;
+    const char *order = "C";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Os:empty", kwlist, &shape_obj, &dtype_obj, &order) ||
+        arena_usable(self) < 0)
+        return NULL;
+    if (strcmp(order, "C") && strcmp(order, "F")) {
+        PyErr_SetString(PyExc_ValueError, "order must be 'C' or 'F'");
+        return NULL;
+    }
+    PyArray_Dims dims = {NULL, 0};
+    if (!PyArray_IntpConverter(shape_obj, &dims))
+        return NULL;
+    PyArray_Descr *descr = NULL;
+    if (!PyArray_DescrConverter2(dtype_obj, &descr))
+        goto fail_dims;
+    if (!descr)
+        descr = PyArray_DescrFromType(NPY_DOUBLE);
+    if (refuse_objects(descr) < 0)
+        goto fail_descr;
+    npy_intp nbytes = PyDataType_ELSIZE(descr);
+    for (int i = 0; i < dims.len; i++) {
+        if (dims.ptr[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "negative dimensions are not allowed");
+            goto fail_descr;
+        }
+        if (__builtin_mul_overflow(nbytes, dims.ptr[i], &nbytes)) {
+            PyErr_SetString(PyExc_ValueError, "array is too big");
+            goto fail_descr;
+        }
+    }
+    shoal_handle h;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_arena_alloc(self->arena, nbytes ? (uint64_t)nbytes : 1, &h);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        raise_errno(rc, "arena allocation failed");
+        goto fail_descr;
+    }
+    BlockObject *b = block_new(self, h, 0);
+    if (!b) {
+        shoal_arena_release(self->arena, h);
+        goto fail_descr;
+    }
+    int flags = NPY_ARRAY_WRITEABLE | (order[0] == 'F' ? NPY_ARRAY_F_CONTIGUOUS : 0);
+    PyObject *arr = make_array(descr, dims.len, dims.ptr, NULL, (uint8_t *)shoal_arena_base(self->arena) + h.offset,
+                               flags, b);
+    PyDimMem_FREE(dims.ptr);
+    return arr;
+
+fail_descr:
+    Py_DECREF(descr);
+fail_dims:
+    PyDimMem_FREE(dims.ptr);
+    return NULL;
+}
+
+static PyObject *arena_describe(ArenaObject *self, PyObject *args)
+{
+    PyArrayObject *arr;
+    if (!PyArg_ParseTuple(args, "O!:describe", &PyArray_Type, &arr) || arena_usable(self) < 0)
+        return NULL;
+    PyObject *base = (PyObject *)arr;
+    while (PyArray_Check(base) && PyArray_BASE((PyArrayObject *)base))
+        base = PyArray_BASE((PyArrayObject *)base);
+    if (!PyObject_TypeCheck(base, &BlockType) || ((BlockObject *)base)->owner != self) {
+        PyErr_SetString(PyExc_ValueError, "this array does not live in this arena");
+        return NULL;
+    }
+    BlockObject *b = (BlockObject *)base;
+    PyArray_Descr *descr = PyArray_DESCR(arr);
+    if (refuse_objects(descr) < 0)
+        return NULL;
+    shoal_array_desc d;
+    memset(&d, 0, sizeof d);
+    PyObject *str = PyObject_GetAttrString((PyObject *)descr, "str");
+    if (!str)
+        return NULL;
+    const char *s = PyUnicode_AsUTF8(str);
+    if (!s || strlen(s) >= SHOAL_ARRAY_DTYPE_LEN) {
+        if (s)
+            PyErr_Format(PyExc_TypeError, "dtype %s cannot be described", s);
+        Py_DECREF(str);
+        return NULL;
+    }
+    strcpy(d.dtype, s);
+    Py_DECREF(str);
+    d.ndim = (uint32_t)PyArray_NDIM(arr);
+    d.itemsize = (uint64_t)PyArray_ITEMSIZE(arr);
+    uint8_t *start = (uint8_t *)shoal_arena_base(self->arena) + b->handle.offset;
+    d.offset = (uint64_t)((uint8_t *)PyArray_DATA(arr) - start);
+    for (uint32_t i = 0; i < d.ndim; i++) {
+        d.shape[i] = PyArray_DIM(arr, (int)i);
+        d.strides[i] = PyArray_STRIDE(arr, (int)i);
+    }
+    int rc = shoal_array_desc_check(&d, b->handle.length);
+    if (rc < 0)
+        return raise_errno(rc, "array reaches outside its block");
+    uint8_t buf[SHOAL_ARRAY_DESC_FIXED + 16 * SHOAL_ARRAY_MAXDIM];
+    size_t len;
+    rc = shoal_array_desc_encode(&d, buf, sizeof buf, &len);
+    if (rc < 0)
+        return raise_errno(rc, "cannot encode the array descriptor");
+    return Py_BuildValue("((KKK)y#)", (unsigned long long)b->handle.offset, (unsigned long long)b->handle.length,
+                         (unsigned long long)b->handle.generation, (const char *)buf, (Py_ssize_t)len);
+}
+
+static int parse_handle(PyObject *o, shoal_handle *h)
+{
+    unsigned long long off, len, gen;
+    if (!PyArg_ParseTuple(o, "KKK;a handle is (offset, length, generation)", &off, &len, &gen))
+        return -1;
+    h->offset = off;
+    h->length = len;
+    h->generation = gen;
+    return 0;
+}
+
+static PyObject *arena_view(ArenaObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"handle", "desc", "readonly", NULL};
+    PyObject *hobj;
+    Py_buffer db;
+    int readonly = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!y*|p:view", kwlist, &PyTuple_Type, &hobj, &db, &readonly))
+        return NULL;
+    PyObject *result = NULL;
+    shoal_handle h;
+    shoal_array_desc d;
+    if (arena_usable(self) < 0 || parse_handle(hobj, &h) < 0)
+        goto out;
+    int rc = shoal_array_desc_decode(db.buf, (size_t)db.len, &d);
+    if (rc < 0) {
+        raise_errno(rc, "malformed array descriptor");
+        goto out;
+    }
+    if ((rc = shoal_array_desc_check(&d, h.length)) < 0) {
+        raise_errno(rc, "array descriptor does not fit its block");
+        goto out;
+    }
+    PyObject *dstr = PyUnicode_FromString(d.dtype);
+    PyArray_Descr *descr = NULL;
+    if (!dstr)
+        goto out;
+    int ok = PyArray_DescrConverter(dstr, &descr);
+    Py_DECREF(dstr);
+    if (!ok)
+        goto out;
+    if (refuse_objects(descr) < 0 || (uint64_t)PyDataType_ELSIZE(descr) != d.itemsize) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "descriptor itemsize %llu does not match dtype %s",
+                         (unsigned long long)d.itemsize, d.dtype);
+        Py_DECREF(descr);
+        goto out;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_arena_acquire(self->arena, h);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        Py_DECREF(descr);
+        raise_errno(rc, "cannot use this arena handle");
+        goto out;
+    }
+    BlockObject *b = block_new(self, h, readonly);
+    if (!b) {
+        shoal_arena_release(self->arena, h);
+        Py_DECREF(descr);
+        goto out;
+    }
+    npy_intp dims[SHOAL_ARRAY_MAXDIM], strides[SHOAL_ARRAY_MAXDIM];
+    for (uint32_t i = 0; i < d.ndim; i++) {
+        dims[i] = (npy_intp)d.shape[i];
+        strides[i] = (npy_intp)d.strides[i];
+    }
+    uint8_t *p = (uint8_t *)shoal_arena_base(self->arena) + h.offset + d.offset;
+    result = make_array(descr, (int)d.ndim, dims, strides, p, readonly ? 0 : NPY_ARRAY_WRITEABLE, b);
+out:
+    PyBuffer_Release(&db);
+    return result;
+}
+
+static PyObject *arena_stats(ArenaObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (arena_usable(self) < 0)
+        return NULL;
+    shoal_arena_stats s;
+    int rc = shoal_arena_get_stats(self->arena, &s);
+    if (rc < 0)
+        return raise_errno(rc, "cannot read arena stats");
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsIsI}", "heap_size", (unsigned long long)s.heap_size, "used_bytes",
+                         (unsigned long long)s.used_bytes, "used_blocks", (unsigned long long)s.used_blocks,
+                         "free_bytes", (unsigned long long)s.free_bytes, "free_blocks",
+                         (unsigned long long)s.free_blocks, "largest_free", (unsigned long long)s.largest_free,
+                         "committed_bytes", (unsigned long long)s.committed_bytes, "released_bytes",
+                         (unsigned long long)s.released_bytes, "high_water", (unsigned long long)s.high_water,
+                         "holders", s.holders, "recoveries", s.recoveries);
+}
+
+static PyObject *arena_check(ArenaObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (arena_usable(self) < 0)
+        return NULL;
+    char msg[256];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_arena_check(self->arena, msg, sizeof msg);
+    Py_END_ALLOW_THREADS
+    if (rc == -EUCLEAN) {
+        PyErr_Format(PyExc_RuntimeError, "arena invariant broken: %s", msg);
+        return NULL;
+    }
+    if (rc < 0)
+        return raise_errno(rc, "cannot check the arena");
+    Py_RETURN_NONE;
+}
+
+static PyObject *arena_reclaim(ArenaObject *self, PyObject *args)
+{
+    int pid;
+    if (!PyArg_ParseTuple(args, "i:reclaim", &pid) || arena_usable(self) < 0)
+        return NULL;
+    int rc = shoal_arena_reclaim(self->arena, pid);
+    if (rc < 0)
+        return raise_errno(rc, "cannot reclaim that process's references");
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *arena_reclaim_dead(ArenaObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (arena_usable(self) < 0)
+        return NULL;
+    int rc = shoal_arena_reclaim_dead(self->arena);
+    if (rc < 0)
+        return raise_errno(rc, "cannot reclaim dead processes' references");
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *arena_enter(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    Py_INCREF(self);
+    return self;
+}
+
+static PyObject *arena_exit(ArenaObject *self, PyObject *args)
+{
+    (void)args;
+    return arena_close(self, NULL);
+}
+
+static PyMethodDef arena_methods[] = {
+    {"attach", (PyCFunction)arena_attach, METH_VARARGS | METH_CLASS,
+     "attach(fd) -> Arena: map the arena behind an inherited fd and become one of its holders."},
+    {"close", (PyCFunction)arena_close, METH_NOARGS,
+     "Release this process's references and unmap. Refused while arrays still use the arena."},
+    {"alloc", (PyCFunction)arena_alloc, METH_VARARGS, "alloc(nbytes) -> Block holding one reference."},
+    {"empty", (PyCFunction)(void (*)(void))arena_empty, METH_VARARGS | METH_KEYWORDS,
+     "empty(shape, dtype=float, order='C') -> writable ndarray in a new block."},
+    {"describe", (PyCFunction)arena_describe, METH_VARARGS,
+     "describe(array) -> (handle, desc): what another process needs to view this array."},
+    {"view", (PyCFunction)(void (*)(void))arena_view, METH_VARARGS | METH_KEYWORDS,
+     "view(handle, desc, readonly=True) -> ndarray over the block, holding one new reference."},
+    {"stats", (PyCFunction)arena_stats, METH_NOARGS, "stats() -> dict of the arena's accounting."},
+    {"check", (PyCFunction)arena_check, METH_NOARGS, "check(): raise RuntimeError if an invariant is broken."},
+    {"reclaim", (PyCFunction)arena_reclaim, METH_VARARGS,
+     "reclaim(pid) -> int: release everything a dead process held."},
+    {"reclaim_dead", (PyCFunction)arena_reclaim_dead, METH_NOARGS,
+     "reclaim_dead() -> int: reclaim every dead process's holder record."},
+    {"__enter__", (PyCFunction)arena_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)arena_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef arena_getset[] = {
+    {"fd", (getter)arena_get_fd, NULL, "the arena's memfd (pass it to a child to attach)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ArenaType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shoal._core.Arena",
+    .tp_basicsize = sizeof(ArenaObject),
+    .tp_dealloc = (destructor)arena_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Arena(heap_size=0, retain_bytes=0, prefault=False, populate=True, max_holders=0, max_refs=0)\n\n"
+              "A node's shared-memory arena (a memfd). Zero sizes take the defaults: half of RAM for the heap.",
+    .tp_methods = arena_methods,
+    .tp_getset = arena_getset,
+    .tp_new = arena_new,
+};
+
+static int core_exec(PyObject *m)
+{
+    if (PyArray_ImportNumPyAPI() < 0)
+        return -1;
+    if (PyType_Ready(&ArenaType) < 0 || PyType_Ready(&BlockType) < 0)
+        return -1;
+    if (PyModule_AddObjectRef(m, "Arena", (PyObject *)&ArenaType) < 0 ||
+        PyModule_AddObjectRef(m, "Block", (PyObject *)&BlockType) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(m, "ALIGN", SHOAL_ARENA_ALIGN) < 0 ||
+        PyModule_AddIntConstant(m, "CHUNK", SHOAL_ARENA_CHUNK) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shoal._core",
+    .m_doc = "shoal's C core: the node's shared-memory arena.",
+    .m_size = 0,
+    .m_slots = core_slots,
+};
+
+PyMODINIT_FUNC PyInit__core(void);
+PyMODINIT_FUNC PyInit__core(void)
+{
+    return PyModuleDef_Init(&core_module);
+}
