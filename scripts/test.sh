@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Sets up the machine (scripts/setup.sh) and runs every test:
+#   1. the C tests (Criterion, through meson test) in a build with warnings as errors,
+#   2. the same C tests in an address+undefined sanitizer build,
+#   3. the Python tests (pytest) against the package installed in .venv,
+#   4. the Python tests again with the extension from the sanitizer build.
+# Exits non-zero if anything fails.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+./scripts/setup.sh
+export PATH="$root/.venv/bin:$PATH"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "C tests, warnings as errors (build/ci)"
+[ -f build/ci/build.ninja ] || meson setup build/ci -Dwerror=true >/dev/null
+ninja -C build/ci >/dev/null
+meson test -C build/ci --print-errorlogs
+
+step "C tests, address+undefined sanitizers (build/asan)"
+[ -f build/asan/build.ninja ] || meson setup build/asan -Dwerror=true -Dbuildtype=debug \
+  -Db_sanitize=address,undefined -Db_lundef=false >/dev/null
+ninja -C build/asan >/dev/null
+meson test -C build/asan --print-errorlogs
+
+step "Python tests against the installed package"
+python -m pytest -q -p no:cacheprovider tests/python
+
+step "Python tests with the sanitizer build of shoal._core"
+pkg=build/asan/pkg/shoal
+mkdir -p "$pkg"
+for f in python/shoal/*.py; do ln -sf "$root/$f" "$pkg/"; done
+ln -sf "$root"/build/asan/python/shoal/_core*.so "$pkg/"
+LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$root/build/asan/pkg" \
+  python -m pytest -q -p no:cacheprovider tests/python
