@@ -32,7 +32,6 @@ typedef struct {
     ArenaObject *owner; /* strong: keeps the mapping alive */
     shoal_handle handle;
     int readonly;
-    Py_ssize_t exports; /* memoryviews and the like currently exported */
 } BlockObject;
 
 static PyTypeObject ArenaType;
@@ -76,7 +75,6 @@ static BlockObject *block_new(ArenaObject *owner, shoal_handle h, int readonly)
     b->owner = owner;
     b->handle = h;
     b->readonly = readonly;
-    b->exports = 0;
     owner->live_blocks++;
     return b;
 }
@@ -117,19 +115,11 @@ static int block_getbuffer(BlockObject *self, Py_buffer *view, int flags)
     if (PyBuffer_FillInfo(view, (PyObject *)self, p, (Py_ssize_t)self->handle.length, self->readonly,
                           flags) < 0)
         return -1;
-    self->exports++;
     return 0;
-}
-
-static void block_releasebuffer(BlockObject *self, Py_buffer *view)
-{
-    (void)view;
-    self->exports--;
 }
 
 static PyBufferProcs block_as_buffer = {
     .bf_getbuffer = (getbufferproc)block_getbuffer,
-    .bf_releasebuffer = (releasebufferproc)block_releasebuffer,
 };
 
 static PyObject *block_get_handle(BlockObject *self, void *closure)

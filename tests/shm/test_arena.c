@@ -651,3 +651,28 @@ Test(arena, prefault_thread_runs_ahead_of_use)
     assert_ok(a);
     shoal_arena_close(a);
 }
+
+Test(arena, attach_reclaims_dead_holders_when_the_table_is_full)
+{
+    shoal_arena_opts o = {.heap_size = 4 * MiB, .max_holders = 2};
+    shoal_arena *a, *b, *c = NULL;
+    cr_assert_eq(shoal_arena_create(&o, &a), 0);
+    cr_assert_eq(shoal_arena_attach(shoal_arena_fd(a), &b), 0);
+    shoal_arena_close(a); /* record 0 is free again; b keeps the arena */
+    pid_t pid = fork();
+    if (pid == 0) {
+        shoal_arena *y;
+        shoal_handle h;
+        if (shoal_arena_attach(shoal_arena_fd(b), &y) == 0 && shoal_arena_alloc(y, 1000, &h) == 0)
+            raise(SIGKILL); /* dies holding record 0 and a block */
+        _exit(1);
+    }
+    int st = wait_child(pid);
+    cr_assert(WIFSIGNALED(st), "status %d", st);
+    cr_assert_eq(stats(b).holders, 2, "the table is full");
+    cr_assert_eq(shoal_arena_attach(shoal_arena_fd(b), &c), 0, "the dead holder's record is reclaimed");
+    cr_assert_eq(stats(b).used_blocks, 0, "and its block freed");
+    assert_empty(b);
+    shoal_arena_close(c);
+    shoal_arena_close(b);
+}
