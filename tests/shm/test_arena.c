@@ -676,3 +676,55 @@ Test(arena, attach_reclaims_dead_holders_when_the_table_is_full)
     shoal_arena_close(c);
     shoal_arena_close(b);
 }
+
+Test(arena, acquire_with_a_full_ref_table_is_enospc)
+{
+    shoal_arena_opts o = {.heap_size = 4 * MiB, .max_refs = 2};
+    shoal_arena *a, *b;
+    cr_assert_eq(shoal_arena_create(&o, &a), 0);
+    cr_assert_eq(shoal_arena_attach(shoal_arena_fd(a), &b), 0);
+    shoal_handle x = alloc(a, 64), y = alloc(a, 64);
+    shoal_handle z;
+    cr_assert_eq(shoal_arena_alloc(a, 64, &z), -ENOSPC);
+    cr_assert_eq(shoal_arena_acquire(b, x), 0);
+    cr_assert_eq(shoal_arena_acquire(b, y), 0);
+    release(a, y);
+    cr_assert_eq(shoal_arena_alloc(a, 64, &z), 0);
+    cr_assert_eq(shoal_arena_acquire(b, z), -ENOSPC, "b holds two blocks already");
+    assert_ok(a);
+    shoal_arena_close(b);
+    release(a, x);
+    release(a, z);
+    assert_empty(a);
+    shoal_arena_close(a);
+}
+
+/* The invariant check must be able to fail: corrupt the documented layout
+ * (docs/arena.md) by hand and see it reported. */
+Test(arena, check_reports_corruption)
+{
+    shoal_arena *a = make(4 * MiB);
+    shoal_handle x = alloc(a, 1000), y = alloc(a, 1000);
+    uint8_t *hdr = (uint8_t *)shoal_arena_base(a) + x.offset - 64;
+    char msg[256];
+    uint32_t saved;
+    memcpy(&saved, hdr + 32, 4);
+    uint32_t two = 2;
+    memcpy(hdr + 32, &two, 4); /* refcount no longer matches the holders */
+    cr_assert_eq(shoal_arena_check(a, msg, sizeof msg), -EUCLEAN);
+    cr_assert(strstr(msg, "refcount"), "message: %s", msg);
+    memcpy(hdr + 32, &saved, 4);
+    assert_ok(a);
+
+    uint64_t size;
+    memcpy(&size, hdr + 8, 8);
+    uint64_t bad = size + 64; /* overlaps y */
+    memcpy(hdr + 8, &bad, 8);
+    cr_assert_eq(shoal_arena_check(a, msg, sizeof msg), -EUCLEAN);
+    memcpy(hdr + 8, &size, 8);
+    assert_ok(a);
+    release(a, x);
+    release(a, y);
+    assert_empty(a);
+    shoal_arena_close(a);
+}
