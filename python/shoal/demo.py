@@ -21,14 +21,17 @@ import numpy as np
 
 from . import Arena
 
-CHILD = r"""
-import json, sys, time
-t0 = time.perf_counter()
-import numpy as np, shoal
+# Both children report their resident memory by kind (RssAnon, RssShmem).
+RSS = r"""
 def rss(kind):
     for line in open('/proc/self/status'):
         if line.startswith(kind + ':'):
             return int(line.split()[1]) * 1024
+"""
+
+CHILD = RSS + r"""
+import json, sys, time
+import numpy as np, shoal
 anon0 = rss('RssAnon')
 t = time.perf_counter()
 a = shoal.Arena.attach(int(sys.argv[1]))
@@ -44,13 +47,9 @@ print(json.dumps(dict(attach=t_attach, view=t_view, sum=s, t_sum=t_sum, writeabl
                       anon_growth=rss('RssAnon') - anon0, shmem=rss('RssShmem'))))
 """
 
-PIPE_CHILD = r"""
+PIPE_CHILD = RSS + r"""
 import json, pickle, sys, time
 import numpy as np
-def rss(kind):
-    for line in open('/proc/self/status'):
-        if line.startswith(kind + ':'):
-            return int(line.split()[1]) * 1024
 anon0 = rss('RssAnon')
 t = time.perf_counter()
 meta = pickle.load(sys.stdin.buffer)
@@ -59,7 +58,10 @@ buf = bytearray(n)
 view = memoryview(buf)
 got = 0
 while got < n:
-    got += sys.stdin.buffer.readinto(view[got:])
+    k = sys.stdin.buffer.readinto(view[got:])
+    if not k:
+        raise EOFError(f'the parent sent {got} of {n} bytes')
+    got += k
 x = np.frombuffer(buf, dtype=meta['dtype']).reshape(meta['shape'])
 t_recv = time.perf_counter() - t
 s = float(x.sum())
