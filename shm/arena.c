@@ -142,49 +142,68 @@ static inline unsigned bin_of(uint64_t size)
     return b < ARENA_NBINS ? b : ARENA_NBINS - 1;
 }
 
-/* Start time of a process in clock ticks since boot (field 22 of
- * /proc/pid/stat), and whether it is a zombie. Returns -ESRCH if gone. */
-static int proc_info(pid_t pid, uint64_t *starttime, bool *zombie)
+enum { PROC_DEAD = 0, PROC_ALIVE = 1 };
+
+/*
+ * Whether process pid is alive, from /proc/pid/stat, and if so its start time
+ * in clock ticks since boot (field 22), which tells a reused pid. Dead means
+ * gone, or a zombie with no thread left: a zombie thread-group leader whose
+ * other threads still run (field 20, num_threads, above 1) is alive. Any
+ * other failure to read (no /proc, EMFILE, hidepid) is not evidence of death:
+ * it returns a negative errno, and callers must then treat the process as
+ * alive.
+ */
+static int proc_state(pid_t pid, uint64_t *starttime)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return -ESRCH;
+        return errno == ENOENT || errno == ESRCH ? PROC_DEAD : -errno;
     ssize_t n;
     do {
         n = read(fd, buf, sizeof buf - 1);
     } while (n < 0 && errno == EINTR);
+    int e = errno;
     close(fd);
-    if (n <= 0)
-        return -ESRCH;
+    if (n < 0)
+        return e == ESRCH ? PROC_DEAD : -e;
     buf[n] = '\0';
     /* The command name may hold spaces and parentheses: parse after the last ')'. */
     char *p = strrchr(buf, ')');
     if (!p || p[1] != ' ')
-        return -ESRCH;
+        return -EPROTO;
     p += 2;
     char state = *p;
-    unsigned long long st = 0;
+    unsigned long long threads = 0, st = 0;
     int field = 3;
     while (field < 22 && *p) {
-        if (*p++ == ' ')
+        if (*p++ == ' ') {
             field++;
+            if (field == 20 && sscanf(p, "%llu", &threads) != 1)
+                return -EPROTO;
+        }
     }
     if (field != 22 || sscanf(p, "%llu", &st) != 1)
-        return -ESRCH;
+        return -EPROTO;
+    if ((state == 'Z' || state == 'X') && threads <= 1)
+        return PROC_DEAD;
     *starttime = st;
-    *zombie = state == 'Z' || state == 'X';
-    return 0;
+    return PROC_ALIVE;
 }
 
+/* Whether the process behind a holder record may still use it. When in
+ * doubt, yes: reclaiming a live process's references would free memory it
+ * uses. */
 static bool holder_alive(const struct holder *hd)
 {
-    uint64_t st;
-    bool zombie;
-    if (proc_info(hd->pid, &st, &zombie) < 0)
-        return false;
-    return !zombie && st == hd->starttime;
+    if (hd->pid == (int32_t)getpid())
+        return true;
+    uint64_t st = 0;
+    int r = proc_state(hd->pid, &st);
+    if (r < 0)
+        return true;
+    return r == PROC_ALIVE && (hd->starttime == 0 || st == hd->starttime);
 }
 
 /* ---- the undo log -------------------------------------------------------- */
@@ -226,7 +245,7 @@ static void undo_rollback(shoal_arena *a)
         n = ARENA_UNDO_MAX;
     for (uint32_t i = n; i-- > 0;) {
         const struct undo_rec *r = &h->undo[i];
-        if (r->len <= ARENA_UNDO_BYTES && r->off >= ARENA_HDR_SIZE && r->off + r->len <= h->size)
+        if (r->len <= ARENA_UNDO_BYTES && r->off >= ARENA_HDR_SIZE && r->off <= h->size - r->len)
             memcpy(a->base + r->off, r->data, r->len);
     }
     undo_commit(a);
@@ -472,12 +491,19 @@ static int validate(const shoal_arena *a, shoal_handle hd, struct block_hdr **ou
     if (hd.offset < h->heap_off + BLOCK_HDR || hd.offset >= heap_end(h) ||
         hd.length > heap_end(h) - hd.offset)
         return -ERANGE;
-    struct block_hdr *b = blk(a, hd.offset - BLOCK_HDR);
+    uint64_t boff = hd.offset - BLOCK_HDR;
+    struct block_hdr *b = blk(a, boff);
+    /* The header is shared memory: its size and boundary tag must make
+     * sense before anything (free_block above all) trusts them. */
+    uint64_t size = b->size, prev = b->prev_size;
+    if (size < BLOCK_MIN || size % SHOAL_ARENA_ALIGN || size > heap_end(h) - boff ||
+        prev % SHOAL_ARENA_ALIGN || prev > boff - h->heap_off)
+        return -ESTALE;
     if (atomic_load_explicit(&b->magic, memory_order_acquire) != BLOCK_USED ||
         atomic_load_explicit(&b->generation, memory_order_acquire) != hd.generation ||
         atomic_load_explicit(&b->refcount, memory_order_acquire) == 0 || (b->flags & BLOCK_DYING))
         return -ESTALE;
-    if (hd.length > b->length)
+    if (hd.length > b->length || b->length > size - BLOCK_HDR)
         return -ERANGE;
     *out = b;
     return 0;
@@ -721,6 +747,11 @@ static void releasable(shoal_arena *a, uint64_t boff, uint64_t *lo, uint64_t *hi
     uint64_t e = (boff + b->size - h->heap_off) & ~(uint64_t)(SHOAL_ARENA_CHUNK - 1);
     if (e <= s)
         return;
+    /* A chunk the prefault thread is working on must not be punched under
+     * it; such a block simply keeps its memory this time. */
+    for (uint64_t c = s / SHOAL_ARENA_CHUNK; c < e / SHOAL_ARENA_CHUNK; c++)
+        if (chunk_states(a)[c] == CHUNK_PREFAULTING)
+            return;
     *lo = h->heap_off + s;
     *hi = h->heap_off + e;
 }
@@ -752,10 +783,10 @@ static uint64_t default_heap_size(void)
 static int take_holder(shoal_arena *a)
 {
     struct arena_hdr *h = a->hdr;
+    /* Without a readable /proc the start time stays 0: such a holder is
+     * never taken for dead by pid reuse, only by its pid vanishing. */
     uint64_t st = 0;
-    bool zombie;
-    if (proc_info(getpid(), &st, &zombie) < 0)
-        return -ESRCH;
+    (void)proc_state(getpid(), &st);
     for (uint32_t i = 0; i < h->max_holders; i++) {
         struct holder *hd = holder_at(a, i);
         if (atomic_load(&hd->state) != HOLDER_FREE)
@@ -916,6 +947,30 @@ fail_truncate:
     return rc;
 }
 
+/*
+ * Whether a header read from a file describes a layout that fits the file:
+ * regions in order, none overlapping the next, all inside `size`, computed
+ * without overflow. attach trusts nothing else in the file before this.
+ */
+static bool layout_ok(const struct arena_hdr *h)
+{
+    uint64_t end;
+    if (h->max_holders == 0 || h->max_holders > (1u << 16) || h->max_refs > (1u << 24) ||
+        h->holders_off < ARENA_HDR_SIZE || h->heap_off % SHOAL_ARENA_CHUNK || h->heap_size == 0 ||
+        h->heap_size % SHOAL_ARENA_CHUNK || h->nchunks != h->heap_size / SHOAL_ARENA_CHUNK)
+        return false;
+    if (__builtin_add_overflow(h->holders_off, (uint64_t)h->max_holders * sizeof(struct holder), &end) ||
+        end > h->refs_off)
+        return false;
+    if (__builtin_add_overflow(h->refs_off, (uint64_t)h->max_holders * h->max_refs * sizeof(struct ref_entry),
+                               &end) ||
+        end > h->chunks_off)
+        return false;
+    if (__builtin_add_overflow(h->chunks_off, h->nchunks, &end) || end > h->heap_off)
+        return false;
+    return !__builtin_add_overflow(h->heap_off, h->heap_size, &end) && end == h->size;
+}
+
 int shoal_arena_attach(int fd, shoal_arena **out)
 {
     struct stat st;
@@ -927,8 +982,7 @@ int shoal_arena_attach(int fd, shoal_arena **out)
     if (pread(fd, &probe, sizeof probe, 0) != (ssize_t)sizeof probe)
         return -EPROTO;
     if (probe.magic != SHOAL_ARENA_MAGIC || probe.version != SHOAL_ARENA_VERSION ||
-        probe.hdr_size != sizeof probe || probe.size != (uint64_t)st.st_size ||
-        probe.heap_off + probe.heap_size != probe.size)
+        probe.hdr_size != sizeof probe || probe.size != (uint64_t)st.st_size || !layout_ok(&probe))
         return -EPROTO;
     int own = fcntl(fd, F_DUPFD_CLOEXEC, 3);
     if (own < 0)
@@ -1038,6 +1092,8 @@ int shoal_arena_acquire(shoal_arena *a, shoal_handle h)
         return rc;
     /* Validate again under the lock: the block may have been freed since. */
     rc = validate(a, h, &b);
+    if (rc == 0 && atomic_load_explicit(&b->refcount, memory_order_relaxed) >= UINT32_MAX - 1)
+        rc = -EOVERFLOW;
     if (rc == 0)
         rc = holder_add(a, h.offset - BLOCK_HDR);
     if (rc == 0) {
@@ -1079,12 +1135,17 @@ int shoal_arena_release(shoal_arena *a, shoal_handle h)
         b->flags |= BLOCK_DYING;
         undo_commit(a);
         arena_unlock(a);
+        TEST_POINT("release-punch");
         if (fallocate(a->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)lo, (off_t)(hi - lo)) < 0)
             lo = hi = 0;
         if ((rc = arena_lock(a)) < 0)
             return rc;
         if (lo != hi)
             mark_released(a, lo, hi);
+        /* Another thread of ours may have moved our entry meanwhile (a
+         * removal swaps the last entry into the hole): look it up again.
+         * It is still there: nobody else can drop our last reference. */
+        idx_lookup(&a->idx, boff, &slot);
     }
     holder_drop(a, a->holder, slot, 1, &a->idx);
     TEST_POINT("release-holder");

@@ -145,7 +145,7 @@ int shoal_arena_alloc(shoal_arena *a, uint64_t len, shoal_handle *out);
  * Validates h and takes one more reference to its block for this process.
  * Returns 0, or -EINVAL (misaligned or zero generation), -ERANGE (outside the
  * heap, or longer than the block), -ESTALE (the block was freed or reused),
- * -ENOSPC (holder record full), -ECHILD.
+ * -ENOSPC (holder record full), -EOVERFLOW (refcount at its limit), -ECHILD.
  */
 int shoal_arena_acquire(shoal_arena *a, shoal_handle h);
 
@@ -167,7 +167,9 @@ int shoal_arena_ptr(shoal_arena *a, shoal_handle h, void **out);
 /*
  * Releases everything the holder records of process pid hold and frees those
  * records. Refuses while pid is alive (the same process: same pid and start
- * time). Meant for the node agent once a pidfd says a process died.
+ * time; a zombie leader with live threads, or a process whose /proc entry
+ * cannot be read, counts as alive). Meant for the node agent once a pidfd
+ * says a process died.
  * Returns the number of references released (>= 0), -ESRCH (no holder record
  * for pid), -EBUSY (pid is still alive), -ECHILD.
  */

@@ -11,11 +11,14 @@
 #include <shoal/arena.h>
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -725,6 +728,174 @@ Test(arena, check_reports_corruption)
     assert_ok(a);
     release(a, x);
     release(a, y);
+    assert_empty(a);
+    shoal_arena_close(a);
+}
+
+/* ---- found in review: races and hostile input ----------------------------- */
+
+static shoal_arena *punch_arena;
+static shoal_handle punch_other;
+
+static void release_other_during_punch(const char *where)
+{
+    if (strcmp(where, "release-punch") == 0 && punch_other.generation) {
+        shoal_handle o = punch_other;
+        punch_other.generation = 0;
+        /* What another thread of ours may do while the lock is dropped:
+         * this removal moves our ref-table entries around. */
+        cr_assert_eq(shoal_arena_release(punch_arena, o), 0);
+    }
+}
+
+Test(arena, release_during_the_punch_window_keeps_the_ref_table_right)
+{
+    shoal_arena_opts o = {.heap_size = 256 * MiB, .retain_bytes = 64 * MiB};
+    shoal_arena *a;
+    cr_assert_eq(shoal_arena_create(&o, &a), 0);
+    shoal_handle small = alloc(a, 64); /* entry 0 */
+    shoal_handle last = alloc(a, 64); /* entry 1 */
+    shoal_handle big = alloc(a, 100 * MiB); /* entry 2: moves into entry 0's place */
+    punch_arena = a;
+    punch_other = small;
+    shoal__arena_test_hook = release_other_during_punch;
+    release(a, big);
+    shoal__arena_test_hook = NULL;
+    cr_assert_eq(punch_other.generation, 0, "the punch window was reached");
+    cr_assert_gt(stats(a).released_bytes, 0);
+    assert_ok(a);
+    release(a, last);
+    assert_empty(a);
+    shoal_arena_close(a);
+}
+
+Test(arena, unreadable_proc_is_not_taken_for_death)
+{
+    shoal_arena *a = make(4 * MiB);
+    pid_t pid = fork();
+    if (pid == 0) {
+        shoal_arena *b;
+        shoal_handle h;
+        void *p;
+        if (shoal_arena_attach(shoal_arena_fd(a), &b) < 0 || shoal_arena_alloc(b, 100, &h) < 0)
+            _exit(1);
+        /* Use up the fd table: /proc can no longer be opened. */
+        while (dup(0) >= 0)
+            ;
+        if (errno != EMFILE)
+            _exit(2);
+        if (shoal_arena_reclaim_dead(b) != 0)
+            _exit(3); /* every holder is alive; none may be reclaimed */
+        if (shoal_arena_ptr(b, h, &p) < 0)
+            _exit(4);
+        _exit(0);
+    }
+    int st = wait_child(pid);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %d", st);
+    cr_assert_eq(shoal_arena_reclaim(a, pid), 1, "now it is dead");
+    assert_empty(a);
+    shoal_arena_close(a);
+}
+
+static shoal_arena *zombie_arena;
+static shoal_handle zombie_block;
+static int zombie_pipe[2];
+
+static void *zombie_worker(void *arg)
+{
+    (void)arg;
+    char c;
+    /* Wait for the parent's reclaim attempt, then report on our block. */
+    if (read(zombie_pipe[0], &c, 1) != 1)
+        _exit(5);
+    void *p;
+    _exit(shoal_arena_ptr(zombie_arena, zombie_block, &p) == 0 ? 0 : 6);
+}
+
+Test(arena, zombie_leader_with_live_threads_is_alive)
+{
+    shoal_arena *a = make(4 * MiB);
+    cr_assert_eq(pipe(zombie_pipe), 0);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(zombie_pipe[1]); /* so that the worker sees EOF if the test dies */
+        if (shoal_arena_attach(shoal_arena_fd(a), &zombie_arena) < 0 ||
+            shoal_arena_alloc(zombie_arena, 4096, &zombie_block) < 0)
+            _exit(1);
+        pthread_t t;
+        if (pthread_create(&t, NULL, zombie_worker, NULL) != 0)
+            _exit(2);
+        pthread_exit(NULL); /* the leader shows as a zombie while the worker runs */
+    }
+    /* Wait until the leader is a zombie. */
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    for (int i = 0; i < 500; i++) {
+        FILE *f = fopen(path, "r");
+        cr_assert_not_null(f);
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = '\0';
+        if (strstr(buf, ") Z "))
+            break;
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    cr_assert(strstr(buf, ") Z "), "leader never became a zombie: %s", buf);
+    cr_assert_eq(shoal_arena_reclaim(a, pid), -EBUSY, "its worker thread still runs");
+    cr_assert_eq(write(zombie_pipe[1], "x", 1), 1);
+    int st = wait_child(pid);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the worker's block was freed under it (status %d)", st);
+    cr_assert_eq(shoal_arena_reclaim(a, pid), 1);
+    assert_empty(a);
+    shoal_arena_close(a);
+}
+
+Test(arena, attach_rejects_a_forged_layout)
+{
+    shoal_arena *a = make(4 * MiB);
+    struct stat st;
+    cr_assert_eq(fstat(shoal_arena_fd(a), &st), 0);
+    uint8_t page[4096];
+    cr_assert_eq(pread(shoal_arena_fd(a), page, sizeof page, 0), (ssize_t)sizeof page);
+    static const size_t fields[] = {32, 40, 48, 56, 64, 72, 80}; /* docs/arena.md */
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        int fd = memfd_create("forged", MFD_CLOEXEC);
+        cr_assert_eq(ftruncate(fd, st.st_size), 0);
+        uint8_t forged[4096];
+        memcpy(forged, page, sizeof forged);
+        uint64_t huge = 1ull << 40;
+        memcpy(forged + fields[i], &huge, fields[i] == 40 ? 4 : 8);
+        cr_assert_eq(pwrite(fd, forged, sizeof forged, 0), (ssize_t)sizeof forged);
+        shoal_arena *b = NULL;
+        cr_assert_eq(shoal_arena_attach(fd, &b), -EPROTO, "field at %zu", fields[i]);
+        close(fd);
+    }
+    shoal_arena_close(a);
+}
+
+Test(arena, forged_block_header_inside_a_payload_is_stale)
+{
+    shoal_arena *a = make(4 * MiB);
+    shoal_handle h = alloc(a, 4096);
+    uint8_t *p = ptr(a, h);
+    /* A header-shaped lie at payload + 64, claiming a block far past the heap. */
+    uint32_t magic = 0x55424c53u, rc1 = 1;
+    uint64_t size = 1ull << 40, gen = 12345, len = 64;
+    memset(p, 0, 128);
+    memcpy(p + 0, &magic, 4);
+    memcpy(p + 8, &size, 8);
+    memcpy(p + 24, &gen, 8);
+    memcpy(p + 32, &rc1, 4);
+    memcpy(p + 40, &len, 8);
+    shoal_handle lie = {h.offset + 64, 64, gen};
+    cr_assert_eq(shoal_arena_acquire(a, lie), -ESTALE);
+    size = 128;
+    memcpy(p + 8, &size, 8);
+    uint64_t prev = 1ull << 40;
+    memcpy(p + 16, &prev, 8);
+    cr_assert_eq(shoal_arena_acquire(a, lie), -ESTALE, "a boundary tag below the heap");
+    release(a, h);
     assert_empty(a);
     shoal_arena_close(a);
 }
