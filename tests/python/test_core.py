@@ -349,3 +349,18 @@ def test_stats_and_context_manager():
         del b
     with pytest.raises(ValueError):
         a.stats()
+
+
+def test_prefault_thread_commits_ahead_and_populate_can_be_turned_off():
+    import time
+    with shoal.Arena(heap_size=64 * MiB, prefault=True) as a:
+        deadline = time.monotonic() + 30
+        while a.stats()["committed_bytes"] < 32 * MiB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.stats()["committed_bytes"] >= 32 * MiB, "the prefault thread ran ahead of use"
+    with shoal.Arena(heap_size=64 * MiB, populate=False) as a:
+        x = a.empty(4 * MiB // 8)
+        assert a.stats()["committed_bytes"] >= 4 * MiB  # committed in the books...
+        x[:] = 1  # ...and faulted in by this write instead of by the allocator
+        assert x.sum() == len(x)
+        del x

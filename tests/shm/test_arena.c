@@ -578,7 +578,7 @@ Test(arena, random_kill_9_storm_leaves_nothing, .timeout = 240)
                 _exit(stress_worker(shoal_arena_fd(a), seed + (unsigned)(round * P + i), 1 << 30));
         }
         /* Start killing once every worker has attached and is working. */
-        for (int i = 0; i < 1000 && stats(a).holders < P + 1; i++) {
+        for (int i = 0; i < 5000 && stats(a).holders < P + 1; i++) {
             struct timespec ts = {0, 1000000L};
             nanosleep(&ts, NULL);
         }
@@ -830,7 +830,7 @@ Test(arena, zombie_leader_with_live_threads_is_alive)
     /* Wait until the leader is a zombie. */
     char path[64], buf[512];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    for (int i = 0; i < 500; i++) {
+    for (int i = 0; i < 2500; i++) {
         FILE *f = fopen(path, "r");
         cr_assert_not_null(f);
         size_t n = fread(buf, 1, sizeof buf - 1, f);
