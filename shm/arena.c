@@ -513,8 +513,10 @@ static int validate(const shoal_arena *a, shoal_handle hd, struct block_hdr **ou
 
 /*
  * Marks the chunks under [off, off+len) committed. Returns through lo and hi the
- * heap range of chunks that were not committed before (lo == hi if none), for
- * the caller to fault in after it drops the lock.
+ * range covering the whole chunks that were not committed before (lo == hi if
+ * none), for the caller to fault in after it drops the lock. Whole chunks,
+ * not just the block's bytes: the blocks handed out later from the rest of a
+ * chunk find it committed and so must find its pages there too.
  */
 static void commit_range(shoal_arena *a, uint64_t off, uint64_t len, uint64_t *lo, uint64_t *hi)
 {
@@ -532,24 +534,27 @@ static void commit_range(shoal_arena *a, uint64_t off, uint64_t len, uint64_t *l
             *hi = h->heap_off + (c + 1) * SHOAL_ARENA_CHUNK;
         }
     }
-    if (*lo != *hi) {
-        /* Only the block's own bytes: neighbours fault their own pages. */
-        *lo = *lo > off ? *lo : off;
-        *hi = *hi < off + len ? *hi : off + len;
-    }
     uint64_t top = off + len - h->heap_off;
     if (top > atomic_load_explicit(&h->high_water, memory_order_relaxed))
         atomic_store_explicit(&h->high_water, top, memory_order_relaxed);
 }
 
-/* Faults in [lo, hi) of this process's mapping, writable, in one call. It does
- * not change the bytes, so it is safe while other processes use them. */
-static void populate(shoal_arena *a, uint64_t lo, uint64_t hi)
+/*
+ * Faults in [lo, hi) of this process's mapping, writable, in one call. It does
+ * not change the bytes, so it is safe while other processes use them. Returns
+ * -ENOMEM when the memory cannot be had (a memory cgroup's limit, a full
+ * system): better an allocation that fails than a SIGBUS or an OOM kill at
+ * the first touch. Kernels without MADV_POPULATE_WRITE (before 5.14) fault
+ * on first touch instead, as if SHOAL_ARENA_NO_POPULATE were set.
+ */
+static int populate(shoal_arena *a, uint64_t lo, uint64_t hi)
 {
-    uint64_t pg = (uint64_t)sysconf(_SC_PAGESIZE);
-    uint64_t s = lo & ~(pg - 1), e = align_up(hi, pg);
-    if (e > s)
-        (void)madvise(a->base + s, e - s, MADV_POPULATE_WRITE);
+    while (madvise(a->base + lo, hi - lo, MADV_POPULATE_WRITE) < 0) {
+        if (errno == EINTR)
+            continue;
+        return errno == ENOMEM || errno == EFAULT ? -ENOMEM : 0;
+    }
+    return 0;
 }
 
 /* ---- alloc and free, under the lock --------------------------------------- */
@@ -1076,8 +1081,10 @@ int shoal_arena_alloc(shoal_arena *a, uint64_t len, shoal_handle *out)
     shoal_handle hd = {off + BLOCK_HDR, len, atomic_load_explicit(&b->generation, memory_order_relaxed)};
     undo_commit(a);
     arena_unlock(a);
-    if (lo != hi && !(a->flags & SHOAL_ARENA_NO_POPULATE))
-        populate(a, lo, hi);
+    if (lo != hi && !(a->flags & SHOAL_ARENA_NO_POPULATE) && (rc = populate(a, lo, hi)) < 0) {
+        shoal_arena_release(a, hd);
+        return rc;
+    }
     *out = hd;
     return 0;
 }

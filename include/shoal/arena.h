@@ -133,10 +133,11 @@ void *shoal_arena_base(const shoal_arena *a);
 /*
  * Allocates a block of at least len bytes (1 <= len <= heap size minus one
  * block header), 64-byte aligned, with a refcount of 1 held by this process.
- * Never-used pages of the block are faulted in before it is returned, unless
- * the arena was created with SHOAL_ARENA_NO_POPULATE.
+ * The never-used 2 MiB chunks the block covers are faulted in, whole, before
+ * it is returned, unless the arena was created with SHOAL_ARENA_NO_POPULATE.
  * Returns 0 and *out, -EINVAL (len 0 or larger than the heap), -ENOMEM (no
- * free block is large enough), -ENOSPC (this process's holder record is full),
+ * free block is large enough, or the system or this process's memory cgroup
+ * cannot supply the pages), -ENOSPC (this process's holder record is full),
  * -ECHILD (called in a forked child), -EUCLEAN (corrupt metadata).
  */
 int shoal_arena_alloc(shoal_arena *a, uint64_t len, shoal_handle *out);

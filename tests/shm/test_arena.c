@@ -899,3 +899,36 @@ Test(arena, forged_block_header_inside_a_payload_is_stale)
     assert_empty(a);
     shoal_arena_close(a);
 }
+
+/* Pages of [p, p + len) that are resident, by mincore. */
+static size_t resident_pages(const void *p, size_t len)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), n = len / pg, r = 0;
+    unsigned char *v = malloc(n);
+    cr_assert_not_null(v);
+    cr_assert_eq(mincore((void *)p, len, v), 0);
+    for (size_t i = 0; i < n; i++)
+        r += v[i] & 1;
+    free(v);
+    return r;
+}
+
+Test(arena, first_block_in_a_chunk_faults_in_the_whole_chunk)
+{
+    for (int pass = 0; pass < 2; pass++) {
+        shoal_arena_opts o = {.heap_size = 8 * MiB, .flags = pass ? SHOAL_ARENA_NO_POPULATE : 0};
+        shoal_arena *a;
+        cr_assert_eq(shoal_arena_create(&o, &a), 0);
+        shoal_handle h = alloc(a, 64); /* the first block starts the heap, and chunk 0 */
+        const uint8_t *chunk = (const uint8_t *)shoal_arena_base(a) + h.offset - 64;
+        size_t all = SHOAL_ARENA_CHUNK / (size_t)sysconf(_SC_PAGESIZE);
+        size_t got = resident_pages(chunk, SHOAL_ARENA_CHUNK);
+        if (pass == 0)
+            cr_assert_eq(got, all, "only %zu of %zu pages of the chunk are there", got, all);
+        else
+            cr_assert_lt(got, all / 2, "NO_POPULATE leaves the chunk to first touch (%zu resident)", got);
+        cr_assert_eq(resident_pages(chunk + SHOAL_ARENA_CHUNK, SHOAL_ARENA_CHUNK), 0, "the next chunk is untouched");
+        release(a, h);
+        shoal_arena_close(a);
+    }
+}
