@@ -1093,11 +1093,10 @@ int shoal_arena_acquire(shoal_arena *a, shoal_handle h)
 {
     int rc = check_process(a);
     struct block_hdr *b;
-    if (rc < 0 || (rc = validate(a, h, &b)) < 0)
+    if (rc < 0 || (rc = arena_lock(a)) < 0)
         return rc;
-    if ((rc = arena_lock(a)) < 0)
-        return rc;
-    /* Validate again under the lock: the block may have been freed since. */
+    /* Validated under the lock, so that the answer still holds when the
+     * reference is taken. */
     rc = validate(a, h, &b);
     if (rc == 0 && atomic_load_explicit(&b->refcount, memory_order_relaxed) >= UINT32_MAX - 1)
         rc = -EOVERFLOW;
@@ -1116,11 +1115,9 @@ int shoal_arena_release(shoal_arena *a, shoal_handle h)
 {
     int rc = check_process(a);
     struct block_hdr *b;
-    if (rc < 0 || (rc = validate(a, h, &b)) < 0)
+    if (rc < 0 || (rc = arena_lock(a)) < 0)
         return rc;
     uint64_t boff = h.offset - BLOCK_HDR;
-    if ((rc = arena_lock(a)) < 0)
-        return rc;
     uint32_t slot = 0;
     rc = validate(a, h, &b);
     if (rc == 0 && idx_lookup(&a->idx, boff, &slot) < 0)
