@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -779,7 +780,11 @@ Test(arena, unreadable_proc_is_not_taken_for_death)
         void *p;
         if (shoal_arena_attach(shoal_arena_fd(a), &b) < 0 || shoal_arena_alloc(b, 100, &h) < 0)
             _exit(1);
-        /* Use up the fd table: /proc can no longer be opened. */
+        /* Use up the fd table: /proc can no longer be opened. Lower the
+         * limit first, which is always allowed, so that this stays quick. */
+        struct rlimit rl = {64, 64};
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+            _exit(5);
         while (dup(0) >= 0)
             ;
         if (errno != EMFILE)
