@@ -1,0 +1,187 @@
+/*
+ * bridge/zwire.c - wire messages over ZeroMQ sockets.
+ *
+ * Receiving reads every part of a multipart message even when it already
+ * knows the message is bad, so the next message starts where it should.
+ * Parts beyond what a valid message can have are read and dropped at once,
+ * so a flood of parts costs no memory.
+ */
+#include <shoal/zwire.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Receives one part into msg; returns 0 or a negative errno. */
+static int recv_part(void *sock, zmq_msg_t *msg, int flags)
+{
+    for (;;) {
+        if (zmq_msg_recv(msg, sock, flags) >= 0)
+            return 0;
+        if (zmq_errno() != EINTR)
+            return -zmq_errno();
+    }
+}
+
+static bool more(void *sock)
+{
+    int more = 0;
+    size_t len = sizeof more;
+    return zmq_getsockopt(sock, ZMQ_RCVMORE, &more, &len) == 0 && more;
+}
+
+/* Reads and drops whatever is left of the current multipart message. */
+static void drain(void *sock)
+{
+    while (more(sock)) {
+        zmq_msg_t part;
+        zmq_msg_init(&part);
+        int rc = recv_part(sock, &part, 0);
+        zmq_msg_close(&part);
+        if (rc < 0)
+            return;
+    }
+}
+
+void shoal_wire_msg_close(shoal_wire_msg *m)
+{
+    if (m->has_route)
+        zmq_msg_close(&m->route);
+    for (size_t i = 0; i < m->nframes; i++)
+        zmq_msg_close(&m->frames[i]);
+    free(m->frames);
+    memset(m, 0, sizeof *m);
+}
+
+static void count(shoal_wire_counters *c, int rc)
+{
+    if (!c)
+        return;
+    if (rc == 0)
+        c->received++;
+    else if (rc == -EMSGSIZE)
+        c->oversized++;
+    else if (rc == -EACCES)
+        c->bad_signature++;
+    else
+        c->malformed++;
+}
+
+int shoal_wire_recv(void *sock, const uint8_t key[SHOAL_WIRE_KEY], bool router, const shoal_wire_limits *limits,
+                    int zmq_flags, shoal_wire_msg *m, shoal_wire_counters *counters)
+{
+    memset(m, 0, sizeof *m);
+    int rc;
+    zmq_msg_t first;
+    zmq_msg_init(&first);
+    if ((rc = recv_part(sock, &first, zmq_flags)) < 0) {
+        zmq_msg_close(&first);
+        return rc;
+    }
+    if (router) {
+        m->route = first;
+        m->has_route = true;
+        if (!more(sock)) {
+            count(counters, -EBADMSG);
+            return -EBADMSG; /* an identity and nothing else */
+        }
+        zmq_msg_init(&first);
+        if ((rc = recv_part(sock, &first, 0)) < 0) {
+            zmq_msg_close(&first);
+            return rc;
+        }
+    }
+    /* first is the header frame; collect the rest, up to what one message
+     * may hold (plus one, to notice too many). */
+    size_t cap = 8, n = 0;
+    zmq_msg_t *parts = malloc(cap * sizeof *parts);
+    if (!parts) {
+        zmq_msg_close(&first);
+        drain(sock);
+        return -ENOMEM;
+    }
+    parts[n++] = first;
+    bool too_many = false;
+    while (more(sock)) {
+        if (n == SHOAL_WIRE_MAX_FRAMES + 1) {
+            too_many = true;
+            drain(sock);
+            break;
+        }
+        if (n == cap) {
+            zmq_msg_t *bigger = realloc(parts, 2 * cap * sizeof *parts);
+            if (!bigger) {
+                rc = -ENOMEM;
+                drain(sock);
+                goto fail;
+            }
+            parts = bigger;
+            cap *= 2;
+        }
+        zmq_msg_init(&parts[n]);
+        if ((rc = recv_part(sock, &parts[n], 0)) < 0) {
+            zmq_msg_close(&parts[n]);
+            goto fail;
+        }
+        n++;
+    }
+    if (too_many) {
+        rc = -EBADMSG;
+        goto fail;
+    }
+    shoal_frame stack[16];
+    shoal_frame *fr = n <= 16 ? stack : malloc(n * sizeof *fr);
+    if (!fr) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    for (size_t i = 0; i < n; i++) {
+        fr[i].data = zmq_msg_data(&parts[i]);
+        fr[i].len = zmq_msg_size(&parts[i]);
+    }
+    rc = shoal_wire_decode(key, fr, n, limits, &m->hdr);
+    if (fr != stack)
+        free(fr);
+    count(counters, rc);
+    if (rc < 0)
+        goto fail;
+    /* Keep the frames after the header. */
+    zmq_msg_close(&parts[0]);
+    memmove(parts, parts + 1, (n - 1) * sizeof *parts);
+    m->frames = parts;
+    m->nframes = n - 1;
+    return 0;
+
+fail:
+    for (size_t i = 0; i < n; i++)
+        zmq_msg_close(&parts[i]);
+    free(parts);
+    return rc;
+}
+
+static int send_part(void *sock, const void *data, size_t len, int flags)
+{
+    for (;;) {
+        if (zmq_send(sock, data, len, flags) >= 0)
+            return 0;
+        if (zmq_errno() != EINTR)
+            return -zmq_errno();
+    }
+}
+
+int shoal_wire_send(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                    const shoal_msg_header *h, const shoal_frame *frames, size_t nframes)
+{
+    uint8_t hdr[SHOAL_WIRE_HDR];
+    int rc = shoal_wire_encode(key, h, frames, nframes, hdr);
+    if (rc < 0)
+        return rc;
+    if (route && (rc = send_part(sock, route->data, route->len, ZMQ_SNDMORE)) < 0)
+        return rc;
+    if ((rc = send_part(sock, hdr, sizeof hdr, nframes ? ZMQ_SNDMORE : 0)) < 0)
+        return rc;
+    for (size_t i = 0; i < nframes; i++)
+        if ((rc = send_part(sock, frames[i].data, frames[i].len, i + 1 < nframes ? ZMQ_SNDMORE : 0)) < 0)
+            return rc;
+    return 0;
+}

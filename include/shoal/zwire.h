@@ -1,0 +1,76 @@
+/*
+ * shoal/zwire.h - sending and receiving wire messages on ZeroMQ sockets.
+ *
+ * The receive side always takes a whole multipart message off the socket,
+ * whatever is wrong with it, so that one bad message never desynchronises the
+ * stream; what it refuses it reports as a negative errno (see
+ * shoal_wire_decode) and keeps the sender's routing identity, so that the
+ * caller can tell the sender. Functions on one socket are as thread-safe as
+ * the socket: use each socket from one thread.
+ */
+#ifndef SHOAL_ZWIRE_H
+#define SHOAL_ZWIRE_H
+
+#include <shoal/wire.h>
+
+#include <stdbool.h>
+#include <zmq.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A received message. Frames stay in ZeroMQ's memory until closed. */
+typedef struct shoal_wire_msg {
+    zmq_msg_t route;     /* the sender's identity (ROUTER sockets) */
+    bool has_route;
+    shoal_msg_header hdr; /* valid when receive returned 0 */
+    size_t nframes;      /* payload + buffer frames kept */
+    zmq_msg_t *frames;   /* frames[0 .. n_payload) payload, then buffers */
+} shoal_wire_msg;
+
+/* Counters a receiver keeps of what it refused. */
+typedef struct shoal_wire_counters {
+    uint64_t received;
+    uint64_t malformed; /* -EBADMSG and -EPROTO */
+    uint64_t oversized; /* -EMSGSIZE */
+    uint64_t bad_signature; /* -EACCES */
+} shoal_wire_counters;
+
+/*
+ * Receives one whole multipart message from sock. router: the socket is a
+ * ROUTER, so the first part is the sender's identity. zmq_flags: 0 to block,
+ * ZMQ_DONTWAIT not to. On success returns 0 and *m holds the message; the
+ * caller must shoal_wire_msg_close it. On refusal returns the decode error,
+ * counts it in counters (may be NULL), and *m holds only the route (close it
+ * too). Returns -EAGAIN when nothing is waiting (ZMQ_DONTWAIT), or another
+ * negative errno from ZeroMQ (-ETERM when the context is ending).
+ */
+int shoal_wire_recv(void *sock, const uint8_t key[SHOAL_WIRE_KEY], bool router, const shoal_wire_limits *limits,
+                    int zmq_flags, shoal_wire_msg *m, shoal_wire_counters *counters);
+
+/* Releases what shoal_wire_recv left in m. Accepts a zeroed m. */
+void shoal_wire_msg_close(shoal_wire_msg *m);
+
+/* The bytes of received frame i. */
+static inline shoal_frame shoal_wire_frame(shoal_wire_msg *m, size_t i)
+{
+    shoal_frame f = {zmq_msg_data(&m->frames[i]), zmq_msg_size(&m->frames[i])};
+    return f;
+}
+
+/*
+ * Signs and sends one message: route (the peer's identity on a ROUTER
+ * socket; NULL otherwise), the header, then frames. The frames are copied
+ * into ZeroMQ. Returns 0 or a negative errno (-EINVAL for bad counts, or
+ * ZeroMQ's, e.g. -EHOSTUNREACH for an unknown route with
+ * ZMQ_ROUTER_MANDATORY).
+ */
+int shoal_wire_send(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                    const shoal_msg_header *h, const shoal_frame *frames, size_t nframes);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SHOAL_ZWIRE_H */
