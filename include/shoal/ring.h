@@ -1,0 +1,103 @@
+/*
+ * shoal/ring.h - single-producer, single-consumer rings of 64-byte slots in
+ * shared memory, with a doorbell.
+ *
+ * The node agent gives each engine two rings in the arena: a submission ring
+ * (agent -> engine: task descriptors) and a completion ring (engine -> agent).
+ * A slot is 64 bytes of the caller's choosing, typically a descriptor that
+ * names an arena block holding the message, so that a message fanned out to
+ * many engines is written once.
+ *
+ * Waking a sleeping consumer: the consumer spins briefly, then announces that
+ * it sleeps and waits on a futex in the ring (shoal_ring_wait) or, for a
+ * consumer that waits on many things at once (the agent's event loop), on an
+ * eventfd that the producer was given (shoal_ring_set_notify_fd). A producer
+ * only pays for a wake-up when the consumer sleeps.
+ *
+ * Safety: one producer and one consumer at a time, in any processes; the
+ * ring's memory is input (another process may scribble on it), so indices are
+ * checked before use and a ring whose indices make no sense reports -EUCLEAN
+ * instead of reading out of bounds.
+ */
+#ifndef SHOAL_RING_H
+#define SHOAL_RING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SHOAL_RING_SLOT 64u
+
+/* A process's view of a ring: where it is mapped and how to wake its
+ * consumer. Plain data, owned by the caller; nothing to free. */
+typedef struct shoal_ring {
+    struct shoal_ring_shared *shared;
+    uint8_t *slots;
+    uint32_t nslots;
+    int notify_fd; /* -1: wake the consumer by futex */
+} shoal_ring;
+
+/* Bytes a ring of nslots slots needs (nslots a power of two, 2..2^20). */
+size_t shoal_ring_size(uint32_t nslots);
+
+/*
+ * Formats an empty ring of nslots slots in mem (len bytes, 64-byte aligned)
+ * and opens it into *r. Returns 0, or -EINVAL (nslots not a power of two in
+ * range, mem misaligned or len too small).
+ */
+int shoal_ring_init(void *mem, size_t len, uint32_t nslots, shoal_ring *r);
+
+/*
+ * Opens a ring that another process formatted in mem: checks its magic,
+ * version and size against len. Returns 0 or -EPROTO.
+ */
+int shoal_ring_open(void *mem, size_t len, shoal_ring *r);
+
+/* Producer: wake the consumer through this eventfd instead of the futex
+ * (-1 to go back to the futex). The consumer must then wait on the fd. */
+void shoal_ring_set_notify_fd(shoal_ring *r, int fd);
+
+/*
+ * Producer: appends up to n slots (n * 64 bytes from src) and publishes them
+ * together, with at most one wake-up. Returns how many were appended (0 when
+ * full), -EPIPE if the ring was closed, or -EUCLEAN.
+ */
+int shoal_ring_push(shoal_ring *r, const void *src, uint32_t n);
+
+/*
+ * Consumer: takes up to max slots into dst. Returns how many (0 when empty),
+ * -EPIPE if the ring is closed and empty, or -EUCLEAN.
+ */
+int shoal_ring_pop(shoal_ring *r, void *dst, uint32_t max);
+
+/*
+ * Consumer: waits until the ring is not empty or closed: spins for about
+ * spin_ns, then sleeps on the ring's futex. timeout_ns < 0 waits for ever.
+ * Returns 0 (something to pop), -EPIPE (closed and empty), -ETIMEDOUT.
+ */
+int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns);
+
+/*
+ * Consumer that waits elsewhere (on the eventfd given to the producer):
+ * announces that it is about to sleep. Returns 1 if it may sleep (the ring
+ * is empty, and any later push will notify), 0 if something arrived
+ * meanwhile (pop it first). Call shoal_ring_awake when it wakes.
+ */
+int shoal_ring_prepare_sleep(shoal_ring *r);
+void shoal_ring_awake(shoal_ring *r);
+
+/* Either side: closes the ring. The consumer can still pop what is in it;
+ * pushes fail with -EPIPE; a sleeping consumer is woken. */
+void shoal_ring_close(shoal_ring *r);
+
+/* Slots waiting to be popped (a snapshot). */
+uint32_t shoal_ring_count(const shoal_ring *r);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SHOAL_RING_H */

@@ -1,0 +1,256 @@
+/*
+ * tests/shm/test_ring.c - SPSC rings: order, wrap-around, full and empty,
+ * closing, and the doorbell across processes (futex and eventfd), with the
+ * rings living in arena blocks as the agent will put them.
+ */
+#define _GNU_SOURCE
+#include <criterion/criterion.h>
+
+#include <shoal/arena.h>
+#include <shoal/ring.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+struct slot {
+    uint64_t seq;
+    uint8_t fill[56];
+};
+_Static_assert(sizeof(struct slot) == SHOAL_RING_SLOT, "a slot is 64 bytes");
+
+static _Alignas(64) uint8_t mem[256 + 64 * 64];
+
+static struct slot mk(uint64_t seq)
+{
+    struct slot s;
+    s.seq = seq;
+    memset(s.fill, (int)(seq & 0xff), sizeof s.fill);
+    return s;
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+Test(ring, init_and_open_reject_bad_input)
+{
+    shoal_ring r;
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 3, &r), -EINVAL, "not a power of two");
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 1, &r), -EINVAL, "too few");
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 128, &r), -EINVAL, "does not fit");
+    cr_assert_eq(shoal_ring_init(mem + 8, sizeof mem - 8, 8, &r), -EINVAL, "misaligned");
+    memset(mem, 0xab, sizeof mem);
+    cr_assert_eq(shoal_ring_open(mem, sizeof mem, &r), -EPROTO, "garbage");
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 64, &r), 0);
+    cr_assert_eq(shoal_ring_open(mem, sizeof mem, &r), 0);
+    cr_assert_eq(shoal_ring_open(mem, shoal_ring_size(64) - 1, &r), -EPROTO, "shorter than it says");
+}
+
+Test(ring, fifo_across_wrap_around_full_and_empty)
+{
+    shoal_ring r;
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 8, &r), 0);
+    struct slot out[8], in[8];
+    cr_assert_eq(shoal_ring_pop(&r, out, 8), 0, "empty");
+    uint64_t next_in = 0, next_out = 0;
+    for (int round = 0; round < 100; round++) {
+        uint32_t n = 1 + (uint32_t)round % 8;
+        for (uint32_t i = 0; i < n; i++)
+            in[i] = mk(next_in + i);
+        int k = shoal_ring_push(&r, in, n);
+        cr_assert_geq(k, 0);
+        next_in += (uint64_t)k;
+        int got = shoal_ring_pop(&r, out, 8);
+        for (int i = 0; i < got; i++) {
+            cr_assert_eq(out[i].seq, next_out, "out of order");
+            cr_assert_eq(out[i].fill[55], (uint8_t)(next_out & 0xff));
+            next_out++;
+        }
+    }
+    cr_assert_eq(next_in, next_out);
+    for (uint32_t i = 0; i < 8; i++)
+        in[i] = mk(i);
+    cr_assert_eq(shoal_ring_push(&r, in, 8), 8);
+    cr_assert_eq(shoal_ring_count(&r), 8);
+    cr_assert_eq(shoal_ring_push(&r, in, 1), 0, "full");
+    cr_assert_eq(shoal_ring_pop(&r, out, 3), 3);
+    cr_assert_eq(shoal_ring_push(&r, in, 8), 3, "partly full: takes what fits");
+}
+
+Test(ring, close_drains_then_reports_epipe)
+{
+    shoal_ring r;
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 8, &r), 0);
+    struct slot s = mk(1), out;
+    cr_assert_eq(shoal_ring_push(&r, &s, 1), 1);
+    shoal_ring_close(&r);
+    cr_assert_eq(shoal_ring_push(&r, &s, 1), -EPIPE);
+    cr_assert_eq(shoal_ring_wait(&r, 0, 0), 0, "still one to pop");
+    cr_assert_eq(shoal_ring_pop(&r, &out, 1), 1);
+    cr_assert_eq(shoal_ring_pop(&r, &out, 1), -EPIPE);
+    cr_assert_eq(shoal_ring_wait(&r, 0, -1), -EPIPE, "never blocks on a closed ring");
+}
+
+Test(ring, corrupt_indices_are_euclean)
+{
+    shoal_ring r;
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 8, &r), 0);
+    uint64_t bad = 100;
+    memcpy(mem + 64, &bad, 8); /* tail far ahead of head: docs/rings.md */
+    struct slot s = mk(0);
+    cr_assert_eq(shoal_ring_pop(&r, &s, 1), -EUCLEAN);
+    cr_assert_eq(shoal_ring_push(&r, &s, 1), -EUCLEAN);
+    cr_assert_eq(shoal_ring_count(&r), 0);
+}
+
+Test(ring, wait_times_out)
+{
+    shoal_ring r;
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 8, &r), 0);
+    int64_t t = now_ns();
+    cr_assert_eq(shoal_ring_wait(&r, 1000, 20 * 1000 * 1000), -ETIMEDOUT);
+    cr_assert_geq(now_ns() - t, 20 * 1000 * 1000);
+}
+
+/* Two rings in one arena block: ping (parent -> child) and pong (back). */
+struct pair {
+    shoal_arena *arena;
+    shoal_handle block;
+    shoal_ring ping, pong;
+};
+
+static void make_pair(struct pair *p, uint32_t nslots)
+{
+    shoal_arena_opts o = {.heap_size = 8u << 20};
+    cr_assert_eq(shoal_arena_create(&o, &p->arena), 0);
+    size_t one = shoal_ring_size(nslots);
+    cr_assert_eq(shoal_arena_alloc(p->arena, 2 * one, &p->block), 0);
+    uint8_t *m = (uint8_t *)shoal_arena_base(p->arena) + p->block.offset;
+    cr_assert_eq(shoal_ring_init(m, one, nslots, &p->ping), 0);
+    cr_assert_eq(shoal_ring_init(m + one, one, nslots, &p->pong), 0);
+}
+
+/* In the child: attach, open both rings, echo n slots back, each one bigger. */
+static int echo_child(int fd, shoal_handle block, size_t one, uint64_t n, int64_t spin_ns)
+{
+    shoal_arena *a;
+    if (shoal_arena_attach(fd, &a) < 0)
+        return 10;
+    void *m;
+    if (shoal_arena_ptr(a, block, &m) < 0)
+        return 11;
+    shoal_ring ping, pong;
+    if (shoal_ring_open(m, one, &ping) < 0 || shoal_ring_open((uint8_t *)m + one, one, &pong) < 0)
+        return 12;
+    for (uint64_t i = 0; i < n; i++) {
+        struct slot s;
+        int rc;
+        while ((rc = shoal_ring_pop(&ping, &s, 1)) == 0)
+            if (shoal_ring_wait(&ping, spin_ns, 10ll * 1000 * 1000 * 1000) < 0)
+                return 13;
+        if (rc < 0 || s.seq != i)
+            return 14;
+        s.seq++;
+        while ((rc = shoal_ring_push(&pong, &s, 1)) == 0)
+            ;
+        if (rc < 0)
+            return 15;
+    }
+    shoal_arena_close(a);
+    return 0;
+}
+
+static void ping_pong(int64_t spin_ns, uint64_t n)
+{
+    struct pair p;
+    make_pair(&p, 16);
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(echo_child(shoal_arena_fd(p.arena), p.block, shoal_ring_size(16), n, spin_ns));
+    for (uint64_t i = 0; i < n; i++) {
+        struct slot s = mk(i);
+        cr_assert_eq(shoal_ring_push(&p.ping, &s, 1), 1);
+        int rc;
+        while ((rc = shoal_ring_pop(&p.pong, &s, 1)) == 0)
+            cr_assert_eq(shoal_ring_wait(&p.pong, spin_ns, 10ll * 1000 * 1000 * 1000), 0, "reply %llu lost",
+                         (unsigned long long)i);
+        cr_assert_eq(rc, 1);
+        cr_assert_eq(s.seq, i + 1);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %d", st);
+    shoal_arena_close(p.arena);
+}
+
+Test(ring, ping_pong_across_processes_sleeping_on_the_futex)
+{
+    ping_pong(0, 20000); /* no spinning: every hand-off goes through the doorbell */
+}
+
+Test(ring, ping_pong_across_processes_spinning)
+{
+    ping_pong(100 * 1000, 100000);
+}
+
+Test(ring, close_wakes_a_sleeping_consumer)
+{
+    struct pair p;
+    make_pair(&p, 16);
+    pid_t pid = fork();
+    if (pid == 0) {
+        shoal_arena *a;
+        void *m;
+        shoal_ring ping;
+        if (shoal_arena_attach(shoal_arena_fd(p.arena), &a) < 0 || shoal_arena_ptr(a, p.block, &m) < 0 ||
+            shoal_ring_open(m, shoal_ring_size(16), &ping) < 0)
+            _exit(10);
+        _exit(shoal_ring_wait(&ping, 0, -1) == -EPIPE ? 0 : 11);
+    }
+    struct timespec ts = {0, 50 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    shoal_ring_close(&p.ping);
+    int st;
+    waitpid(pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %d", st);
+    shoal_arena_close(p.arena);
+}
+
+Test(ring, eventfd_doorbell_for_a_consumer_that_polls)
+{
+    shoal_ring r;
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 8, &r), 0);
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    cr_assert_geq(efd, 0);
+    shoal_ring producer = r;
+    shoal_ring_set_notify_fd(&producer, efd);
+    struct slot s = mk(5);
+
+    /* Awake consumer: pushes cost no wake-up. */
+    cr_assert_eq(shoal_ring_push(&producer, &s, 1), 1);
+    uint64_t v;
+    cr_assert_eq(read(efd, &v, sizeof v), -1, "no wake-up while the consumer is awake");
+    cr_assert_eq(shoal_ring_prepare_sleep(&r), 0, "something is waiting: do not sleep");
+    cr_assert_eq(shoal_ring_pop(&r, &s, 1), 1);
+
+    /* Sleeping consumer: the push rings the eventfd. */
+    cr_assert_eq(shoal_ring_prepare_sleep(&r), 1);
+    cr_assert_eq(shoal_ring_push(&producer, &s, 1), 1);
+    struct pollfd pfd = {efd, POLLIN, 0};
+    cr_assert_eq(poll(&pfd, 1, 1000), 1, "the doorbell rang");
+    cr_assert_eq(read(efd, &v, sizeof v), (ssize_t)sizeof v);
+    shoal_ring_awake(&r);
+    cr_assert_eq(shoal_ring_pop(&r, &s, 1), 1);
+    cr_assert_eq(s.seq, 5);
+    close(efd);
+}
