@@ -31,6 +31,8 @@ typedef struct {
     PyObject_HEAD
     ArenaObject *owner; /* strong: keeps the mapping alive */
     shoal_handle handle;
+    uint64_t win_off; /* the bytes its buffer exposes: [win_off, win_off + win_len) */
+    uint64_t win_len;
     int readonly;
 } BlockObject;
 
@@ -74,6 +76,8 @@ static BlockObject *block_new(ArenaObject *owner, shoal_handle h, int readonly)
     Py_INCREF(owner);
     b->owner = owner;
     b->handle = h;
+    b->win_off = 0;
+    b->win_len = h.length;
     b->readonly = readonly;
     owner->live_blocks++;
     return b;
@@ -112,8 +116,8 @@ static int block_getbuffer(BlockObject *self, Py_buffer *view, int flags)
         raise_errno(rc, "shoal block is no longer valid");
         return -1;
     }
-    if (PyBuffer_FillInfo(view, (PyObject *)self, p, (Py_ssize_t)self->handle.length, self->readonly,
-                          flags) < 0)
+    if (PyBuffer_FillInfo(view, (PyObject *)self, (uint8_t *)p + self->win_off, (Py_ssize_t)self->win_len,
+                          self->readonly, flags) < 0)
         return -1;
     return 0;
 }
@@ -127,6 +131,25 @@ static PyObject *block_get_handle(BlockObject *self, void *closure)
     (void)closure;
     return Py_BuildValue("(KKK)", (unsigned long long)self->handle.offset,
                          (unsigned long long)self->handle.length, (unsigned long long)self->handle.generation);
+}
+
+static PyObject *block_get_address(BlockObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromVoidPtr((uint8_t *)shoal_arena_base(self->owner->arena) + self->handle.offset);
+}
+
+static PyObject *block_get_arena(BlockObject *self, void *closure)
+{
+    (void)closure;
+    Py_INCREF(self->owner);
+    return (PyObject *)self->owner;
+}
+
+static PyObject *block_get_window(BlockObject *self, void *closure)
+{
+    (void)closure;
+    return Py_BuildValue("(KK)", (unsigned long long)self->win_off, (unsigned long long)self->win_len);
 }
 
 static PyObject *block_get_readonly(BlockObject *self, void *closure)
@@ -147,6 +170,9 @@ static PyObject *block_repr(BlockObject *self)
 static PyGetSetDef block_getset[] = {
     {"handle", (getter)block_get_handle, NULL, "(offset, length, generation) of the block", NULL},
     {"readonly", (getter)block_get_readonly, NULL, "whether buffers of this block are read-only", NULL},
+    {"address", (getter)block_get_address, NULL, "address of the block's first byte in this process", NULL},
+    {"arena", (getter)block_get_arena, NULL, "the Arena this block lives in", NULL},
+    {"window", (getter)block_get_window, NULL, "(start, nbytes) of the block that its buffer exposes", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -482,6 +508,46 @@ out:
     return result;
 }
 
+static PyObject *arena_acquire_bytes(ArenaObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"handle", "start", "nbytes", "readonly", NULL};
+    PyObject *hobj;
+    unsigned long long start, nbytes;
+    int readonly = 1;
+    shoal_handle h;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!KK|p:acquire_bytes", kwlist, &PyTuple_Type, &hobj, &start,
+                                     &nbytes, &readonly) ||
+        arena_usable(self) < 0 || parse_handle(hobj, &h) < 0)
+        return NULL;
+    if (start > h.length || nbytes > h.length - start)
+        return raise_errno(-ERANGE, "byte range outside its block");
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_arena_acquire(self->arena, h);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return raise_errno(rc, "cannot use this arena handle");
+    BlockObject *b = block_new(self, h, readonly);
+    if (!b) {
+        shoal_arena_release(self->arena, h);
+        return NULL;
+    }
+    b->win_off = start;
+    b->win_len = nbytes;
+    return (PyObject *)b;
+}
+
+static PyObject *core_address(PyObject *mod, PyObject *obj)
+{
+    (void)mod;
+    Py_buffer v;
+    if (PyObject_GetBuffer(obj, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *r = PyLong_FromVoidPtr(v.buf);
+    PyBuffer_Release(&v);
+    return r;
+}
+
 static PyObject *arena_stats(ArenaObject *self, PyObject *unused)
 {
     (void)unused;
@@ -566,6 +632,9 @@ static PyMethodDef arena_methods[] = {
      "describe(array) -> (handle, desc): what another process needs to view this array."},
     {"view", (PyCFunction)(void (*)(void))arena_view, METH_VARARGS | METH_KEYWORDS,
      "view(handle, desc, readonly=True) -> ndarray over the block, holding one new reference."},
+    {"acquire_bytes", (PyCFunction)(void (*)(void))arena_acquire_bytes, METH_VARARGS | METH_KEYWORDS,
+     "acquire_bytes(handle, start, nbytes, readonly=True) -> Block exposing bytes [start, start+nbytes) of "
+     "the block, holding one new reference."},
     {"stats", (PyCFunction)arena_stats, METH_NOARGS, "stats() -> dict of the arena's accounting."},
     {"check", (PyCFunction)arena_check, METH_NOARGS, "check(): raise RuntimeError if an invariant is broken."},
     {"reclaim", (PyCFunction)arena_reclaim, METH_VARARGS,
@@ -614,11 +683,17 @@ static PyModuleDef_Slot core_slots[] = {
     {0, NULL},
 };
 
+static PyMethodDef core_methods[] = {
+    {"address", core_address, METH_O, "address(obj) -> int: where a contiguous buffer's bytes are in memory."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "shoal._core",
     .m_doc = "shoal's C core: the node's shared-memory arena.",
     .m_size = 0,
+    .m_methods = core_methods,
     .m_slots = core_slots,
 };
 

@@ -1,0 +1,126 @@
+"""Serializing Python objects for engines: pickle protocol 5, large buffers out of band.
+
+Objects are pickled with cloudpickle (so functions and lambdas defined in
+``__main__`` travel by value) at protocol 5. Every buffer of at least
+``threshold`` bytes (64 KiB by default; numpy arrays that are C- or
+Fortran-contiguous, bytes-like objects) leaves the pickle:
+
+- with an arena (a process on a node with an agent), it goes into an arena
+  block, copied once whatever the number of receivers; a buffer that already
+  lives in the arena is referenced where it is, not copied at all. Only a
+  reference travels: ``("arena", handle, start, nbytes)``;
+- without one, it travels as a separate message frame: ``("frame", index)``.
+
+The receiver rebuilds the object with the buffers as zero-copy views: arena
+buffers are read-only unless the caller asks otherwise (see docs/arena.md,
+"Semantics of shared arrays").
+"""
+
+import pickle
+from dataclasses import dataclass, field
+
+import cloudpickle
+import numpy as np
+
+from ._core import Arena, Block, address
+
+THRESHOLD = 64 * 1024
+
+
+@dataclass
+class Serialized:
+    """What :func:`dumps` produced.
+
+    ``payload`` is the pickle itself; ``buffers`` says where each out-of-band
+    buffer is, in order; ``frames`` are the buffers that travel as message
+    frames; ``keep`` holds one reference to every arena block the buffers
+    live in, so that they stay alive until the receivers have taken their own
+    (drop it once every receiver has acquired, or the task has ended).
+    """
+
+    payload: bytes
+    buffers: list = field(default_factory=list)
+    frames: list = field(default_factory=list)
+    keep: list = field(default_factory=list)
+
+    @property
+    def nbytes(self):
+        return len(self.payload) + sum(b[3] if b[0] == "arena" else self.frames[b[1]].nbytes for b in self.buffers)
+
+
+def _owner_block(obj):
+    """The arena Block whose memory obj's buffer is, or None."""
+    seen = 0
+    while obj is not None and seen < 64:
+        if isinstance(obj, Block):
+            return obj
+        if isinstance(obj, np.ndarray):
+            obj = obj.base
+        elif isinstance(obj, memoryview):
+            obj = obj.obj
+        elif isinstance(obj, pickle.PickleBuffer):
+            obj = memoryview(obj).obj
+        else:
+            return None
+        seen += 1
+    return None
+
+
+def dumps(obj, arena=None, threshold=THRESHOLD):
+    """Serializes obj; large buffers go out of band (see the module's doc).
+
+    arena: the node's :class:`shoal.Arena`, or None to send buffers as frames.
+    """
+    out = Serialized(payload=b"")
+
+    def out_of_band(pb):
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return True  # not contiguous: pickle copies it in band
+        if raw.nbytes < threshold:
+            return True
+        if arena is None:
+            out.buffers.append(("frame", len(out.frames)))
+            out.frames.append(raw)
+            return False
+        owner = _owner_block(pb)
+        if owner is not None and owner.arena is arena:
+            start = address(raw) - owner.address
+            out.buffers.append(("arena", owner.handle, start, raw.nbytes))
+            out.keep.append(owner)
+            return False
+        block = arena.alloc(raw.nbytes)
+        memoryview(block).cast("B")[:] = raw.cast("B")
+        out.buffers.append(("arena", block.handle, 0, raw.nbytes))
+        out.keep.append(block)
+        return False
+
+    out.payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    return out
+
+
+def loads(payload, buffers=(), frames=(), arena=None, readonly=True):
+    """Rebuilds an object from :func:`dumps`'s output.
+
+    Arena buffers are acquired (one reference each, held by the rebuilt
+    arrays) and viewed without copying; ``readonly=False`` gives writable
+    views that every process on the node sees (an explicit opt-in). Raises
+    OSError for a stale or malformed reference, ValueError for an unknown
+    buffer kind.
+    """
+    bufs = []
+    for b in buffers:
+        if b[0] == "arena":
+            if arena is None:
+                raise ValueError("this message references arena buffers, but no arena is attached")
+            _, handle, start, nbytes = b
+            bufs.append(arena.acquire_bytes(tuple(handle), start, nbytes, readonly=readonly))
+        elif b[0] == "frame":
+            bufs.append(frames[b[1]])
+        else:
+            raise ValueError(f"unknown buffer kind {b[0]!r}")
+    return pickle.loads(payload, buffers=bufs)
+
+
+__all__ = ["THRESHOLD", "Serialized", "dumps", "loads", "Arena"]
