@@ -16,6 +16,8 @@
 #include <shoal/arena.h>
 #include <shoal/array.h>
 
+#include "_socket.h"
+
 #include <errno.h>
 #include <string.h>
 #include <unistd.h>
@@ -672,6 +674,8 @@ static int core_exec(PyObject *m)
     if (PyModule_AddObjectRef(m, "Arena", (PyObject *)&ArenaType) < 0 ||
         PyModule_AddObjectRef(m, "Block", (PyObject *)&BlockType) < 0)
         return -1;
+    if (shoal__socket_init(m) < 0 || PyModule_AddFunctions(m, shoal__socket_functions) < 0)
+        return -1;
     if (PyModule_AddIntConstant(m, "ALIGN", SHOAL_ARENA_ALIGN) < 0 ||
         PyModule_AddIntConstant(m, "CHUNK", SHOAL_ARENA_CHUNK) < 0)
         return -1;
@@ -691,7 +695,7 @@ static PyMethodDef core_methods[] = {
 static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "shoal._core",
-    .m_doc = "shoal's C core: the node's shared-memory arena.",
+    .m_doc = "shoal's C core: the node's shared-memory arena and the wire protocol.",
     .m_size = 0,
     .m_methods = core_methods,
     .m_slots = core_slots,
