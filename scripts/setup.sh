@@ -13,7 +13,7 @@ cd "$root"
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # 1. Debian packages.
-apt_pkgs=(build-essential pkg-config libzmq3-dev liburing-dev libsodium-dev libcriterion-dev)
+apt_pkgs=(build-essential pkg-config libzmq3-dev liburing-dev libsodium-dev libcriterion-dev libcjson-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

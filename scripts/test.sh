@@ -3,7 +3,8 @@
 #   1. the C tests (Criterion, through meson test) in a build with warnings as errors,
 #   2. the same C tests in an address+undefined sanitizer build,
 #   3. the Python tests (pytest) against the package installed in .venv,
-#   4. the Python tests again with the extension from the sanitizer build.
+#   4. the Python tests again with the extension and the programs from the
+#      sanitizer build.
 # Exits non-zero if anything fails.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,4 +35,5 @@ for f in python/shoal/*.py; do ln -sf "$root/$f" "$pkg/"; done
 ln -sf "$root"/build/asan/python/shoal/_core*.so "$pkg/"
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$root/build/asan/pkg" \
+  SHOAL_BIN_DIR="$root/build/asan/controller" \
   python -m pytest -q -p no:cacheprovider tests/python

@@ -46,8 +46,12 @@ enum shoal_msg_type {
     SHOAL_MSG_QUERY = 9,       /* queue status, registry */
     SHOAL_MSG_QUERY_REPLY = 10,
     SHOAL_MSG_SHUTDOWN = 11,
+    SHOAL_MSG_ENGINE_EVENT = 12, /* agent -> controller: an engine started or died */
     SHOAL_MSG__END             /* one past the last known type */
 };
+
+/* Flags of REGISTER messages: who registers. */
+enum { SHOAL_REG_CLIENT = 1, SHOAL_REG_NODE = 2 };
 
 /* The decoded header. */
 typedef struct shoal_msg_header {

@@ -281,6 +281,38 @@ out:
     return result;
 }
 
+/* Sends frames exactly as given, unsigned: for probing peers with bad input. */
+static PyObject *socket_send_raw(SocketObject *self, PyObject *seq)
+{
+    if (sock_open(self) < 0)
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "send_raw takes a sequence of bytes-like objects");
+    if (!fast)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &v, PyBUF_SIMPLE) < 0) {
+            /* Finish the multipart message so the socket stays usable. */
+            if (i > 0)
+                zmq_send(self->sock, "", 0, 0);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = zmq_send(self->sock, v.buf, (size_t)v.len, i + 1 < n ? ZMQ_SNDMORE : 0);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&v);
+        if (rc < 0) {
+            Py_DECREF(fast);
+            return zmq_error("send failed");
+        }
+    }
+    Py_DECREF(fast);
+    Py_RETURN_NONE;
+}
+
 static PyObject *socket_recv(SocketObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"timeout", NULL};
@@ -375,6 +407,9 @@ static PyMethodDef socket_methods[] = {
     {"recv", (PyCFunction)(void (*)(void))socket_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(timeout=-1) -> (header, payload, buffers, route): the next message that passes every check. Raises "
      "TimeoutError, or WireError for a refused message (its route says who sent it)."},
+    {"send_raw", (PyCFunction)socket_send_raw, METH_O,
+     "send_raw(frames): send these frames as one multipart message, unsigned and unchecked (for probing a "
+     "peer with bad input)."},
     {"close", (PyCFunction)socket_close, METH_NOARGS, "close the socket"},
     {NULL, NULL, 0, NULL},
 };
@@ -421,7 +456,9 @@ int shoal__socket_init(PyObject *m)
         {"MSG_REGISTER_REPLY", SHOAL_MSG_REGISTER_REPLY}, {"MSG_TASK", SHOAL_MSG_TASK},
         {"MSG_RESULT", SHOAL_MSG_RESULT},     {"MSG_OUTPUT", SHOAL_MSG_OUTPUT},
         {"MSG_QUERY", SHOAL_MSG_QUERY},       {"MSG_QUERY_REPLY", SHOAL_MSG_QUERY_REPLY},
-        {"MSG_SHUTDOWN", SHOAL_MSG_SHUTDOWN}, {"TARGET_ALL", -1},
+        {"MSG_SHUTDOWN", SHOAL_MSG_SHUTDOWN}, {"MSG_ENGINE_EVENT", SHOAL_MSG_ENGINE_EVENT},
+        {"REG_CLIENT", SHOAL_REG_CLIENT},     {"REG_NODE", SHOAL_REG_NODE},
+        {"TARGET_ALL", -1},
     };
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
         PyObject *v = types[i].value < 0 ? PyLong_FromUnsignedLong(SHOAL_WIRE_TARGET_ALL) : PyLong_FromLong(types[i].value);

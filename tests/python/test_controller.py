@@ -1,0 +1,187 @@
+"""shoal-controller: the connection file, registration, queries, heartbeats,
+shutdown, and bad input, against the real controller process.
+
+The peers here speak the wire protocol through shoal._core.Socket. Where a
+test needs a node agent's side of the conversation before the agent exists,
+it speaks that side itself and says so.
+"""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from shoal import _bin, _core
+
+
+def controller_binary():
+    return _bin.find("shoal-controller")
+
+
+class Controller:
+    def __init__(self, root, profile="default", heartbeat_ms=200):
+        self.root = root
+        self.dir = root / f"profile_{profile}"
+        self.conn = self.dir / "connection.json"
+        env = dict(os.environ, SHOAL_DIR=str(root))
+        self.proc = subprocess.Popen([controller_binary(), "--profile", profile, "--heartbeat-ms", str(heartbeat_ms)],
+                                     env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while not self.conn.exists():
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            assert time.monotonic() < deadline, "no connection file"
+            time.sleep(0.01)
+        self.info = json.loads(self.conn.read_text())
+        self.key = bytes.fromhex(self.info["key"])
+        self.sockets = []
+
+    def socket(self, which="client", key=None, identity=None):
+        kw = {"identity": identity} if identity else {}
+        s = _core.Socket("dealer", key or self.key, connect=self.info[which], **kw)
+        self.sockets.append(s)
+        return s
+
+    def ask(self, sock, type, body=None, timeout=5):
+        payload = [json.dumps(body).encode()] if body is not None else []
+        mid = sock.send(type, payload)
+        hdr, payload, _, _ = sock.recv(timeout=timeout)
+        assert hdr["reply_to"] == mid
+        return hdr["type"], json.loads(bytes(payload[0])) if payload else None
+
+    def stop(self):
+        for s in self.sockets:
+            s.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return rc
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    c = Controller(tmp_path)
+    yield c
+    assert c.stop() == 0
+    assert not c.conn.exists(), "the connection file is removed on exit"
+
+
+def test_connection_file_is_private_and_complete(ctl):
+    assert stat.S_IMODE(ctl.dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(ctl.conn.stat().st_mode) == 0o600
+    info = ctl.info
+    assert info["pid"] == ctl.proc.pid and info["signature_scheme"] == "hmac-sha256"
+    assert info["client"].startswith("tcp://127.0.0.1:") and info["agent"].startswith("tcp://127.0.0.1:")
+    assert len(ctl.key) == 32
+
+
+def test_a_second_controller_for_the_profile_refuses(ctl, tmp_path):
+    p = subprocess.run([controller_binary()], env=dict(os.environ, SHOAL_DIR=str(tmp_path)),
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 1 and "already running" in p.stderr
+    assert json.loads(ctl.conn.read_text())["pid"] == ctl.proc.pid, "the first one's file is untouched"
+
+
+def test_client_registers_and_queries(ctl):
+    s = ctl.socket()
+    kind, body = ctl.ask(s, _core.MSG_REGISTER)
+    assert kind == _core.MSG_REGISTER_REPLY and body == {"nodes": [], "engines": []}
+    kind, body = ctl.ask(s, _core.MSG_QUERY, {"what": "status"})
+    assert kind == _core.MSG_QUERY_REPLY
+    assert body["refused"]["from_clients"] == {"malformed": 0, "oversized": 0, "bad_signature": 0}
+
+
+def test_bad_signature_is_refused_and_the_controller_keeps_serving(ctl):
+    intruder = ctl.socket(key=_core.keygen(), identity=b"intruder")
+    intruder.send(_core.MSG_QUERY, [b"{}"])
+    with pytest.raises(_core.WireError) as e:  # the ERROR reply is signed with the real key
+        intruder.recv(timeout=5)
+    assert e.value.args[0] == "bad signature"
+    s = ctl.socket()
+    kind, body = ctl.ask(s, _core.MSG_QUERY, {})
+    assert body["refused"]["from_clients"]["bad_signature"] == 1
+
+
+def test_malformed_frames_from_a_raw_socket_do_not_crash_it(ctl):
+    raw = ctl.socket()
+    agent_raw = ctl.socket("agent")
+    junk = [[b""], [b"x" * 96], [os.urandom(96), b"payload"], [os.urandom(1000)] * 3, [b"SHWP" + bytes(92)],
+            [b"\x00" * 96] + [b"y"] * 50]
+    for frames in junk:
+        raw.send_raw(frames)
+        agent_raw.send_raw(frames)
+    for sock in (raw, agent_raw):
+        for _ in junk:  # each one is answered with an ERROR naming the reason
+            hdr, payload, _, _ = sock.recv(timeout=5)
+            assert hdr["type"] == _core.MSG_ERROR
+            reason = json.loads(bytes(payload[0]))["error"]
+            assert reason.startswith("message refused: ") and reason != "message refused: error", reason
+    assert ctl.proc.poll() is None
+    kind, body = ctl.ask(ctl.socket(), _core.MSG_QUERY, {})
+    assert body["refused"]["from_clients"]["malformed"] == len(junk)
+    assert body["refused"]["from_agents"]["malformed"] == len(junk)
+
+
+def test_unknown_and_misplaced_messages_get_an_error(ctl):
+    s = ctl.socket()
+    kind, body = ctl.ask(s, 999)
+    assert kind == _core.MSG_ERROR and "999" in body["error"]
+    kind, body = ctl.ask(s, _core.MSG_TASK)
+    assert kind == _core.MSG_ERROR and "does not route tasks" in body["error"]
+    a = ctl.socket("agent")
+    kind, body = ctl.ask(a, _core.MSG_REGISTER, {"host": 3})
+    assert kind == _core.MSG_ERROR and "REGISTER needs" in body["error"]
+    kind, body = ctl.ask(a, _core.MSG_ENGINE_EVENT, {"event": "started", "local": 0, "pid": 1})
+    assert kind == _core.MSG_ERROR and "register the node" in body["error"]
+
+
+def test_nodes_and_engines_register_and_a_silent_node_is_lost(ctl):
+    # The node agent's side of the conversation, spoken by the test.
+    a = ctl.socket("agent")
+    kind, body = ctl.ask(a, _core.MSG_REGISTER, {"host": "here", "pid": os.getpid()})
+    assert kind == _core.MSG_REGISTER_REPLY and body["node"] == 0 and body["heartbeat_ms"] == 200
+    ids = [ctl.ask(a, _core.MSG_ENGINE_EVENT, {"event": "started", "local": i, "pid": 1000 + i})[1]["engine"]
+           for i in range(3)]
+    assert ids == [0, 1, 2], "engine ids in registration order"
+    a.send(_core.MSG_ENGINE_EVENT, [json.dumps({"event": "died", "local": 1, "pid": 1001}).encode()])
+    c = ctl.socket()
+    deadline = time.monotonic() + 5
+    while True:
+        _, reg = ctl.ask(c, _core.MSG_REGISTER)
+        if not reg["engines"][1]["alive"] or time.monotonic() > deadline:
+            break
+    assert [e["alive"] for e in reg["engines"]] == [True, False, True]
+    assert [e["pid"] for e in reg["engines"]] == [1000, 1001, 1002]
+    # Heartbeats arrive; a node that stops answering is lost within 3 periods.
+    hdr, *_ = a.recv(timeout=5)
+    assert hdr["type"] == _core.MSG_HEARTBEAT
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        _, reg = ctl.ask(c, _core.MSG_REGISTER)
+        if not reg["nodes"][0]["alive"]:
+            break
+        time.sleep(0.05)
+    assert not reg["nodes"][0]["alive"] and not any(e["alive"] for e in reg["engines"])
+
+
+def test_shutdown_from_a_client_stops_it_and_tells_the_agents(tmp_path):
+    ctl = Controller(tmp_path, profile="p2")
+    a = ctl.socket("agent")
+    ctl.ask(a, _core.MSG_REGISTER, {"host": "here", "pid": os.getpid()})
+    kind, body = ctl.ask(ctl.socket(), _core.MSG_SHUTDOWN)
+    assert body == {"stopping": True}
+    assert ctl.proc.wait(timeout=10) == 0
+    assert not ctl.conn.exists()
+    while True:
+        hdr, *_ = a.recv(timeout=5)
+        if hdr["type"] != _core.MSG_HEARTBEAT:
+            break
+    assert hdr["type"] == _core.MSG_SHUTDOWN
+    ctl.stop()
