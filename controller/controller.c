@@ -45,6 +45,8 @@ struct node {
     int alive;
     int32_t pid;
     char host[64];
+    char socket[108]; /* the agent's Unix socket, for local clients */
+    char loop[16];    /* the agent's event-loop backend */
     int64_t last_seen_ns;
 };
 
@@ -216,6 +218,8 @@ static cJSON *registry_json(struct controller *c)
         cJSON *n = cJSON_CreateObject();
         cJSON_AddNumberToObject(n, "id", i);
         cJSON_AddStringToObject(n, "host", c->nodes[i].host);
+        cJSON_AddStringToObject(n, "socket", c->nodes[i].socket);
+        cJSON_AddStringToObject(n, "loop", c->nodes[i].loop);
         cJSON_AddNumberToObject(n, "pid", c->nodes[i].pid);
         cJSON_AddBoolToObject(n, "alive", c->nodes[i].alive);
         cJSON_AddItemToArray(nodes, n);
@@ -333,6 +337,12 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
             nd->alive = 1;
             nd->pid = pid->valueint;
             snprintf(nd->host, sizeof nd->host, "%s", host->valuestring);
+            cJSON *sock = cJSON_GetObjectItemCaseSensitive(body, "socket");
+            if (cJSON_IsString(sock))
+                snprintf(nd->socket, sizeof nd->socket, "%s", sock->valuestring);
+            cJSON *loop = cJSON_GetObjectItemCaseSensitive(body, "loop");
+            if (cJSON_IsString(loop))
+                snprintf(nd->loop, sizeof nd->loop, "%s", loop->valuestring);
             nd->last_seen_ns = now_ns();
             logf_("node %d registered: %s, agent pid %d", n, nd->host, nd->pid);
         }

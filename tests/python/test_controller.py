@@ -8,61 +8,15 @@ it speaks that side itself and says so.
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import time
 
 import pytest
 
-from shoal import _bin, _core
+from shoal import _core
 
-
-def controller_binary():
-    return _bin.find("shoal-controller")
-
-
-class Controller:
-    def __init__(self, root, profile="default", heartbeat_ms=200):
-        self.root = root
-        self.dir = root / f"profile_{profile}"
-        self.conn = self.dir / "connection.json"
-        env = dict(os.environ, SHOAL_DIR=str(root))
-        self.proc = subprocess.Popen([controller_binary(), "--profile", profile, "--heartbeat-ms", str(heartbeat_ms)],
-                                     env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not self.conn.exists():
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            assert time.monotonic() < deadline, "no connection file"
-            time.sleep(0.01)
-        self.info = json.loads(self.conn.read_text())
-        self.key = bytes.fromhex(self.info["key"])
-        self.sockets = []
-
-    def socket(self, which="client", key=None, identity=None):
-        kw = {"identity": identity} if identity else {}
-        s = _core.Socket("dealer", key or self.key, connect=self.info[which], **kw)
-        self.sockets.append(s)
-        return s
-
-    def ask(self, sock, type, body=None, timeout=5):
-        payload = [json.dumps(body).encode()] if body is not None else []
-        mid = sock.send(type, payload)
-        hdr, payload, _, _ = sock.recv(timeout=timeout)
-        assert hdr["reply_to"] == mid
-        return hdr["type"], json.loads(bytes(payload[0])) if payload else None
-
-    def stop(self):
-        for s in self.sockets:
-            s.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        return rc
+from procs import Controller, controller_binary
 
 
 @pytest.fixture

@@ -1,0 +1,96 @@
+"""Starting and stopping real shoal processes for the tests."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from shoal import _bin, _core
+
+
+def controller_binary():
+    return _bin.find("shoal-controller")
+
+
+class Controller:
+    def __init__(self, root, profile="default", heartbeat_ms=200):
+        self.root = root
+        self.profile = profile
+        self.dir = root / f"profile_{profile}"
+        self.conn = self.dir / "connection.json"
+        env = dict(os.environ, SHOAL_DIR=str(root))
+        # Logs go to a file, not a pipe nobody reads (which would fill up and block).
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = root / f"controller-{profile}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([controller_binary(), "--profile", profile, "--heartbeat-ms",
+                                          str(heartbeat_ms)], env=env, stderr=log)
+        deadline = time.monotonic() + 10
+        while not self.conn.exists():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "no connection file"
+            time.sleep(0.01)
+        self.info = json.loads(self.conn.read_text())
+        self.key = bytes.fromhex(self.info["key"])
+        self.sockets = []
+
+    def socket(self, which="client", key=None, identity=None):
+        kw = {"identity": identity} if identity else {}
+        s = _core.Socket("dealer", key or self.key, connect=self.info[which], **kw)
+        self.sockets.append(s)
+        return s
+
+    def ask(self, sock, type, body=None, timeout=5):
+        payload = [json.dumps(body).encode()] if body is not None else []
+        mid = sock.send(type, payload)
+        hdr, payload, _, _ = sock.recv(timeout=timeout)
+        assert hdr["reply_to"] == mid
+        return hdr["type"], json.loads(bytes(payload[0])) if payload else None
+
+    def stop(self):
+        for s in self.sockets:
+            s.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return rc
+
+
+class Agent:
+    """A shoal-agent for the profile of `ctl`, with its own runtime directory."""
+
+    def __init__(self, ctl, runtime, arena_size=256 << 20, env=None):
+        self.ctl = ctl
+        self.runtime = runtime
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        e = dict(os.environ, SHOAL_DIR=str(ctl.root), XDG_RUNTIME_DIR=str(runtime), **(env or {}))
+        self.log = runtime / "agent.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([_bin.find("shoal-agent"), "--profile", ctl.profile,
+                                          "--arena-size", str(arena_size)], env=e, stderr=log)
+        self.client = ctl.socket()
+        deadline = time.monotonic() + 10
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            _, reg = ctl.ask(self.client, _core.MSG_REGISTER)
+            mine = [n for n in reg["nodes"] if n["pid"] == self.proc.pid]
+            if mine:
+                self.node = mine[0]
+                break
+            assert time.monotonic() < deadline, "the agent never registered"
+            time.sleep(0.02)
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,0 +1,136 @@
+"""shoal-agent against a real controller: registration, the arena over its
+Unix socket, reclaiming after a killed process, and its exits. Every test
+runs on both event-loop backends (io_uring, and epoll via SHOAL_NO_URING=1).
+"""
+
+import gc
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from shoal import _core
+from shoal.local import LocalArena
+
+from procs import Agent, Controller
+
+
+@pytest.fixture(params=["io_uring", "epoll"])
+def cluster(request, tmp_path):
+    ctl = Controller(tmp_path / "home")
+    env = {"SHOAL_NO_URING": "1"} if request.param == "epoll" else {}
+    agent = Agent(ctl, tmp_path / "run", env=env)
+    yield ctl, agent, request.param
+    agent.stop()
+    ctl.stop()
+
+
+def test_the_node_registers_with_its_socket_and_backend(cluster):
+    ctl, agent, backend = cluster
+    node = agent.node
+    assert node["host"] == socket.gethostname() and node["alive"]
+    if backend == "epoll":
+        assert node["loop"] == "epoll"
+    else:
+        assert node["loop"] in ("io_uring", "epoll")  # epoll where io_uring is blocked
+    path = node["socket"]
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+
+
+def test_a_local_process_gets_the_arena(cluster):
+    ctl, agent, _ = cluster
+    with LocalArena(agent.node["socket"]) as local:
+        assert local.info["node"] == agent.node["id"]
+        assert local.info["heap_size"] == 256 << 20
+        x = local.arena.empty(1000)
+        x[:] = 1
+        assert local.arena.stats()["holders"] == 2  # the agent and us
+        del x
+        gc.collect()
+
+
+def test_another_uid_is_refused_the_arena(cluster):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    ctl, agent, _ = cluster
+    path = agent.node["socket"]
+    # The child becomes uid 65534 but keeps root's file-system uid, so that
+    # the socket's 0600 mode lets it connect and only the agent's
+    # SO_PEERCRED check (which sees the effective uid) stands in the way.
+    code = textwrap.dedent(f"""
+        import ctypes, os, sys
+        from shoal.local import LocalArena  # before dropping privileges: nobody cannot read root's Python
+        os.setresgid(65534, 65534, 0)
+        os.setresuid(65534, 65534, 0)
+        ctypes.CDLL(None).setfsuid(0)
+        try:
+            LocalArena({path!r})
+        except ConnectionError as e:
+            print("refused:", e)
+            sys.exit(0)
+        sys.exit(1)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "only serves processes of its own user" in p.stdout
+    assert "refused a connection from uid 65534" in agent.log.read_text()
+
+
+def test_what_a_killed_process_held_is_released(cluster):
+    ctl, agent, _ = cluster
+    with LocalArena(agent.node["socket"]) as local:
+        base = local.arena.stats()["used_blocks"]
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from shoal.local import LocalArena
+            la = LocalArena({agent.node['socket']!r})
+            keep = [la.arena.empty(100_000) for _ in range(3)]
+            print("ready", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        assert local.arena.stats()["used_blocks"] == base + 3
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 5
+        while local.arena.stats()["used_blocks"] != base and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert local.arena.stats()["used_blocks"] == base, "the agent released the dead process's blocks"
+        assert local.arena.stats()["holders"] == 2
+        local.arena.check()
+        child.stdin.close()
+        child.stdout.close()
+    assert "released 3 arena references" in agent.log.read_text()
+
+
+def test_sigterm_stops_the_agent_cleanly(cluster):
+    ctl, agent, _ = cluster
+    path = agent.node["socket"]
+    assert agent.stop() == 0
+    assert not os.path.exists(path), "the socket is removed"
+
+
+def test_the_agent_exits_when_the_controller_dies(cluster):
+    ctl, agent, _ = cluster
+    path = agent.node["socket"]
+    ctl.proc.send_signal(signal.SIGKILL)
+    ctl.proc.wait()
+    # Heartbeats every 200 ms: three missed, plus a 2 s grace.
+    assert agent.proc.wait(timeout=15) == 3
+    assert "it is gone" in agent.log.read_text()
+    assert not os.path.exists(path)
+
+
+def test_shutdown_from_a_client_reaches_the_agent(cluster):
+    ctl, agent, _ = cluster
+    ctl.ask(ctl.socket(), _core.MSG_SHUTDOWN)
+    assert agent.proc.wait(timeout=10) == 0
+    assert "shutdown asked by the controller" in agent.log.read_text()
