@@ -134,3 +134,20 @@ def test_shutdown_from_a_client_reaches_the_agent(cluster):
     ctl.ask(ctl.socket(), _core.MSG_SHUTDOWN)
     assert agent.proc.wait(timeout=10) == 0
     assert "shutdown asked by the controller" in agent.log.read_text()
+
+
+def test_a_frozen_agent_is_lost_by_the_controller(cluster):
+    ctl, agent, _ = cluster
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        c = ctl.socket()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            _, reg = ctl.ask(c, _core.MSG_REGISTER)
+            if not reg["nodes"][0]["alive"]:
+                break
+            time.sleep(0.05)
+        assert not reg["nodes"][0]["alive"], "three missed heartbeats (200 ms each) lose the node"
+        assert "no heartbeat" in ctl.log.read_text()
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
