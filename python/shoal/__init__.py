@@ -10,7 +10,7 @@ blocks, and numpy arrays that view those blocks without copying. The cluster
 (controller, node agent, engines, client) is built on it next.
 """
 
-from ._core import ALIGN, CHUNK, Arena, Block, Socket, WireError, keygen
+from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
 
-__all__ = ["Arena", "Block", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
+__all__ = ["Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"

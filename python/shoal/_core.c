@@ -16,6 +16,7 @@
 #include <shoal/arena.h>
 #include <shoal/array.h>
 
+#include "_ring.h"
 #include "_socket.h"
 
 #include <errno.h>
@@ -674,7 +675,8 @@ static int core_exec(PyObject *m)
     if (PyModule_AddObjectRef(m, "Arena", (PyObject *)&ArenaType) < 0 ||
         PyModule_AddObjectRef(m, "Block", (PyObject *)&BlockType) < 0)
         return -1;
-    if (shoal__socket_init(m) < 0 || PyModule_AddFunctions(m, shoal__socket_functions) < 0)
+    if (shoal__socket_init(m) < 0 || PyModule_AddFunctions(m, shoal__socket_functions) < 0 ||
+        shoal__ring_init(m) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "ALIGN", SHOAL_ARENA_ALIGN) < 0 ||
         PyModule_AddIntConstant(m, "CHUNK", SHOAL_ARENA_CHUNK) < 0)

@@ -364,3 +364,42 @@ def test_prefault_thread_commits_ahead_and_populate_can_be_turned_off():
         x[:] = 1  # ...and faulted in by this write instead of by the allocator
         assert x.sum() == len(x)
         del x
+
+
+def test_rings_in_an_arena_block_across_processes(arena):
+    size = shoal.Ring.size(64)
+    block = arena.alloc(2 * size)
+    ping, pong = shoal.Ring(block, 64), shoal.Ring(block, 64, offset=size)
+    code = """
+        h = tuple(int(v) for v in sys.argv[2].split(','))
+        b = a.acquire_bytes(h, 0, h[1], readonly=False)
+        size = shoal.Ring.size(64)
+        ping, pong = shoal.Ring(b), shoal.Ring(b, offset=size)
+        while True:
+            try:
+                if not ping.wait(timeout=10):
+                    sys.exit(3)
+                got = ping.pop()
+            except BrokenPipeError:  # closed and empty
+                break
+            while pong.push(got) == 0:
+                pass
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, numpy as np, shoal\na = shoal.Arena.attach(int(sys.argv[1]))\n"
+         + textwrap.dedent(code), str(arena.fd), ",".join(map(str, block.handle))],
+        pass_fds=(arena.fd,))
+    for i in range(1000):
+        slot = i.to_bytes(8, "little") * 8
+        assert ping.push(slot) == 1
+        assert pong.wait(timeout=10)
+        assert pong.pop(1) == slot
+    ping.close()
+    assert child.wait(timeout=30) == 0
+    assert len(ping) == 0
+    with pytest.raises(ValueError, match="64 bytes"):
+        ping.push(b"short")
+    with pytest.raises(OSError):
+        shoal.Ring(arena.alloc(1000))  # no ring there
+    with pytest.raises(OSError):
+        shoal.Ring(arena.alloc(100), 64)  # too small for 64 slots

@@ -1,0 +1,201 @@
+/*
+ * python/shoal/_ring.c - shoal._core.Ring: a ring (shm/ring.c) in an arena
+ * block, from Python.
+ *
+ * The Ring holds the Block it lives in (so the memory stays mapped and
+ * referenced), and releases the GIL while it waits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <shoal/ring.h>
+
+#include <errno.h>
+#include <string.h>
+
+#include "_ring.h"
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *block; /* keeps the memory mapped and referenced */
+    shoal_ring ring;
+} RingObject;
+
+static PyObject *ring_errno(int neg, const char *what)
+{
+    PyObject *args = Py_BuildValue("(iN)", -neg, PyUnicode_FromFormat("%s: %s", what, strerror(-neg)));
+    if (args) {
+        PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);
+        if (exc) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+/* Ring(block, nslots=0): formats a new ring in the block's bytes when nslots
+ * > 0, else opens the ring already there. */
+static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"block", "nslots", "offset", NULL};
+    PyObject *block;
+    unsigned int nslots = 0;
+    Py_ssize_t offset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|In:Ring", kwlist, &block, &nslots, &offset))
+        return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(block, &v, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (offset < 0 || offset > v.len) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "offset outside the block");
+        return NULL;
+    }
+    RingObject *self = (RingObject *)type->tp_alloc(type, 0);
+    if (!self) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    uint8_t *mem = (uint8_t *)v.buf + offset;
+    size_t len = (size_t)(v.len - offset);
+    int rc = nslots ? shoal_ring_init(mem, len, nslots, &self->ring) : shoal_ring_open(mem, len, &self->ring);
+    PyBuffer_Release(&v); /* the Block itself keeps the memory: we hold it */
+    if (rc < 0) {
+        Py_DECREF(self);
+        return ring_errno(rc, nslots ? "cannot make a ring there" : "no ring there");
+    }
+    Py_INCREF(block);
+    self->block = block;
+    return (PyObject *)self;
+}
+
+static void ring_dealloc(RingObject *self)
+{
+    Py_XDECREF(self->block);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *ring_size(PyObject *cls, PyObject *arg)
+{
+    (void)cls;
+    unsigned long n = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromSize_t(shoal_ring_size((uint32_t)n));
+}
+
+/* push(slots): slots is a bytes-like object of 64 * n bytes. Returns n pushed. */
+static PyObject *ring_push(RingObject *self, PyObject *arg)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (v.len % SHOAL_RING_SLOT) {
+        PyBuffer_Release(&v);
+        PyErr_Format(PyExc_ValueError, "slots are %d bytes each", SHOAL_RING_SLOT);
+        return NULL;
+    }
+    int rc = shoal_ring_push(&self->ring, v.buf, (uint32_t)(v.len / SHOAL_RING_SLOT));
+    PyBuffer_Release(&v);
+    if (rc < 0)
+        return ring_errno(rc, "push failed");
+    return PyLong_FromLong(rc);
+}
+
+/* pop(max=64) -> bytes of 64 * n bytes (b"" when empty). Raises BrokenPipeError
+ * when the ring is closed and empty. */
+static PyObject *ring_pop(RingObject *self, PyObject *args)
+{
+    unsigned int max = 64;
+    if (!PyArg_ParseTuple(args, "|I:pop", &max))
+        return NULL;
+    if (max == 0 || max > 4096)
+        max = 64;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)max * SHOAL_RING_SLOT);
+    if (!out)
+        return NULL;
+    int rc = shoal_ring_pop(&self->ring, PyBytes_AS_STRING(out), max);
+    if (rc < 0) {
+        Py_DECREF(out);
+        return ring_errno(rc, "pop failed");
+    }
+    if (_PyBytes_Resize(&out, (Py_ssize_t)rc * SHOAL_RING_SLOT) < 0)
+        return NULL;
+    return out;
+}
+
+/* wait(timeout=-1, spin=50e-6) -> True when something can be popped, False on
+ * timeout. Raises BrokenPipeError when the ring is closed and empty. */
+static PyObject *ring_wait(RingObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"timeout", "spin", NULL};
+    double timeout = -1, spin = 50e-6;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|dd:wait", kwlist, &timeout, &spin))
+        return NULL;
+    int rc;
+    int64_t t = timeout < 0 ? -1 : (int64_t)(timeout * 1e9), s = (int64_t)(spin * 1e9);
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_ring_wait(&self->ring, s, t);
+    Py_END_ALLOW_THREADS
+    if (rc == -ETIMEDOUT)
+        Py_RETURN_FALSE;
+    if (rc < 0)
+        return ring_errno(rc, "wait failed");
+    Py_RETURN_TRUE;
+}
+
+static PyObject *ring_set_notify_fd(RingObject *self, PyObject *arg)
+{
+    int fd = (int)PyLong_AsLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    shoal_ring_set_notify_fd(&self->ring, fd);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ring_close(RingObject *self, PyObject *unused)
+{
+    (void)unused;
+    shoal_ring_close(&self->ring);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t ring_len(RingObject *self)
+{
+    return (Py_ssize_t)shoal_ring_count(&self->ring);
+}
+
+static PyMethodDef ring_methods[] = {
+    {"size", (PyCFunction)ring_size, METH_O | METH_CLASS, "size(nslots) -> bytes a ring of nslots needs"},
+    {"push", (PyCFunction)ring_push, METH_O, "push(slots) -> how many 64-byte slots were appended"},
+    {"pop", (PyCFunction)ring_pop, METH_VARARGS, "pop(max=64) -> up to max slots, as one bytes object"},
+    {"wait", (PyCFunction)(void (*)(void))ring_wait, METH_VARARGS | METH_KEYWORDS,
+     "wait(timeout=-1, spin=50e-6) -> True when a slot can be popped, False on timeout"},
+    {"set_notify_fd", (PyCFunction)ring_set_notify_fd, METH_O,
+     "set_notify_fd(fd): as producer, wake the consumer through this eventfd"},
+    {"close", (PyCFunction)ring_close, METH_NOARGS, "close the ring; a waiting consumer wakes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods ring_as_sequence = {.sq_length = (lenfunc)ring_len};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shoal._core.Ring",
+    .tp_basicsize = sizeof(RingObject),
+    .tp_dealloc = (destructor)ring_dealloc,
+    .tp_as_sequence = &ring_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ring(block, nslots=0, offset=0): a single-producer single-consumer ring of 64-byte slots at "
+              "offset in a writable block (nslots > 0 formats a new one).",
+    .tp_methods = ring_methods,
+    .tp_new = ring_new,
+};
+
+int shoal__ring_init(PyObject *m)
+{
+    if (PyType_Ready(&RingType) < 0)
+        return -1;
+    return PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType);
+}
