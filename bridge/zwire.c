@@ -185,3 +185,47 @@ int shoal_wire_send(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_f
             return rc;
     return 0;
 }
+
+int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                       const shoal_msg_header *h, const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs,
+                       size_t n_msgs)
+{
+    size_t n = n_new + n_msgs;
+    if (n > SHOAL_WIRE_MAX_FRAMES)
+        return -EINVAL;
+    shoal_frame stack[16];
+    shoal_frame *all = n <= 16 ? stack : malloc(n * sizeof *all);
+    if (!all)
+        return -ENOMEM;
+    for (size_t i = 0; i < n_new; i++)
+        all[i] = new_frames[i];
+    for (size_t i = 0; i < n_msgs; i++)
+        all[n_new + i] = (shoal_frame){zmq_msg_data(&msgs[i]), zmq_msg_size(&msgs[i])};
+    uint8_t hdr[SHOAL_WIRE_HDR];
+    int rc = shoal_wire_encode(key, h, all, n, hdr);
+    if (all != stack)
+        free(all);
+    if (rc < 0)
+        return rc;
+    if (route && (rc = send_part(sock, route->data, route->len, ZMQ_SNDMORE)) < 0)
+        return rc;
+    if ((rc = send_part(sock, hdr, sizeof hdr, n ? ZMQ_SNDMORE : 0)) < 0)
+        return rc;
+    for (size_t i = 0; i < n_new; i++)
+        if ((rc = send_part(sock, new_frames[i].data, new_frames[i].len, i + 1 < n ? ZMQ_SNDMORE : 0)) < 0)
+            return rc;
+    for (size_t i = 0; i < n_msgs; i++) {
+        zmq_msg_t out;
+        zmq_msg_init(&out);
+        zmq_msg_copy(&out, &msgs[i]);
+        int more = n_new + i + 1 < n ? ZMQ_SNDMORE : 0;
+        while (zmq_msg_send(&out, sock, more) < 0) {
+            if (zmq_errno() != EINTR) {
+                rc = -zmq_errno();
+                zmq_msg_close(&out);
+                return rc;
+            }
+        }
+    }
+    return 0;
+}

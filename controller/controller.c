@@ -7,10 +7,11 @@
  * agents and notices the ones that stop answering. It never unpickles
  * anything: message bodies that are not its own business pass through.
  *
- * What is here today: the connection file, registration of clients, nodes
- * and engines, status queries, heartbeats, shutdown, and the handling of bad
- * input (counted, logged, answered with an ERROR where the sender can be
- * told). Routing tasks comes with the node agent (issue 3).
+ * It routes direct tasks - one message per node, whatever the number of
+ * engines there - and tracks each until every target engine has answered
+ * or failed; results pass through to the client without being copied.
+ * Bad input is counted, logged and answered with an ERROR where the sender
+ * can be told.
  */
 #define _GNU_SOURCE
 #include <shoal/zwire.h>
@@ -57,6 +58,19 @@ struct engine {
     int alive;
 };
 
+/* A task in flight: who asked, and which engines have yet to answer. */
+struct task {
+    struct task *next; /* hash chain */
+    uint64_t id;
+    struct route client;
+    uint64_t client_msg; /* the client's msg_id: results reply to it */
+    uint32_t n, remaining;
+    uint32_t *engines;
+    uint8_t *done;
+};
+
+#define TASK_BUCKETS 4096
+
 struct controller {
     void *ctx, *clients, *agents;
     uint8_t key[SHOAL_WIRE_KEY];
@@ -70,6 +84,9 @@ struct controller {
     uint32_t nengines;
     shoal_wire_counters client_counters, agent_counters;
     uint64_t next_msg_id;
+    uint64_t next_task_id;
+    struct task *tasks[TASK_BUCKETS];
+    uint64_t ntasks;
     int stopping;
 };
 
@@ -239,6 +256,16 @@ static cJSON *registry_json(struct controller *c)
 static cJSON *status_json(struct controller *c)
 {
     cJSON *j = registry_json(c);
+    cJSON_AddNumberToObject(j, "tasks_pending", (double)c->ntasks);
+    cJSON *queues = cJSON_AddArrayToObject(j, "queue");
+    for (uint32_t e = 0; e < c->nengines; e++) {
+        uint32_t q = 0;
+        for (uint32_t b = 0; b < TASK_BUCKETS; b++)
+            for (struct task *t = c->tasks[b]; t; t = t->next)
+                for (uint32_t i = 0; i < t->n; i++)
+                    q += t->engines[i] == e && !t->done[i];
+        cJSON_AddItemToArray(queues, cJSON_CreateNumber(q));
+    }
     cJSON *in = cJSON_AddObjectToObject(j, "refused");
     shoal_wire_counters *k[2] = {&c->client_counters, &c->agent_counters};
     const char *names[2] = {"from_clients", "from_agents"};
@@ -267,6 +294,8 @@ static int find_node(struct controller *c, const struct route *r)
     return -1;
 }
 
+static void fail_engine_tasks(struct controller *c, uint32_t e, uint32_t n, const char *why);
+
 static void node_lost(struct controller *c, uint32_t n, const char *why)
 {
     c->nodes[n].alive = 0;
@@ -274,6 +303,193 @@ static void node_lost(struct controller *c, uint32_t n, const char *why)
         if (c->engines[i].node == n)
             c->engines[i].alive = 0;
     logf_("node %u (%s, pid %d) lost: %s", n, c->nodes[n].host, c->nodes[n].pid, why);
+    fail_engine_tasks(c, UINT32_MAX, n, "was lost with its node");
+}
+
+/* ---- tasks ------------------------------------------------------------------ */
+
+static struct task **task_slot(struct controller *c, uint64_t id)
+{
+    struct task **p = &c->tasks[id % TASK_BUCKETS];
+    while (*p && (*p)->id != id)
+        p = &(*p)->next;
+    return p;
+}
+
+static void task_free(struct controller *c, struct task **slot)
+{
+    struct task *t = *slot;
+    *slot = t->next;
+    free(t->engines);
+    free(t->done);
+    free(t);
+    c->ntasks--;
+}
+
+/* Tells the client that engine `engine` could not run task `t`. */
+static void fail_target(struct controller *c, const struct route *client, uint64_t client_msg, uint64_t task_id,
+                        uint32_t engine, const char *why)
+{
+    char evalue[256];
+    snprintf(evalue, sizeof evalue, "engine %u %s (task %" PRIu64 ")", engine, why, task_id);
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "status", "error");
+    cJSON_AddNumberToObject(j, "engine_id", engine);
+    cJSON_AddStringToObject(j, "ename", "EngineError");
+    cJSON_AddStringToObject(j, "evalue", evalue);
+    cJSON_AddItemToObject(j, "traceback", cJSON_CreateArray());
+    cJSON_AddStringToObject(j, "stdout", "");
+    cJSON_AddStringToObject(j, "stderr", "");
+    char *text = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    if (!text)
+        return;
+    shoal_frame f[2] = {{text, strlen(text)}, {"", 0}};
+    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++c->next_msg_id,
+                          .task_id = task_id, .sender = engine, .target = engine, .reply_to = client_msg};
+    shoal_frame route = {client->id, client->len};
+    shoal_wire_send(c->clients, c->key, &route, &h, f, 2);
+    free(text);
+}
+
+/* Marks engine e's part of task t done; frees t when nothing is left. */
+static void task_target_done(struct controller *c, struct task **slot, uint32_t e)
+{
+    struct task *t = *slot;
+    for (uint32_t i = 0; i < t->n; i++)
+        if (t->engines[i] == e && !t->done[i]) {
+            t->done[i] = 1;
+            t->remaining--;
+            break;
+        }
+    if (t->remaining == 0)
+        task_free(c, slot);
+}
+
+/* Fails every unanswered part of every task that engine e (or, with e ==
+ * UINT32_MAX, any engine of node n) was running. */
+static void fail_engine_tasks(struct controller *c, uint32_t e, uint32_t n, const char *why)
+{
+    for (uint32_t b = 0; b < TASK_BUCKETS; b++) {
+        struct task **p = &c->tasks[b];
+        while (*p) {
+            struct task *t = *p;
+            for (uint32_t i = 0; i < t->n && t->remaining; i++) {
+                uint32_t te = t->engines[i];
+                if (t->done[i] || (e != UINT32_MAX ? te != e : c->engines[te].node != n))
+                    continue;
+                fail_target(c, &t->client, t->client_msg, t->id, te, why);
+                t->done[i] = 1;
+                t->remaining--;
+            }
+            if (t->remaining == 0)
+                task_free(c, p);
+            else
+                p = &t->next;
+        }
+    }
+}
+
+/*
+ * A client's TASK: payload frame 0 lists the target engine ids (u32,
+ * little-endian; empty means every live engine). The rest of the message is
+ * the engines' business and goes on untouched: one message to each node
+ * that runs targets, with frame 0 replaced by that node's targets.
+ */
+static void route_task(struct controller *c, shoal_wire_msg *m, const struct route *from)
+{
+    if (m->hdr.n_payload < 1) {
+        reply_error(c, c->clients, from, m->hdr.msg_id, "a TASK needs its targets in payload frame 0");
+        return;
+    }
+    shoal_frame tf = shoal_wire_frame(m, 0);
+    if (tf.len % 4 || tf.len / 4 > c->nengines) {
+        reply_error(c, c->clients, from, m->hdr.msg_id, "bad target list (%zu bytes)", tf.len);
+        return;
+    }
+    uint32_t n = (uint32_t)(tf.len / 4);
+    uint32_t *targets = malloc((n ? n : c->nengines + 1) * sizeof *targets);
+    if (!targets)
+        return;
+    if (n) {
+        memcpy(targets, tf.data, tf.len); /* little-endian hosts only, as the arena */
+    } else {
+        for (uint32_t i = 0; i < c->nengines; i++)
+            if (c->engines[i].alive)
+                targets[n++] = i;
+    }
+    uint64_t task_id = ++c->next_task_id;
+    struct task *t = calloc(1, sizeof *t);
+    uint8_t *done = calloc(n ? n : 1, 1);
+    if (!t || !done) {
+        free(targets);
+        free(t);
+        free(done);
+        return;
+    }
+    *t = (struct task){.id = task_id, .client = *from, .client_msg = m->hdr.msg_id, .n = n, .engines = targets,
+                       .done = done};
+    uint32_t *mine = malloc((n ? n : 1) * sizeof *mine);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t e = targets[i];
+        if (e >= c->nengines || !c->engines[e].alive) {
+            fail_target(c, from, m->hdr.msg_id, task_id, e, e >= c->nengines ? "does not exist" : "is not running");
+            done[i] = 1;
+        } else {
+            t->remaining++;
+        }
+    }
+    /* One message per node, carrying that node's live targets. */
+    for (uint32_t node = 0; node < c->nnodes && mine; node++) {
+        uint32_t k = 0;
+        for (uint32_t i = 0; i < n; i++)
+            if (!done[i] && c->engines[targets[i]].node == node)
+                mine[k++] = targets[i];
+        if (!k)
+            continue;
+        shoal_msg_header h = {.type = SHOAL_MSG_TASK, .flags = m->hdr.flags, .n_payload = m->hdr.n_payload,
+                              .n_buffers = m->hdr.n_buffers, .msg_id = ++c->next_msg_id, .task_id = task_id,
+                              .target = k == 1 ? mine[0] : SHOAL_WIRE_TARGET_ALL};
+        shoal_frame route = {c->nodes[node].route.id, c->nodes[node].route.len};
+        shoal_frame first = {mine, (size_t)k * 4};
+        int rc = shoal_wire_forward(c->agents, c->key, &route, &h, &first, 1, m->frames + 1, m->nframes - 1);
+        if (rc < 0) {
+            for (uint32_t i = 0; i < n; i++)
+                if (!done[i] && c->engines[targets[i]].node == node) {
+                    fail_target(c, from, m->hdr.msg_id, task_id, targets[i], "could not be reached");
+                    done[i] = 1;
+                    t->remaining--;
+                }
+        }
+    }
+    free(mine);
+    if (t->remaining == 0) {
+        free(t->engines);
+        free(t->done);
+        free(t);
+        return;
+    }
+    struct task **slot = task_slot(c, task_id);
+    *slot = t;
+    c->ntasks++;
+}
+
+/* An engine's RESULT (or OUTPUT) on its way to the client that asked. */
+static void route_result(struct controller *c, shoal_wire_msg *m)
+{
+    struct task **slot = task_slot(c, m->hdr.task_id);
+    if (!*slot) {
+        logf_("dropping a result for task %" PRIu64 ", which is not pending", m->hdr.task_id);
+        return;
+    }
+    struct task *t = *slot;
+    shoal_msg_header h = m->hdr;
+    h.msg_id = ++c->next_msg_id;
+    h.reply_to = t->client_msg;
+    shoal_frame route = {t->client.id, t->client.len};
+    shoal_wire_forward(c->clients, c->key, &route, &h, NULL, 0, m->frames, m->nframes);
+    if (m->hdr.type == SHOAL_MSG_RESULT)
+        task_target_done(c, slot, m->hdr.sender);
 }
 
 /* ---- handlers ---------------------------------------------------------------- */
@@ -302,8 +518,7 @@ static void on_client(struct controller *c, shoal_wire_msg *m, const struct rout
         c->stopping = 1;
         break;
     case SHOAL_MSG_TASK:
-        reply_error(c, c->clients, from, m->hdr.msg_id, "no engine can take task %" PRIu64 " yet: "
-                    "this controller does not route tasks", m->hdr.task_id);
+        route_task(c, m, from);
         break;
     default:
         reply_error(c, c->clients, from, m->hdr.msg_id, "message type %u is not one a client may send",
@@ -388,6 +603,14 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
         break;
     }
     case SHOAL_MSG_HEARTBEAT_ACK:
+        break;
+    case SHOAL_MSG_RESULT:
+    case SHOAL_MSG_OUTPUT:
+        if (n < 0 || m->hdr.sender >= c->nengines || c->engines[m->hdr.sender].node != (uint32_t)n) {
+            reply_error(c, c->agents, from, m->hdr.msg_id, "a result from an engine that is not yours");
+            break;
+        }
+        route_result(c, m);
         break;
     default:
         reply_error(c, c->agents, from, m->hdr.msg_id, "message type %u is not one an agent may send",

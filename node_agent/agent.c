@@ -1,14 +1,17 @@
 /*
  * node_agent/agent.c - shoal-agent: the one process per node.
  *
- * What is here today: it creates the node's arena, registers the node with
- * the controller named by the profile's connection file, answers its
- * heartbeats (and exits when they stop: a cluster whose controller died
- * leaves nothing behind), serves its Unix socket - where processes of the
- * same user get the arena's fd after an SO_PEERCRED check - and reclaims
- * what a local process held in the arena when its connection closes and the
- * process is gone. Everything waits in one event loop (loop.c). Engines and
- * tasks come next (issue 3).
+ * It creates the node's arena, registers the node with the controller named
+ * by the profile's connection file, answers its heartbeats (and exits when
+ * they stop: a cluster whose controller died leaves nothing behind), and
+ * serves its Unix socket, where processes of the same user get the arena's
+ * fd after an SO_PEERCRED check. It spawns the node's engines and watches
+ * them through pidfds; each engine gets a submission and a completion ring
+ * in the arena. A task for several engines here is written into the arena
+ * once, and each target's ring gets a 64-byte descriptor of it. When a
+ * process dies, what it held in the arena is released; when an engine dies,
+ * its unfinished tasks fail with an EngineError naming it. Everything waits
+ * in one event loop (loop.c).
  */
 #define _GNU_SOURCE
 #include <shoal/arena.h>
@@ -27,8 +30,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <shoal/ring.h>
+#include <spawn.h>
+#include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
@@ -36,11 +43,53 @@
 #include <unistd.h>
 
 #define MAX_PEERS 4096
+#define MAX_LOCAL_ENGINES 1024
+#define NSLOTS 1024
+
+/* Ring slot kinds and layout: docs/engine.md (and shoal/_engine.py). */
+enum { KIND_TASK = 1, KIND_SHUTDOWN = 2, KIND_RESULT = 3, KIND_RELEASE = 4 };
+struct slot {
+    uint64_t task_id;
+    uint32_t kind;
+    uint32_t flags;
+    uint64_t offset, length, generation;
+    uint32_t sender;
+    uint8_t pad[20];
+};
+_Static_assert(sizeof(struct slot) == SHOAL_RING_SLOT, "a slot is 64 bytes");
 
 struct peer {
     int fd;     /* the connection; -1 once closed */
     int pidfd;  /* the process; its death releases what it held */
     pid_t pid;
+    char line[512]; /* what it said so far */
+    size_t linelen;
+};
+
+/* A message block shared by the engines that run one task. */
+struct msgblk {
+    shoal_handle h;
+    int users; /* engines that have yet to answer */
+};
+
+struct outstanding {
+    uint64_t task_id;
+    int blk;
+};
+
+struct engine {
+    int index;
+    pid_t pid;
+    int pidfd;
+    int alive, ready;
+    int32_t id;           /* global engine id, once the controller gave it */
+    uint64_t reg_msg;     /* our ENGINE_EVENT that asked for it */
+    int conn;             /* its connection to our socket */
+    shoal_handle rings;   /* SQ then CQ, in one arena block */
+    shoal_ring sq, cq;
+    int doorbell;         /* eventfd: the engine wakes us through it */
+    struct outstanding *out;
+    size_t nout, capout;
 };
 
 struct agent {
@@ -58,7 +107,15 @@ struct agent {
     int npeers;
     uint64_t next_msg_id;
     int exit_code;
+    char engine_bin[PATH_MAX];
+    struct engine engines[MAX_LOCAL_ENGINES];
+    int nengines;
+    struct msgblk *blks;
+    int nblks, capblks;
 };
+
+static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id);
+static void route_task(struct agent *a, shoal_wire_msg *m);
 
 static int64_t now_ns(void)
 {
@@ -151,14 +208,20 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
             cJSON *j = cJSON_ParseWithLength(f.data, f.len);
             cJSON *node = cJSON_GetObjectItemCaseSensitive(j, "node");
             cJSON *hb = cJSON_GetObjectItemCaseSensitive(j, "heartbeat_ms");
+            cJSON *eng = cJSON_GetObjectItemCaseSensitive(j, "engine");
             if (cJSON_IsNumber(node)) {
                 a->node = node->valueint;
                 logf_("registered as node %d", a->node);
             }
             if (cJSON_IsNumber(hb) && hb->valueint > 0)
                 a->heartbeat_ms = hb->valueint;
+            if (cJSON_IsNumber(eng))
+                engine_registered(a, m->hdr.reply_to, eng->valueint);
             cJSON_Delete(j);
         }
+        break;
+    case SHOAL_MSG_TASK:
+        route_task(a, m);
         break;
     case SHOAL_MSG_ERROR:
         if (m->hdr.n_payload >= 1) {
@@ -261,6 +324,8 @@ static int find_peer(struct agent *a, int fd)
 }
 
 /* The peer's process ended (its pidfd is readable). */
+static void engine_hello(struct agent *a, int peer, cJSON *hello);
+
 static void on_peer_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
 {
     (void)l;
@@ -279,10 +344,26 @@ static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
     struct agent *a = arg;
     char buf[256];
     ssize_t n;
-    while ((n = recv(fd, buf, sizeof buf, MSG_DONTWAIT)) > 0)
-        ; /* nothing to say yet: peers only listen */
+    int i = find_peer(a, fd);
+    while ((n = recv(fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {
+        /* Engines introduce themselves with one JSON line; others say nothing. */
+        struct peer *p = i >= 0 ? &a->peers[i] : NULL;
+        for (ssize_t k = 0; p && k < n; k++) {
+            if (buf[k] != '\n') {
+                if (p->linelen < sizeof p->line - 1)
+                    p->line[p->linelen++] = buf[k];
+                continue;
+            }
+            p->line[p->linelen] = '\0';
+            cJSON *j = cJSON_Parse(p->line);
+            cJSON *role = cJSON_GetObjectItemCaseSensitive(j, "role");
+            if (cJSON_IsString(role) && !strcmp(role->valuestring, "engine"))
+                engine_hello(a, i, j);
+            cJSON_Delete(j);
+            p->linelen = 0;
+        }
+    }
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-        int i = find_peer(a, fd);
         shoal_loop_unwatch(l, fd);
         close(fd);
         if (i >= 0)
@@ -323,7 +404,7 @@ static void on_listen(shoal_loop *l, int fd, uint32_t events, void *arg)
             close(c);
             continue;
         }
-        a->peers[a->npeers++] = (struct peer){c, pidfd, cred.pid};
+        a->peers[a->npeers++] = (struct peer){.fd = c, .pidfd = pidfd, .pid = cred.pid};
     }
 }
 
@@ -378,25 +459,452 @@ static void on_signal(shoal_loop *l, int fd, uint32_t events, void *arg)
     shoal_loop_stop(l);
 }
 
+/* ---- engines ---------------------------------------------------------------------- */
+
+static void engine_hello(struct agent *a, int peer, cJSON *hello);
+
+/* Releases our reference to message block b once no engine needs it. */
+static void blk_unuse(struct agent *a, int b)
+{
+    if (b < 0 || b >= a->nblks || a->blks[b].users <= 0)
+        return;
+    if (--a->blks[b].users == 0) {
+        shoal_arena_release(a->arena, a->blks[b].h);
+        a->blks[b].h.generation = 0;
+    }
+}
+
+static int blk_new(struct agent *a, shoal_handle h, int users)
+{
+    for (int i = 0; i < a->nblks; i++)
+        if (a->blks[i].users == 0 && a->blks[i].h.generation == 0) {
+            a->blks[i] = (struct msgblk){h, users};
+            return i;
+        }
+    if (a->nblks == a->capblks) {
+        int n = a->capblks ? 2 * a->capblks : 64;
+        struct msgblk *b = realloc(a->blks, (size_t)n * sizeof *b);
+        if (!b)
+            return -ENOMEM;
+        a->blks = b;
+        a->capblks = n;
+    }
+    a->blks[a->nblks] = (struct msgblk){h, users};
+    return a->nblks++;
+}
+
+/* Sends the controller a RESULT that says engine e could not finish task_id. */
+static void send_engine_error(struct agent *a, struct engine *e, uint64_t task_id, const char *why)
+{
+    char evalue[300];
+    snprintf(evalue, sizeof evalue, "engine %d (pid %d) %s while running task %llu", e->id, (int)e->pid, why,
+             (unsigned long long)task_id);
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "status", "error");
+    cJSON_AddNumberToObject(j, "engine_id", e->id);
+    cJSON_AddStringToObject(j, "ename", "EngineError");
+    cJSON_AddStringToObject(j, "evalue", evalue);
+    cJSON_AddItemToObject(j, "traceback", cJSON_CreateArray());
+    cJSON_AddStringToObject(j, "stdout", "");
+    cJSON_AddStringToObject(j, "stderr", "");
+    char *text = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    if (!text)
+        return;
+    shoal_frame f[2] = {{text, strlen(text)}, {"", 0}};
+    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++a->next_msg_id,
+                          .task_id = task_id, .sender = (uint32_t)e->id, .target = (uint32_t)e->id};
+    shoal_wire_send(a->ctl, a->key, NULL, &h, f, 2);
+    free(text);
+}
+
+static struct engine *engine_by_id(struct agent *a, uint32_t id)
+{
+    for (int i = 0; i < a->nengines; i++)
+        if (a->engines[i].id == (int32_t)id)
+            return &a->engines[i];
+    return NULL;
+}
+
+/* Packs frames into one new arena block (docs/engine.md's message block). */
+static int pack_frames(struct agent *a, const shoal_frame *f, uint32_t n, uint32_t npayload, shoal_handle *out)
+{
+    size_t head = 16 + 8 * (size_t)n, total = head;
+    for (uint32_t i = 0; i < n; i++)
+        total += f[i].len;
+    int rc = shoal_arena_alloc(a->arena, total, out);
+    if (rc < 0)
+        return rc;
+    uint8_t *p;
+    shoal_arena_ptr(a->arena, *out, (void **)&p);
+    uint32_t w[4] = {0x464D4853u, n, npayload, 0};
+    memcpy(p, w, sizeof w);
+    size_t pos = head;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t len = f[i].len;
+        memcpy(p + 16 + 8 * i, &len, 8);
+        memcpy(p + pos, f[i].data, f[i].len);
+        pos += f[i].len;
+    }
+    return 0;
+}
+
+/* A TASK from the controller: payload 0 lists the target engines (ours). */
+static void route_task(struct agent *a, shoal_wire_msg *m)
+{
+    if (m->hdr.n_payload < 1 || m->nframes > SHOAL_WIRE_MAX_FRAMES)
+        return;
+    shoal_frame tf = shoal_wire_frame(m, 0);
+    uint32_t nt = (uint32_t)(tf.len / 4);
+    uint32_t n = (uint32_t)m->nframes - 1;
+    shoal_frame *f = malloc((n ? n : 1) * sizeof *f);
+    if (!f)
+        return;
+    for (uint32_t i = 0; i < n; i++)
+        f[i] = shoal_wire_frame(m, i + 1);
+    shoal_handle h;
+    int rc = pack_frames(a, f, n, (uint32_t)m->hdr.n_payload - 1, &h);
+    free(f);
+    int b = rc < 0 ? rc : blk_new(a, h, 0);
+    for (uint32_t i = 0; i < nt; i++) {
+        uint32_t id;
+        memcpy(&id, (const uint8_t *)tf.data + 4 * i, 4);
+        struct engine *e = engine_by_id(a, id);
+        if (!e || !e->ready) {
+            struct engine gone = {.id = (int32_t)id, .pid = e ? e->pid : 0};
+            send_engine_error(a, &gone, m->hdr.task_id, "is not running");
+            continue;
+        }
+        if (b < 0) {
+            send_engine_error(a, e, m->hdr.task_id, "could not get arena memory for the task");
+            continue;
+        }
+        if (e->nout == e->capout) {
+            size_t cap = e->capout ? 2 * e->capout : 64;
+            struct outstanding *o = realloc(e->out, cap * sizeof *o);
+            if (!o) {
+                send_engine_error(a, e, m->hdr.task_id, "ran out of memory");
+                continue;
+            }
+            e->out = o;
+            e->capout = cap;
+        }
+        struct slot sl = {.task_id = m->hdr.task_id, .kind = KIND_TASK, .offset = h.offset, .length = h.length,
+                          .generation = h.generation};
+        if (shoal_ring_push(&e->sq, &sl, 1) != 1) {
+            send_engine_error(a, e, m->hdr.task_id, "had a full task ring");
+            continue;
+        }
+        e->out[e->nout++] = (struct outstanding){m->hdr.task_id, b};
+        a->blks[b].users++;
+    }
+    if (b >= 0 && a->blks[b].users == 0) {
+        a->blks[b].users = 1;
+        blk_unuse(a, b);
+    }
+}
+
+/* Sends the controller the reply that engine e wrote into block h. */
+static int forward_result(struct agent *a, struct engine *e, const struct slot *sl)
+{
+    shoal_handle h = {sl->offset, sl->length, sl->generation};
+    int rc = shoal_arena_acquire(a->arena, h);
+    if (rc < 0)
+        return rc;
+    uint8_t *p;
+    shoal_arena_ptr(a->arena, h, (void **)&p);
+    /* The engine's memory is input: check every length before using it. */
+    uint32_t w[4];
+    rc = -EBADMSG;
+    if (h.length >= 16) {
+        memcpy(w, p, sizeof w);
+        if (w[0] == 0x464D4853u && w[1] <= SHOAL_WIRE_MAX_FRAMES && w[2] <= w[1] && 16 + 8 * (uint64_t)w[1] <= h.length) {
+            shoal_frame *f = malloc((w[1] ? w[1] : 1) * sizeof *f);
+            uint64_t pos = 16 + 8 * (uint64_t)w[1];
+            rc = f ? 0 : -ENOMEM;
+            for (uint32_t i = 0; rc == 0 && i < w[1]; i++) {
+                uint64_t len;
+                memcpy(&len, p + 16 + 8 * i, 8);
+                if (len > h.length - pos) {
+                    rc = -EBADMSG;
+                    break;
+                }
+                f[i] = (shoal_frame){p + pos, len};
+                pos += len;
+            }
+            if (rc == 0) {
+                shoal_msg_header hd = {.type = SHOAL_MSG_RESULT, .n_payload = (uint16_t)w[2],
+                                       .n_buffers = (uint16_t)(w[1] - w[2]), .msg_id = ++a->next_msg_id,
+                                       .task_id = sl->task_id, .sender = (uint32_t)e->id,
+                                       .target = (uint32_t)e->id};
+                rc = shoal_wire_send(a->ctl, a->key, NULL, &hd, f, w[1]);
+            }
+            free(f);
+        }
+    }
+    shoal_arena_release(a->arena, h);
+    return rc;
+}
+
+static void finish_task(struct agent *a, struct engine *e, uint64_t task_id)
+{
+    for (size_t i = 0; i < e->nout; i++)
+        if (e->out[i].task_id == task_id) {
+            blk_unuse(a, e->out[i].blk);
+            e->out[i] = e->out[--e->nout];
+            return;
+        }
+}
+
+static void drain_completions(struct agent *a, struct engine *e)
+{
+    struct slot sl[64];
+    int n;
+    while ((n = shoal_ring_pop(&e->cq, sl, 64)) > 0) {
+        for (int i = 0; i < n; i++) {
+            if (sl[i].kind != KIND_RESULT)
+                continue;
+            int rc = forward_result(a, e, &sl[i]);
+            if (rc < 0)
+                send_engine_error(a, e, sl[i].task_id, "sent a reply that could not be read");
+            finish_task(a, e, sl[i].task_id);
+            struct slot rel = {.kind = KIND_RELEASE, .offset = sl[i].offset, .length = sl[i].length,
+                               .generation = sl[i].generation};
+            shoal_ring_push(&e->sq, &rel, 1);
+        }
+    }
+}
+
+/* The engine rang its doorbell: take its completions, then go back to sleep
+ * the ring's way (docs/rings.md), so that its next push rings again. */
+static void on_doorbell(shoal_loop *l, int fd, uint32_t events, void *arg)
+{
+    (void)l;
+    (void)events;
+    struct engine *e = arg;
+    struct agent *a = (struct agent *)((char *)(e - e->index) - offsetof(struct agent, engines));
+    uint64_t v;
+    while (read(fd, &v, sizeof v) > 0)
+        ;
+    shoal_ring_awake(&e->cq);
+    do
+        drain_completions(a, e);
+    while (!shoal_ring_prepare_sleep(&e->cq));
+}
+
+static void engine_gone(struct agent *a, struct engine *e, const char *why)
+{
+    if (!e->alive)
+        return;
+    e->alive = 0;
+    int st = 0;
+    waitpid(e->pid, &st, WNOHANG);
+    logf_("engine %d (index %d, pid %d) %s", e->id, e->index, (int)e->pid, why);
+    if (e->ready) {
+        drain_completions(a, e); /* what it finished before dying still counts */
+        shoal_loop_unwatch(a->loop, e->doorbell);
+        close(e->doorbell);
+    }
+    while (e->nout) {
+        send_engine_error(a, e, e->out[e->nout - 1].task_id, "died");
+        blk_unuse(a, e->out[e->nout - 1].blk);
+        e->nout--;
+    }
+    shoal_loop_unwatch(a->loop, e->pidfd);
+    close(e->pidfd);
+    if (e->id >= 0) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "event", "died");
+        cJSON_AddNumberToObject(j, "local", e->index);
+        cJSON_AddNumberToObject(j, "pid", e->pid);
+        send_json(a, SHOAL_MSG_ENGINE_EVENT, 0, j);
+        cJSON_Delete(j);
+    }
+    shoal_arena_reclaim(a->arena, e->pid);
+    if (e->ready)
+        shoal_arena_release(a->arena, e->rings);
+    e->ready = 0;
+}
+
+static void on_engine_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
+{
+    (void)l;
+    (void)fd;
+    (void)events;
+    struct engine *e = arg;
+    struct agent *a = (struct agent *)((char *)(e - e->index) - offsetof(struct agent, engines));
+    engine_gone(a, e, "died");
+}
+
+static int spawn_engine(struct agent *a, int index)
+{
+    struct engine *e = &a->engines[index];
+    *e = (struct engine){.index = index, .id = -1, .conn = -1, .doorbell = -1, .pidfd = -1};
+    char idx[16];
+    snprintf(idx, sizeof idx, "%d", index);
+    char *argv[] = {"shoal-engine", "--agent-socket", a->sock_path, "--index", idx, NULL};
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    sigset_t none;
+    sigemptyset(&none);
+    /* We block SIGINT and SIGTERM for our signalfd; the engine must not inherit that. */
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    extern char **environ;
+    int rc = posix_spawn(&e->pid, a->engine_bin, NULL, &attr, argv, environ);
+    posix_spawnattr_destroy(&attr);
+    if (rc != 0)
+        return -rc;
+    e->pidfd = (int)syscall(SYS_pidfd_open, e->pid, 0);
+    if (e->pidfd < 0 || shoal_loop_watch(a->loop, e->pidfd, POLLIN, on_engine_exit, e) < 0)
+        return -errno;
+    e->alive = 1;
+    return 0;
+}
+
+/* An engine introduced itself on connection `peer`: give it rings, then ask
+ * the controller for its id; the engine hears back once the id is known. */
+static void engine_hello(struct agent *a, int peer, cJSON *hello)
+{
+    struct peer *p = &a->peers[peer];
+    cJSON *idx = cJSON_GetObjectItemCaseSensitive(hello, "index");
+    int i = cJSON_IsNumber(idx) ? idx->valueint : -1;
+    if (i < 0 || i >= a->nengines || a->engines[i].pid != p->pid || !a->engines[i].alive || a->engines[i].conn >= 0) {
+        const char *no = "{\"error\": \"not an engine of this agent\"}\n";
+        (void)send(p->fd, no, strlen(no), MSG_NOSIGNAL);
+        logf_("process %d claimed to be engine %d; refused", (int)p->pid, i);
+        return;
+    }
+    struct engine *e = &a->engines[i];
+    size_t one = shoal_ring_size(NSLOTS);
+    int rc = shoal_arena_alloc(a->arena, 2 * one, &e->rings);
+    uint8_t *m = NULL;
+    if (rc == 0)
+        shoal_arena_ptr(a->arena, e->rings, (void **)&m);
+    e->doorbell = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (rc < 0 || e->doorbell < 0 || shoal_ring_init(m, one, NSLOTS, &e->sq) < 0 ||
+        shoal_ring_init(m + one, one, NSLOTS, &e->cq) < 0 ||
+        shoal_loop_watch(a->loop, e->doorbell, POLLIN, on_doorbell, e) < 0) {
+        logf_("cannot set up engine %d's rings", i);
+        kill(e->pid, SIGKILL);
+        return;
+    }
+    shoal_ring_prepare_sleep(&e->cq); /* asleep until its first completion */
+    e->conn = p->fd;
+    e->ready = 1;
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "event", "started");
+    cJSON_AddNumberToObject(j, "local", i);
+    cJSON_AddNumberToObject(j, "pid", e->pid);
+    send_json(a, SHOAL_MSG_ENGINE_EVENT, 0, j);
+    e->reg_msg = a->next_msg_id;
+    cJSON_Delete(j);
+}
+
+/* The controller gave engine (asked for by our message reply_to) its id:
+ * hand the engine its rings, its doorbell and its id. */
+static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id)
+{
+    for (int i = 0; i < a->nengines; i++) {
+        struct engine *e = &a->engines[i];
+        if (e->reg_msg != reply_to || !e->ready || e->id >= 0)
+            continue;
+        e->id = id;
+        char text[256];
+        int n = snprintf(text, sizeof text, "{\"engine\": %d, \"rings\": [%llu, %llu, %llu], \"nslots\": %d}\n", id,
+                         (unsigned long long)e->rings.offset, (unsigned long long)e->rings.length,
+                         (unsigned long long)e->rings.generation, NSLOTS);
+        struct iovec iov = {text, (size_t)n};
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int))];
+        } u;
+        memset(&u, 0, sizeof u);
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &e->doorbell, sizeof(int));
+        if (sendmsg(e->conn, &msg, MSG_NOSIGNAL) != n) {
+            logf_("cannot reach engine %d", id);
+            kill(e->pid, SIGKILL);
+        } else {
+            logf_("engine %d is ready (index %d, pid %d)", id, i, (int)e->pid);
+        }
+        return;
+    }
+}
+
+/* Finds the engine binary: $SHOAL_BIN_DIR, then next to us, then PATH. */
+static int find_engine(struct agent *a)
+{
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    self[n > 0 ? n : 0] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = '\0';
+    const char *bin = getenv("SHOAL_BIN_DIR"), *path = getenv("PATH");
+    char dirs[8192];
+    snprintf(dirs, sizeof dirs, "%s:%s:%s", bin ? bin : "", self, path ? path : "");
+    for (char *save = NULL, *d = strtok_r(dirs, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
+        int k = snprintf(a->engine_bin, sizeof a->engine_bin, "%s/shoal-engine", d);
+        if (k > 0 && (size_t)k < sizeof a->engine_bin && access(a->engine_bin, X_OK) == 0)
+            return 0;
+    }
+    return -ENOENT;
+}
+
+/* Stops the engines: closing their task rings tells them to exit; those that
+ * do not within two seconds are killed. */
+static void stop_engines(struct agent *a)
+{
+    for (int i = 0; i < a->nengines; i++)
+        if (a->engines[i].alive && a->engines[i].ready)
+            shoal_ring_close(&a->engines[i].sq);
+        else if (a->engines[i].alive)
+            kill(a->engines[i].pid, SIGTERM);
+    int64_t deadline = now_ns() + 2000000000ll;
+    for (int i = 0; i < a->nengines; i++) {
+        struct engine *e = &a->engines[i];
+        if (!e->alive)
+            continue;
+        while (waitpid(e->pid, NULL, WNOHANG) == 0 && now_ns() < deadline)
+            usleep(5000);
+        if (waitpid(e->pid, NULL, WNOHANG) == 0) {
+            kill(e->pid, SIGKILL);
+            waitpid(e->pid, NULL, 0);
+        }
+        engine_gone(a, e, "stopped");
+    }
+}
+
 /* ---- main ------------------------------------------------------------------------- */
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: shoal-agent [--profile NAME] [--arena-size BYTES]\n"
+    fprintf(f, "usage: shoal-agent [--profile NAME] [--engines N] [--arena-size BYTES]\n"
                "  Joins the cluster whose connection file is $SHOAL_DIR (default ~/.shoal)/profile_NAME/\n"
-               "  connection.json, with a shared-memory arena of BYTES (default half of RAM).\n");
+               "  connection.json with N engines (default 0) and a shared-memory arena of BYTES\n"
+               "  (default half of RAM).\n");
 }
 
 int main(int argc, char **argv)
 {
     const char *profile = "default";
     unsigned long long arena_size = 0;
+    long nengines = 0;
     static const struct option opts[] = {{"profile", required_argument, NULL, 'p'},
                                          {"arena-size", required_argument, NULL, 's'},
+                                         {"engines", required_argument, NULL, 'n'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
-    for (int o; (o = getopt_long(argc, argv, "p:s:h", opts, NULL)) != -1;) {
+    for (int o; (o = getopt_long(argc, argv, "p:s:n:h", opts, NULL)) != -1;) {
         switch (o) {
+        case 'n':
+            nengines = strtol(optarg, NULL, 10);
+            break;
         case 'p':
             profile = optarg;
             break;
@@ -411,7 +919,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (strchr(profile, '/') || !*profile) {
+    if (strchr(profile, '/') || !*profile || nengines < 0 || nengines > MAX_LOCAL_ENGINES) {
         usage(stderr);
         return 2;
     }
@@ -487,6 +995,18 @@ int main(int argc, char **argv)
         logf_("cannot set up the event loop");
         return 1;
     }
+    if (nengines > 0 && find_engine(&a) < 0) {
+        logf_("cannot find the shoal-engine program (looked in $SHOAL_BIN_DIR, next to this agent, on PATH)");
+        return 1;
+    }
+    for (int i = 0; i < nengines; i++) {
+        a.nengines = i + 1;
+        if ((rc = spawn_engine(&a, i)) < 0) {
+            logf_("cannot start engine %d: %s", i, strerror(-rc));
+            a.nengines = i;
+            break;
+        }
+    }
     /* The ZeroMQ fd only signals changes: look once, in case the reply came
      * in before we watched it. */
     on_ctl_fd(a.loop, a.ctl_fd, POLLIN, &a);
@@ -496,6 +1016,7 @@ int main(int argc, char **argv)
     if (rc < 0)
         logf_("event loop failed: %s", strerror(-rc));
 
+    stop_engines(&a);
     while (a.npeers)
         drop_peer(&a, a.npeers - 1);
     unlink(a.sock_path);

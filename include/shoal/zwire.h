@@ -69,6 +69,17 @@ static inline shoal_frame shoal_wire_frame(shoal_wire_msg *m, size_t i)
 int shoal_wire_send(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
                     const shoal_msg_header *h, const shoal_frame *frames, size_t nframes);
 
+/*
+ * Like shoal_wire_send, for passing a message on: the frames are n_new
+ * frames of the caller's, then n_msgs received ZeroMQ messages, which go out
+ * without their bytes being copied (ZeroMQ shares them by reference; the
+ * caller keeps its own). h's counts cover all of them. Returns as
+ * shoal_wire_send.
+ */
+int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                       const shoal_msg_header *h, const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs,
+                       size_t n_msgs);
+
 #ifdef __cplusplus
 }
 #endif

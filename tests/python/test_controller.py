@@ -88,7 +88,10 @@ def test_unknown_and_misplaced_messages_get_an_error(ctl):
     kind, body = ctl.ask(s, 999)
     assert kind == _core.MSG_ERROR and "999" in body["error"]
     kind, body = ctl.ask(s, _core.MSG_TASK)
-    assert kind == _core.MSG_ERROR and "does not route tasks" in body["error"]
+    assert kind == _core.MSG_ERROR and "targets in payload frame 0" in body["error"]
+    mid = s.send(_core.MSG_TASK, [b"\x07\x00\x00"])
+    hdr, payload, _, _ = s.recv(timeout=5)
+    assert hdr["type"] == _core.MSG_ERROR and "bad target list" in json.loads(bytes(payload[0]))["error"]
     a = ctl.socket("agent")
     kind, body = ctl.ask(a, _core.MSG_REGISTER, {"host": 3})
     assert kind == _core.MSG_ERROR and "REGISTER needs" in body["error"]

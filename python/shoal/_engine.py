@@ -1,0 +1,195 @@
+"""The engine's side: the loop that shoal-engine (a C program embedding
+CPython) hands over to.
+
+The engine connects to its node agent's Unix socket, gets the arena's fd,
+introduces itself, and gets its two rings (tasks in, completions out) and
+the eventfd that wakes the agent. Then it takes task descriptors from its
+submission ring, runs each task in its persistent namespace, writes the
+reply into an arena block and puts a descriptor of it on its completion ring.
+docs/engine.md describes the formats.
+"""
+
+import argparse
+import ast
+import builtins
+import contextlib
+import io
+import json
+import os
+import socket
+import struct
+import sys
+import traceback
+
+from . import serialize
+from ._core import Arena, Ring
+
+# A ring slot: task_id, kind, flags, block offset, length, generation, sender.
+SLOT = struct.Struct("<QIIQQQI20x")
+assert SLOT.size == 64
+KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE = 1, 2, 3, 4
+
+# A message block: magic, frame count, payload-frame count, then the lengths.
+FRAMES_MAGIC = 0x464D4853  # "SHMF"
+FRAMES_HDR = struct.Struct("<IIII")
+
+
+def pack_frames(arena, payload, buffers=()):
+    """Writes frames into one new arena block; returns the Block (one reference)."""
+    frames = [memoryview(f).cast("B") for f in list(payload) + list(buffers)]
+    head = FRAMES_HDR.pack(FRAMES_MAGIC, len(frames), len(payload), 0) + struct.pack(
+        f"<{len(frames)}Q", *(f.nbytes for f in frames))
+    block = arena.alloc(len(head) + sum(f.nbytes for f in frames))
+    view = memoryview(block).cast("B")
+    view[:len(head)] = head
+    pos = len(head)
+    for f in frames:
+        view[pos:pos + f.nbytes] = f
+        pos += f.nbytes
+    return block
+
+
+def unpack_frames(buf):
+    """Splits a message block into (payload frames, buffer frames): zero-copy memoryviews."""
+    view = memoryview(buf).cast("B")
+    magic, n, npayload, _ = FRAMES_HDR.unpack_from(view)
+    if magic != FRAMES_MAGIC or npayload > n or n > 4096:
+        raise ValueError("not a shoal message block")
+    lens = struct.unpack_from(f"<{n}Q", view, FRAMES_HDR.size)
+    pos = FRAMES_HDR.size + 8 * n
+    frames = []
+    for length in lens:
+        if pos + length > view.nbytes:
+            raise ValueError("a frame runs past its message block")
+        frames.append(view[pos:pos + length])
+        pos += length
+    return frames[:npayload], frames[npayload:]
+
+
+def recv_line(sock, want_fds=0):
+    """One JSON line from the agent, with up to want_fds fds."""
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, got, _, _ = socket.recv_fds(sock, 4096, max(want_fds - len(fds), 1))
+        if not chunk:
+            raise ConnectionError("the agent closed the connection")
+        data += chunk
+        fds += got
+    return json.loads(data.decode()), fds
+
+
+def run_cell(code, ns):
+    """Runs code in ns; returns the value of its last expression (None if none), as IPython does."""
+    tree = ast.parse(code, "<shoal-cell>", "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, "<shoal-cell>", "exec"), ns)
+    if last is not None:
+        return eval(compile(last, "<shoal-cell>", "eval"), ns)
+    return None
+
+
+class Engine:
+    def __init__(self, path, index):
+        self.index = index
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        greeting, fds = recv_line(self.sock, 1)
+        if not fds:
+            raise ConnectionError(f"the agent at {path} gave no arena")
+        self.arena = Arena.attach(fds[0])
+        os.close(fds[0])
+        self.sock.sendall(json.dumps({"role": "engine", "index": index, "pid": os.getpid()}).encode() + b"\n")
+        reply, fds = recv_line(self.sock, 1)
+        if "error" in reply or not fds:
+            raise ConnectionError(f"the agent refused engine {index}: {reply.get('error', 'no doorbell')}")
+        self.id = reply["engine"]
+        handle = tuple(reply["rings"])
+        self.rings = self.arena.acquire_bytes(handle, 0, handle[1], readonly=False)
+        size = Ring.size(reply["nslots"])
+        self.sq = Ring(self.rings)
+        self.cq = Ring(self.rings, offset=size)
+        self.doorbell = fds[0]
+        self.cq.set_notify_fd(self.doorbell)
+        self.replies = {}  # block offset -> Block, until the agent says it has sent it
+        main = sys.modules["__main__"]
+        self.ns = main.__dict__
+        self.ns.setdefault("__builtins__", builtins)
+
+    def loop(self):
+        while True:
+            try:
+                self.sq.wait(spin=50e-6)
+                slots = self.sq.pop(64)
+            except BrokenPipeError:
+                return 0  # the agent closed our ring: it is stopping
+            for i in range(0, len(slots), SLOT.size):
+                task_id, kind, flags, off, length, gen, sender = SLOT.unpack_from(slots, i)
+                if kind == KIND_SHUTDOWN:
+                    return 0
+                if kind == KIND_RELEASE:
+                    self.replies.pop(off, None)
+                elif kind == KIND_TASK:
+                    self.run_task(task_id, (off, length, gen), sender)
+
+    def run_task(self, task_id, handle, sender):
+        out, err = io.StringIO(), io.StringIO()
+        meta = {"status": "ok", "engine_id": self.id}
+        value_payload, value_frames = b"", []
+        try:
+            msg = self.arena.acquire_bytes(handle, 0, handle[1])
+            payload, buffers = unpack_frames(msg)
+            request = json.loads(bytes(payload[0]))
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                value = self.execute(request, payload, buffers)
+            del msg, payload, buffers
+            s = serialize.dumps(value)  # results travel as frames for now
+            value_payload, value_frames = s.payload, s.frames
+            meta["buffers"] = s.buffers
+        except BaseException as e:  # a task's failure, SystemExit included, is its result, not our end
+            tb = traceback.format_exception(type(e), e, e.__traceback__)
+            # Drop the engine's own frames: the user's code starts at the cell or the function.
+            tb = [line for line in tb if "shoal/_engine.py" not in line]
+            meta.update(status="error", ename=type(e).__name__, evalue=str(e), traceback=tb)
+        meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
+        block = pack_frames(self.arena, [json.dumps(meta).encode(), value_payload], value_frames)
+        self.replies[block.handle[0]] = block
+        slot = SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)
+        while self.cq.push(slot) == 0:
+            os.sched_yield()  # the agent is behind: it drains the ring as fast as it can
+
+    def execute(self, request, payload, buffers):
+        kind = request.get("kind")
+        args = serialize.loads(payload[1], request.get("buffers", []), buffers, arena=self.arena) \
+            if len(payload) > 1 and payload[1].nbytes else None
+        if kind == "execute":
+            return run_cell(request["code"], self.ns)
+        if kind == "apply":
+            f, fargs, fkwargs = args
+            return f(*fargs, **fkwargs)
+        if kind == "push":
+            self.ns.update(args)
+            return None
+        if kind == "pull":
+            names = request["names"]
+            values = [self.ns[n] if n in self.ns else _missing(n) for n in names]
+            return values[0] if request.get("single") else values
+        raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _missing(name):
+    raise NameError(f"name {name!r} is not defined on this engine")
+
+
+def main():
+    p = argparse.ArgumentParser(prog="shoal-engine")
+    p.add_argument("--agent-socket", required=True)
+    p.add_argument("--index", type=int, required=True)
+    args = p.parse_args(sys.argv[1:])
+    try:
+        engine = Engine(args.agent_socket, args.index)
+    except (OSError, ValueError) as e:
+        print(f"shoal-engine {args.index}: {e}", file=sys.stderr)
+        return 1
+    return engine.loop()
