@@ -4,13 +4,15 @@ shoal keeps IPython Parallel's API (``import shoal as ipp``) over a C core
 built for fat nodes: engines on one node share large numpy arrays through a
 shared-memory arena instead of each receiving a private copy.
 
-What exists today is the arena itself (:class:`Arena`): a memfd that every
-process on a node maps once, a multi-process allocator of 64-byte-aligned
-blocks, and numpy arrays that view those blocks without copying. The cluster
-(controller, node agent, engines, client) is built on it next.
+The cluster: ``shoal-controller`` (one), ``shoal-agent`` (one per node,
+owning the node's shared-memory :class:`Arena`), ``shoal-engine`` processes,
+and :class:`Client` with its views, as in ipyparallel.
 """
 
 from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
+from .client import AsyncResult, Client, DirectView
+from .error import EngineError, RemoteError, ShoalError, TimeoutError
 
-__all__ = ["Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
+__all__ = ["Client", "DirectView", "AsyncResult", "RemoteError", "EngineError", "ShoalError", "TimeoutError",
+           "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"

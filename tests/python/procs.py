@@ -64,23 +64,25 @@ class Controller:
 class Agent:
     """A shoal-agent for the profile of `ctl`, with its own runtime directory."""
 
-    def __init__(self, ctl, runtime, arena_size=256 << 20, env=None):
+    def __init__(self, ctl, runtime, arena_size=256 << 20, env=None, engines=0):
         self.ctl = ctl
         self.runtime = runtime
         runtime.mkdir(mode=0o700, exist_ok=True)
         e = dict(os.environ, SHOAL_DIR=str(ctl.root), XDG_RUNTIME_DIR=str(runtime), **(env or {}))
         self.log = runtime / "agent.log"
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([_bin.find("shoal-agent"), "--profile", ctl.profile,
-                                          "--arena-size", str(arena_size)], env=e, stderr=log)
+            self.proc = subprocess.Popen([_bin.find("shoal-agent"), "--profile", ctl.profile, "--engines",
+                                          str(engines), "--arena-size", str(arena_size)], env=e, stderr=log)
         self.client = ctl.socket()
         deadline = time.monotonic() + 10
         while True:
             assert self.proc.poll() is None, self.log.read_text()
             _, reg = ctl.ask(self.client, _core.MSG_REGISTER)
             mine = [n for n in reg["nodes"] if n["pid"] == self.proc.pid]
-            if mine:
+            ready = [e for e in reg["engines"] if mine and e["node"] == mine[0]["id"] and e["alive"]]
+            if mine and len(ready) == engines:
                 self.node = mine[0]
+                self.engines = ready
                 break
             assert time.monotonic() < deadline, "the agent never registered"
             time.sleep(0.02)

@@ -1,0 +1,317 @@
+"""The client: shoal.Client, DirectView and AsyncResult, with ipyparallel's names.
+
+A Client talks to the controller over one signed ZeroMQ socket. Results are
+received in the calling thread while it waits for them (get, wait, ready),
+so a round trip costs no hand-off between threads. On a node that runs an
+agent, the client attaches to the node's arena: large buffers it sends are
+written there once, whatever the number of engines, and engines view them
+without copying.
+"""
+
+import builtins
+import json
+import os
+import socket
+import struct
+import threading
+import time
+
+from . import _core, serialize
+from .error import EngineError, RemoteError, TimeoutError
+from .local import LocalArena
+
+
+def _connection_file(profile, url_file):
+    if url_file:
+        return url_file
+    root = os.environ.get("SHOAL_DIR") or os.path.join(os.path.expanduser("~"), ".shoal")
+    return os.path.join(root, f"profile_{profile}", "connection.json")
+
+
+class Client:
+    """Connects to the cluster of `profile` (or the connection file `url_file`).
+
+    ``timeout`` bounds the wait for the controller's first answer.
+    """
+
+    def __init__(self, url_file=None, profile="default", timeout=10, **kwargs):
+        path = _connection_file(profile, url_file)
+        try:
+            with open(path) as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            raise OSError(f"no connection file at {path}: is a cluster running for profile '{profile}'? "
+                          f"Start one with `shoal start`.") from None
+        self._key = bytes.fromhex(info["key"])
+        self._sock = _core.Socket("dealer", self._key, connect=info["client"])
+        self._lock = threading.RLock()
+        self._pending = {}  # msg_id -> AsyncResult
+        self._replies = {}  # msg_id -> (header, payload) of control replies
+        self.timeout = timeout
+        self.local = None
+        registry = self._control(_core.MSG_REGISTER, timeout=timeout)
+        self._engines = registry["engines"]
+        host = socket.gethostname()
+        for node in registry["nodes"]:
+            if node["alive"] and node["host"] == host and node.get("socket") and os.path.exists(node["socket"]):
+                try:
+                    self.local = LocalArena(node["socket"])
+                except ConnectionError:
+                    self.local = None
+                break
+
+    # ---- the registry ----------------------------------------------------------
+
+    @property
+    def ids(self):
+        """The ids of the live engines."""
+        return [e["id"] for e in self._engines if e["alive"]]
+
+    def refresh(self):
+        self._engines = self._control(_core.MSG_REGISTER)["engines"]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        ids = self.ids
+        if isinstance(key, int):
+            if key not in ids:
+                raise IndexError(f"no engine {key} (engines: {ids})")
+            return DirectView(self, key)
+        if isinstance(key, slice):
+            return DirectView(self, ids[key])
+        if isinstance(key, (list, tuple, range)):
+            missing = [k for k in key if k not in ids]
+            if missing:
+                raise IndexError(f"no engines {missing} (engines: {ids})")
+            return DirectView(self, list(key))
+        raise TypeError(f"engines are chosen by int, slice or list, not {type(key).__name__}")
+
+    def direct_view(self, targets="all"):
+        return DirectView(self, self.ids if targets in ("all", None) else targets)
+
+    @property
+    def arena(self):
+        return self.local.arena if self.local else None
+
+    # ---- talking to the controller ---------------------------------------------
+
+    def _control(self, kind, body=None, timeout=None):
+        with self._lock:
+            mid = self._sock.send(kind, [json.dumps(body).encode()] if body is not None else [])
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while mid not in self._replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the controller did not answer in time")
+            self._receive(left)
+        hdr, payload = self._replies.pop(mid)
+        body = json.loads(bytes(payload[0])) if payload else {}
+        if hdr["type"] == _core.MSG_ERROR:
+            raise RuntimeError(f"the controller refused: {body.get('error')}")
+        return body
+
+    def queue_status(self):
+        return self._control(_core.MSG_QUERY, {"what": "status"})
+
+    def _submit(self, targets, meta, obj):
+        s = serialize.dumps(obj, arena=self.arena)
+        meta = dict(meta, buffers=s.buffers)
+        frames = [struct.pack(f"<{len(targets)}I", *targets), json.dumps(meta).encode(), s.payload]
+        with self._lock:
+            mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
+            ar = AsyncResult(self, mid, targets, meta["kind"], keep=s.keep)
+            self._pending[mid] = ar
+        return ar
+
+    def _receive(self, timeout):
+        """Receives what arrives within timeout seconds; True if anything did.
+
+        The caller's thread does the receiving, under the client's lock: one
+        thread at a time talks to the socket (ZeroMQ sockets are not
+        thread-safe), and a waiting thread receives for everybody.
+        """
+        with self._lock:
+            try:
+                hdr, payload, buffers, _ = self._sock.recv(timeout=max(timeout, 0))
+            except builtins.TimeoutError:
+                return False
+            except _core.WireError:
+                return True  # counted by the socket; nothing we can use
+            if hdr["type"] == _core.MSG_RESULT:
+                ar = self._pending.get(hdr["reply_to"])
+                if ar is not None:
+                    ar._add(hdr, payload, buffers)
+                    if ar._done():
+                        del self._pending[hdr["reply_to"]]
+            else:
+                self._replies[hdr["reply_to"]] = (hdr, payload)
+            return True
+
+    def wait(self, jobs=None, timeout=-1):
+        """Waits for jobs (AsyncResults; default all pending); True if all finished."""
+        jobs = list(self._pending.values()) if jobs is None else jobs
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        for ar in jobs:
+            if not ar.wait(None if deadline is None else max(deadline - time.monotonic(), 0)):
+                return False
+        return True
+
+    def shutdown(self, hub=True):
+        """Stops the cluster: the controller tells every agent, which stop their engines."""
+        self._control(_core.MSG_SHUTDOWN)
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self.local is not None:
+            self.local.close()
+            self.local = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+
+class AsyncResult:
+    """The pending result of a task on one or more engines."""
+
+    def __init__(self, client, msg_id, targets, kind, keep=()):
+        self._client = client
+        self.msg_id = msg_id
+        self._targets = list(targets)
+        self._kind = kind
+        self._keep = list(keep)  # arena blocks of the arguments, until every engine has answered
+        self._results = {}  # engine id -> (ok, value or exception)
+        self.stdout = {}
+        self.stderr = {}
+        self.task_id = None
+        self._single = False
+
+    def __repr__(self):
+        return f"<AsyncResult({self._kind}): {'finished' if self.ready() else 'pending'}>"
+
+    def _add(self, hdr, payload, buffers):
+        meta = json.loads(bytes(payload[0]))
+        engine = hdr["sender"]
+        self.task_id = hdr["task_id"]
+        self.stdout[engine] = meta.get("stdout", "")
+        self.stderr[engine] = meta.get("stderr", "")
+        if meta.get("status") == "ok":
+            value = serialize.loads(bytes(payload[1]), meta.get("buffers", []), buffers, arena=self._client.arena) \
+                if len(payload) > 1 and len(payload[1]) else None
+            self._results[engine] = (True, value)
+        elif meta.get("ename") == "EngineError":
+            self._results[engine] = (False, EngineError(meta.get("evalue", "engine failed"), engine, hdr["task_id"]))
+        else:
+            tb = "".join(meta.get("traceback", []))
+            self._results[engine] = (False, RemoteError(meta.get("ename"), meta.get("evalue"), tb, engine,
+                                                        hdr["task_id"]))
+        if self._done():
+            self._keep.clear()
+
+    def _done(self):
+        return len(self._results) >= len(self._targets)
+
+    def ready(self):
+        """Whether every engine has answered (never blocks)."""
+        while not self._done() and self._client._receive(0):
+            pass
+        return self._done()
+
+    def wait(self, timeout=-1):
+        """Waits up to timeout seconds (-1 or None: for ever); True if ready."""
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while not self._done():
+            left = 3600 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._client._receive(min(left, 3600))
+        return True
+
+    def successful(self):
+        """True if every engine succeeded; raises if not ready yet."""
+        if not self.ready():
+            raise AssertionError("the result is not ready yet")
+        return all(ok for ok, _ in self._results.values())
+
+    def get(self, timeout=-1):
+        """The result: one value for one engine, a list in target order for several.
+
+        Raises TimeoutError if not ready within timeout, or the first
+        engine's error (RemoteError with the remote traceback, or EngineError).
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"task {self.task_id or '(not yet started)'} on engines {self._targets} "
+                               f"did not finish within {timeout} s")
+        for e in self._targets:
+            ok, v = self._results[e]
+            if not ok:
+                raise v
+        values = [self._results[e][1] for e in self._targets]
+        return values[0] if self._single else values
+
+    def get_dict(self, timeout=-1):
+        self.get(timeout)
+        return {e: self._results[e][1] for e in self._targets}
+
+
+class DirectView:
+    """Runs work on a fixed set of engines, as ipyparallel's DirectView does.
+
+    ``block`` (default False) makes apply/execute/push/pull wait for their
+    results and return them instead of AsyncResults.
+    """
+
+    def __init__(self, client, targets, block=False):
+        self.client = client
+        self._single = isinstance(targets, int)
+        self.targets = [targets] if self._single else list(targets)
+        self.block = block
+
+    def __repr__(self):
+        return f"<DirectView {self.targets[0] if self._single else self.targets}>"
+
+    def __len__(self):
+        return len(self.targets)
+
+    def _run(self, meta, obj, block):
+        ar = self.client._submit(self.targets, meta, obj)
+        ar._single = self._single
+        return ar.get() if (self.block if block is None else block) else ar
+
+    def apply(self, f, *args, **kwargs):
+        return self._run({"kind": "apply"}, (f, args, kwargs), None)
+
+    def apply_async(self, f, *args, **kwargs):
+        return self._run({"kind": "apply"}, (f, args, kwargs), False)
+
+    def apply_sync(self, f, *args, **kwargs):
+        return self._run({"kind": "apply"}, (f, args, kwargs), True)
+
+    def execute(self, code, silent=True, targets=None, block=None):
+        view = self if targets is None else self.client[targets]
+        return view._run({"kind": "execute", "code": code, "silent": silent}, None, block)
+
+    def push(self, ns, targets=None, block=None):
+        if not isinstance(ns, dict):
+            raise TypeError("push takes a dict of names to values")
+        view = self if targets is None else self.client[targets]
+        return view._run({"kind": "push"}, ns, block)
+
+    def pull(self, names, targets=None, block=None):
+        view = self if targets is None else self.client[targets]
+        single = isinstance(names, str)
+        return view._run({"kind": "pull", "names": [names] if single else list(names), "single": single}, None,
+                         block)
+
+    def __setitem__(self, name, value):
+        self.push({name: value}, block=True)
+
+    def __getitem__(self, name):
+        return self.pull(name, block=True)

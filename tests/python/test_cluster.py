@@ -1,0 +1,177 @@
+"""A real cluster - controller, agent, engines - driven by shoal.Client."""
+
+import gc
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal import _core
+
+from procs import Agent, Controller
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    ctl = Controller(root / "home", heartbeat_ms=500)
+    agent = Agent(ctl, root / "run", engines=2, arena_size=3 << 30)
+    os.environ["SHOAL_DIR"] = str(ctl.root)
+    yield ctl, agent
+    agent.stop()
+    ctl.stop()
+    os.environ.pop("SHOAL_DIR", None)
+
+
+@pytest.fixture
+def rc(cluster):
+    c = shoal.Client(timeout=10)
+    yield c
+    c.close()
+
+
+def test_engines_are_separate_processes_with_persistent_state(rc, cluster):
+    assert rc.ids == [0, 1]
+    pids = rc[:].apply_sync(os.getpid)
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert sorted(pids) == sorted(e["pid"] for e in cluster[1].engines)
+    rc[:].execute("counter = 0", block=True)
+    for _ in range(3):
+        rc[:].execute("counter += 1", block=True)
+    assert rc[:].pull("counter", block=True) == [3, 3]
+    assert rc[0].execute("counter * 10", block=True) == 30, "execute returns the last expression's value"
+
+
+def test_apply_async_and_async_result(rc):
+    ar = rc[1].apply_async(lambda x, y=1: x * y, 6, y=7)
+    assert isinstance(ar, shoal.AsyncResult)
+    assert ar.wait(10) and ar.ready() and ar.successful()
+    assert ar.get(timeout=1) == 42
+    view = rc[[0, 1]]
+    view.block = True
+    assert view.apply(lambda: 5) == [5, 5]
+
+
+def test_stdout_is_captured(rc):
+    ar = rc[0].execute("print('hello from the engine')")
+    ar.get(10)
+    assert ar.stdout[0] == "hello from the engine\n"
+
+
+def test_push_pull_objects(rc):
+    dv = rc[:]
+    dv.block = True
+    obj = {"a": [1, 2, 3], "b": ("x", None), "c": {1.5, 2.5}}
+    dv.push({"obj": obj, "n": 7})
+    assert dv.pull("obj") == [obj, obj]
+    assert dv.pull(["n", "obj"]) == [[7, obj], [7, obj]]
+    dv["y"] = "why"
+    assert dv["y"] == ["why", "why"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.arange(10.0),
+    lambda: np.arange(300_000, dtype="i4").reshape(300, 1000),        # large: through the arena
+    lambda: np.asfortranarray(np.arange(200_000.0).reshape(400, 500)),
+    lambda: np.arange(400_000.0)[::3],                               # non-contiguous
+    lambda: np.array(3.25),                                          # 0-d
+    lambda: np.array([{"k": 1}, "s", None], dtype=object),           # object
+    lambda: np.arange(100_000).astype("M8[s]"),
+    lambda: (np.arange(70_000) % 2).astype(bool),
+    lambda: np.arange(50_000, dtype=np.complex128),
+    lambda: np.array(["ab", "cde"] * 20_000),
+])
+def test_push_pull_arrays_round_trip(rc, make):
+    a = make()
+    rc[:].push({"a": a}, block=True)
+    back = rc[:].pull("a", block=True)
+    for b in back:
+        assert b.dtype == a.dtype and b.shape == a.shape
+        if a.dtype == object:
+            assert list(b) == list(a)
+        else:
+            np.testing.assert_array_equal(b, a)
+
+
+def test_exceptions_carry_the_remote_traceback(rc):
+    def fail(x):
+        raise ValueError(f"bad value {x}")
+    with pytest.raises(shoal.RemoteError) as e:
+        rc[0].apply_sync(fail, 3)
+    err = e.value
+    assert err.ename == "ValueError" and err.evalue == "bad value 3" and err.engine_id == 0
+    assert "in fail" in err.traceback and "ValueError: bad value 3" in err.traceback
+    assert "_engine.py" not in err.traceback, "the engine's own frames are left out"
+    assert "engine 0" in str(err) and f"task {err.task_id}" in str(err)
+    with pytest.raises(shoal.RemoteError, match="NameError"):
+        rc[1].execute("undefined_name + 1", block=True)
+    with pytest.raises(shoal.RemoteError, match="not defined on this engine"):
+        rc[1].pull("nothing_here", block=True)
+
+
+def test_timeouts(rc):
+    ar = rc[0].apply_async(time.sleep, 0.5)
+    with pytest.raises(shoal.TimeoutError):
+        ar.get(timeout=0.05)
+    assert isinstance(shoal.TimeoutError("x"), TimeoutError)
+    assert ar.get(timeout=10) is None
+
+
+def test_a_large_array_reaches_every_engine_through_the_arena(rc):
+    if rc.arena is None:
+        pytest.skip("no local agent arena")
+    a = np.ones(1024 * MiB // 8)  # 1 GiB
+    a[::4096] = np.arange(len(a[::4096]))
+    rc[:].execute("import os\n"
+                  "def anon():\n"
+                  "    for line in open('/proc/self/status'):\n"
+                  "        if line.startswith('RssAnon:'):\n"
+                  "            return int(line.split()[1]) * 1024\n"
+                  "before = anon()", block=True)
+    rc[:].push({"big": a}, block=True)
+    grew = rc[:].execute("anon() - before", block=True)
+    for g in grew:
+        assert g < 64 * MiB, f"an engine's private memory grew by {g / MiB:.0f} MiB for a 512 MiB array"
+    sums = rc[:].execute("float(big.sum()), big.flags.writeable", block=True)
+    assert sums == [(float(a.sum()), False)] * 2, "identical data, read-only views"
+    used = rc.arena.stats()["used_bytes"]
+    assert a.nbytes <= used < 2 * a.nbytes, "one copy in the arena, shared by both engines"
+    rc[:].execute("del big", block=True)
+
+
+def test_sigkill_of_an_engine_fails_its_task_quickly_and_others_go_on(cluster, tmp_path):
+    ctl, _ = cluster
+    # A node of its own, so that the other tests keep their two engines.
+    agent = Agent(ctl, tmp_path / "run2", engines=2)
+    c = shoal.Client(timeout=10)
+    try:
+        mine = [e["id"] for e in agent.engines]
+        victim, survivor = mine
+        pid = c[victim].apply_sync(os.getpid)
+        ar = c[victim].apply_async(time.sleep, 60)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(shoal.EngineError) as e:
+            ar.get(timeout=5)
+        assert time.monotonic() - t0 < 1.0, "the failure arrives within a second"
+        assert f"engine {victim}" in str(e.value) and "died" in str(e.value)
+        assert c[survivor].apply_sync(lambda: 1 + 1) == 2, "the other engines keep working"
+        c.refresh()
+        assert victim not in c.ids
+        with pytest.raises(shoal.EngineError, match="is not running"):
+            c._submit([victim], {"kind": "execute", "code": "1"}, None).get(5)
+    finally:
+        c.close()
+        agent.stop()
+
+
+def test_queue_status_and_registry(rc):
+    status = rc.queue_status()
+    assert status["tasks_pending"] == 0
+    assert len(status["queue"]) >= 2
