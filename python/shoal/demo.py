@@ -1,12 +1,14 @@
-"""The arena demo: share one large numpy array with a second process.
+"""shoal's main job, as a demo: a cluster session on this machine.
 
-    python -m shoal.demo [--size-mib 1024] [--no-compare]
+    python -m shoal.demo [-n 2] [--size-mib 1024]      # the cluster session
+    python -m shoal.demo --arena-only [--no-compare]   # just the shared-memory arena
 
-The parent creates an arena, fills an array in it and hands a second Python
-process the arena's fd plus the array's handle and descriptor. The child
-attaches, views the array without copying it and sums it; both report what
-they measured. For comparison the same array then goes to a child the usual
-way (pickle protocol 5 through a pipe), which copies it.
+The session starts a cluster (`shoal start -n N --daemonize`), drives it
+from a client as an ipyparallel user would (apply, execute, push, pull),
+pushes a large array to every engine through the node's arena, reports
+what it measured, and stops the cluster. --arena-only shares one array with
+a second process through an arena, with no cluster, against a copy through
+a pipe.
 """
 
 import argparse
@@ -92,9 +94,78 @@ def shmem_hugepages():
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m shoal.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", type=int, default=2, help="engines (default 2)")
     p.add_argument("--size-mib", type=int, default=1024, help="size of the shared array (default 1024)")
-    p.add_argument("--no-compare", action="store_true", help="skip the pickle-through-a-pipe comparison")
+    p.add_argument("--arena-only", action="store_true", help="the arena alone, no cluster")
+    p.add_argument("--no-compare", action="store_true", help="(--arena-only) skip the copy through a pipe")
     args = p.parse_args(argv)
+    return arena_demo(args) if args.arena_only else cluster_demo(args)
+
+
+def _rss_anon():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+
+def cluster_demo(args):
+    import statistics
+
+    from . import Client
+    from .cli import main as shoal_cli
+
+    profile = f"demo{os.getpid()}"
+    print(f"shoal demo: a {args.n}-engine cluster on this machine (profile '{profile}')")
+    t = time.perf_counter()
+    if shoal_cli(["start", "-n", str(args.n), "--daemonize", "--profile", profile]) != 0:
+        return 1
+    print(f"  started controller, node agent and {args.n} engines in {fmt_time(time.perf_counter() - t)}")
+    try:
+        with Client(profile=profile) as rc:
+            dv = rc[:]
+            print(f"  engines {rc.ids}, pids {dv.apply_sync(os.getpid)}")
+            rc[0].apply_sync(lambda: None)
+            lat = []
+            for _ in range(200):
+                t = time.perf_counter()
+                rc[0].apply_sync(lambda: None)
+                lat.append(time.perf_counter() - t)
+            print(f"  apply_sync of a no-op, one engine: p50 {fmt_time(statistics.median(lat))} over 200 calls")
+            dv.execute("x = 6 * 7", block=True)
+            print(f"  execute('x = 6 * 7'), then execute('x'): {dv.execute('x', block=True)}")
+            dv.push({"greeting": "hello"}, block=True)
+            print(f"  push({{'greeting': 'hello'}}), pull('greeting'): {dv.pull('greeting', block=True)}")
+            dv.execute(_RSS_FN + "before = rss_anon()", block=True)
+            a = np.ones((args.size_mib << 20) // 8)
+            t = time.perf_counter()
+            dv.push({"a": a}, block=True)
+            took = time.perf_counter() - t
+            grew = dv.execute("rss_anon() - before", block=True)
+            sums = dv.execute("float(a.sum())", block=True)
+            ok = "identical" if all(x == float(a.sum()) for x in sums) else "DIFFERENT"
+            print(f"  pushed a {fmt_bytes(a.nbytes)} array to {args.n} engines in {fmt_time(took)}; "
+                  f"each engine's private memory grew by {', '.join(fmt_bytes(max(g, 0)) for g in grew)}; "
+                  f"sums {ok}")
+            if rc.arena is not None:
+                st = rc.arena.stats()
+                print(f"  the node's arena holds {fmt_bytes(st['used_bytes'])}: one copy, shared by every engine")
+    finally:
+        t = time.perf_counter()
+        shoal_cli(["stop", "--profile", profile])
+        print(f"  stopped in {fmt_time(time.perf_counter() - t)}")
+    return 0
+
+
+_RSS_FN = """
+def rss_anon():
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon:'):
+            return int(line.split()[1]) * 1024
+"""
+
+
+def arena_demo(args):
     nbytes = args.size_mib << 20
     n = nbytes // 8
 

@@ -1,0 +1,190 @@
+"""The `shoal` command: start, stop and look at a cluster.
+
+    shoal start -n 4 [--daemonize] [--profile NAME] [--ip ADDR] [--arena-size BYTES]
+    shoal stop [--profile NAME]
+    shoal status [--profile NAME]
+
+`python -m shoal` is the same command.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import _bin, _core
+from .client import Client, _connection_file
+
+
+def _profile_dir(profile):
+    root = os.environ.get("SHOAL_DIR") or os.path.join(os.path.expanduser("~"), ".shoal")
+    return os.path.join(root, f"profile_{profile}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (a child we have not reaped) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _wait_gone(pids, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return not any(_alive(p) for p in pids)
+
+
+def start(args):
+    pdir = _profile_dir(args.profile)
+    conn = _connection_file(args.profile, None)
+    if os.path.exists(conn):
+        try:
+            with open(conn) as f:
+                pid = json.load(f)["pid"]
+            if _alive(pid):
+                print(f"shoal: a cluster for profile '{args.profile}' is already running (controller pid {pid}); "
+                      f"`shoal stop --profile {args.profile}` stops it", file=sys.stderr)
+                return 1
+        except (OSError, ValueError, KeyError):
+            pass
+        os.unlink(conn)
+    os.makedirs(pdir, mode=0o700, exist_ok=True)
+    # Engines run the Python environment that started the cluster.
+    env = dict(os.environ, SHOAL_PYTHON=sys.executable)
+    detach = {"start_new_session": True} if args.daemonize else {}
+    log = open(os.path.join(pdir, "cluster.log"), "ab")
+    out = log if args.daemonize else None
+    ctl = subprocess.Popen([_bin.find("shoal-controller"), "--profile", args.profile, "--ip", args.ip],
+                           env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(conn):
+        if ctl.poll() is not None or time.monotonic() > deadline:
+            print(f"shoal: the controller did not start (see {log.name})", file=sys.stderr)
+            return 1
+        time.sleep(0.02)
+    cmd = [_bin.find("shoal-agent"), "--profile", args.profile, "--engines", str(args.n)]
+    if args.arena_size:
+        cmd += ["--arena-size", str(args.arena_size)]
+    agent = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
+    rc = Client(profile=args.profile)
+    try:
+        deadline = time.monotonic() + args.timeout
+        while len(rc.ids) < args.n:
+            if agent.poll() is not None or time.monotonic() > deadline:
+                print(f"shoal: only {len(rc.ids)} of {args.n} engines started (see {log.name})", file=sys.stderr)
+                rc.shutdown()
+                return 1
+            time.sleep(0.05)
+            rc.refresh()
+        ids = rc.ids
+    finally:
+        rc.close()
+    print(f"shoal: cluster '{args.profile}' running: engines {ids}", flush=True)
+    if args.daemonize:
+        return 0
+    # Foreground: Ctrl-C (or SIGTERM) stops everything.
+    stop_now = []
+    signal.signal(signal.SIGTERM, lambda *a: stop_now.append(1))
+    try:
+        while ctl.poll() is None and not stop_now:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    print("shoal: stopping", flush=True)
+    if ctl.poll() is None:
+        ctl.send_signal(signal.SIGTERM)
+    for p in (ctl, agent):
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return 0
+
+
+def stop(args):
+    conn = _connection_file(args.profile, None)
+    try:
+        with open(conn) as f:
+            ctl_pid = json.load(f)["pid"]
+    except (OSError, ValueError, KeyError):
+        print(f"shoal: no cluster is running for profile '{args.profile}'", file=sys.stderr)
+        return 1
+    pids = [ctl_pid]
+    try:
+        with Client(profile=args.profile, timeout=5) as rc:
+            reg = rc._control(_core.MSG_REGISTER)
+            pids += [n["pid"] for n in reg["nodes"] if n["alive"]] + [e["pid"] for e in reg["engines"] if e["alive"]]
+            rc.shutdown()
+    except Exception as e:  # the controller may be wedged: fall back to a signal
+        print(f"shoal: the controller did not answer ({e}); sending SIGTERM", file=sys.stderr)
+        if _alive(ctl_pid):
+            os.kill(ctl_pid, signal.SIGTERM)
+    if not _wait_gone(pids, 15):
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    print(f"shoal: cluster '{args.profile}' stopped")
+    return 0
+
+
+def status(args):
+    try:
+        rc = Client(profile=args.profile, timeout=5)
+    except OSError as e:
+        print(f"shoal: {e}", file=sys.stderr)
+        return 1
+    with rc:
+        st = rc.queue_status()
+        print(f"cluster '{args.profile}': {sum(n['alive'] for n in st['nodes'])} node(s), "
+              f"{sum(e['alive'] for e in st['engines'])} engine(s), {st['tasks_pending']} task(s) pending")
+        for n in st["nodes"]:
+            print(f"  node {n['id']}: {n['host']}, agent pid {n['pid']}, loop {n.get('loop', '?')}"
+                  f"{'' if n['alive'] else ' (lost)'}")
+        for e in st["engines"]:
+            q = st["queue"][e["id"]] if e["id"] < len(st["queue"]) else 0
+            print(f"  engine {e['id']}: node {e['node']}, pid {e['pid']}, "
+                  f"{'running' if e['alive'] else 'dead'}, {q} queued")
+        if rc.arena is not None:
+            a = rc.arena.stats()
+            print(f"  arena: {a['used_bytes'] / 2**20:.1f} MiB used in {a['used_blocks']} block(s) of "
+                  f"{a['heap_size'] / 2**30:.1f} GiB, {a['committed_bytes'] / 2**20:.0f} MiB committed, "
+                  f"{a['holders']} process(es) attached")
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="shoal", description="Start, stop and look at a shoal cluster.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="start a controller, a node agent and its engines")
+    s.add_argument("-n", type=int, default=os.cpu_count(), help="engines (default: one per core)")
+    s.add_argument("--daemonize", action="store_true", help="return once the engines are ready")
+    s.add_argument("--ip", default="127.0.0.1", help="address the controller listens on (default 127.0.0.1)")
+    s.add_argument("--arena-size", type=int, default=0, help="bytes of shared memory (default: half of RAM)")
+    s.add_argument("--timeout", type=float, default=60, help="seconds to wait for the engines")
+    for name in ("stop", "status"):
+        sub.add_parser(name, help=f"{name} the cluster")
+    for sp in sub.choices.values():
+        sp.add_argument("--profile", default="default")
+    args = p.parse_args(argv)
+    if args.cmd == "start" and args.n < 1:
+        p.error("-n must be at least 1")
+    return {"start": start, "stop": stop, "status": status}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

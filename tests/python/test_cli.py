@@ -1,0 +1,89 @@
+"""The `shoal` command: start (daemonized and in the foreground), status, stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import shoal
+
+
+@pytest.fixture
+def env(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    e = dict(os.environ, SHOAL_DIR=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(run))
+    return e
+
+
+def shoal_cmd(env, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "shoal", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def cluster_pids(env):
+    with open(os.path.join(env["SHOAL_DIR"], "profile_default", "connection.json")) as f:
+        ctl = json.load(f)["pid"]
+    os.environ["SHOAL_DIR"] = env["SHOAL_DIR"]
+    try:
+        with shoal.Client() as rc:
+            st = rc.queue_status()
+    finally:
+        del os.environ["SHOAL_DIR"]
+    return [ctl] + [n["pid"] for n in st["nodes"]] + [e["pid"] for e in st["engines"]], st
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_start_daemonized_status_use_and_stop(env):
+    p = shoal_cmd(env, "start", "-n", "2", "--daemonize", "--arena-size", str(1 << 30))
+    assert p.returncode == 0, p.stderr
+    assert "engines [0, 1]" in p.stdout
+    pids, st = cluster_pids(env)
+    assert len(pids) == 4 and all(alive(x) for x in pids)
+    s = shoal_cmd(env, "status")
+    assert s.returncode == 0 and "2 engine(s)" in s.stdout and "arena:" in s.stdout
+    again = shoal_cmd(env, "start", "-n", "1", "--daemonize")
+    assert again.returncode == 1 and "already running" in again.stderr
+    sock = st["nodes"][0]["socket"]
+    assert os.path.exists(sock)
+    stop = shoal_cmd(env, "stop")
+    assert stop.returncode == 0, stop.stderr
+    assert not any(alive(x) for x in pids), "no shoal process remains"
+    assert not os.path.exists(sock) and not os.path.exists(
+        os.path.join(env["SHOAL_DIR"], "profile_default", "connection.json"))
+    assert shoal_cmd(env, "stop").returncode == 1
+
+
+def test_foreground_start_stops_everything_on_ctrl_c(env):
+    proc = subprocess.Popen([sys.executable, "-m", "shoal", "start", "-n", "2", "--arena-size", str(1 << 30)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "engines [0, 1]" in line, line + proc.stderr.read()
+        pids, _ = cluster_pids(env)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        deadline = time.monotonic() + 5
+        while any(alive(x) for x in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(x) for x in pids), "Ctrl-C leaves no shoal process behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_usage_errors(env):
+    assert shoal_cmd(env, "start", "-n", "0").returncode == 2
+    p = shoal_cmd(env, "status")
+    assert p.returncode == 1 and "no connection file" in p.stderr
