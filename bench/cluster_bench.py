@@ -1,0 +1,120 @@
+"""shoal against ipyparallel, same machine, same engine count, one run.
+
+Cases, for each system and engine count (2 and 8 by default):
+  rtt    apply_sync round trip of a no-op on one engine: p50 and p99 over 300 calls
+  push   push of an 8 MiB, 256 MiB and 1 GiB float64 array to every engine
+         (block=True): seconds, and how much the node's memory grew while the
+         engines held it (MemTotal - MemAvailable, before and after)
+Prints one key=value line per case, then the ratios (ipyparallel / shoal).
+Run through bench/run_cluster.sh, which makes the benchmark's own venv.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+MiB = 1 << 20
+
+
+def node_used():
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":")
+            info[k] = int(v.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def noop():
+    return None
+
+
+def measure(name, dv0, dv, engines, sizes, out):
+    dv0.apply_sync(noop)
+    lat = []
+    for _ in range(300):
+        t = time.perf_counter()
+        dv0.apply_sync(noop)
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    r = dict(system=name, engines=engines, case="rtt", p50_us=statistics.median(lat) * 1e6,
+             p99_us=lat[int(len(lat) * 0.99)] * 1e6)
+    out.append(r)
+    print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+    for size in sizes:
+        a = np.ones(size // 8)
+        time.sleep(0.5)
+        before = node_used()
+        t = time.perf_counter()
+        dv.push({"bench_a": a}, block=True)
+        took = time.perf_counter() - t
+        grew = node_used() - before
+        dv.execute("bench_check = float(bench_a[-1]) + len(bench_a)", block=True)
+        check = dv.pull("bench_check", block=True)
+        assert all(c == 1.0 + len(a) for c in check), check
+        r = dict(system=name, engines=engines, case="push", bytes=size, seconds=took, mem_growth_mib=grew / MiB)
+        out.append(r)
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+        dv.execute("del bench_a", block=True)
+        del a
+
+
+def run_shoal(engines, sizes, out):
+    import shoal
+    from shoal.cli import main as shoal_cli
+    profile = f"bench{os.getpid()}"
+    assert shoal_cli(["start", "-n", str(engines), "--daemonize", "--profile", profile]) == 0
+    try:
+        with shoal.Client(profile=profile) as rc:
+            measure("shoal", rc[rc.ids[0]], rc[:], engines, sizes, out)
+    finally:
+        shoal_cli(["stop", "--profile", profile])
+
+
+def run_ipyparallel(engines, sizes, out):
+    import ipyparallel as ipp
+    cluster = ipp.Cluster(n=engines, log_level=40)
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(engines, timeout=120)
+        measure("ipyparallel", rc[rc.ids[0]], rc[:], engines, sizes, out)
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engines", default="2,8")
+    p.add_argument("--sizes-mib", default="8,256,1024")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    sizes = [int(s) * MiB for s in args.sizes_mib.split(",")]
+    os.environ.setdefault("IPYTHONDIR", tempfile.mkdtemp(prefix="shoal-bench-ipython-"))
+    out = []
+    for n in (int(x) for x in args.engines.split(",")):
+        run_shoal(n, sizes, out)
+        run_ipyparallel(n, sizes, out)
+    print("# ratios (ipyparallel / shoal; higher is better for shoal)")
+    for n in (int(x) for x in args.engines.split(",")):
+        get = lambda sysname, case, **kw: [r for r in out if r["system"] == sysname and r["engines"] == n and  # noqa
+                                           r["case"] == case and all(r.get(k) == v for k, v in kw.items())][0]
+        s, i = get("shoal", "rtt"), get("ipyparallel", "rtt")
+        print(f"ratio engines={n} case=rtt_p50 value={i['p50_us'] / s['p50_us']:.1f}")
+        for size in sizes:
+            s, i = get("shoal", "push", bytes=size), get("ipyparallel", "push", bytes=size)
+            print(f"ratio engines={n} case=push bytes={size} time={i['seconds'] / s['seconds']:.1f} "
+                  f"mem_growth_mib shoal={s['mem_growth_mib']:.0f} ipyparallel={i['mem_growth_mib']:.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
