@@ -120,7 +120,11 @@ class Engine:
     def loop(self):
         while True:
             try:
-                self.sq.wait(spin=50e-6)
+                # Spin for a millisecond after each batch before sleeping: waking a
+                # sleeping engine costs ~100 us on these VMs, and the next task of a
+                # busy client usually comes sooner (measured: p50 round trip 216 us
+                # with 1 ms, 270-330 us with 50 us).
+                self.sq.wait(spin=1e-3)
                 slots = self.sq.pop(64)
             except BrokenPipeError:
                 return 0  # the agent closed our ring: it is stopping
