@@ -151,3 +151,28 @@ def test_a_frozen_agent_is_lost_by_the_controller(cluster):
         assert "no heartbeat" in ctl.log.read_text()
     finally:
         agent.proc.send_signal(signal.SIGCONT)
+
+
+def test_garbage_on_the_unix_socket_does_not_hurt_the_agent(cluster):
+    ctl, agent, _ = cluster
+    path = agent.node["socket"]
+    junk = [b"not json at all\n", b'{"role": "engine", "index": 0, "pid": 1}\n', b'{"role": "engine"}\n',
+            b"\x00\xff" * 3000 + b"\n", b"x" * 10000, b'{"role": 7}\n']
+    for data in junk:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(path)
+        greeting, fds, _, _ = socket.recv_fds(s, 4096, 1)
+        for fd in fds:
+            os.close(fd)
+        s.sendall(data)
+        if b'"role": "engine", "index": 0' in data:
+            reply = s.recv(4096)
+            assert b"not an engine of this agent" in reply, reply
+        s.close()
+    assert agent.proc.poll() is None
+    with LocalArena(path) as local:
+        local.arena.check()
+    _, reg = ctl.ask(ctl.socket(), _core.MSG_REGISTER)
+    assert reg["nodes"][0]["alive"]
+    assert "claimed to be engine 0; refused" in agent.log.read_text()

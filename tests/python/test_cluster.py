@@ -16,11 +16,15 @@ from procs import Agent, Controller
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@pytest.fixture(scope="module", params=["io_uring", "epoll"])
+def cluster(request, tmp_path_factory):
+    """A controller and an agent with two engines, on each event-loop backend."""
     root = tmp_path_factory.mktemp("cluster")
     ctl = Controller(root / "home", heartbeat_ms=500)
-    agent = Agent(ctl, root / "run", engines=2, arena_size=3 << 30)
+    env = {"SHOAL_NO_URING": "1"} if request.param == "epoll" else {}
+    agent = Agent(ctl, root / "run", engines=2, arena_size=3 << 30, env=env)
+    if request.param == "epoll":
+        assert agent.node["loop"] == "epoll"
     os.environ["SHOAL_DIR"] = str(ctl.root)
     yield ctl, agent
     agent.stop()
