@@ -112,6 +112,8 @@ struct agent {
     int nengines;
     struct msgblk *blks;
     int nblks, capblks;
+    int restart;  /* start a new engine in place of one that dies */
+    int stopping;
 };
 
 static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id);
@@ -726,6 +728,8 @@ static void engine_gone(struct agent *a, struct engine *e, const char *why)
     e->ready = 0;
 }
 
+static int spawn_engine(struct agent *a, int index);
+
 static void on_engine_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
 {
     (void)l;
@@ -734,6 +738,13 @@ static void on_engine_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
     struct engine *e = arg;
     struct agent *a = (struct agent *)((char *)(e - e->index) - offsetof(struct agent, engines));
     engine_gone(a, e, "died");
+    if (a->restart && !a->stopping) {
+        int rc = spawn_engine(a, e->index);
+        if (rc < 0)
+            logf_("cannot restart engine index %d: %s", e->index, strerror(-rc));
+        else
+            logf_("restarted engine index %d as pid %d", e->index, (int)e->pid);
+    }
 }
 
 static int spawn_engine(struct agent *a, int index)
@@ -860,6 +871,7 @@ static int find_engine(struct agent *a)
  * do not within two seconds are killed. */
 static void stop_engines(struct agent *a)
 {
+    a->stopping = 1;
     for (int i = 0; i < a->nengines; i++)
         if (a->engines[i].alive && a->engines[i].ready)
             shoal_ring_close(&a->engines[i].sq);
@@ -884,10 +896,11 @@ static void stop_engines(struct agent *a)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: shoal-agent [--profile NAME] [--engines N] [--arena-size BYTES]\n"
+    fprintf(f, "usage: shoal-agent [--profile NAME] [--engines N] [--restart-engines] [--arena-size BYTES]\n"
                "  Joins the cluster whose connection file is $SHOAL_DIR (default ~/.shoal)/profile_NAME/\n"
                "  connection.json with N engines (default 0) and a shared-memory arena of BYTES\n"
-               "  (default half of RAM).\n");
+               "  (default half of RAM). --restart-engines starts a new engine (with a new id) in\n"
+               "  place of one that dies.\n");
 }
 
 int main(int argc, char **argv)
@@ -895,7 +908,9 @@ int main(int argc, char **argv)
     const char *profile = "default";
     unsigned long long arena_size = 0;
     long nengines = 0;
+    int restart = 0;
     static const struct option opts[] = {{"profile", required_argument, NULL, 'p'},
+                                         {"restart-engines", no_argument, NULL, 'r'},
                                          {"arena-size", required_argument, NULL, 's'},
                                          {"engines", required_argument, NULL, 'n'},
                                          {"help", no_argument, NULL, 'h'},
@@ -904,6 +919,9 @@ int main(int argc, char **argv)
         switch (o) {
         case 'n':
             nengines = strtol(optarg, NULL, 10);
+            break;
+        case 'r':
+            restart = 1;
             break;
         case 'p':
             profile = optarg;
@@ -935,6 +953,7 @@ int main(int argc, char **argv)
 
     static struct agent a;
     a.node = -1;
+    a.restart = restart;
     a.heartbeat_ms = 1000;
     a.listen_fd = a.sig_fd = -1;
     char dir[PATH_MAX - 32], conn[PATH_MAX], endpoint[512];

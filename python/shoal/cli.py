@@ -77,6 +77,8 @@ def start(args):
             return 1
         time.sleep(0.02)
     cmd = [_bin.find("shoal-agent"), "--profile", args.profile, "--engines", str(args.n)]
+    if args.restart_engines:
+        cmd.append("--restart-engines")
     if args.arena_size:
         cmd += ["--arena-size", str(args.arena_size)]
     agent = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
@@ -176,6 +178,8 @@ def main(argv=None):
     s.add_argument("--ip", default="127.0.0.1", help="address the controller listens on (default 127.0.0.1)")
     s.add_argument("--arena-size", type=int, default=0, help="bytes of shared memory (default: half of RAM)")
     s.add_argument("--timeout", type=float, default=60, help="seconds to wait for the engines")
+    s.add_argument("--restart-engines", action="store_true",
+                   help="start a new engine (with a new id) in place of one that dies")
     for name in ("stop", "status"):
         sub.add_parser(name, help=f"{name} the cluster")
     for sp in sub.choices.values():

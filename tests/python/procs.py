@@ -64,7 +64,7 @@ class Controller:
 class Agent:
     """A shoal-agent for the profile of `ctl`, with its own runtime directory."""
 
-    def __init__(self, ctl, runtime, arena_size=256 << 20, env=None, engines=0):
+    def __init__(self, ctl, runtime, arena_size=256 << 20, env=None, engines=0, extra=()):
         self.ctl = ctl
         self.runtime = runtime
         runtime.mkdir(mode=0o700, exist_ok=True)
@@ -72,7 +72,8 @@ class Agent:
         self.log = runtime / "agent.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([_bin.find("shoal-agent"), "--profile", ctl.profile, "--engines",
-                                          str(engines), "--arena-size", str(arena_size)], env=e, stderr=log)
+                                          str(engines), "--arena-size", str(arena_size), *extra], env=e,
+                                         stderr=log)
         self.client = ctl.socket()
         deadline = time.monotonic() + 10
         while True:

@@ -179,3 +179,26 @@ def test_queue_status_and_registry(rc):
     status = rc.queue_status()
     assert status["tasks_pending"] == 0
     assert len(status["queue"]) >= 2
+
+
+def test_engines_are_restarted_only_when_asked(cluster, tmp_path):
+    ctl, _ = cluster
+    agent = Agent(ctl, tmp_path / "run3", engines=1, extra=["--restart-engines"])
+    c = shoal.Client(timeout=10)
+    try:
+        old = agent.engines[0]["id"]
+        pid = c[old].apply_sync(os.getpid)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        new = None
+        while time.monotonic() < deadline and new is None:
+            c.refresh()
+            fresh = [e for e in c._engines if e["alive"] and e["node"] == agent.node["id"] and e["id"] != old]
+            new = fresh[0]["id"] if fresh else None
+            time.sleep(0.05)
+        assert new is not None, "a new engine took the dead one's place"
+        assert old not in c.ids
+        assert c[new].apply_sync(os.getpid) not in (pid, None)
+    finally:
+        c.close()
+        agent.stop()
