@@ -47,7 +47,7 @@
 #define NSLOTS 1024
 
 /* Ring slot kinds and layout: docs/engine.md (and shoal/_engine.py). */
-enum { KIND_TASK = 1, KIND_SHUTDOWN = 2, KIND_RESULT = 3, KIND_RELEASE = 4 };
+enum { KIND_TASK = 1, KIND_SHUTDOWN = 2, KIND_RESULT = 3, KIND_RELEASE = 4, KIND_OUTPUT = 5 };
 struct slot {
     uint64_t task_id;
     uint32_t kind;
@@ -606,8 +606,9 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
     }
 }
 
-/* Sends the controller the reply that engine e wrote into block h. */
-static int forward_result(struct agent *a, struct engine *e, const struct slot *sl)
+/* Sends the controller the reply (or output) that engine e wrote into the
+ * block of slot sl, as a message of the given type. */
+static int forward_result(struct agent *a, struct engine *e, const struct slot *sl, uint16_t type)
 {
     shoal_handle h = {sl->offset, sl->length, sl->generation};
     int rc = shoal_arena_acquire(a->arena, h);
@@ -635,7 +636,7 @@ static int forward_result(struct agent *a, struct engine *e, const struct slot *
                 pos += len;
             }
             if (rc == 0) {
-                shoal_msg_header hd = {.type = SHOAL_MSG_RESULT, .n_payload = (uint16_t)w[2],
+                shoal_msg_header hd = {.type = type, .n_payload = (uint16_t)w[2],
                                        .n_buffers = (uint16_t)(w[1] - w[2]), .msg_id = ++a->next_msg_id,
                                        .task_id = sl->task_id, .sender = (uint32_t)e->id,
                                        .target = (uint32_t)e->id};
@@ -664,12 +665,15 @@ static void drain_completions(struct agent *a, struct engine *e)
     int n;
     while ((n = shoal_ring_pop(&e->cq, sl, 64)) > 0) {
         for (int i = 0; i < n; i++) {
-            if (sl[i].kind != KIND_RESULT)
+            if (sl[i].kind == KIND_OUTPUT) {
+                forward_result(a, e, &sl[i], SHOAL_MSG_OUTPUT); /* best effort: the reply has it all */
+            } else if (sl[i].kind == KIND_RESULT) {
+                if (forward_result(a, e, &sl[i], SHOAL_MSG_RESULT) < 0)
+                    send_engine_error(a, e, sl[i].task_id, "sent a reply that could not be read");
+                finish_task(a, e, sl[i].task_id);
+            } else {
                 continue;
-            int rc = forward_result(a, e, &sl[i]);
-            if (rc < 0)
-                send_engine_error(a, e, sl[i].task_id, "sent a reply that could not be read");
-            finish_task(a, e, sl[i].task_id);
+            }
             struct slot rel = {.kind = KIND_RELEASE, .offset = sl[i].offset, .length = sl[i].length,
                                .generation = sl[i].generation};
             shoal_ring_push(&e->sq, &rel, 1);

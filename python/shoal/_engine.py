@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import sys
+import time
 import traceback
 
 from . import serialize
@@ -27,7 +28,12 @@ from ._core import Arena, Ring
 # A ring slot: task_id, kind, flags, block offset, length, generation, sender.
 SLOT = struct.Struct("<QIIQQQI20x")
 assert SLOT.size == 64
-KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE = 1, 2, 3, 4
+KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT = 1, 2, 3, 4, 5
+
+# Output of a running task goes out at most this often (seconds), or sooner
+# when this much has gathered (characters).
+OUTPUT_INTERVAL = 0.05
+OUTPUT_CHUNK = 8192
 
 # A message block: magic, frame count, payload-frame count, then the lengths.
 FRAMES_MAGIC = 0x464D4853  # "SHMF"
@@ -90,6 +96,36 @@ def run_cell(code, ns):
     return None
 
 
+class _Stream(io.TextIOBase):
+    """stdout or stderr of a running task: kept whole for the reply, and sent
+    on to the client in pieces while the task runs."""
+
+    def __init__(self, engine, name):
+        self.engine, self.name = engine, name
+        self.whole, self.pending = [], []
+        self.npending, self.last = 0, time.monotonic()
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        self.whole.append(text)
+        self.pending.append(text)
+        self.npending += len(text)
+        if self.npending >= OUTPUT_CHUNK or time.monotonic() - self.last >= OUTPUT_INTERVAL:
+            self.flush()
+        return len(text)
+
+    def flush(self):
+        if self.pending:
+            self.engine.send_output(self.name, "".join(self.pending))
+            self.pending, self.npending = [], 0
+        self.last = time.monotonic()
+
+    def getvalue(self):
+        return "".join(self.whole)
+
+
 class Engine:
     def __init__(self, path, index):
         self.index = index
@@ -137,8 +173,16 @@ class Engine:
                 elif kind == KIND_TASK:
                     self.run_task(task_id, (off, length, gen), sender)
 
+    def send_output(self, name, text):
+        """Sends a piece of a running task's stdout or stderr to its client."""
+        block = pack_frames(self.arena, [json.dumps({"name": name, "text": text}).encode()])
+        self.replies[block.handle[0]] = block
+        if self.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 0:
+            self.replies.pop(block.handle[0])  # the ring is full: the reply will carry this text anyway
+
     def run_task(self, task_id, handle, sender):
-        out, err = io.StringIO(), io.StringIO()
+        self.task_id = task_id
+        out, err = _Stream(self, "stdout"), _Stream(self, "stderr")
         meta = {"status": "ok", "engine_id": self.id}
         value_payload, value_frames = b"", []
         try:

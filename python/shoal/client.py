@@ -145,6 +145,10 @@ class Client:
                     ar._add(hdr, payload, buffers)
                     if ar._done():
                         del self._pending[hdr["reply_to"]]
+            elif hdr["type"] == _core.MSG_OUTPUT:
+                ar = self._pending.get(hdr["reply_to"])
+                if ar is not None:
+                    ar._output(hdr, payload)
             else:
                 self._replies[hdr["reply_to"]] = (hdr, payload)
             return True
@@ -214,6 +218,14 @@ class AsyncResult:
                                                         hdr["task_id"]))
         if self._done():
             self._keep.clear()
+
+    def _output(self, hdr, payload):
+        """A piece of stdout or stderr that an engine printed while the task runs."""
+        piece = json.loads(bytes(payload[0]))
+        where = self.stdout if piece.get("name") == "stdout" else self.stderr
+        engine = hdr["sender"]
+        if engine not in self._results:  # the reply, once here, has the whole text
+            where[engine] = where.get(engine, "") + piece.get("text", "")
 
     def _done(self):
         return len(self._results) >= len(self._targets)

@@ -202,3 +202,24 @@ def test_engines_are_restarted_only_when_asked(cluster, tmp_path):
     finally:
         c.close()
         agent.stop()
+
+
+def test_output_is_streamed_while_the_task_runs(rc):
+    ar = rc[0].execute("import time, sys\n"
+                       "print('first', flush=True)\n"
+                       "time.sleep(0.1)\n"
+                       "print('second', file=sys.stderr, flush=True)\n"
+                       "time.sleep(2)\n"
+                       "print('last')")
+    deadline = time.monotonic() + 5
+    while "first" not in ar.stdout.get(0, "") and time.monotonic() < deadline:
+        ar.ready()
+        time.sleep(0.02)
+    assert ar.stdout.get(0, "") .startswith("first\n"), "stdout arrives while the task runs"
+    assert not ar.ready()
+    while "second" not in ar.stderr.get(0, "") and time.monotonic() < deadline:
+        ar.ready()
+        time.sleep(0.02)
+    assert "second" in ar.stderr.get(0, "")
+    ar.get(10)
+    assert ar.stdout[0] == "first\nlast\n" and ar.stderr[0] == "second\n"
