@@ -114,6 +114,7 @@ struct agent {
     int nblks, capblks;
     int restart;  /* start a new engine in place of one that dies */
     int stopping;
+    int running;  /* the main loop goes on while set */
 };
 
 static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id);
@@ -202,7 +203,7 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
         break;
     case SHOAL_MSG_SHUTDOWN:
         logf_("shutdown asked by the controller");
-        shoal_loop_stop(a->loop);
+        a->running = 0;
         break;
     case SHOAL_MSG_REGISTER_REPLY:
         if (m->hdr.n_payload >= 1) {
@@ -260,13 +261,14 @@ static void on_ctl_fd(shoal_loop *l, int fd, uint32_t events, void *arg)
 
 static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
 {
+    (void)l;
     (void)id;
     struct agent *a = arg;
     int64_t silent_ms = (now_ns() - a->last_ctl_ns) / 1000000;
     if (silent_ms > 3 * a->heartbeat_ms + 2000) {
         logf_("no word from the controller for %lld ms: it is gone; stopping", (long long)silent_ms);
         a->exit_code = 3;
-        shoal_loop_stop(l);
+        a->running = 0;
     }
 }
 
@@ -453,12 +455,13 @@ static int listen_unix(struct agent *a)
 
 static void on_signal(shoal_loop *l, int fd, uint32_t events, void *arg)
 {
+    (void)l;
     (void)events;
-    (void)arg;
+    struct agent *a = arg;
     struct signalfd_siginfo si;
     while (read(fd, &si, sizeof si) == (ssize_t)sizeof si)
         logf_("stopping on signal %u", si.ssi_signo);
-    shoal_loop_stop(l);
+    a->running = 0;
 }
 
 /* ---- engines ---------------------------------------------------------------------- */
@@ -1035,7 +1038,13 @@ int main(int argc, char **argv)
     on_ctl_fd(a.loop, a.ctl_fd, POLLIN, &a);
     logf_("serving: arena fd on %s, event loop on %s", a.sock_path, shoal_loop_backend(a.loop));
 
-    rc = shoal_loop_run(a.loop);
+    /* ZeroMQ's fd is edge-triggered, and sending on the socket (results,
+     * engine events) can consume the edge of a message that arrived
+     * meanwhile: after every round of callbacks, look at ZMQ_EVENTS again,
+     * or a heartbeat or a task could wait unseen until the next timer. */
+    a.running = 1;
+    while (a.running && (rc = shoal_loop_run_once(a.loop, -1)) >= 0)
+        on_ctl_fd(a.loop, a.ctl_fd, POLLIN, &a);
     if (rc < 0)
         logf_("event loop failed: %s", strerror(-rc));
 
