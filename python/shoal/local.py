@@ -46,7 +46,12 @@ class LocalArena:
             raise
 
     def close(self):
-        self.arena.close()
+        """Detaches. Arrays that still use the arena keep it mapped: it is
+        released when the last of them is collected."""
+        try:
+            self.arena.close()
+        except BufferError:
+            pass  # arrays still use it; the Arena object closes itself when they are gone
         self._sock.close()
 
     def __enter__(self):

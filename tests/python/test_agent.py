@@ -176,3 +176,14 @@ def test_garbage_on_the_unix_socket_does_not_hurt_the_agent(cluster):
     _, reg = ctl.ask(ctl.socket(), _core.MSG_REGISTER)
     assert reg["nodes"][0]["alive"]
     assert "claimed to be engine 0; refused" in agent.log.read_text()
+
+
+def test_closing_a_local_arena_with_arrays_alive_keeps_them_valid(cluster):
+    ctl, agent, _ = cluster
+    local = LocalArena(agent.node["socket"])
+    x = local.arena.empty(1000)
+    x[:] = 5
+    local.close()  # does not raise: the array keeps the arena mapped
+    assert x.sum() == 5000
+    del x
+    gc.collect()
