@@ -413,6 +413,18 @@ static void route_task(struct controller *c, shoal_wire_msg *m, const struct rou
         return;
     if (n) {
         memcpy(targets, tf.data, tf.len); /* little-endian hosts only, as the arena */
+        /* Each engine answers once per task: a target named twice is an error. */
+        uint8_t *seen = calloc(c->nengines + 1, 1);
+        for (uint32_t i = 0; seen && i < n; i++) {
+            uint32_t e = targets[i] < c->nengines ? targets[i] : c->nengines;
+            if (e < c->nengines && seen[e]++) {
+                reply_error(c, c->clients, from, m->hdr.msg_id, "engine %u is named twice in the targets", e);
+                free(seen);
+                free(targets);
+                return;
+            }
+        }
+        free(seen);
     } else {
         for (uint32_t i = 0; i < c->nengines; i++)
             if (c->engines[i].alive)
@@ -432,7 +444,10 @@ static void route_task(struct controller *c, shoal_wire_msg *m, const struct rou
     uint32_t *mine = malloc((n ? n : 1) * sizeof *mine);
     for (uint32_t i = 0; i < n; i++) {
         uint32_t e = targets[i];
-        if (e >= c->nengines || !c->engines[e].alive) {
+        if (!mine) {
+            fail_target(c, from, m->hdr.msg_id, task_id, e, "could not be reached (out of memory)");
+            done[i] = 1;
+        } else if (e >= c->nengines || !c->engines[e].alive) {
             fail_target(c, from, m->hdr.msg_id, task_id, e, e >= c->nengines ? "does not exist" : "is not running");
             done[i] = 1;
         } else {
@@ -487,7 +502,9 @@ static void route_result(struct controller *c, shoal_wire_msg *m)
     h.msg_id = ++c->next_msg_id;
     h.reply_to = t->client_msg;
     shoal_frame route = {t->client.id, t->client.len};
-    shoal_wire_forward(c->clients, c->key, &route, &h, NULL, 0, m->frames, m->nframes);
+    if (shoal_wire_forward(c->clients, c->key, &route, &h, NULL, 0, m->frames, m->nframes) < 0)
+        logf_("a result of task %" PRIu64 " could not be delivered: its client is gone or not reading",
+              m->hdr.task_id);
     if (m->hdr.type == SHOAL_MSG_RESULT)
         task_target_done(c, slot, m->hdr.sender);
 }
@@ -690,7 +707,13 @@ static void usage(FILE *f)
                "  $SHOAL_DIR (default ~/.shoal)/profile_NAME/connection.json (mode 0600).\n");
 }
 
-static int bind_router(struct controller *c, void **sock, const char *ip, char *ep, size_t eplen)
+/*
+ * sndtimeo_ms bounds how long a send may wait for a peer whose queue is
+ * full: 0 for clients (a client that stops reading loses its messages, not
+ * the controller its progress), a little for agents (a task that cannot be
+ * handed over fails as unreachable).
+ */
+static int bind_router(struct controller *c, void **sock, const char *ip, char *ep, size_t eplen, int sndtimeo_ms)
 {
     *sock = zmq_socket(c->ctx, ZMQ_ROUTER);
     if (!*sock)
@@ -701,6 +724,7 @@ static int bind_router(struct controller *c, void **sock, const char *ip, char *
     zmq_setsockopt(*sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     /* Replies to a peer that has gone fail instead of vanishing silently. */
     zmq_setsockopt(*sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    zmq_setsockopt(*sock, ZMQ_SNDTIMEO, &sndtimeo_ms, sizeof sndtimeo_ms);
     char addr[300];
     snprintf(addr, sizeof addr, "tcp://%s:*", ip);
     if (zmq_bind(*sock, addr) < 0)
@@ -787,9 +811,9 @@ int main(int argc, char **argv)
     int sfd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK);
 
     c.ctx = zmq_ctx_new();
-    int rc = bind_router(&c, &c.clients, ip, c.client_ep, sizeof c.client_ep);
+    int rc = bind_router(&c, &c.clients, ip, c.client_ep, sizeof c.client_ep, 0);
     if (rc == 0)
-        rc = bind_router(&c, &c.agents, ip, c.agent_ep, sizeof c.agent_ep);
+        rc = bind_router(&c, &c.agents, ip, c.agent_ep, sizeof c.agent_ep, 1000);
     if (rc < 0) {
         logf_("cannot bind on %s: %s", ip, zmq_strerror(-rc));
         return 1;

@@ -10,8 +10,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/prctl.h>
+#include <unistd.h>
 
 #ifndef SHOAL_DEFAULT_PYTHON
 #error "SHOAL_DEFAULT_PYTHON must name the Python the engine embeds"
@@ -26,6 +29,14 @@ static int fail(PyStatus st)
 
 int main(int argc, char **argv)
 {
+    /* Die with the agent that spawned us: an engine without its agent has no
+     * one to take its results. If the agent is already gone, go now. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    const char *agent = getenv("SHOAL_AGENT_PID");
+    if (agent && *agent && atoi(agent) != (int)getppid()) {
+        fprintf(stderr, "shoal-engine: the agent (pid %s) is already gone\n", agent);
+        return 1;
+    }
     const char *python = getenv("SHOAL_PYTHON");
     if (!python || !*python)
         python = SHOAL_DEFAULT_PYTHON;

@@ -90,6 +90,10 @@ struct engine {
     int doorbell;         /* eventfd: the engine wakes us through it */
     struct outstanding *out;
     size_t nout, capout;
+    struct slot *backlog; /* slots waiting for room in the task ring, in order */
+    size_t nbacklog, capbacklog;
+    int64_t started_ns;  /* when it was spawned */
+    int quick_deaths;    /* deaths soon after a start, in a row */
 };
 
 struct agent {
@@ -314,6 +318,14 @@ static void drop_peer(struct agent *a, int i)
     shoal_loop_unwatch(a->loop, p.pidfd);
     close(p.pidfd);
     a->peers[i] = a->peers[--a->npeers];
+    for (int k = 0; k < a->nengines; k++) {
+        if (p.fd >= 0 && a->engines[k].conn == p.fd)
+            a->engines[k].conn = -1;
+        /* An engine's references are released by engine_gone, after it has
+         * taken the replies the engine finished before dying. */
+        if (a->engines[k].pid == p.pid && a->engines[k].alive)
+            return;
+    }
     int n = shoal_arena_reclaim(a->arena, p.pid);
     if (n > 0)
         logf_("released %d arena references of process %d, which is gone", n, (int)p.pid);
@@ -372,6 +384,9 @@ static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
         close(fd);
         if (i >= 0)
             a->peers[i].fd = -1;
+        for (int k = 0; k < a->nengines; k++)
+            if (a->engines[k].conn == fd)
+                a->engines[k].conn = -1; /* never send to whatever reuses the fd number */
     }
 }
 
@@ -498,6 +513,42 @@ static int blk_new(struct agent *a, shoal_handle h, int users)
     return a->nblks++;
 }
 
+/* Moves what waits in e's backlog into its task ring, as far as it fits. */
+static void flush_backlog(struct engine *e)
+{
+    if (e->nbacklog == 0)
+        return;
+    size_t done = 0;
+    while (done < e->nbacklog) {
+        size_t left = e->nbacklog - done;
+        int n = shoal_ring_push(&e->sq, e->backlog + done, (uint32_t)(left > 64 ? 64 : left));
+        if (n <= 0)
+            break;
+        done += (size_t)n;
+    }
+    memmove(e->backlog, e->backlog + done, (e->nbacklog - done) * sizeof *e->backlog);
+    e->nbacklog -= done;
+}
+
+/* Queues a slot for engine e: straight into its task ring when there is
+ * room and nothing waits before it, else into the backlog, which its next
+ * completions drain. Nothing is ever dropped. Returns 0 or -ENOMEM. */
+static int sq_push(struct engine *e, const struct slot *sl)
+{
+    if (e->nbacklog == 0 && shoal_ring_push(&e->sq, sl, 1) == 1)
+        return 0;
+    if (e->nbacklog == e->capbacklog) {
+        size_t cap = e->capbacklog ? 2 * e->capbacklog : 256;
+        struct slot *b = realloc(e->backlog, cap * sizeof *b);
+        if (!b)
+            return -ENOMEM;
+        e->backlog = b;
+        e->capbacklog = cap;
+    }
+    e->backlog[e->nbacklog++] = *sl;
+    return 0;
+}
+
 /* Sends the controller a RESULT that says engine e could not finish task_id. */
 static void send_engine_error(struct agent *a, struct engine *e, uint64_t task_id, const char *why)
 {
@@ -571,6 +622,8 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
     int rc = pack_frames(a, f, n, (uint32_t)m->hdr.n_payload - 1, &h);
     free(f);
     int b = rc < 0 ? rc : blk_new(a, h, 0);
+    if (rc == 0 && b < 0)
+        shoal_arena_release(a->arena, h); /* no room to track it: give it back */
     for (uint32_t i = 0; i < nt; i++) {
         uint32_t id;
         memcpy(&id, (const uint8_t *)tf.data + 4 * i, 4);
@@ -596,8 +649,8 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
         }
         struct slot sl = {.task_id = m->hdr.task_id, .kind = KIND_TASK, .offset = h.offset, .length = h.length,
                           .generation = h.generation};
-        if (shoal_ring_push(&e->sq, &sl, 1) != 1) {
-            send_engine_error(a, e, m->hdr.task_id, "had a full task ring");
+        if (sq_push(e, &sl) < 0) {
+            send_engine_error(a, e, m->hdr.task_id, "ran out of memory for its task queue");
             continue;
         }
         e->out[e->nout++] = (struct outstanding){m->hdr.task_id, b};
@@ -662,7 +715,13 @@ static void finish_task(struct agent *a, struct engine *e, uint64_t task_id)
         }
 }
 
-static void drain_completions(struct agent *a, struct engine *e)
+/*
+ * Takes engine e's completions and sends them on. An OUTPUT needs no
+ * answer: the engine frees it when the RELEASE of a later RESULT comes back,
+ * since the ring is in order. Returns 0, or a negative errno when the
+ * completion ring is closed or corrupt: the engine is then done for.
+ */
+static int drain_completions(struct agent *a, struct engine *e)
 {
     struct slot sl[64];
     int n;
@@ -674,18 +733,20 @@ static void drain_completions(struct agent *a, struct engine *e)
                 if (forward_result(a, e, &sl[i], SHOAL_MSG_RESULT) < 0)
                     send_engine_error(a, e, sl[i].task_id, "sent a reply that could not be read");
                 finish_task(a, e, sl[i].task_id);
-            } else {
-                continue;
+                struct slot rel = {.kind = KIND_RELEASE, .offset = sl[i].offset, .length = sl[i].length,
+                                   .generation = sl[i].generation};
+                sq_push(e, &rel);
             }
-            struct slot rel = {.kind = KIND_RELEASE, .offset = sl[i].offset, .length = sl[i].length,
-                               .generation = sl[i].generation};
-            shoal_ring_push(&e->sq, &rel, 1);
         }
     }
+    flush_backlog(e);
+    return n;
 }
 
 /* The engine rang its doorbell: take its completions, then go back to sleep
  * the ring's way (docs/rings.md), so that its next push rings again. */
+static void engine_gone(struct agent *a, struct engine *e, const char *why);
+
 static void on_doorbell(shoal_loop *l, int fd, uint32_t events, void *arg)
 {
     (void)l;
@@ -696,9 +757,15 @@ static void on_doorbell(shoal_loop *l, int fd, uint32_t events, void *arg)
     while (read(fd, &v, sizeof v) > 0)
         ;
     shoal_ring_awake(&e->cq);
-    do
-        drain_completions(a, e);
-    while (!shoal_ring_prepare_sleep(&e->cq));
+    do {
+        if (drain_completions(a, e) < 0) {
+            /* The engine closed or broke its completion ring: it cannot go on. */
+            logf_("engine %d broke its completion ring; stopping it", e->id);
+            kill(e->pid, SIGKILL);
+            engine_gone(a, e, "broke its completion ring");
+            return;
+        }
+    } while (!shoal_ring_prepare_sleep(&e->cq));
 }
 
 static void engine_gone(struct agent *a, struct engine *e, const char *why)
@@ -710,10 +777,12 @@ static void engine_gone(struct agent *a, struct engine *e, const char *why)
     waitpid(e->pid, &st, WNOHANG);
     logf_("engine %d (index %d, pid %d) %s", e->id, e->index, (int)e->pid, why);
     if (e->ready) {
-        drain_completions(a, e); /* what it finished before dying still counts */
+        (void)drain_completions(a, e); /* what it finished before dying still counts */
         shoal_loop_unwatch(a->loop, e->doorbell);
         close(e->doorbell);
+        e->doorbell = -1;
     }
+    e->nbacklog = 0; /* its tasks are also in e->out: they fail below */
     while (e->nout) {
         send_engine_error(a, e, e->out[e->nout - 1].task_id, "died");
         blk_unuse(a, e->out[e->nout - 1].blk);
@@ -745,7 +814,12 @@ static void on_engine_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
     struct engine *e = arg;
     struct agent *a = (struct agent *)((char *)(e - e->index) - offsetof(struct agent, engines));
     engine_gone(a, e, "died");
-    if (a->restart && !a->stopping) {
+    /* An engine that dies within seconds of starting, five times in a row,
+     * is not restarted again: something is wrong with how it starts. */
+    e->quick_deaths = now_ns() - e->started_ns < 5000000000ll ? e->quick_deaths + 1 : 0;
+    if (a->restart && !a->stopping && e->quick_deaths >= 5)
+        logf_("engine index %d died %d times right after starting; not restarting it", e->index, e->quick_deaths);
+    else if (a->restart && !a->stopping) {
         int rc = spawn_engine(a, e->index);
         if (rc < 0)
             logf_("cannot restart engine index %d: %s", e->index, strerror(-rc));
@@ -757,7 +831,11 @@ static void on_engine_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
 static int spawn_engine(struct agent *a, int index)
 {
     struct engine *e = &a->engines[index];
-    *e = (struct engine){.index = index, .id = -1, .conn = -1, .doorbell = -1, .pidfd = -1};
+    int quick = e->quick_deaths;
+    free(e->out);
+    free(e->backlog);
+    *e = (struct engine){.index = index, .id = -1, .conn = -1, .doorbell = -1, .pidfd = -1, .quick_deaths = quick};
+    e->started_ns = now_ns();
     char idx[16];
     snprintf(idx, sizeof idx, "%d", index);
     char *argv[] = {"shoal-engine", "--agent-socket", a->sock_path, "--index", idx, NULL};
@@ -769,6 +847,9 @@ static int spawn_engine(struct agent *a, int index)
     posix_spawnattr_setsigmask(&attr, &none);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
     extern char **environ;
+    char agent_pid[32];
+    snprintf(agent_pid, sizeof agent_pid, "%d", (int)getpid());
+    setenv("SHOAL_AGENT_PID", agent_pid, 1); /* the engine's parent-death check */
     int rc = posix_spawn(&e->pid, a->engine_bin, NULL, &attr, argv, environ);
     posix_spawnattr_destroy(&attr);
     if (rc != 0)
@@ -804,6 +885,11 @@ static void engine_hello(struct agent *a, int peer, cJSON *hello)
         shoal_ring_init(m + one, one, NSLOTS, &e->cq) < 0 ||
         shoal_loop_watch(a->loop, e->doorbell, POLLIN, on_doorbell, e) < 0) {
         logf_("cannot set up engine %d's rings", i);
+        if (e->doorbell >= 0)
+            close(e->doorbell);
+        e->doorbell = -1;
+        if (rc == 0)
+            shoal_arena_release(a->arena, e->rings);
         kill(e->pid, SIGKILL);
         return;
     }
@@ -825,9 +911,20 @@ static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id)
 {
     for (int i = 0; i < a->nengines; i++) {
         struct engine *e = &a->engines[i];
-        if (e->reg_msg != reply_to || !e->ready || e->id >= 0)
+        if (e->reg_msg != reply_to || e->id >= 0)
             continue;
         e->id = id;
+        if (!e->alive || !e->ready || e->conn < 0) {
+            /* It died while its id was on the way: the controller must not
+             * keep a live engine that is not there. */
+            cJSON *j = cJSON_CreateObject();
+            cJSON_AddStringToObject(j, "event", "died");
+            cJSON_AddNumberToObject(j, "local", i);
+            cJSON_AddNumberToObject(j, "pid", e->pid);
+            send_json(a, SHOAL_MSG_ENGINE_EVENT, 0, j);
+            cJSON_Delete(j);
+            return;
+        }
         char text[256];
         int n = snprintf(text, sizeof text, "{\"engine\": %d, \"rings\": [%llu, %llu, %llu], \"nslots\": %d}\n", id,
                          (unsigned long long)e->rings.offset, (unsigned long long)e->rings.length,
@@ -993,8 +1090,11 @@ int main(int argc, char **argv)
 
     a.ctx = zmq_ctx_new();
     a.ctl = zmq_socket(a.ctx, ZMQ_DEALER);
-    int zero = 0;
+    int zero = 0, sndtimeo = 2000;
     zmq_setsockopt(a.ctl, ZMQ_LINGER, &zero, sizeof zero);
+    /* A stalled controller must not freeze the agent: a send gives up after
+     * two seconds (the heartbeat check then notices the controller is gone). */
+    zmq_setsockopt(a.ctl, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
     if (zmq_connect(a.ctl, endpoint) < 0) {
         logf_("cannot connect to %s: %s", endpoint, zmq_strerror(zmq_errno()));
         return 1;

@@ -34,6 +34,8 @@ KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT = 1, 2, 3, 4, 5
 # when this much has gathered (characters).
 OUTPUT_INTERVAL = 0.05
 OUTPUT_CHUNK = 8192
+# Pieces of output one task may have in flight; past this the reply carries the rest.
+OUTPUT_MAX_PIECES = 256
 
 # A message block: magic, frame count, payload-frame count, then the lengths.
 FRAMES_MAGIC = 0x464D4853  # "SHMF"
@@ -103,7 +105,7 @@ class _Stream(io.TextIOBase):
     def __init__(self, engine, name):
         self.engine, self.name = engine, name
         self.whole, self.pending = [], []
-        self.npending, self.last = 0, time.monotonic()
+        self.npending, self.last = 0, 0.0
 
     def writable(self):
         return True
@@ -112,15 +114,19 @@ class _Stream(io.TextIOBase):
         self.whole.append(text)
         self.pending.append(text)
         self.npending += len(text)
-        if self.npending >= OUTPUT_CHUNK or time.monotonic() - self.last >= OUTPUT_INTERVAL:
+        if self.npending >= OUTPUT_CHUNK or "\n" in text:
             self.flush()
         return len(text)
 
     def flush(self):
-        if self.pending:
+        # Whole lines go out as they are written or flushed, but at most every
+        # OUTPUT_INTERVAL (unless a chunk's worth has gathered): a task that
+        # flushes every line must not flood its client.
+        now = time.monotonic()
+        if self.pending and (now - self.last >= OUTPUT_INTERVAL or self.npending >= OUTPUT_CHUNK):
             self.engine.send_output(self.name, "".join(self.pending))
             self.pending, self.npending = [], 0
-        self.last = time.monotonic()
+            self.last = now
 
     def getvalue(self):
         return "".join(self.whole)
@@ -148,7 +154,11 @@ class Engine:
         self.cq = Ring(self.rings, offset=size)
         self.doorbell = fds[0]
         self.cq.set_notify_fd(self.doorbell)
-        self.replies = {}  # block offset -> Block, until the agent says it has sent it
+        # Reply blocks until the agent says it sent them (RELEASE), each with
+        # the output blocks sent before it: the ring is in order, so those
+        # were sent too.
+        self.replies = {}  # block offset -> (Block, [output Blocks])
+        self.outputs = []  # output blocks of the running task
         main = sys.modules["__main__"]
         self.ns = main.__dict__
         self.ns.setdefault("__builtins__", builtins)
@@ -174,11 +184,13 @@ class Engine:
                     self.run_task(task_id, (off, length, gen), sender)
 
     def send_output(self, name, text):
-        """Sends a piece of a running task's stdout or stderr to its client."""
+        """Sends a piece of a running task's stdout or stderr to its client
+        (best effort: the reply carries the whole text anyway)."""
+        if len(self.outputs) >= OUTPUT_MAX_PIECES:
+            return
         block = pack_frames(self.arena, [json.dumps({"name": name, "text": text}).encode()])
-        self.replies[block.handle[0]] = block
-        if self.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 0:
-            self.replies.pop(block.handle[0])  # the ring is full: the reply will carry this text anyway
+        if self.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 1:
+            self.outputs.append(block)
 
     def run_task(self, task_id, handle, sender):
         self.task_id = task_id
@@ -202,7 +214,8 @@ class Engine:
             meta.update(status="error", ename=type(e).__name__, evalue=str(e), traceback=tb)
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
         block = pack_frames(self.arena, [json.dumps(meta).encode(), value_payload], value_frames)
-        self.replies[block.handle[0]] = block
+        self.replies[block.handle[0]] = (block, self.outputs)
+        self.outputs = []
         slot = SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)
         while self.cq.push(slot) == 0:
             os.sched_yield()  # the agent is behind: it drains the ring as fast as it can

@@ -116,6 +116,8 @@ class Client:
         return self._control(_core.MSG_QUERY, {"what": "status"})
 
     def _submit(self, targets, meta, obj):
+        if not targets:
+            raise ValueError("this view has no engines to run on")
         s = serialize.dumps(obj, arena=self.arena)
         meta = dict(meta, buffers=s.buffers)
         frames = [struct.pack(f"<{len(targets)}I", *targets), json.dumps(meta).encode(), s.payload]
@@ -134,12 +136,19 @@ class Client:
         """
         with self._lock:
             try:
-                hdr, payload, buffers, _ = self._sock.recv(timeout=max(timeout, 0))
+                # In short slices, so that another thread waits for the lock
+                # (to submit, or to receive for itself) 5 ms at most.
+                hdr, payload, buffers, _ = self._sock.recv(timeout=min(max(timeout, 0), 0.005))
             except builtins.TimeoutError:
                 return False
             except _core.WireError:
                 return True  # counted by the socket; nothing we can use
-            if hdr["type"] == _core.MSG_RESULT:
+            if hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] in self._pending:
+                # The controller refused a task outright: every target fails.
+                ar = self._pending.pop(hdr["reply_to"])
+                text = json.loads(bytes(payload[0])).get("error", "refused") if payload else "refused"
+                ar._refused(text)
+            elif hdr["type"] == _core.MSG_RESULT:
                 ar = self._pending.get(hdr["reply_to"])
                 if ar is not None:
                     ar._add(hdr, payload, buffers)
@@ -219,6 +228,12 @@ class AsyncResult:
         if self._done():
             self._keep.clear()
 
+    def _refused(self, text):
+        for e in self._targets:
+            if e not in self._results:
+                self._results[e] = (False, EngineError(f"the controller refused the task: {text}", e))
+        self._keep.clear()
+
     def _output(self, hdr, payload):
         """A piece of stdout or stderr that an engine printed while the task runs."""
         piece = json.loads(bytes(payload[0]))
@@ -228,7 +243,7 @@ class AsyncResult:
             where[engine] = where.get(engine, "") + piece.get("text", "")
 
     def _done(self):
-        return len(self._results) >= len(self._targets)
+        return all(e in self._results for e in self._targets)
 
     def ready(self):
         """Whether every engine has answered (never blocks)."""
@@ -283,7 +298,8 @@ class DirectView:
     def __init__(self, client, targets, block=False):
         self.client = client
         self._single = isinstance(targets, int)
-        self.targets = [targets] if self._single else list(targets)
+        # Each engine once, in the order given.
+        self.targets = [targets] if self._single else list(dict.fromkeys(targets))
         self.block = block
 
     def __repr__(self):

@@ -223,3 +223,96 @@ def test_output_is_streamed_while_the_task_runs(rc):
     assert "second" in ar.stderr.get(0, "")
     ar.get(10)
     assert ar.stdout[0] == "first\nlast\n" and ar.stderr[0] == "second\n"
+
+
+# ---- found in review ------------------------------------------------------------
+
+def test_thousands_of_tasks_queue_on_one_engine(rc):
+    base = rc.arena.stats()["used_blocks"] if rc.arena else None
+    ars = [rc[0].apply_async(abs, -i) for i in range(3000)]
+    assert [ar.get(60) for ar in ars] == list(range(3000)), "none fails for a full task ring"
+    if base is not None:
+        rc[0].apply_sync(abs, 1)  # lets the engine take its last RELEASEs
+        assert rc.arena.stats()["used_blocks"] <= base + 2, "no reply block leaks"
+
+
+def test_a_flood_of_flushed_output_neither_breaks_the_engine_nor_leaks(rc):
+    base = rc.arena.stats()["used_blocks"] if rc.arena else None
+    ar = rc[1].execute("for i in range(3000):\n    print(i, flush=True)")
+    ar.get(60)
+    assert ar.stdout[1].splitlines() == [str(i) for i in range(3000)]
+    assert rc[1].apply_sync(abs, -5) == 5
+    if base is not None:
+        rc[1].apply_sync(abs, 1)
+        assert rc.arena.stats()["used_blocks"] <= base + 2, "output blocks are freed"
+
+
+def test_duplicate_and_empty_targets(rc):
+    assert rc[[0, 0, 1, 0]].apply_sync(os.getpid) == rc[[0, 1]].apply_sync(os.getpid)
+    with pytest.raises(ValueError, match="no engines"):
+        rc[5:].execute("touched = 1")
+    ar = rc._submit([0, 0], {"kind": "execute", "code": "1"}, None)  # bypassing the view's checks
+    with pytest.raises(shoal.EngineError, match="refused"):
+        ar.get(10)
+
+
+def test_a_thread_waiting_does_not_block_another(rc):
+    import threading
+    slow = rc[0].apply_async(time.sleep, 2)
+    waiter = threading.Thread(target=slow.get, args=(30,))
+    waiter.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    assert rc[1].apply_sync(abs, -3) == 3
+    assert time.monotonic() - t0 < 1.0, "the other thread's wait did not hold us up"
+    waiter.join()
+
+
+def test_a_client_that_stops_reading_does_not_freeze_the_controller(rc, cluster):
+    ctl, _ = cluster
+    import struct
+    import json as _json
+    from shoal import serialize
+    greedy = ctl.socket()  # sends and never reads
+    s = serialize.dumps((abs, (-1,), {}))
+    body = [struct.pack("<I", 0), _json.dumps({"kind": "apply", "buffers": []}).encode(), s.payload]
+    for _ in range(3000):
+        greedy.send(_core.MSG_TASK, body)
+    t0 = time.monotonic()
+    assert rc[1].apply_sync(abs, -7) == 7
+    assert time.monotonic() - t0 < 30
+    assert ctl.proc.poll() is None
+
+
+def test_results_finished_just_before_death_arrive(cluster, tmp_path):
+    ctl, _ = cluster
+    agent = Agent(ctl, tmp_path / "run4", engines=1)
+    c = shoal.Client(timeout=10)
+    try:
+        e = agent.engines[0]["id"]
+        for _ in range(3):
+            ok = c[e].apply_async(abs, -11)
+            if not c.ids or e not in c.ids:
+                break
+        boom = c[e].apply_async(os._exit, 3)
+        assert ok.get(10) == 11, "the reply the engine finished before dying still arrives"
+        with pytest.raises(shoal.EngineError):
+            boom.get(10)
+    finally:
+        c.close()
+        agent.stop()
+
+
+def test_engines_die_with_their_agent(cluster, tmp_path):
+    ctl, _ = cluster
+    agent = Agent(ctl, tmp_path / "run5", engines=2)
+    pids = [e["pid"] for e in agent.engines]
+    agent.proc.send_signal(signal.SIGKILL)
+    agent.proc.wait()
+    deadline = time.monotonic() + 5
+    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+              for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in pids:
+        assert not os.path.exists(f"/proc/{p}") or \
+            open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", f"engine {p} outlived its agent"
