@@ -278,15 +278,11 @@ static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
 
 /* ---- the Unix socket: local processes get the arena ------------------------------ */
 
-/* Sends the greeting and the arena's fd (SCM_RIGHTS). */
-static int send_arena(struct agent *a, int fd)
+/* Sends one line of text on a Unix connection with file descriptor
+ * `passfd` attached (SCM_RIGHTS). Returns 0 or -EIO. */
+static int send_line_with_fd(int fd, const char *text, size_t len, int passfd)
 {
-    char text[256];
-    shoal_arena_stats st;
-    shoal_arena_get_stats(a->arena, &st);
-    int n = snprintf(text, sizeof text, "{\"node\": %d, \"heap_size\": %llu, \"version\": 1}\n", a->node,
-                     (unsigned long long)st.heap_size);
-    struct iovec iov = {text, (size_t)n};
+    struct iovec iov = {(void *)text, len};
     union {
         struct cmsghdr h;
         char buf[CMSG_SPACE(sizeof(int))];
@@ -297,13 +293,23 @@ static int send_arena(struct agent *a, int fd)
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(sizeof(int));
-    int afd = shoal_arena_fd(a->arena);
-    memcpy(CMSG_DATA(c), &afd, sizeof afd);
+    memcpy(CMSG_DATA(c), &passfd, sizeof passfd);
     ssize_t sent;
     do {
         sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
-    return sent == n ? 0 : -EIO;
+    return sent == (ssize_t)len ? 0 : -EIO;
+}
+
+/* Sends the greeting and the arena's fd. */
+static int send_arena(struct agent *a, int fd)
+{
+    char text[256];
+    shoal_arena_stats st;
+    shoal_arena_get_stats(a->arena, &st);
+    int n = snprintf(text, sizeof text, "{\"node\": %d, \"heap_size\": %llu, \"version\": 1}\n", a->node,
+                     (unsigned long long)st.heap_size);
+    return send_line_with_fd(fd, text, (size_t)n, shoal_arena_fd(a->arena));
 }
 
 /* Forgets peer i; if its process is gone, releases what it held in the
@@ -929,19 +935,7 @@ static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id)
         int n = snprintf(text, sizeof text, "{\"engine\": %d, \"rings\": [%llu, %llu, %llu], \"nslots\": %d}\n", id,
                          (unsigned long long)e->rings.offset, (unsigned long long)e->rings.length,
                          (unsigned long long)e->rings.generation, NSLOTS);
-        struct iovec iov = {text, (size_t)n};
-        union {
-            struct cmsghdr h;
-            char buf[CMSG_SPACE(sizeof(int))];
-        } u;
-        memset(&u, 0, sizeof u);
-        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof u.buf};
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(c), &e->doorbell, sizeof(int));
-        if (sendmsg(e->conn, &msg, MSG_NOSIGNAL) != n) {
+        if (send_line_with_fd(e->conn, text, (size_t)n, e->doorbell) < 0) {
             logf_("cannot reach engine %d", id);
             kill(e->pid, SIGKILL);
         } else {

@@ -16,6 +16,7 @@
 #include <shoal/arena.h>
 #include <shoal/array.h>
 
+#include "_common.h"
 #include "_ring.h"
 #include "_socket.h"
 
@@ -42,12 +43,11 @@ typedef struct {
 static PyTypeObject ArenaType;
 static PyTypeObject BlockType;
 
-/* Raises OSError(errno, "what: strerror"); OSError picks the subclass that
- * matches errno (FileNotFoundError for ENOENT, and so on). */
-static PyObject *raise_errno(int neg, const char *what)
+/* Raises OSError(errnum, "what: reason"); OSError picks the subclass that
+ * matches errnum (FileNotFoundError for ENOENT, and so on). Returns NULL. */
+PyObject *shoal__raise_oserror(int errnum, const char *what, const char *reason)
 {
-    int e = -neg;
-    PyObject *args = Py_BuildValue("(iN)", e, PyUnicode_FromFormat("%s: %s", what, strerror(e)));
+    PyObject *args = Py_BuildValue("(iN)", errnum, PyUnicode_FromFormat("%s: %s", what, reason));
     if (!args)
         return NULL;
     PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);
@@ -57,6 +57,12 @@ static PyObject *raise_errno(int neg, const char *what)
         Py_DECREF(exc);
     }
     return NULL;
+}
+
+/* The same for a negative errno from the C core. */
+static PyObject *raise_errno(int neg, const char *what)
+{
+    return shoal__raise_oserror(-neg, what, strerror(-neg));
 }
 
 static int arena_usable(ArenaObject *self)

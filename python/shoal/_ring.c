@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "_common.h"
 #include "_ring.h"
 
 typedef struct {
@@ -23,16 +24,7 @@ typedef struct {
 
 static PyObject *ring_errno(int neg, const char *what)
 {
-    PyObject *args = Py_BuildValue("(iN)", -neg, PyUnicode_FromFormat("%s: %s", what, strerror(-neg)));
-    if (args) {
-        PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);
-        if (exc) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
-        Py_DECREF(args);
-    }
-    return NULL;
+    return shoal__raise_oserror(-neg, what, strerror(-neg));
 }
 
 /* Ring(block, nslots=0): formats a new ring in the block's bytes when nslots

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "_common.h"
 #include "_socket.h"
 
 static void *zctx;
@@ -104,16 +105,7 @@ static int sock_open(SocketObject *self)
 static PyObject *zmq_error(const char *what)
 {
     int e = zmq_errno();
-    PyObject *args = Py_BuildValue("(iN)", e, PyUnicode_FromFormat("%s: %s", what, zmq_strerror(e)));
-    if (args) {
-        PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);
-        if (exc) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
-        Py_DECREF(args);
-    }
-    return NULL;
+    return shoal__raise_oserror(e, what, zmq_strerror(e));
 }
 
 static PyObject *socket_new(PyTypeObject *type, PyObject *args, PyObject *kw)
