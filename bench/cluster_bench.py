@@ -75,6 +75,9 @@ def run_shoal(engines, sizes, out):
             measure("shoal", rc[rc.ids[0]], rc[:], engines, sizes, out)
     finally:
         shoal_cli(["stop", "--profile", profile])
+        import shutil
+        from shoal.cli import _profile_dir
+        shutil.rmtree(_profile_dir(profile), ignore_errors=True)
 
 
 def run_ipyparallel(engines, sizes, out):

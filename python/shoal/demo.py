@@ -154,6 +154,10 @@ def cluster_demo(args):
         t = time.perf_counter()
         shoal_cli(["stop", "--profile", profile])
         print(f"  stopped in {fmt_time(time.perf_counter() - t)}")
+        # The demo's profile directory holds only its log by now: leave nothing behind.
+        from .cli import _profile_dir
+        import shutil
+        shutil.rmtree(_profile_dir(profile), ignore_errors=True)
     return 0
 
 
