@@ -187,3 +187,16 @@ def test_closing_a_local_arena_with_arrays_alive_keeps_them_valid(cluster):
     assert x.sum() == 5000
     del x
     gc.collect()
+
+
+def test_a_short_drop_is_survived(cluster):
+    ctl, agent, _ = cluster
+    agent.proc.send_signal(signal.SIGSTOP)  # silent for one heartbeat period, less than three
+    time.sleep(0.25)
+    agent.proc.send_signal(signal.SIGCONT)
+    time.sleep(1.0)
+    _, reg = ctl.ask(ctl.socket(), _core.MSG_REGISTER)
+    assert reg["nodes"][0]["alive"], "a drop shorter than three heartbeats loses nothing"
+    assert agent.proc.poll() is None
+    with LocalArena(agent.node["socket"]) as local:
+        local.arena.check()
