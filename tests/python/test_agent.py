@@ -191,8 +191,8 @@ def test_closing_a_local_arena_with_arrays_alive_keeps_them_valid(cluster):
 
 def test_a_short_drop_is_survived(cluster):
     ctl, agent, _ = cluster
-    agent.proc.send_signal(signal.SIGSTOP)  # silent for one heartbeat period, less than three
-    time.sleep(0.25)
+    agent.proc.send_signal(signal.SIGSTOP)  # silent for half a heartbeat period; three lose it
+    time.sleep(0.1)
     agent.proc.send_signal(signal.SIGCONT)
     time.sleep(1.0)
     _, reg = ctl.ask(ctl.socket(), _core.MSG_REGISTER)
