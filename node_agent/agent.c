@@ -116,6 +116,7 @@ struct agent {
     int nengines;
     struct msgblk *blks;
     int nblks, capblks;
+    uint64_t backlog_timer; /* armed while any engine has a backlog */
     int restart;  /* start a new engine in place of one that dies */
     int stopping;
     int running;  /* the main loop goes on while set */
@@ -536,13 +537,37 @@ static void flush_backlog(struct engine *e)
     e->nbacklog -= done;
 }
 
+static struct agent *the_agent; /* for the backlog timer, which needs no other state */
+
+/* Every 2 ms while a backlog waits: move it along. An engine takes slots
+ * without telling us (a RELEASE brings no completion, so no doorbell), so
+ * its ring's room is only noticed by looking. */
+static void on_backlog_timer(shoal_loop *l, uint64_t id, void *arg)
+{
+    (void)id;
+    struct agent *a = arg;
+    int left = 0;
+    for (int i = 0; i < a->nengines; i++) {
+        if (a->engines[i].ready)
+            flush_backlog(&a->engines[i]);
+        left |= a->engines[i].nbacklog > 0;
+    }
+    a->backlog_timer = 0;
+    if (left)
+        shoal_loop_timer(l, 2, 0, on_backlog_timer, a, &a->backlog_timer);
+}
+
 /* Queues a slot for engine e: straight into its task ring when there is
  * room and nothing waits before it, else into the backlog, which its next
- * completions drain. Nothing is ever dropped. Returns 0 or -ENOMEM. */
+ * completions and a 2 ms timer drain. Nothing is ever dropped. Returns 0 or
+ * -ENOMEM. */
 static int sq_push(struct engine *e, const struct slot *sl)
 {
     if (e->nbacklog == 0 && shoal_ring_push(&e->sq, sl, 1) == 1)
         return 0;
+    struct agent *a = the_agent;
+    if (a && !a->backlog_timer)
+        shoal_loop_timer(a->loop, 2, 0, on_backlog_timer, a, &a->backlog_timer);
     if (e->nbacklog == e->capbacklog) {
         size_t cap = e->capbacklog ? 2 * e->capbacklog : 256;
         struct slot *b = realloc(e->backlog, cap * sizeof *b);
@@ -1050,6 +1075,7 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &sigs, NULL);
 
     static struct agent a;
+    the_agent = &a;
     a.node = -1;
     a.restart = restart;
     a.heartbeat_ms = 1000;
