@@ -14,6 +14,7 @@
  * can be told.
  */
 #define _GNU_SOURCE
+#include <shoal/util.h>
 #include <shoal/zwire.h>
 
 #include <cjson/cJSON.h>
@@ -90,26 +91,8 @@ struct controller {
     int stopping;
 };
 
-static int64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void logf_(const char *fmt, ...)
-{
-    char ts[32];
-    time_t t = time(NULL);
-    struct tm tm;
-    strftime(ts, sizeof ts, "%Y-%m-%d %H:%M:%S", localtime_r(&t, &tm));
-    fprintf(stderr, "%s [shoal-controller] ", ts);
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-}
+#define now_ns shoal_now_ns
+#define logf_(...) shoal_log("shoal-controller", __VA_ARGS__)
 
 /* ---- the profile directory and the connection file ------------------------ */
 

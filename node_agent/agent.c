@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include <shoal/arena.h>
+#include <shoal/util.h>
 #include <shoal/zwire.h>
 
 #include "loop.h"
@@ -125,26 +126,9 @@ struct agent {
 static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id);
 static void route_task(struct agent *a, shoal_wire_msg *m);
 
-static int64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void logf_(const char *fmt, ...)
-{
-    char ts[32];
-    time_t t = time(NULL);
-    struct tm tm;
-    strftime(ts, sizeof ts, "%Y-%m-%d %H:%M:%S", localtime_r(&t, &tm));
-    fprintf(stderr, "%s [shoal-agent %d] ", ts, (int)getpid());
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-}
+static char log_name[32] = "shoal-agent"; /* then "shoal-agent <pid>" */
+#define now_ns shoal_now_ns
+#define logf_(...) shoal_log(log_name, __VA_ARGS__)
 
 /* ---- the connection file ----------------------------------------------------- */
 
@@ -1074,6 +1058,7 @@ int main(int argc, char **argv)
     sigaddset(&sigs, SIGTERM);
     sigprocmask(SIG_BLOCK, &sigs, NULL);
 
+    snprintf(log_name, sizeof log_name, "shoal-agent %d", (int)getpid());
     static struct agent a;
     the_agent = &a;
     a.node = -1;
