@@ -76,7 +76,7 @@ def run_shoal(engines, sizes, out):
     finally:
         shoal_cli(["stop", "--profile", profile])
         import shutil
-        from shoal.cli import _profile_dir
+        from shoal.client import _profile_dir
         shutil.rmtree(_profile_dir(profile), ignore_errors=True)
 
 

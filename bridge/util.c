@@ -1,10 +1,31 @@
 /* bridge/util.c - the clock and the log line that shoal's programs share. */
 #include <shoal/util.h>
 
+#include <errno.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+int shoal_root_dir(char *out, size_t len)
+{
+    const char *root = getenv("SHOAL_DIR"), *home = getenv("HOME");
+    int n = root && *root ? snprintf(out, len, "%s", root)
+                          : snprintf(out, len, "%s/.shoal", home && *home ? home : ".");
+    return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+int shoal_profile_dir(const char *profile, char *out, size_t len)
+{
+    int rc = shoal_root_dir(out, len);
+    if (rc < 0)
+        return rc;
+    size_t used = strlen(out);
+    int n = snprintf(out + used, len - used, "/profile_%s", profile);
+    return n < 0 || (size_t)n >= len - used ? -ENAMETOOLONG : 0;
+}
 
 int64_t shoal_now_ns(void)
 {

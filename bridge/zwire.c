@@ -229,3 +229,34 @@ int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoa
     }
     return 0;
 }
+
+int shoal_wire_send_engine_error(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                                 const shoal_msg_header *h, uint32_t engine, const char *evalue)
+{
+    /* evalue as a JSON string: quotes, backslashes and control bytes escaped. */
+    char esc[512];
+    size_t k = 0;
+    for (const char *p = evalue; *p && k < sizeof esc - 8; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch == '"' || ch == '\\') {
+            esc[k++] = '\\';
+            esc[k++] = (char)ch;
+        } else if (ch < 0x20) {
+            k += (size_t)snprintf(esc + k, sizeof esc - k, "\\u%04x", ch);
+        } else {
+            esc[k++] = (char)ch;
+        }
+    }
+    esc[k] = '\0';
+    char meta[768];
+    int n = snprintf(meta, sizeof meta,
+                     "{\"status\":\"error\",\"engine_id\":%u,\"ename\":\"EngineError\",\"evalue\":\"%s\","
+                     "\"traceback\":[],\"stdout\":\"\",\"stderr\":\"\"}",
+                     engine, esc);
+    if (n < 0 || (size_t)n >= sizeof meta)
+        return -EINVAL;
+    shoal_frame f[2] = {{meta, (size_t)n}, {"", 0}};
+    shoal_msg_header out = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = h->msg_id,
+                            .task_id = h->task_id, .sender = engine, .target = engine, .reply_to = h->reply_to};
+    return shoal_wire_send(sock, key, route, &out, f, 2);
+}

@@ -315,24 +315,9 @@ static void fail_target(struct controller *c, const struct route *client, uint64
 {
     char evalue[256];
     snprintf(evalue, sizeof evalue, "engine %u %s (task %" PRIu64 ")", engine, why, task_id);
-    cJSON *j = cJSON_CreateObject();
-    cJSON_AddStringToObject(j, "status", "error");
-    cJSON_AddNumberToObject(j, "engine_id", engine);
-    cJSON_AddStringToObject(j, "ename", "EngineError");
-    cJSON_AddStringToObject(j, "evalue", evalue);
-    cJSON_AddItemToObject(j, "traceback", cJSON_CreateArray());
-    cJSON_AddStringToObject(j, "stdout", "");
-    cJSON_AddStringToObject(j, "stderr", "");
-    char *text = cJSON_PrintUnformatted(j);
-    cJSON_Delete(j);
-    if (!text)
-        return;
-    shoal_frame f[2] = {{text, strlen(text)}, {"", 0}};
-    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++c->next_msg_id,
-                          .task_id = task_id, .sender = engine, .target = engine, .reply_to = client_msg};
+    shoal_msg_header h = {.msg_id = ++c->next_msg_id, .task_id = task_id, .reply_to = client_msg};
     shoal_frame route = {client->id, client->len};
-    shoal_wire_send(c->clients, c->key, &route, &h, f, 2);
-    free(text);
+    shoal_wire_send_engine_error(c->clients, c->key, &route, &h, engine, evalue);
 }
 
 /* Marks engine e's part of task t done; frees t when nothing is left. */
@@ -758,18 +743,14 @@ int main(int argc, char **argv)
     }
 
     char dir[PATH_MAX];
-    const char *root = getenv("SHOAL_DIR");
-    const char *home = getenv("HOME");
-    if (root && *root)
-        snprintf(dir, sizeof dir, "%s", root);
-    else
-        snprintf(dir, sizeof dir, "%s/.shoal", home && *home ? home : ".");
-    if (mkdir_private(dir) < 0) {
+    if (shoal_root_dir(dir, sizeof dir) < 0 || mkdir_private(dir) < 0) {
         logf_("cannot create %s: %s", dir, strerror(errno));
         return 1;
     }
-    size_t dl = strlen(dir);
-    snprintf(dir + dl, sizeof dir - dl, "/profile_%s", profile);
+    if (shoal_profile_dir(profile, dir, sizeof dir) < 0) {
+        logf_("the profile directory's path is too long");
+        return 1;
+    }
     if (mkdir_private(dir) < 0) {
         logf_("cannot create %s: %s", dir, strerror(errno));
         return 1;

@@ -78,7 +78,10 @@ struct outstanding {
     int blk;
 };
 
+struct agent;
+
 struct engine {
+    struct agent *agent; /* the one this engine belongs to */
     int index;
     pid_t pid;
     int pidfd;
@@ -131,14 +134,6 @@ static char log_name[32] = "shoal-agent"; /* then "shoal-agent <pid>" */
 #define logf_(...) shoal_log(log_name, __VA_ARGS__)
 
 /* ---- the connection file ----------------------------------------------------- */
-
-static int profile_dir(const char *profile, char *out, size_t len)
-{
-    const char *root = getenv("SHOAL_DIR"), *home = getenv("HOME");
-    int n = root && *root ? snprintf(out, len, "%s/profile_%s", root, profile)
-                          : snprintf(out, len, "%s/.shoal/profile_%s", home && *home ? home : ".", profile);
-    return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
-}
 
 /* Reads the controller's address and key from the connection file. */
 static int read_connection(const char *path, char *endpoint, size_t eplen, uint8_t key[SHOAL_WIRE_KEY])
@@ -521,8 +516,6 @@ static void flush_backlog(struct engine *e)
     e->nbacklog -= done;
 }
 
-static struct agent *the_agent; /* for the backlog timer, which needs no other state */
-
 /* Every 2 ms while a backlog waits: move it along. An engine takes slots
  * without telling us (a RELEASE brings no completion, so no doorbell), so
  * its ring's room is only noticed by looking. */
@@ -549,8 +542,8 @@ static int sq_push(struct engine *e, const struct slot *sl)
 {
     if (e->nbacklog == 0 && shoal_ring_push(&e->sq, sl, 1) == 1)
         return 0;
-    struct agent *a = the_agent;
-    if (a && !a->backlog_timer)
+    struct agent *a = e->agent;
+    if (!a->backlog_timer)
         shoal_loop_timer(a->loop, 2, 0, on_backlog_timer, a, &a->backlog_timer);
     if (e->nbacklog == e->capbacklog) {
         size_t cap = e->capbacklog ? 2 * e->capbacklog : 256;
@@ -570,23 +563,8 @@ static void send_engine_error(struct agent *a, struct engine *e, uint64_t task_i
     char evalue[300];
     snprintf(evalue, sizeof evalue, "engine %d (pid %d) %s while running task %llu", e->id, (int)e->pid, why,
              (unsigned long long)task_id);
-    cJSON *j = cJSON_CreateObject();
-    cJSON_AddStringToObject(j, "status", "error");
-    cJSON_AddNumberToObject(j, "engine_id", e->id);
-    cJSON_AddStringToObject(j, "ename", "EngineError");
-    cJSON_AddStringToObject(j, "evalue", evalue);
-    cJSON_AddItemToObject(j, "traceback", cJSON_CreateArray());
-    cJSON_AddStringToObject(j, "stdout", "");
-    cJSON_AddStringToObject(j, "stderr", "");
-    char *text = cJSON_PrintUnformatted(j);
-    cJSON_Delete(j);
-    if (!text)
-        return;
-    shoal_frame f[2] = {{text, strlen(text)}, {"", 0}};
-    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++a->next_msg_id,
-                          .task_id = task_id, .sender = (uint32_t)e->id, .target = (uint32_t)e->id};
-    shoal_wire_send(a->ctl, a->key, NULL, &h, f, 2);
-    free(text);
+    shoal_msg_header h = {.msg_id = ++a->next_msg_id, .task_id = task_id};
+    shoal_wire_send_engine_error(a->ctl, a->key, NULL, &h, (uint32_t)e->id, evalue);
 }
 
 static struct engine *engine_by_id(struct agent *a, uint32_t id)
@@ -767,7 +745,7 @@ static void on_doorbell(shoal_loop *l, int fd, uint32_t events, void *arg)
     (void)l;
     (void)events;
     struct engine *e = arg;
-    struct agent *a = (struct agent *)((char *)(e - e->index) - offsetof(struct agent, engines));
+    struct agent *a = e->agent;
     uint64_t v;
     while (read(fd, &v, sizeof v) > 0)
         ;
@@ -827,7 +805,7 @@ static void on_engine_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
     (void)fd;
     (void)events;
     struct engine *e = arg;
-    struct agent *a = (struct agent *)((char *)(e - e->index) - offsetof(struct agent, engines));
+    struct agent *a = e->agent;
     engine_gone(a, e, "died");
     /* An engine that dies within seconds of starting, five times in a row,
      * is not restarted again: something is wrong with how it starts. */
@@ -849,7 +827,8 @@ static int spawn_engine(struct agent *a, int index)
     int quick = e->quick_deaths;
     free(e->out);
     free(e->backlog);
-    *e = (struct engine){.index = index, .id = -1, .conn = -1, .doorbell = -1, .pidfd = -1, .quick_deaths = quick};
+    *e = (struct engine){.agent = a, .index = index, .id = -1, .conn = -1, .doorbell = -1, .pidfd = -1,
+                         .quick_deaths = quick};
     e->started_ns = now_ns();
     char idx[16];
     snprintf(idx, sizeof idx, "%d", index);
@@ -1060,13 +1039,12 @@ int main(int argc, char **argv)
 
     snprintf(log_name, sizeof log_name, "shoal-agent %d", (int)getpid());
     static struct agent a;
-    the_agent = &a;
     a.node = -1;
     a.restart = restart;
     a.heartbeat_ms = 1000;
     a.listen_fd = a.sig_fd = -1;
     char dir[PATH_MAX - 32], conn[PATH_MAX], endpoint[512];
-    if (profile_dir(profile, dir, sizeof dir) < 0) {
+    if (shoal_profile_dir(profile, dir, sizeof dir) < 0) {
         logf_("the profile directory's path is too long");
         return 1;
     }

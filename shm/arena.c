@@ -21,6 +21,8 @@
 
 #include "arena_layout.h"
 
+#include "cpu.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -339,16 +341,6 @@ static int rebuild(shoal_arena *a)
 }
 
 /* ---- the lock ------------------------------------------------------------- */
-
-/* Tells the CPU we are spinning, so it can yield to the other hyperthread. */
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 static int arena_lock(shoal_arena *a)
 {

@@ -16,6 +16,8 @@
 #define _GNU_SOURCE
 #include <shoal/ring.h>
 
+#include "cpu.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
@@ -50,15 +52,6 @@ struct shoal_ring_shared {
 };
 
 _Static_assert(sizeof(struct shoal_ring_shared) == RING_HDR, "ring header is four cache lines");
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 static int64_t now_ns(void)
 {

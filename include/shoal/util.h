@@ -5,10 +5,19 @@
 #ifndef SHOAL_UTIL_H
 #define SHOAL_UTIL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 int64_t shoal_now_ns(void);
+
+/* Where profiles live: $SHOAL_DIR, else ~/.shoal. Writes it into out (len
+ * bytes). Returns 0 or -ENAMETOOLONG. */
+int shoal_root_dir(char *out, size_t len);
+
+/* The directory of profile NAME: <root>/profile_NAME. Returns 0 or
+ * -ENAMETOOLONG. */
+int shoal_profile_dir(const char *profile, char *out, size_t len);
 
 /* Writes "YYYY-mm-dd HH:MM:SS [who] message\n" to stderr, as one write, so
  * that lines of several processes sharing a log do not interleave. */

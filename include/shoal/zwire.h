@@ -80,6 +80,17 @@ int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoa
                        const shoal_msg_header *h, const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs,
                        size_t n_msgs);
 
+/*
+ * Sends the RESULT that says engine `engine` could not run a task: an
+ * EngineError whose message is evalue, in the reply format of
+ * docs/engine.md (payload 0 the JSON meta, payload 1 an empty pickle).
+ * msg_id, task_id and reply_to come from h; the rest is set here. The
+ * controller and the agent both answer this way for engines that died or
+ * are not running. Returns as shoal_wire_send.
+ */
+int shoal_wire_send_engine_error(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                                 const shoal_msg_header *h, uint32_t engine, const char *evalue);
+
 #ifdef __cplusplus
 }
 #endif

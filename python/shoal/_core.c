@@ -155,12 +155,6 @@ static PyObject *block_get_arena(BlockObject *self, void *closure)
     return (PyObject *)self->owner;
 }
 
-static PyObject *block_get_window(BlockObject *self, void *closure)
-{
-    (void)closure;
-    return Py_BuildValue("(KK)", (unsigned long long)self->win_off, (unsigned long long)self->win_len);
-}
-
 static PyObject *block_get_readonly(BlockObject *self, void *closure)
 {
     (void)closure;
@@ -181,7 +175,6 @@ static PyGetSetDef block_getset[] = {
     {"readonly", (getter)block_get_readonly, NULL, "whether buffers of this block are read-only", NULL},
     {"address", (getter)block_get_address, NULL, "address of the block's first byte in this process", NULL},
     {"arena", (getter)block_get_arena, NULL, "the Arena this block lives in", NULL},
-    {"window", (getter)block_get_window, NULL, "(start, nbytes) of the block that its buffer exposes", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -175,13 +175,13 @@ class Engine:
             except BrokenPipeError:
                 return 0  # the agent closed our ring: it is stopping
             for i in range(0, len(slots), SLOT.size):
-                task_id, kind, flags, off, length, gen, sender = SLOT.unpack_from(slots, i)
+                task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
                 if kind == KIND_SHUTDOWN:
                     return 0
                 if kind == KIND_RELEASE:
                     self.replies.pop(off, None)
                 elif kind == KIND_TASK:
-                    self.run_task(task_id, (off, length, gen), sender)
+                    self.run_task(task_id, (off, length, gen))
 
     def send_output(self, name, text):
         """Sends a piece of a running task's stdout or stderr to its client
@@ -192,7 +192,7 @@ class Engine:
         if self.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 1:
             self.outputs.append(block)
 
-    def run_task(self, task_id, handle, sender):
+    def run_task(self, task_id, handle):
         self.task_id = task_id
         out, err = _Stream(self, "stdout"), _Stream(self, "stderr")
         meta = {"status": "ok", "engine_id": self.id}

@@ -16,12 +16,7 @@ import sys
 import time
 
 from . import _bin, _core
-from .client import Client, _connection_file
-
-
-def _profile_dir(profile):
-    root = os.environ.get("SHOAL_DIR") or os.path.join(os.path.expanduser("~"), ".shoal")
-    return os.path.join(root, f"profile_{profile}")
+from .client import Client, _connection_file, _profile_dir
 
 
 def _alive(pid):

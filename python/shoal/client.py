@@ -21,11 +21,14 @@ from .error import EngineError, RemoteError, TimeoutError
 from .local import LocalArena
 
 
-def _connection_file(profile, url_file):
-    if url_file:
-        return url_file
+def _profile_dir(profile):
+    """Where profile `profile` lives: $SHOAL_DIR (else ~/.shoal)/profile_<profile>."""
     root = os.environ.get("SHOAL_DIR") or os.path.join(os.path.expanduser("~"), ".shoal")
-    return os.path.join(root, f"profile_{profile}", "connection.json")
+    return os.path.join(root, f"profile_{profile}")
+
+
+def _connection_file(profile, url_file):
+    return url_file or os.path.join(_profile_dir(profile), "connection.json")
 
 
 class Client:
@@ -34,7 +37,7 @@ class Client:
     ``timeout`` bounds the wait for the controller's first answer.
     """
 
-    def __init__(self, url_file=None, profile="default", timeout=10, **kwargs):
+    def __init__(self, url_file=None, profile="default", timeout=10):
         path = _connection_file(profile, url_file)
         try:
             with open(path) as f:

@@ -155,8 +155,9 @@ def cluster_demo(args):
         shoal_cli(["stop", "--profile", profile])
         print(f"  stopped in {fmt_time(time.perf_counter() - t)}")
         # The demo's profile directory holds only its log by now: leave nothing behind.
-        from .cli import _profile_dir
         import shutil
+
+        from .client import _profile_dir
         shutil.rmtree(_profile_dir(profile), ignore_errors=True)
     return 0
 

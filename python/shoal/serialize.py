@@ -43,10 +43,6 @@ class Serialized:
     frames: list = field(default_factory=list)
     keep: list = field(default_factory=list)
 
-    @property
-    def nbytes(self):
-        return len(self.payload) + sum(b[3] if b[0] == "arena" else self.frames[b[1]].nbytes for b in self.buffers)
-
 
 def _owner_block(obj):
     """The arena Block whose memory obj's buffer is, or None."""

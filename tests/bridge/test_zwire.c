@@ -168,3 +168,24 @@ Test(zwire, oversized_frames_are_refused_before_hashing)
     send_task(dealer, 10, "small", NULL, 0);
     expect_task(10, "small");
 }
+
+Test(zwire, engine_error_results_are_escaped_json)
+{
+    shoal_msg_header h = {.msg_id = 3, .task_id = 9, .reply_to = 4};
+    cr_assert_eq(shoal_wire_send_engine_error(dealer, key, NULL, &h, 7, "a \"quoted\"\nthing\\"), 0);
+    shoal_wire_msg m;
+    cr_assert_eq(shoal_wire_recv(router, key, true, NULL, 0, &m, NULL), 0);
+    cr_assert_eq(m.hdr.type, SHOAL_MSG_RESULT);
+    cr_assert_eq(m.hdr.task_id, 9);
+    cr_assert_eq(m.hdr.reply_to, 4);
+    cr_assert_eq(m.hdr.sender, 7);
+    cr_assert_eq(m.hdr.n_payload, 2);
+    shoal_frame f = shoal_wire_frame(&m, 0);
+    char text[1024];
+    cr_assert_lt(f.len, sizeof text);
+    memcpy(text, f.data, f.len);
+    text[f.len] = '\0';
+    cr_assert(strstr(text, "\"ename\":\"EngineError\""), "%s", text);
+    cr_assert(strstr(text, "\"evalue\":\"a \\\"quoted\\\"\\u000athing\\\\\""), "%s", text);
+    shoal_wire_msg_close(&m);
+}

@@ -99,7 +99,7 @@ def test_unknown_and_misplaced_messages_get_an_error(ctl):
     assert kind == _core.MSG_ERROR and "register the node" in body["error"]
 
 
-def test_nodes_and_engines_register_and_a_silent_node_is_lost(ctl):
+def test_nodes_and_engines_register(ctl):
     # The node agent's side of the conversation, spoken by the test.
     a = ctl.socket("agent")
     kind, body = ctl.ask(a, _core.MSG_REGISTER, {"host": "here", "pid": os.getpid()})
@@ -116,16 +116,9 @@ def test_nodes_and_engines_register_and_a_silent_node_is_lost(ctl):
             break
     assert [e["alive"] for e in reg["engines"]] == [True, False, True]
     assert [e["pid"] for e in reg["engines"]] == [1000, 1001, 1002]
-    # Heartbeats arrive; a node that stops answering is lost within 3 periods.
     hdr, *_ = a.recv(timeout=5)
-    assert hdr["type"] == _core.MSG_HEARTBEAT
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        _, reg = ctl.ask(c, _core.MSG_REGISTER)
-        if not reg["nodes"][0]["alive"]:
-            break
-        time.sleep(0.05)
-    assert not reg["nodes"][0]["alive"] and not any(e["alive"] for e in reg["engines"])
+    assert hdr["type"] == _core.MSG_HEARTBEAT, "a registered node gets heartbeats"
+    # Losing a node that stops answering: test_agent.py, with the real agent.
 
 
 def test_shutdown_from_a_client_stops_it_and_tells_the_agents(tmp_path):
