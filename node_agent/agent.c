@@ -48,7 +48,7 @@
 #define NSLOTS 1024
 
 /* Ring slot kinds and layout: docs/engine.md (and shoal/_engine.py). */
-enum { KIND_TASK = 1, KIND_SHUTDOWN = 2, KIND_RESULT = 3, KIND_RELEASE = 4, KIND_OUTPUT = 5 };
+enum { KIND_TASK = 1, KIND_SHUTDOWN = 2, KIND_RESULT = 3, KIND_RELEASE = 4, KIND_OUTPUT = 5, KIND_LANE = 6 };
 struct slot {
     uint64_t task_id;
     uint32_t kind;
@@ -63,6 +63,8 @@ struct peer {
     int fd;     /* the connection; -1 once closed */
     int pidfd;  /* the process; its death releases what it held */
     pid_t pid;
+    uint64_t serial;    /* names the connection in its lanes */
+    shoal_handle bell;  /* the doorbell its lanes ring (generation 0: none yet) */
     char line[512]; /* what it said so far */
     size_t linelen;
 };
@@ -76,6 +78,33 @@ struct msgblk {
 struct outstanding {
     uint64_t task_id;
     int blk;
+};
+
+/*
+ * A lane: a client's direct path to one engine (docs/engine.md, "Lanes"):
+ * one arena block with a header and two rings, tasks in and completions
+ * out, which the client and the engine use without us. We keep views of the
+ * rings to close them when either side goes.
+ */
+#define LANE_MAGIC 0x454E414Cu /* "LANE" */
+#define LANE_HDR 128u
+#define LANE_NSLOTS 1024u
+struct lane_header {
+    uint32_t magic, version;
+    int32_t engine_id;
+    uint32_t nslots;
+    uint64_t client_bell[3]; /* block of the client's doorbell (at its start) */
+    uint64_t engine_bell[3]; /* block of the engine's rings (its doorbell at SHOAL_RING_BELL_OFFSET) */
+    int32_t engine_pid;
+    uint8_t pad[LANE_HDR - 68];
+};
+_Static_assert(sizeof(struct lane_header) == LANE_HDR, "docs/engine.md");
+
+struct lane {
+    shoal_handle h;
+    uint64_t peer; /* the client connection's serial */
+    int engine;    /* local index */
+    shoal_ring sq, cq;
 };
 
 struct agent;
@@ -120,6 +149,9 @@ struct agent {
     int nengines;
     struct msgblk *blks;
     int nblks, capblks;
+    struct lane *lanes;
+    int nlanes, caplanes;
+    uint64_t next_serial;
     uint64_t backlog_timer; /* armed while any engine has a backlog */
     int restart;  /* start a new engine in place of one that dies */
     int stopping;
@@ -294,8 +326,12 @@ static int send_arena(struct agent *a, int fd)
 
 /* Forgets peer i; if its process is gone, releases what it held in the
  * arena. */
+static void close_peer_lanes(struct agent *a, struct peer *p);
+static void lane_open(struct agent *a, struct peer *p, cJSON *req);
+
 static void drop_peer(struct agent *a, int i)
 {
+    close_peer_lanes(a, &a->peers[i]);
     struct peer p = a->peers[i];
     if (p.fd >= 0) {
         shoal_loop_unwatch(a->loop, p.fd);
@@ -361,6 +397,8 @@ static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
             cJSON *role = cJSON_GetObjectItemCaseSensitive(j, "role");
             if (cJSON_IsString(role) && !strcmp(role->valuestring, "engine"))
                 engine_hello(a, i, j);
+            else if (cJSON_GetObjectItemCaseSensitive(j, "lane"))
+                lane_open(a, p, j);
             cJSON_Delete(j);
             p->linelen = 0;
         }
@@ -368,8 +406,10 @@ static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
         shoal_loop_unwatch(l, fd);
         close(fd);
-        if (i >= 0)
+        if (i >= 0) {
             a->peers[i].fd = -1;
+            close_peer_lanes(a, &a->peers[i]); /* its client is done with them */
+        }
         for (int k = 0; k < a->nengines; k++)
             if (a->engines[k].conn == fd)
                 a->engines[k].conn = -1; /* never send to whatever reuses the fd number */
@@ -409,7 +449,7 @@ static void on_listen(shoal_loop *l, int fd, uint32_t events, void *arg)
             close(c);
             continue;
         }
-        a->peers[a->npeers++] = (struct peer){.fd = c, .pidfd = pidfd, .pid = cred.pid};
+        a->peers[a->npeers++] = (struct peer){.fd = c, .pidfd = pidfd, .pid = cred.pid, .serial = ++a->next_serial};
     }
 }
 
@@ -573,6 +613,122 @@ static struct engine *engine_by_id(struct agent *a, uint32_t id)
         if (a->engines[i].id == (int32_t)id)
             return &a->engines[i];
     return NULL;
+}
+
+/* ---- lanes: a local client's direct path to an engine ---------------------------- */
+
+/* Closes lane i: the engine (woken through its doorbell) drops it, and the
+ * client (woken through its own) fails whatever it still waited for there. */
+static void lane_close(struct agent *a, int i)
+{
+    struct lane *l = &a->lanes[i];
+    shoal_ring_close(&l->sq);
+    shoal_ring_close(&l->cq);
+    shoal_arena_release(a->arena, l->h);
+    a->lanes[i] = a->lanes[--a->nlanes];
+}
+
+static void close_engine_lanes(struct agent *a, const struct engine *e)
+{
+    for (int i = a->nlanes - 1; i >= 0; i--)
+        if (a->lanes[i].engine == e->index)
+            lane_close(a, i);
+}
+
+static void close_peer_lanes(struct agent *a, struct peer *p)
+{
+    for (int i = a->nlanes - 1; i >= 0; i--)
+        if (a->lanes[i].peer == p->serial)
+            lane_close(a, i);
+    if (p->bell.generation) {
+        shoal_arena_release(a->arena, p->bell);
+        p->bell.generation = 0;
+    }
+}
+
+static void say(int fd, const char *text, int n)
+{
+    if (n > 0)
+        (void)send(fd, text, (size_t)n, MSG_NOSIGNAL);
+}
+
+/* A client asked for a lane to an engine: {"lane": engine id}. Makes one
+ * (or finds the one it has), tells the engine through its task ring, and
+ * answers {"lane": id, "block": [offset, length, generation]} or
+ * {"lane": id, "error": why}. */
+static void lane_open(struct agent *a, struct peer *p, cJSON *req)
+{
+    char text[256];
+    cJSON *want = cJSON_GetObjectItemCaseSensitive(req, "lane");
+    int ok = cJSON_IsNumber(want) && want->valuedouble >= 0 && want->valuedouble < 1e9;
+    int id = ok ? want->valueint : -1;
+    struct engine *e = ok ? engine_by_id(a, (uint32_t)id) : NULL;
+    if (!e || !e->alive || !e->ready || e->conn < 0) {
+        say(p->fd, text, snprintf(text, sizeof text, "{\"lane\": %d, \"error\": \"engine %d is not running on "
+                                  "this node\"}\n", id, id));
+        return;
+    }
+    for (int i = 0; i < a->nlanes; i++)
+        if (a->lanes[i].peer == p->serial && a->lanes[i].engine == e->index) {
+            shoal_handle h = a->lanes[i].h;
+            say(p->fd, text, snprintf(text, sizeof text, "{\"lane\": %d, \"block\": [%llu, %llu, %llu]}\n", id,
+                                      (unsigned long long)h.offset, (unsigned long long)h.length,
+                                      (unsigned long long)h.generation));
+            return;
+        }
+    const char *why = NULL;
+    uint8_t *m;
+    if (!p->bell.generation) {
+        if (shoal_arena_alloc(a->arena, SHOAL_DOORBELL_SIZE, &p->bell) < 0) {
+            p->bell.generation = 0;
+            why = "no arena memory for a doorbell";
+        } else {
+            shoal_arena_ptr(a->arena, p->bell, (void **)&m);
+            memset(m, 0, SHOAL_DOORBELL_SIZE);
+        }
+    }
+    size_t one = shoal_ring_size(LANE_NSLOTS);
+    shoal_handle h = {0, 0, 0};
+    if (!why && a->nlanes == a->caplanes) {
+        int cap = a->caplanes ? 2 * a->caplanes : 16;
+        struct lane *nl = realloc(a->lanes, (size_t)cap * sizeof *nl);
+        if (nl) {
+            a->lanes = nl;
+            a->caplanes = cap;
+        } else {
+            why = "out of memory";
+        }
+    }
+    if (!why && shoal_arena_alloc(a->arena, LANE_HDR + 2 * one, &h) < 0)
+        why = "no arena memory for a lane";
+    if (why) {
+        say(p->fd, text, snprintf(text, sizeof text, "{\"lane\": %d, \"error\": \"%s\"}\n", id, why));
+        return;
+    }
+    shoal_arena_ptr(a->arena, h, (void **)&m);
+    struct lane *l = &a->lanes[a->nlanes];
+    *l = (struct lane){.h = h, .peer = p->serial, .engine = e->index};
+    shoal_ring_init(m + LANE_HDR, one, LANE_NSLOTS, &l->sq);
+    shoal_ring_init(m + LANE_HDR + one, one, LANE_NSLOTS, &l->cq);
+    uint8_t *bell;
+    shoal_arena_ptr(a->arena, p->bell, (void **)&bell);
+    shoal_ring_set_doorbell(&l->sq, (uint8_t *)e->sq.shared + SHOAL_RING_BELL_OFFSET);
+    shoal_ring_set_doorbell(&l->cq, bell);
+    struct lane_header hd = {.magic = LANE_MAGIC, .version = 1, .engine_id = e->id, .nslots = LANE_NSLOTS,
+                             .client_bell = {p->bell.offset, p->bell.length, p->bell.generation},
+                             .engine_bell = {e->rings.offset, e->rings.length, e->rings.generation},
+                             .engine_pid = (int32_t)e->pid};
+    memcpy(m, &hd, sizeof hd);
+    struct slot sl = {.kind = KIND_LANE, .offset = h.offset, .length = h.length, .generation = h.generation};
+    if (sq_push(e, &sl) < 0) {
+        shoal_arena_release(a->arena, h);
+        say(p->fd, text, snprintf(text, sizeof text, "{\"lane\": %d, \"error\": \"out of memory\"}\n", id));
+        return;
+    }
+    a->nlanes++;
+    say(p->fd, text, snprintf(text, sizeof text, "{\"lane\": %d, \"block\": [%llu, %llu, %llu]}\n", id,
+                              (unsigned long long)h.offset, (unsigned long long)h.length,
+                              (unsigned long long)h.generation));
 }
 
 /* Packs frames into one new arena block (docs/engine.md's message block). */
@@ -775,6 +931,7 @@ static void engine_gone(struct agent *a, struct engine *e, const char *why)
         close(e->doorbell);
         e->doorbell = -1;
     }
+    close_engine_lanes(a, e); /* its clients fail what they sent it */
     e->nbacklog = 0; /* its tasks are also in e->out: they fail below */
     while (e->nout) {
         send_engine_error(a, e, e->out[e->nout - 1].task_id, "died");

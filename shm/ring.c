@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stddef.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -52,6 +53,15 @@ struct shoal_ring_shared {
 };
 
 _Static_assert(sizeof(struct shoal_ring_shared) == RING_HDR, "ring header is four cache lines");
+
+/* The sleep handshake's two words. A ring's own live in its line 3; a
+ * consumer of many rings points them at one of its own. */
+struct shoal_doorbell {
+    _Atomic uint32_t sleeping;
+    _Atomic uint32_t bell;
+};
+_Static_assert(offsetof(struct shoal_ring_shared, sleeping) == SHOAL_RING_BELL_OFFSET, "docs/rings.md");
+_Static_assert(sizeof(struct shoal_doorbell) == SHOAL_DOORBELL_SIZE, "docs/rings.md");
 
 static int64_t now_ns(void)
 {
@@ -93,6 +103,7 @@ static void attach(void *mem, uint32_t nslots, shoal_ring *r)
     r->slots = (uint8_t *)mem + RING_HDR;
     r->nslots = nslots;
     r->notify_fd = -1;
+    r->db = (shoal_doorbell *)&r->shared->sleeping;
 }
 
 int shoal_ring_init(void *mem, size_t len, uint32_t nslots, shoal_ring *r)
@@ -129,10 +140,20 @@ void shoal_ring_set_notify_fd(shoal_ring *r, int fd)
     r->notify_fd = fd;
 }
 
+void shoal_ring_set_doorbell(shoal_ring *r, void *db)
+{
+    r->db = db ? db : (shoal_doorbell *)&r->shared->sleeping;
+}
+
+int shoal_ring_closed(const shoal_ring *r)
+{
+    return (int)atomic_load_explicit(&r->shared->closed, memory_order_acquire);
+}
+
 static void ring_bell(shoal_ring *r)
 {
-    struct shoal_ring_shared *s = r->shared;
-    atomic_fetch_add_explicit(&s->bell, 1, memory_order_seq_cst);
+    shoal_doorbell *db = r->db;
+    atomic_fetch_add_explicit(&db->bell, 1, memory_order_seq_cst);
     if (r->notify_fd >= 0) {
         uint64_t one = 1;
         ssize_t n;
@@ -141,7 +162,7 @@ static void ring_bell(shoal_ring *r)
         } while (n < 0 && errno == EINTR);
         /* EAGAIN: the counter is saturated, so the consumer is awake anyway. */
     } else {
-        futex_wake(&s->bell);
+        futex_wake(&db->bell);
     }
 }
 
@@ -167,7 +188,7 @@ int shoal_ring_push(shoal_ring *r, const void *src, uint32_t n)
      * sleep handshake (see the top of this file). It also releases the slot
      * contents to the consumer. */
     atomic_store_explicit(&s->tail, tail + k, memory_order_seq_cst);
-    if (atomic_load_explicit(&s->sleeping, memory_order_seq_cst))
+    if (atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
         ring_bell(r);
     return (int)k;
 }
@@ -203,10 +224,10 @@ int shoal_ring_prepare_sleep(shoal_ring *r)
 {
     struct shoal_ring_shared *s = r->shared;
     /* The consumer half of the handshake: store sleeping, then load tail. */
-    atomic_store_explicit(&s->sleeping, 1, memory_order_seq_cst);
+    atomic_store_explicit(&r->db->sleeping, 1, memory_order_seq_cst);
     if (atomic_load_explicit(&s->tail, memory_order_seq_cst) != atomic_load_explicit(&s->head, memory_order_relaxed) ||
         atomic_load_explicit(&s->closed, memory_order_seq_cst)) {
-        atomic_store_explicit(&s->sleeping, 0, memory_order_relaxed);
+        atomic_store_explicit(&r->db->sleeping, 0, memory_order_relaxed);
         return 0;
     }
     return 1;
@@ -214,7 +235,7 @@ int shoal_ring_prepare_sleep(shoal_ring *r)
 
 void shoal_ring_awake(shoal_ring *r)
 {
-    atomic_store_explicit(&r->shared->sleeping, 0, memory_order_relaxed);
+    atomic_store_explicit(&r->db->sleeping, 0, memory_order_relaxed);
 }
 
 int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns)
@@ -231,7 +252,7 @@ int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns)
         cpu_relax();
     }
     for (;;) {
-        uint32_t bell = atomic_load_explicit(&s->bell, memory_order_acquire);
+        uint32_t bell = atomic_load_explicit(&r->db->bell, memory_order_acquire);
         if (!shoal_ring_prepare_sleep(r))
             goto done;
         int64_t left = -1;
@@ -242,7 +263,7 @@ int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns)
                 return ready(s) ? 0 : -ETIMEDOUT;
             }
         }
-        futex_wait(&s->bell, bell, left);
+        futex_wait(&r->db->bell, bell, left);
         shoal_ring_awake(r);
         if (ready(s))
             goto done;
@@ -250,6 +271,51 @@ int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns)
 done:
     if (atomic_load_explicit(&s->tail, memory_order_acquire) == atomic_load_explicit(&s->head, memory_order_relaxed))
         return -EPIPE; /* ready but empty: closed */
+    return 0;
+}
+
+static int any_ready(shoal_ring *const *rings, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (ready(rings[i]->shared))
+            return 1;
+    return 0;
+}
+
+int shoal_doorbell_wait(void *dbp, shoal_ring *const *rings, size_t n, int64_t spin_ns, int64_t timeout_ns)
+{
+    shoal_doorbell *db = dbp;
+    int64_t start = now_ns();
+    for (uint32_t i = 0; spin_ns > 0; i++) {
+        if (any_ready(rings, n))
+            return 0;
+        if ((i & 63) == 63 && now_ns() - start >= spin_ns)
+            break;
+        cpu_relax();
+    }
+    for (;;) {
+        uint32_t bell = atomic_load_explicit(&db->bell, memory_order_acquire);
+        /* The consumer half of the handshake, once for all the rings: store
+         * sleeping, then load every tail (ready() loads with acquire; the
+         * fence makes the store-then-loads sequentially consistent). */
+        atomic_store_explicit(&db->sleeping, 1, memory_order_seq_cst);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (any_ready(rings, n))
+            break;
+        int64_t left = -1;
+        if (timeout_ns >= 0) {
+            left = timeout_ns - (now_ns() - start);
+            if (left <= 0) {
+                atomic_store_explicit(&db->sleeping, 0, memory_order_relaxed);
+                return any_ready(rings, n) ? 0 : -ETIMEDOUT;
+            }
+        }
+        futex_wait(&db->bell, bell, left);
+        atomic_store_explicit(&db->sleeping, 0, memory_order_relaxed);
+        if (any_ready(rings, n))
+            return 0;
+    }
+    atomic_store_explicit(&db->sleeping, 0, memory_order_relaxed);
     return 0;
 }
 

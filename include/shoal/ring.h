@@ -31,13 +31,22 @@ extern "C" {
 
 #define SHOAL_RING_SLOT 64u
 
+/* A consumer's doorbell: 8 bytes of shared memory, 4-byte aligned. Every
+ * ring has one of its own (at SHOAL_RING_BELL_OFFSET in its header); a
+ * consumer of many rings points them all at one doorbell and waits on it
+ * with shoal_doorbell_wait. */
+typedef struct shoal_doorbell shoal_doorbell;
+#define SHOAL_RING_BELL_OFFSET 192u
+#define SHOAL_DOORBELL_SIZE 8u
+
 /* A process's view of a ring: where it is mapped and how to wake its
  * consumer. Plain data, owned by the caller; nothing to free. */
 typedef struct shoal_ring {
     struct shoal_ring_shared *shared;
     uint8_t *slots;
     uint32_t nslots;
-    int notify_fd; /* -1: wake the consumer by futex */
+    int notify_fd;      /* -1: wake the consumer by futex */
+    shoal_doorbell *db; /* the consumer's doorbell: the ring's own unless redirected */
 } shoal_ring;
 
 /* Bytes a ring of nslots slots needs (nslots a power of two, 2..2^20). */
@@ -88,6 +97,26 @@ int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns);
  */
 int shoal_ring_prepare_sleep(shoal_ring *r);
 void shoal_ring_awake(shoal_ring *r);
+
+/*
+ * Both sides of a ring must agree on its doorbell: the consumer of many rings
+ * points each of them (producer's view and consumer's view alike) at one
+ * doorbell in shared memory (db, SHOAL_DOORBELL_SIZE bytes, 4-byte aligned,
+ * zeroed before first use; NULL goes back to the ring's own). A push then
+ * wakes that consumer whichever of its rings it lands in.
+ */
+void shoal_ring_set_doorbell(shoal_ring *r, void *db);
+
+/*
+ * Consumer of n rings that share doorbell db: waits until one of them is not
+ * empty, or closed. Spins for about spin_ns, then sleeps on the doorbell's
+ * futex; timeout_ns < 0 waits for ever. Returns 0 (look at the rings) or
+ * -ETIMEDOUT. A closed ring counts as ready for ever: drop it from the set.
+ */
+int shoal_doorbell_wait(void *db, shoal_ring *const *rings, size_t n, int64_t spin_ns, int64_t timeout_ns);
+
+/* Whether the ring was closed (by either side). */
+int shoal_ring_closed(const shoal_ring *r);
 
 /* Either side: closes the ring. The consumer can still pop what is in it;
  * pushes fail with -EPIPE; a sleeping consumer is woken. */

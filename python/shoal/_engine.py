@@ -17,18 +17,14 @@ import io
 import json
 import os
 import socket
-import struct
 import sys
 import time
 import traceback
 
 from . import serialize
-from ._core import Arena, Ring
-
-# A ring slot: task_id, kind, flags, block offset, length, generation, sender.
-SLOT = struct.Struct("<QIIQQQI20x")
-assert SLOT.size == 64
-KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT = 1, 2, 3, 4, 5
+from ._core import RING_BELL_OFFSET, Arena, Doorbell, Ring
+from ._msgblock import (KIND_LANE, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_SHUTDOWN, KIND_TASK, SLOT, Lane,
+                        pack_frames, unpack_frames)
 
 # Output of a running task goes out at most this often (seconds), or sooner
 # when this much has gathered (characters).
@@ -36,42 +32,6 @@ OUTPUT_INTERVAL = 0.05
 OUTPUT_CHUNK = 8192
 # Pieces of output one task may have in flight; past this the reply carries the rest.
 OUTPUT_MAX_PIECES = 256
-
-# A message block: magic, frame count, payload-frame count, then the lengths.
-FRAMES_MAGIC = 0x464D4853  # "SHMF"
-FRAMES_HDR = struct.Struct("<IIII")
-
-
-def pack_frames(arena, payload, buffers=()):
-    """Writes frames into one new arena block; returns the Block (one reference)."""
-    frames = [memoryview(f).cast("B") for f in list(payload) + list(buffers)]
-    head = FRAMES_HDR.pack(FRAMES_MAGIC, len(frames), len(payload), 0) + struct.pack(
-        f"<{len(frames)}Q", *(f.nbytes for f in frames))
-    block = arena.alloc(len(head) + sum(f.nbytes for f in frames))
-    view = memoryview(block).cast("B")
-    view[:len(head)] = head
-    pos = len(head)
-    for f in frames:
-        view[pos:pos + f.nbytes] = f
-        pos += f.nbytes
-    return block
-
-
-def unpack_frames(buf):
-    """Splits a message block into (payload frames, buffer frames): zero-copy memoryviews."""
-    view = memoryview(buf).cast("B")
-    magic, n, npayload, _ = FRAMES_HDR.unpack_from(view)
-    if magic != FRAMES_MAGIC or npayload > n or n > 4096:
-        raise ValueError("not a shoal message block")
-    lens = struct.unpack_from(f"<{n}Q", view, FRAMES_HDR.size)
-    pos = FRAMES_HDR.size + 8 * n
-    frames = []
-    for length in lens:
-        if pos + length > view.nbytes:
-            raise ValueError("a frame runs past its message block")
-        frames.append(view[pos:pos + length])
-        pos += length
-    return frames[:npayload], frames[npayload:]
 
 
 def recv_line(sock, want_fds=0):
@@ -132,6 +92,36 @@ class _Stream(io.TextIOBase):
         return "".join(self.whole)
 
 
+class _Sink:
+    """Where a task's replies go: the completion ring, and the reply blocks
+    kept until the other side says it has taken them (RELEASE)."""
+
+    def __init__(self, cq, in_arena):
+        self.cq = cq
+        self.in_arena = in_arena  # large result buffers in arena blocks (a local client) or in the block
+        # reply block offset -> (Block, output Blocks, blocks of its buffers). A
+        # reply's output blocks were sent before it: the ring is in order, so
+        # they are taken by the time the reply is released.
+        self.replies = {}
+
+    def push(self, slot):
+        """Puts a completion on the ring; False if the other side has gone."""
+        try:
+            while self.cq.push(slot) == 0:
+                # The agent drains its ring at once; a client drains its lane
+                # whenever it waits or submits.
+                time.sleep(0.0002 if self.in_arena else 0)
+        except BrokenPipeError:
+            return False
+        return True
+
+
+class _LaneSink(_Sink):
+    def __init__(self, lane):
+        super().__init__(lane.cq, True)
+        self.lane = lane
+
+
 class Engine:
     def __init__(self, path, index):
         self.index = index
@@ -154,10 +144,12 @@ class Engine:
         self.cq = Ring(self.rings, offset=size)
         self.doorbell = fds[0]
         self.cq.set_notify_fd(self.doorbell)
-        # Reply blocks until the agent says it sent them (RELEASE), each with
-        # the output blocks sent before it: the ring is in order, so those
-        # were sent too.
-        self.replies = {}  # block offset -> (Block, [output Blocks])
+        # Our doorbell is the task ring's own: the agent rings it, and so do
+        # local clients, through their lanes' task rings.
+        self.bell = Doorbell(self.rings, RING_BELL_OFFSET)
+        self.agent = _Sink(self.cq, False)
+        self.lanes = []  # _LaneSink of each local client's lane
+        self.sink = self.agent  # where the running task's output goes
         self.outputs = []  # output blocks of the running task
         main = sys.modules["__main__"]
         self.ns = main.__dict__
@@ -165,12 +157,11 @@ class Engine:
 
     def loop(self):
         while True:
+            # Spin for a millisecond after each batch before sleeping: waking a
+            # sleeping engine costs ~50-100 us on these VMs, and the next task of a
+            # busy client usually comes sooner.
+            self.bell.wait([self.sq] + [s.lane.sq for s in self.lanes], spin=1e-3)
             try:
-                # Spin for a millisecond after each batch before sleeping: waking a
-                # sleeping engine costs ~100 us on these VMs, and the next task of a
-                # busy client usually comes sooner (measured: p50 round trip 216 us
-                # with 1 ms, 270-330 us with 50 us).
-                self.sq.wait(spin=1e-3)
                 slots = self.sq.pop(64)
             except BrokenPipeError:
                 return 0  # the agent closed our ring: it is stopping
@@ -179,9 +170,34 @@ class Engine:
                 if kind == KIND_SHUTDOWN:
                     return 0
                 if kind == KIND_RELEASE:
-                    self.replies.pop(off, None)
+                    self.agent.replies.pop(off, None)
                 elif kind == KIND_TASK:
-                    self.run_task(task_id, (off, length, gen))
+                    self.run_task(task_id, (off, length, gen), self.agent)
+                elif kind == KIND_LANE:
+                    self.open_lane((off, length, gen))
+            for sink in list(self.lanes):
+                self.serve_lane(sink)
+
+    def open_lane(self, handle):
+        try:
+            self.lanes.append(_LaneSink(Lane(self.arena, handle)))
+        except (OSError, ValueError) as e:
+            print(f"shoal-engine {self.id}: a lane the agent gave could not be opened: {e}", file=sys.__stderr__)
+
+    def serve_lane(self, sink):
+        lane = sink.lane
+        try:
+            slots = lane.sq.pop(64)
+        except (BrokenPipeError, OSError):
+            # Closed (its client is gone) or broken: its replies go with it.
+            self.lanes.remove(sink)
+            return
+        for i in range(0, len(slots), SLOT.size):
+            task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
+            if kind == KIND_RELEASE:
+                sink.replies.pop(off, None)
+            elif kind == KIND_TASK and not lane.cq.closed:  # nobody would take the reply
+                self.run_task(task_id, (off, length, gen), sink)
 
     def send_output(self, name, text):
         """Sends a piece of a running task's stdout or stderr to its client
@@ -189,14 +205,17 @@ class Engine:
         if len(self.outputs) >= OUTPUT_MAX_PIECES:
             return
         block = pack_frames(self.arena, [json.dumps({"name": name, "text": text}).encode()])
-        if self.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 1:
-            self.outputs.append(block)
+        try:
+            if self.sink.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 1:
+                self.outputs.append(block)
+        except BrokenPipeError:
+            pass
 
-    def run_task(self, task_id, handle):
-        self.task_id = task_id
+    def run_task(self, task_id, handle, sink):
+        self.task_id, self.sink = task_id, sink
         out, err = _Stream(self, "stdout"), _Stream(self, "stderr")
         meta = {"status": "ok", "engine_id": self.id}
-        value_payload, value_frames = b"", []
+        value_payload, value_frames, keep = b"", [], []
         try:
             msg = self.arena.acquire_bytes(handle, 0, handle[1])
             payload, buffers = unpack_frames(msg)
@@ -204,8 +223,11 @@ class Engine:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 value = self.execute(request, payload, buffers)
             del msg, payload, buffers
-            s = serialize.dumps(value)  # results travel as frames for now
-            value_payload, value_frames = s.payload, s.frames
+            # For a local client, large buffers of the result go into arena
+            # blocks (or stay where they are, if they live there already),
+            # which it views without a copy; for the agent, into the reply.
+            s = serialize.dumps(value, arena=self.arena if sink.in_arena else None)
+            value_payload, value_frames, keep = s.payload, s.frames, s.keep
             meta["buffers"] = s.buffers
         except BaseException as e:  # a task's failure, SystemExit included, is its result, not our end
             tb = traceback.format_exception(type(e), e, e.__traceback__)
@@ -214,11 +236,10 @@ class Engine:
             meta.update(status="error", ename=type(e).__name__, evalue=str(e), traceback=tb)
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
         block = pack_frames(self.arena, [json.dumps(meta).encode(), value_payload], value_frames)
-        self.replies[block.handle[0]] = (block, self.outputs)
+        sink.replies[block.handle[0]] = (block, self.outputs, keep)
         self.outputs = []
-        slot = SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)
-        while self.cq.push(slot) == 0:
-            os.sched_yield()  # the agent is behind: it drains the ring as fast as it can
+        if not sink.push(SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)):
+            sink.replies.pop(block.handle[0], None)  # its client is gone
 
     def execute(self, request, payload, buffers):
         kind = request.get("kind")

@@ -18,9 +18,36 @@
 
 typedef struct {
     PyObject_HEAD
-    PyObject *block; /* keeps the memory mapped and referenced */
+    PyObject *block;    /* keeps the memory mapped and referenced */
+    PyObject *db_block; /* the block of a doorbell set with set_doorbell, if any */
     shoal_ring ring;
 } RingObject;
+
+/* A doorbell (shoal_doorbell_wait) in a writable block: the block stays
+ * referenced while the Doorbell lives. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *block;
+    void *db;
+} DoorbellObject;
+
+static PyTypeObject RingType;
+
+/* The address of SHOAL_DOORBELL_SIZE writable, 4-byte aligned bytes at
+ * offset in block, or NULL with an exception set. */
+static void *doorbell_at(PyObject *block, Py_ssize_t offset)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(block, &v, PyBUF_WRITABLE) < 0)
+        return NULL;
+    void *p = NULL;
+    if (offset < 0 || offset % 4 || offset > v.len - (Py_ssize_t)SHOAL_DOORBELL_SIZE)
+        PyErr_SetString(PyExc_ValueError, "a doorbell needs 8 bytes, 4-byte aligned, inside the block");
+    else
+        p = (uint8_t *)v.buf + offset;
+    PyBuffer_Release(&v); /* the caller holds the block, which keeps the memory */
+    return p;
+}
 
 static PyObject *ring_errno(int neg, const char *what)
 {
@@ -66,6 +93,7 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 static void ring_dealloc(RingObject *self)
 {
     Py_XDECREF(self->block);
+    Py_XDECREF(self->db_block);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -147,6 +175,29 @@ static PyObject *ring_set_notify_fd(RingObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* set_doorbell(block, offset): both sides of the ring wake its consumer
+ * through the doorbell at offset in block; set_doorbell(None) goes back to
+ * the ring's own. */
+static PyObject *ring_set_doorbell(RingObject *self, PyObject *args)
+{
+    PyObject *block;
+    Py_ssize_t offset = 0;
+    if (!PyArg_ParseTuple(args, "O|n:set_doorbell", &block, &offset))
+        return NULL;
+    void *db = NULL;
+    if (block != Py_None && !(db = doorbell_at(block, offset)))
+        return NULL;
+    shoal_ring_set_doorbell(&self->ring, db);
+    Py_XSETREF(self->db_block, block == Py_None ? NULL : Py_NewRef(block));
+    Py_RETURN_NONE;
+}
+
+static PyObject *ring_get_closed(RingObject *self, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(shoal_ring_closed(&self->ring));
+}
+
 static PyObject *ring_close(RingObject *self, PyObject *unused)
 {
     (void)unused;
@@ -168,7 +219,14 @@ static PyMethodDef ring_methods[] = {
     {"set_notify_fd", (PyCFunction)ring_set_notify_fd, METH_O,
      "set_notify_fd(fd): as producer, wake the consumer through this eventfd"},
     {"close", (PyCFunction)ring_close, METH_NOARGS, "close the ring; a waiting consumer wakes"},
+    {"set_doorbell", (PyCFunction)ring_set_doorbell, METH_VARARGS,
+     "set_doorbell(block, offset=0): wake the consumer through the doorbell there (None: the ring's own)"},
     {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ring_getset[] = {
+    {"closed", (getter)ring_get_closed, NULL, "whether either side closed the ring", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PySequenceMethods ring_as_sequence = {.sq_length = (lenfunc)ring_len};
@@ -182,12 +240,106 @@ static PyTypeObject RingType = {
     .tp_doc = "Ring(block, nslots=0, offset=0): a single-producer single-consumer ring of 64-byte slots at "
               "offset in a writable block (nslots > 0 formats a new one).",
     .tp_methods = ring_methods,
+    .tp_getset = ring_getset,
     .tp_new = ring_new,
+};
+
+/* Doorbell(block, offset=0, clear=False) */
+static PyObject *doorbell_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"block", "offset", "clear", NULL};
+    PyObject *block;
+    Py_ssize_t offset = 0;
+    int clear = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|np:Doorbell", kwlist, &block, &offset, &clear))
+        return NULL;
+    void *db = doorbell_at(block, offset);
+    if (!db)
+        return NULL;
+    DoorbellObject *self = (DoorbellObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    if (clear)
+        memset(db, 0, SHOAL_DOORBELL_SIZE);
+    self->block = Py_NewRef(block);
+    self->db = db;
+    return (PyObject *)self;
+}
+
+static void doorbell_dealloc(DoorbellObject *self)
+{
+    Py_XDECREF(self->block);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* wait(rings, timeout=-1, spin=50e-6) -> True when one of the rings (which
+ * must all use this doorbell) has something, or is closed; False on timeout. */
+static PyObject *doorbell_wait(DoorbellObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"rings", "timeout", "spin", NULL};
+    PyObject *seq;
+    double timeout = -1, spin = 50e-6;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dd:wait", kwlist, &seq, &timeout, &spin))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "wait takes a sequence of Rings");
+    if (!fast)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    shoal_ring **rings = PyMem_Malloc((size_t)(n ? n : 1) * sizeof *rings);
+    if (!rings) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyObject_TypeCheck(o, &RingType)) {
+            PyMem_Free(rings);
+            Py_DECREF(fast);
+            PyErr_SetString(PyExc_TypeError, "wait takes a sequence of Rings");
+            return NULL;
+        }
+        rings[i] = &((RingObject *)o)->ring;
+    }
+    int rc;
+    int64_t t = timeout < 0 ? -1 : (int64_t)(timeout * 1e9), s = (int64_t)(spin * 1e9);
+    /* The list keeps the Rings (and their memory) alive while we wait. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_doorbell_wait(self->db, rings, (size_t)n, s, t);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(rings);
+    Py_DECREF(fast);
+    if (rc == -ETIMEDOUT)
+        Py_RETURN_FALSE;
+    if (rc < 0)
+        return ring_errno(rc, "wait failed");
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef doorbell_methods[] = {
+    {"wait", (PyCFunction)(void (*)(void))doorbell_wait, METH_VARARGS | METH_KEYWORDS,
+     "wait(rings, timeout=-1, spin=50e-6) -> True when one of the rings has something or is closed, False on "
+     "timeout"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject DoorbellType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shoal._core.Doorbell",
+    .tp_basicsize = sizeof(DoorbellObject),
+    .tp_dealloc = (destructor)doorbell_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Doorbell(block, offset=0, clear=False): the doorbell at offset in a writable block, which the "
+              "consumer of many rings waits on (rings point at it with Ring.set_doorbell).",
+    .tp_methods = doorbell_methods,
+    .tp_new = doorbell_new,
 };
 
 int shoal__ring_init(PyObject *m)
 {
-    if (PyType_Ready(&RingType) < 0)
+    if (PyType_Ready(&RingType) < 0 || PyType_Ready(&DoorbellType) < 0)
         return -1;
-    return PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType);
+    if (PyModule_AddIntConstant(m, "RING_BELL_OFFSET", SHOAL_RING_BELL_OFFSET) < 0)
+        return -1;
+    if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0)
+        return -1;
+    return PyModule_AddObjectRef(m, "Doorbell", (PyObject *)&DoorbellType);
 }

@@ -5,10 +5,14 @@ received in the calling thread while it waits for them (get, wait, ready),
 so a round trip costs no hand-off between threads. On a node that runs an
 agent, the client attaches to the node's arena: large buffers it sends are
 written there once, whatever the number of engines, and engines view them
-without copying.
+without copying. Tasks for the engines of that node take a lane each (see
+docs/engine.md): a pair of rings in the arena straight to the engine, with
+no socket and no other process on the way, and results come back as
+zero-copy views of the blocks the engine wrote.
 """
 
 import builtins
+import itertools
 import json
 import os
 import socket
@@ -17,8 +21,13 @@ import threading
 import time
 
 from . import _core, serialize
+from ._msgblock import KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, SLOT, Lane, pack_frames, unpack_frames
 from .error import EngineError, RemoteError, TimeoutError
 from .local import LocalArena
+
+# How long a client waiting on its lanes spins before it sleeps (seconds):
+# a no-op task's round trip through a lane takes well under this.
+LANE_SPIN = 300e-6
 
 
 def _profile_dir(profile):
@@ -35,9 +44,11 @@ class Client:
     """Connects to the cluster of `profile` (or the connection file `url_file`).
 
     ``timeout`` bounds the wait for the controller's first answer.
+    ``lanes=False`` sends every task through the controller, even to the
+    engines of this node.
     """
 
-    def __init__(self, url_file=None, profile="default", timeout=10):
+    def __init__(self, url_file=None, profile="default", timeout=10, lanes=True):
         path = _connection_file(profile, url_file)
         try:
             with open(path) as f:
@@ -52,6 +63,14 @@ class Client:
         self._replies = {}  # msg_id -> (header, payload) of control replies
         self.timeout = timeout
         self.local = None
+        self._local_node = None
+        self._use_lanes = lanes
+        self._lanes = {}  # engine id -> Lane, or None where there is none
+        self._lane_tasks = {}  # lane task id -> AsyncResult
+        self._lane_ids = itertools.count(1)
+        self._bell = None  # the doorbell all our lanes' completion rings ring
+        self._control_waits = 0  # threads waiting for a controller reply
+        self._last_submit = 0.0
         registry = self._control(_core.MSG_REGISTER, timeout=timeout)
         self._engines = registry["engines"]
         host = socket.gethostname()
@@ -59,6 +78,7 @@ class Client:
             if node["alive"] and node["host"] == host and node.get("socket") and os.path.exists(node["socket"]):
                 try:
                     self.local = LocalArena(node["socket"])
+                    self._local_node = node["id"]
                 except ConnectionError:
                     self.local = None
                 break
@@ -103,12 +123,17 @@ class Client:
     def _control(self, kind, body=None, timeout=None):
         with self._lock:
             mid = self._sock.send(kind, [json.dumps(body).encode()] if body is not None else [])
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while mid not in self._replies:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the controller did not answer in time")
-            self._receive(left)
+            self._control_waits += 1
+        try:
+            deadline = time.monotonic() + (timeout or self.timeout)
+            while mid not in self._replies:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the controller did not answer in time")
+                self._receive(left)
+        finally:
+            with self._lock:
+                self._control_waits -= 1
         hdr, payload = self._replies.pop(mid)
         body = json.loads(bytes(payload[0])) if payload else {}
         if hdr["type"] == _core.MSG_ERROR:
@@ -118,16 +143,149 @@ class Client:
     def queue_status(self):
         return self._control(_core.MSG_QUERY, {"what": "status"})
 
+    # ---- lanes: tasks straight to the engines of this node ------------------------
+
+    def _lane(self, eid):
+        """The lane to engine eid, or None if it is not on this node (or has none)."""
+        if eid in self._lanes:
+            return self._lanes[eid]
+        lane = None
+        engine = next((e for e in self._engines if e["id"] == eid), None)
+        if self._use_lanes and self.local is not None and engine is not None and engine["alive"] \
+                and engine["node"] == self._local_node:
+            try:
+                reply = self.local.ask({"lane": eid})
+                if "block" in reply:
+                    lane = Lane(self.arena, reply["block"])
+                    lane.pending = set()  # our task ids the engine has yet to answer
+                    lane.backlog = []  # slots waiting for room in its task ring
+                    if self._bell is None:
+                        self._bell = _core.Doorbell(lane.client_bell)
+            except (OSError, ValueError):
+                lane = None  # the controller's path still works
+        self._lanes[eid] = lane
+        return lane
+
+    def _lane_send(self, eid, lane, slot):
+        """Queues a slot for the engine: into its ring, or behind what waits."""
+        try:
+            if lane.backlog or lane.sq.push(slot) == 0:
+                lane.backlog.append(slot)
+        except BrokenPipeError:
+            pass  # the engine is gone: its completion ring says so too
+
+    def _lane_flush(self, lane):
+        while lane.backlog:
+            try:
+                n = lane.sq.push(b"".join(lane.backlog[:64]))
+            except BrokenPipeError:
+                lane.backlog.clear()
+                return
+            if n == 0:
+                return
+            del lane.backlog[:n]
+
+    def _drain_lanes(self):
+        """Takes what the engines put on our lanes; True if anything came."""
+        got = False
+        for eid, lane in list(self._lanes.items()):
+            if lane is None:
+                continue
+            self._lane_flush(lane)
+            while True:
+                try:
+                    slots = lane.cq.pop(64)
+                except OSError:  # closed (the engine is gone) or broken
+                    self._lane_gone(eid, lane)
+                    got = True
+                    break
+                if not slots:
+                    break
+                got = True
+                for i in range(0, len(slots), SLOT.size):
+                    self._lane_slot(eid, lane, SLOT.unpack_from(slots, i))
+            self._lane_flush(lane)
+        return got
+
+    def _lane_slot(self, eid, lane, slot):
+        task_id, kind, _, off, length, gen, _ = slot
+        ar = self._lane_tasks.get(task_id)
+        hdr = {"sender": eid, "task_id": task_id}
+        if kind == KIND_RESULT:
+            lane.pending.discard(task_id)
+            try:
+                # Our own reference: the values may be views of this block.
+                block = self.arena.acquire_bytes((off, length, gen), 0, length)
+                payload, buffers = unpack_frames(block)
+                if ar is not None:
+                    ar._add(hdr, payload, buffers)
+            except (OSError, ValueError) as e:
+                if ar is not None:
+                    ar._fail(eid, EngineError(f"engine {eid} sent a reply to task {task_id} that could not be "
+                                              f"read: {e}", eid, task_id))
+            # Now the engine can let go of it.
+            self._lane_send(eid, lane, SLOT.pack(0, KIND_RELEASE, 0, off, length, gen, 0))
+            if ar is not None and ar._done():
+                del self._lane_tasks[task_id]
+        elif kind == KIND_OUTPUT and ar is not None:
+            try:
+                payload, _ = unpack_frames(self.arena.acquire_bytes((off, length, gen), 0, length))
+                ar._output(hdr, payload)
+            except (OSError, ValueError):
+                pass  # best effort: the reply has it all
+
+    def _lane_gone(self, eid, lane):
+        """The agent closed the lane: the engine died or was stopped."""
+        self._lanes[eid] = None
+        alive = True
+        try:
+            os.kill(lane.engine_pid, 0)
+        except OSError:
+            alive = False
+        for task_id in sorted(lane.pending):
+            ar = self._lane_tasks.get(task_id)
+            if ar is None:
+                continue
+            what = "died" if not alive else "was stopped"
+            ar._fail(eid, EngineError(f"engine {eid} (pid {lane.engine_pid}) {what} while running task {task_id}",
+                                      eid, task_id))
+            if ar._done():
+                del self._lane_tasks[task_id]
+        lane.pending.clear()
+
+    # ---- tasks ---------------------------------------------------------------------
+
     def _submit(self, targets, meta, obj):
         if not targets:
             raise ValueError("this view has no engines to run on")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"an engine is named twice in {targets}")
         s = serialize.dumps(obj, arena=self.arena)
         meta = dict(meta, buffers=s.buffers)
-        frames = [struct.pack(f"<{len(targets)}I", *targets), json.dumps(meta).encode(), s.payload]
+        ar = AsyncResult(self, None, targets, meta["kind"], keep=s.keep)
         with self._lock:
-            mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
-            ar = AsyncResult(self, mid, targets, meta["kind"], keep=s.keep)
-            self._pending[mid] = ar
+            lanes = {t: lane for t in targets if (lane := self._lane(t)) is not None}
+            others = [t for t in targets if t not in lanes]
+            ar._zmq_targets = others
+            if others:
+                frames = [struct.pack(f"<{len(others)}I", *others), json.dumps(meta).encode(), s.payload]
+                ar.msg_id = self._sock.send(_core.MSG_TASK, frames, s.frames)
+                self._pending[ar.msg_id] = ar
+            if lanes:
+                # One message block for all of them, ours until they have answered.
+                task_id = next(self._lane_ids)
+                block = pack_frames(self.arena, [json.dumps(meta).encode(), s.payload], s.frames)
+                ar._keep.append(block)
+                ar.task_id = task_id
+                if ar.msg_id is None:
+                    ar.msg_id = task_id
+                self._lane_tasks[task_id] = ar
+                slot = SLOT.pack(task_id, KIND_TASK, 0, *block.handle, 0)
+                for t, lane in lanes.items():
+                    lane.pending.add(task_id)
+                    self._lane_send(t, lane, slot)
+                self._drain_lanes()  # a closed lane fails its part now
+            self._last_submit = time.monotonic()
         return ar
 
     def _receive(self, timeout):
@@ -135,8 +293,31 @@ class Client:
 
         The caller's thread does the receiving, under the client's lock: one
         thread at a time talks to the socket (ZeroMQ sockets are not
-        thread-safe), and a waiting thread receives for everybody.
+        thread-safe) and the lanes, and a waiting thread receives for
+        everybody. Lanes are waited on through their doorbell, spinning
+        briefly first; while controller replies are due too, in slices of
+        a millisecond, looking at the socket between them.
         """
+        with self._lock:
+            if self._lane_tasks:
+                if self._drain_lanes():
+                    return True
+                if self._pending or self._control_waits:
+                    if self._socket_receive(0):
+                        return True
+                    wait = min(max(timeout, 0), 0.001)
+                else:
+                    wait = min(max(timeout, 0), 0.005)  # another thread waits for the lock 5 ms at most
+                if wait > 0 and self._bell is not None:
+                    rings = [lane.cq for lane in self._lanes.values() if lane is not None]
+                    # Spin only soon after a submission: a long wait sleeps.
+                    spin = LANE_SPIN if time.monotonic() - self._last_submit < 0.01 else 0
+                    self._bell.wait(rings, timeout=wait, spin=min(spin, wait))
+                return self._drain_lanes()
+            return self._socket_receive(timeout)
+
+    def _socket_receive(self, timeout):
+        """Receives one message from the controller within timeout seconds."""
         with self._lock:
             try:
                 # In short slices, so that another thread waits for the lock
@@ -155,7 +336,7 @@ class Client:
                 ar = self._pending.get(hdr["reply_to"])
                 if ar is not None:
                     ar._add(hdr, payload, buffers)
-                    if ar._done():
+                    if ar._zmq_done():
                         del self._pending[hdr["reply_to"]]
             elif hdr["type"] == _core.MSG_OUTPUT:
                 ar = self._pending.get(hdr["reply_to"])
@@ -182,6 +363,7 @@ class Client:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._lanes, self._bell = {}, None
         if self.local is not None:
             self.local.close()
             self.local = None
@@ -208,6 +390,7 @@ class AsyncResult:
         self.stderr = {}
         self.task_id = None
         self._single = False
+        self._zmq_targets = self._targets  # those the controller answers for
 
     def __repr__(self):
         return f"<AsyncResult({self._kind}): {'finished' if self.ready() else 'pending'}>"
@@ -231,11 +414,17 @@ class AsyncResult:
         if self._done():
             self._keep.clear()
 
+    def _fail(self, engine, exc):
+        self._results[engine] = (False, exc)
+        if self._done():
+            self._keep.clear()
+
     def _refused(self, text):
-        for e in self._targets:
+        for e in self._zmq_targets:
             if e not in self._results:
                 self._results[e] = (False, EngineError(f"the controller refused the task: {text}", e))
-        self._keep.clear()
+        if self._done():
+            self._keep.clear()
 
     def _output(self, hdr, payload):
         """A piece of stdout or stderr that an engine printed while the task runs."""
@@ -247,6 +436,9 @@ class AsyncResult:
 
     def _done(self):
         return all(e in self._results for e in self._targets)
+
+    def _zmq_done(self):
+        return all(e in self._results for e in self._zmq_targets)
 
     def ready(self):
         """Whether every engine has answered (never blocks)."""

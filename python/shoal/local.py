@@ -45,6 +45,17 @@ class LocalArena:
             self._sock.close()
             raise
 
+    def ask(self, request):
+        """Sends the agent one JSON request line and returns its one-line answer."""
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"the shoal agent at {self.path} closed the connection")
+            data += chunk
+        return json.loads(data.decode())
+
     def close(self):
         """Detaches. Arrays that still use the arena keep it mapped: it is
         released when the last of them is collected."""

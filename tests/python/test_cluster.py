@@ -32,9 +32,10 @@ def cluster(request, tmp_path_factory):
     os.environ.pop("SHOAL_DIR", None)
 
 
-@pytest.fixture
-def rc(cluster):
-    c = shoal.Client(timeout=10)
+@pytest.fixture(params=["lanes", "controller"])
+def rc(request, cluster):
+    """A client whose tasks take lanes to the engines, or go through the controller."""
+    c = shoal.Client(timeout=10, lanes=request.param == "lanes")
     yield c
     c.close()
 
@@ -247,13 +248,21 @@ def test_a_flood_of_flushed_output_neither_breaks_the_engine_nor_leaks(rc):
         assert rc.arena.stats()["used_blocks"] <= base + 2, "output blocks are freed"
 
 
-def test_duplicate_and_empty_targets(rc):
+def test_duplicate_and_empty_targets(rc, cluster):
     assert rc[[0, 0, 1, 0]].apply_sync(os.getpid) == rc[[0, 1]].apply_sync(os.getpid)
     with pytest.raises(ValueError, match="no engines"):
         rc[5:].execute("touched = 1")
-    ar = rc._submit([0, 0], {"kind": "execute", "code": "1"}, None)  # bypassing the view's checks
-    with pytest.raises(shoal.EngineError, match="refused"):
-        ar.get(10)
+    with pytest.raises(ValueError, match="twice"):
+        rc._submit([0, 0], {"kind": "execute", "code": "1"}, None)  # bypassing the view's checks
+    # The controller refuses them too, from a client that skips the checks.
+    import json as _json
+    import struct
+    sock = cluster[0].socket()
+    mid = sock.send(_core.MSG_TASK, [struct.pack("<2I", 0, 0), _json.dumps({"kind": "execute", "code": "1",
+                                                                            "buffers": []}).encode(), b""])
+    hdr, payload, _, _ = sock.recv(timeout=5)
+    assert hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] == mid
+    assert "twice" in _json.loads(bytes(payload[0]))["error"]
 
 
 def test_a_thread_waiting_does_not_block_another(rc):

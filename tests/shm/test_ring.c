@@ -254,3 +254,119 @@ Test(ring, eventfd_doorbell_for_a_consumer_that_polls)
     cr_assert_eq(s.seq, 5);
     close(efd);
 }
+
+/* Three rings in one block, all pointed at one doorbell at the block's start. */
+#define NMANY 3
+struct many {
+    shoal_arena *arena;
+    shoal_handle block;
+    shoal_ring in[NMANY], out;
+};
+
+static uint8_t *many_mem(shoal_arena *a, shoal_handle h)
+{
+    void *m;
+    cr_assert_eq(shoal_arena_ptr(a, h, &m), 0);
+    return m;
+}
+
+static void open_many(uint8_t *m, shoal_ring *in, shoal_ring *out, int init)
+{
+    size_t one = shoal_ring_size(16);
+    for (int i = 0; i <= NMANY; i++) {
+        shoal_ring *r = i < NMANY ? &in[i] : out;
+        uint8_t *at = m + 64 + (size_t)i * one;
+        if (init)
+            cr_assert_eq(shoal_ring_init(at, one, 16, r), 0);
+        else if (shoal_ring_open(at, one, r) < 0)
+            _exit(12);
+        if (i < NMANY)
+            shoal_ring_set_doorbell(r, m); /* the consumer's one doorbell */
+    }
+}
+
+static void make_many(struct many *p)
+{
+    shoal_arena_opts o = {.heap_size = 8u << 20};
+    cr_assert_eq(shoal_arena_create(&o, &p->arena), 0);
+    cr_assert_eq(shoal_arena_alloc(p->arena, 64 + (NMANY + 1) * shoal_ring_size(16), &p->block), 0);
+    uint8_t *m = many_mem(p->arena, p->block);
+    memset(m, 0, SHOAL_DOORBELL_SIZE);
+    open_many(m, p->in, &p->out, 1);
+}
+
+Test(ring, one_doorbell_for_many_rings_across_processes)
+{
+    struct many p;
+    make_many(&p);
+    const uint64_t n = 6000;
+    pid_t pid = fork();
+    if (pid == 0) {
+        shoal_arena *a;
+        void *m;
+        if (shoal_arena_attach(shoal_arena_fd(p.arena), &a) < 0 || shoal_arena_ptr(a, p.block, &m) < 0)
+            _exit(10);
+        shoal_ring in[NMANY], out;
+        open_many(m, in, &out, 0);
+        shoal_ring *set[NMANY] = {&in[0], &in[1], &in[2]};
+        for (uint64_t got = 0; got < n;) {
+            /* No spinning: every hand-off goes through the shared doorbell. */
+            if (shoal_doorbell_wait(m, set, NMANY, 0, 10ll * 1000 * 1000 * 1000) < 0)
+                _exit(13);
+            for (int i = 0; i < NMANY; i++) {
+                struct slot s;
+                int rc = shoal_ring_pop(&in[i], &s, 1);
+                if (rc < 0)
+                    _exit(14);
+                if (rc == 0)
+                    continue;
+                if (s.seq != got || s.fill[0] != i)
+                    _exit(15); /* came through the wrong ring, or out of order */
+                got++;
+                while ((rc = shoal_ring_push(&out, &s, 1)) == 0)
+                    ;
+                if (rc < 0)
+                    _exit(16);
+            }
+        }
+        _exit(0);
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        struct slot s = mk(i);
+        int which = (int)((i * 7) % NMANY);
+        s.fill[0] = (uint8_t)which;
+        cr_assert_eq(shoal_ring_push(&p.in[which], &s, 1), 1);
+        int rc;
+        while ((rc = shoal_ring_pop(&p.out, &s, 1)) == 0)
+            cr_assert_eq(shoal_ring_wait(&p.out, 0, 10ll * 1000 * 1000 * 1000), 0, "reply %llu lost",
+                         (unsigned long long)i);
+        cr_assert_eq(s.seq, i);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %d", st);
+    shoal_arena_close(p.arena);
+}
+
+Test(ring, doorbell_wait_times_out_and_wakes_on_close)
+{
+    struct many p;
+    make_many(&p);
+    uint8_t *m = many_mem(p.arena, p.block);
+    shoal_ring *set[NMANY] = {&p.in[0], &p.in[1], &p.in[2]};
+    int64_t t = now_ns();
+    cr_assert_eq(shoal_doorbell_wait(m, set, NMANY, 1000, 20 * 1000 * 1000), -ETIMEDOUT);
+    cr_assert_geq(now_ns() - t, 20 * 1000 * 1000);
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        shoal_ring_close(&p.in[1]); /* rings the shared doorbell */
+        _exit(0);
+    }
+    cr_assert_eq(shoal_doorbell_wait(m, set, NMANY, 0, 5ll * 1000 * 1000 * 1000), 0, "the close woke us");
+    cr_assert(shoal_ring_closed(&p.in[1]));
+    cr_assert_not(shoal_ring_closed(&p.in[0]));
+    waitpid(pid, NULL, 0);
+    shoal_arena_close(p.arena);
+}

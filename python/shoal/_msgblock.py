@@ -1,0 +1,90 @@
+"""What engines, agents and local clients put in the arena for each other:
+ring slots, message blocks and lanes (docs/engine.md has the byte tables).
+"""
+
+import struct
+
+from ._core import RING_BELL_OFFSET, Ring
+
+# A ring slot: task_id, kind, flags, block offset, length, generation, sender.
+SLOT = struct.Struct("<QIIQQQI20x")
+assert SLOT.size == 64
+KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT, KIND_LANE = 1, 2, 3, 4, 5, 6
+
+# A message block: magic, frame count, payload-frame count, then the lengths.
+FRAMES_MAGIC = 0x464D4853  # "SHMF"
+FRAMES_HDR = struct.Struct("<IIII")
+MAX_FRAMES = 4096
+
+
+def pack_frames(arena, payload, buffers=()):
+    """Writes frames into one new arena block; returns the Block (one reference)."""
+    frames = [memoryview(f).cast("B") for f in list(payload) + list(buffers)]
+    head = FRAMES_HDR.pack(FRAMES_MAGIC, len(frames), len(payload), 0) + struct.pack(
+        f"<{len(frames)}Q", *(f.nbytes for f in frames))
+    block = arena.alloc(len(head) + sum(f.nbytes for f in frames))
+    view = memoryview(block).cast("B")
+    view[:len(head)] = head
+    pos = len(head)
+    for f in frames:
+        view[pos:pos + f.nbytes] = f
+        pos += f.nbytes
+    return block
+
+
+def unpack_frames(buf):
+    """Splits a message block into (payload frames, buffer frames): zero-copy
+    memoryviews. The block is input: raises ValueError if it does not add up."""
+    view = memoryview(buf).cast("B")
+    if view.nbytes < FRAMES_HDR.size:
+        raise ValueError("not a shoal message block")
+    magic, n, npayload, _ = FRAMES_HDR.unpack_from(view)
+    if magic != FRAMES_MAGIC or npayload > n or n > MAX_FRAMES or FRAMES_HDR.size + 8 * n > view.nbytes:
+        raise ValueError("not a shoal message block")
+    lens = struct.unpack_from(f"<{n}Q", view, FRAMES_HDR.size)
+    pos = FRAMES_HDR.size + 8 * n
+    frames = []
+    for length in lens:
+        if length > view.nbytes - pos:
+            raise ValueError("a frame runs past its message block")
+        frames.append(view[pos:pos + length])
+        pos += length
+    return frames[:npayload], frames[npayload:]
+
+
+# A lane's header: magic, version, engine id, slots per ring, the client's
+# doorbell block, the engine's rings block, the engine's pid.
+LANE_MAGIC = 0x454E414C  # "LANE"
+LANE_HDR = struct.Struct("<IIiI3Q3Qi")
+LANE_HDR_SIZE = 128
+
+
+class Lane:
+    """A local client's direct path to one engine, as either side sees it.
+
+    One arena block made by the agent: a header, then ``sq`` (client →
+    engine: tasks, releases) and ``cq`` (engine → client: results, output).
+    Both sides point ``sq`` at the engine's doorbell and ``cq`` at the
+    client's, so each waits on one doorbell for all its rings. The lane holds
+    a reference to every block it uses; drop it to let them go.
+    """
+
+    def __init__(self, arena, handle):
+        handle = tuple(handle)
+        self.handle = handle
+        self.block = arena.acquire_bytes(handle, 0, handle[1], readonly=False)
+        if handle[1] < LANE_HDR_SIZE:
+            raise ValueError("not a lane")
+        magic, version, self.engine_id, nslots, *rest = LANE_HDR.unpack_from(self.block)
+        if magic != LANE_MAGIC or version != 1 or not 2 <= nslots <= 1 << 20 or nslots & (nslots - 1):
+            raise ValueError("not a lane")
+        size = Ring.size(nslots)
+        if LANE_HDR_SIZE + 2 * size > handle[1]:
+            raise ValueError("a lane's rings run past its block")
+        self.engine_pid = rest[6]
+        self.client_bell = arena.acquire_bytes(tuple(rest[0:3]), 0, rest[1], readonly=False)
+        self.engine_bell = arena.acquire_bytes(tuple(rest[3:6]), 0, rest[4], readonly=False)
+        self.sq = Ring(self.block, offset=LANE_HDR_SIZE)
+        self.cq = Ring(self.block, offset=LANE_HDR_SIZE + size)
+        self.sq.set_doorbell(self.engine_bell, RING_BELL_OFFSET)
+        self.cq.set_doorbell(self.client_bell, 0)
