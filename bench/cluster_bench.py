@@ -2,9 +2,13 @@
 
 Cases, for each system and engine count (2 and 8 by default):
   rtt    apply_sync round trip of a no-op on one engine: p50 and p99 over 300 calls
+         (shoal: through its lane; "shoal-controller": a client with
+         lanes=False, every task through the controller, for comparison)
   push   push of an 8 MiB, 256 MiB and 1 GiB float64 array to every engine
          (block=True): seconds, and how much the node's memory grew while the
          engines held it (MemTotal - MemAvailable, before and after)
+  pull   pull of a 256 MiB float64 array from one engine: seconds, and how
+         much the node's memory grew while the client held it
 Prints one key=value line per case, then the ratios (ipyparallel / shoal).
 Run through bench/run_cluster.sh, which makes the benchmark's own venv.
 """
@@ -20,6 +24,7 @@ import time
 import numpy as np
 
 MiB = 1 << 20
+PULL = 256 * MiB
 
 
 def node_used():
@@ -35,7 +40,11 @@ def noop():
     return None
 
 
-def measure(name, dv0, dv, engines, sizes, out):
+def show(r):
+    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+
+
+def measure_rtt(name, dv0, engines, out):
     dv0.apply_sync(noop)
     lat = []
     for _ in range(300):
@@ -46,7 +55,11 @@ def measure(name, dv0, dv, engines, sizes, out):
     r = dict(system=name, engines=engines, case="rtt", p50_us=statistics.median(lat) * 1e6,
              p99_us=lat[int(len(lat) * 0.99)] * 1e6)
     out.append(r)
-    print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+    show(r)
+
+
+def measure(name, dv0, dv, engines, sizes, out):
+    measure_rtt(name, dv0, engines, out)
     for size in sizes:
         a = np.ones(size // 8)
         time.sleep(0.5)
@@ -60,9 +73,22 @@ def measure(name, dv0, dv, engines, sizes, out):
         assert all(c == 1.0 + len(a) for c in check), check
         r = dict(system=name, engines=engines, case="push", bytes=size, seconds=took, mem_growth_mib=grew / MiB)
         out.append(r)
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+        show(r)
         dv.execute("del bench_a", block=True)
         del a
+    dv0.execute(f"import numpy\nbench_r = numpy.ones({PULL // 8})", block=True)
+    time.sleep(0.5)
+    before = node_used()
+    t = time.perf_counter()
+    got = dv0.pull("bench_r", block=True)
+    took = time.perf_counter() - t
+    grew = node_used() - before
+    assert got.shape == (PULL // 8,) and float(got[-1]) == 1.0
+    r = dict(system=name, engines=engines, case="pull", bytes=PULL, seconds=took, mem_growth_mib=grew / MiB)
+    out.append(r)
+    show(r)
+    del got
+    dv0.execute("del bench_r", block=True)
 
 
 def run_shoal(engines, sizes, out):
@@ -73,6 +99,8 @@ def run_shoal(engines, sizes, out):
     try:
         with shoal.Client(profile=profile) as rc:
             measure("shoal", rc[rc.ids[0]], rc[:], engines, sizes, out)
+        with shoal.Client(profile=profile, lanes=False) as rc:
+            measure_rtt("shoal-controller", rc[rc.ids[0]], engines, out)
     finally:
         shoal_cli(["stop", "--profile", profile])
         import shutil
@@ -109,7 +137,12 @@ def main():
         get = lambda sysname, case, **kw: [r for r in out if r["system"] == sysname and r["engines"] == n and  # noqa
                                            r["case"] == case and all(r.get(k) == v for k, v in kw.items())][0]
         s, i = get("shoal", "rtt"), get("ipyparallel", "rtt")
-        print(f"ratio engines={n} case=rtt_p50 value={i['p50_us'] / s['p50_us']:.1f}")
+        c = get("shoal-controller", "rtt")
+        print(f"ratio engines={n} case=rtt_p50 value={i['p50_us'] / s['p50_us']:.1f} "
+              f"through_controller={i['p50_us'] / c['p50_us']:.1f}")
+        s, i = get("shoal", "pull"), get("ipyparallel", "pull")
+        print(f"ratio engines={n} case=pull bytes={PULL} time={i['seconds'] / s['seconds']:.1f} "
+              f"mem_growth_mib shoal={s['mem_growth_mib']:.0f} ipyparallel={i['mem_growth_mib']:.0f}")
         for size in sizes:
             s, i = get("shoal", "push", bytes=size), get("ipyparallel", "push", bytes=size)
             print(f"ratio engines={n} case=push bytes={size} time={i['seconds'] / s['seconds']:.1f} "

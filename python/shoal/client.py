@@ -255,26 +255,44 @@ class Client:
 
     # ---- tasks ---------------------------------------------------------------------
 
+    def _on_this_node(self, eid):
+        """Whether engine eid shares our arena (runs on the node we attached to)."""
+        if self.local is None:
+            return False
+        return any(e["id"] == eid and e["node"] == self._local_node for e in self._engines)
+
     def _submit(self, targets, meta, obj):
         if not targets:
             raise ValueError("this view has no engines to run on")
         if len(set(targets)) != len(targets):
             raise ValueError(f"an engine is named twice in {targets}")
-        s = serialize.dumps(obj, arena=self.arena)
-        meta = dict(meta, buffers=s.buffers)
-        ar = AsyncResult(self, None, targets, meta["kind"], keep=s.keep)
+        ar = AsyncResult(self, None, targets, meta["kind"])
         with self._lock:
             lanes = {t: lane for t in targets if (lane := self._lane(t)) is not None}
-            others = [t for t in targets if t not in lanes]
-            ar._zmq_targets = others
-            if others:
-                frames = [struct.pack(f"<{len(others)}I", *others), json.dumps(meta).encode(), s.payload]
-                ar.msg_id = self._sock.send(_core.MSG_TASK, frames, s.frames)
-                self._pending[ar.msg_id] = ar
+            here = [t for t in targets if t not in lanes and self._on_this_node(t)]
+            away = [t for t in targets if t not in lanes and t not in here]
+            ar._zmq_targets = here + away
+            # Large buffers go into the arena once for every engine of this
+            # node, and as frames to the engines of other nodes, which
+            # cannot see our arena.
+            s_here = serialize.dumps(obj, arena=self.arena) if lanes or here else None
+            s_away = serialize.dumps(obj) if away else None
+            if s_here is not None:
+                ar._keep.extend(s_here.keep)
+            for group, s in ((here, s_here), (away, s_away)):
+                if group:
+                    m = dict(meta, buffers=s.buffers)
+                    frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
+                    mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
+                    ar._mids[mid] = group
+                    self._pending[mid] = ar
+                    if ar.msg_id is None:
+                        ar.msg_id = mid
             if lanes:
                 # One message block for all of them, ours until they have answered.
                 task_id = next(self._lane_ids)
-                block = pack_frames(self.arena, [json.dumps(meta).encode(), s.payload], s.frames)
+                m = dict(meta, buffers=s_here.buffers)
+                block = pack_frames(self.arena, [json.dumps(m).encode(), s_here.payload], s_here.frames)
                 ar._keep.append(block)
                 ar.task_id = task_id
                 if ar.msg_id is None:
@@ -328,16 +346,17 @@ class Client:
             except _core.WireError:
                 return True  # counted by the socket; nothing we can use
             if hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] in self._pending:
-                # The controller refused a task outright: every target fails.
+                # The controller refused a task outright: every target of that message fails.
                 ar = self._pending.pop(hdr["reply_to"])
                 text = json.loads(bytes(payload[0])).get("error", "refused") if payload else "refused"
-                ar._refused(text)
+                ar._refused(ar._mids.get(hdr["reply_to"], ()), text)
             elif hdr["type"] == _core.MSG_RESULT:
                 ar = self._pending.get(hdr["reply_to"])
                 if ar is not None:
                     ar._add(hdr, payload, buffers)
                     if ar._zmq_done():
-                        del self._pending[hdr["reply_to"]]
+                        for mid in ar._mids:
+                            self._pending.pop(mid, None)
             elif hdr["type"] == _core.MSG_OUTPUT:
                 ar = self._pending.get(hdr["reply_to"])
                 if ar is not None:
@@ -391,6 +410,7 @@ class AsyncResult:
         self.task_id = None
         self._single = False
         self._zmq_targets = self._targets  # those the controller answers for
+        self._mids = {}  # our messages to the controller -> their targets
 
     def __repr__(self):
         return f"<AsyncResult({self._kind}): {'finished' if self.ready() else 'pending'}>"
@@ -419,8 +439,8 @@ class AsyncResult:
         if self._done():
             self._keep.clear()
 
-    def _refused(self, text):
-        for e in self._zmq_targets:
+    def _refused(self, targets, text):
+        for e in targets:
             if e not in self._results:
                 self._results[e] = (False, EngineError(f"the controller refused the task: {text}", e))
         if self._done():

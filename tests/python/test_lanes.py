@@ -1,0 +1,193 @@
+"""Lanes: a local client's tasks go straight to the engines' rings, and
+large results come back as views of arena blocks (docs/engine.md, "Lanes")."""
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal import serialize
+
+from procs import Agent, Controller
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module", params=["io_uring", "epoll"])
+def cluster(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lanes")
+    ctl = Controller(root / "home", heartbeat_ms=500)
+    env = {"SHOAL_NO_URING": "1"} if request.param == "epoll" else {}
+    agent = Agent(ctl, root / "run", engines=2, arena_size=2 << 30, env=env)
+    yield ctl, agent
+    agent.stop()
+    ctl.stop()
+
+
+@pytest.fixture
+def rc(cluster):
+    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
+    yield c
+    c.close()
+
+
+def anon_bytes(pid="self"):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon")
+
+
+def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_lane_tasks_do_not_touch_the_controller(rc, cluster):
+    ctl, agent = cluster
+    assert rc[:].apply_sync(os.getpid) == [e["pid"] for e in agent.engines]
+    assert all(rc._lanes[e] is not None for e in rc.ids), "each engine of this node has a lane"
+    ctl.proc.send_signal(signal.SIGSTOP)  # a frozen controller cannot be on the path
+    try:
+        dv = rc[:]
+        dv.block = True
+        assert dv.apply(lambda x: x * 6, 7) == [42, 42]
+        a = np.arange(1 << 18, dtype=np.int32).reshape(512, 512)[:, ::2]  # large and not contiguous
+        dv.push({"a": a, "b": np.ones(1 << 17)})
+        for got in dv.pull("a"):
+            assert np.array_equal(got, a)
+        assert dv.execute("float(b.sum())") == [float(1 << 17)] * 2
+        ar = rc[0].execute("print('on the lane')")
+        ar.get(10)
+        assert ar.stdout[0] == "on the lane\n"
+        with pytest.raises(shoal.RemoteError, match="ZeroDivisionError"):
+            rc[1].apply_sync(lambda: 1 / 0)
+    finally:
+        ctl.proc.send_signal(signal.SIGCONT)
+
+
+def test_large_results_are_zero_copy_views_of_the_arena(rc):
+    rc[0].execute("import numpy as np\nr = np.arange(8 << 20, dtype=np.float64)", block=True)  # 64 MiB
+    gc.collect()
+    before = anon_bytes()
+    r = rc[0].pull("r", block=True)
+    grew = anon_bytes() - before
+    assert grew < 16 * MiB, f"the client's private memory grew by {grew / MiB:.0f} MiB for a 64 MiB result"
+    owner = serialize._owner_block(r)
+    assert owner is not None and owner.arena is rc.arena, "the result is a view of an arena block"
+    assert not r.flags.writeable, "results are read-only views"
+    assert r[12345] == 12345.0 and r[-1] == (8 << 20) - 1
+
+    # An array that already lives in the arena comes back with no copy at all.
+    big = rc.arena.empty((8 << 20,))
+    big[:] = 3.0
+    rc[0].push({"big": big}, block=True)
+    used = rc.arena.stats()["used_bytes"]
+    back = rc[0].pull("big", block=True)
+    assert rc.arena.stats()["used_bytes"] - used < MiB, "no new block for an array that lives in the arena"
+    assert serialize._owner_block(back).handle == serialize._owner_block(big).handle
+    assert float(back.sum()) == 3.0 * (8 << 20)
+
+    # When the views go, so do the blocks.
+    rc[0].execute("del r, big", block=True)
+    del r, owner, big, back
+    gc.collect()
+    rc[0].apply_sync(abs, 1)  # the engine takes its last releases
+    assert wait_for(lambda: rc.arena.stats()["used_bytes"] < used - 60 * MiB), rc.arena.stats()
+
+
+def test_an_engine_killed_mid_task_fails_it_within_a_second(tmp_path):
+    ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+    agent = Agent(ctl, tmp_path / "run", engines=2)
+    c = shoal.Client(url_file=str(ctl.conn), timeout=10)
+    try:
+        victim, survivor = [e["id"] for e in agent.engines]
+        pid = c[victim].apply_sync(os.getpid)
+        assert c._lanes[victim] is not None
+        ar = c[victim].apply_async(time.sleep, 60)
+        queued = c[victim].apply_async(abs, -1)  # waits behind it in the lane
+        both = c[[victim, survivor]].apply_async(time.sleep, 0.5)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(shoal.EngineError) as e:
+            ar.get(timeout=5)
+        assert time.monotonic() - t0 < 1.0, "the failure arrives within a second"
+        assert f"engine {victim} (pid {pid}) died" in str(e.value)
+        with pytest.raises(shoal.EngineError):
+            queued.get(5)
+        with pytest.raises(shoal.EngineError):
+            both.get(5)
+        assert both._results[survivor] == (True, None), "the other engine finished its part"
+        assert c[survivor].apply_sync(lambda: 1 + 1) == 2, "the other engines keep working"
+        with pytest.raises(shoal.EngineError, match="is not running"):
+            c[victim].apply_sync(abs, 1)  # the lane is gone; the controller answers
+    finally:
+        c.close()
+        agent.stop()
+        ctl.stop()
+
+
+def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
+    rc[0].apply_sync(abs, 1)
+    base = rc.arena.stats()["used_blocks"]
+    script = textwrap.dedent(f"""
+        import sys, time, numpy as np, shoal
+        c = shoal.Client(url_file={str(cluster[0].conn)!r})
+        c[0].push({{"junk": np.ones(4 << 20)}})
+        c[0].apply_async(time.sleep, 1)
+        c[1].apply_async(lambda: __import__("numpy").ones(4 << 20))
+        print("sent", flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "sent\n"
+    finally:
+        p.kill()
+        p.wait()
+    # Its lanes close, the engines finish and drop them, and every block it
+    # or they held for it goes back.
+    assert rc[:].apply_sync(abs, -2) == [2, 2]
+    rc[:].execute("junk = None", block=True)
+    assert wait_for(lambda: rc[:].apply_sync(abs, 1) and rc.arena.stats()["used_blocks"] <= base), \
+        (base, rc.arena.stats())
+
+
+def test_a_view_across_two_nodes_takes_both_paths(rc, cluster, tmp_path):
+    ctl, agent = cluster
+    other = Agent(ctl, tmp_path / "run2", engines=1)
+    c = shoal.Client(url_file=str(ctl.conn), timeout=10)
+    try:
+        mine, theirs = agent.engines[0]["id"], other.engines[0]["id"]
+        pids = c[[mine, theirs]].apply_sync(os.getpid)
+        assert pids == [agent.engines[0]["pid"], other.engines[0]["pid"]]
+        assert c._lanes[mine] is not None and c._lanes[theirs] is None, "a lane here, the controller there"
+        a = np.arange(1 << 16, dtype=np.float32)
+        c[[mine, theirs]].push({"a": a}, block=True)
+        assert [float(x) for x in c[[mine, theirs]].execute("a.sum()", block=True)] == [float(a.sum())] * 2
+    finally:
+        c.close()
+        other.stop()
+
+
+def test_bad_lane_requests_get_an_error_and_the_agent_goes_on(rc):
+    local = rc.local
+    assert "error" in local.ask({"lane": 999})
+    assert "error" in local.ask({"lane": -1})
+    assert "error" in local.ask({"lane": "zero"})
+    assert "error" in local.ask({"lane": 1e300})
+    again = local.ask({"lane": 0})
+    assert again["block"] == list(rc._lane(0).handle), "asking twice gives the same lane"
+    assert rc[:].apply_sync(abs, -4) == [4, 4]
