@@ -28,6 +28,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -1400,6 +1401,7 @@ static void *prefault_main(void *arg)
     shoal_arena *a = arg;
     struct arena_hdr *h = a->hdr;
     uint8_t *cs = chunk_states(a);
+    struct sched_param prio = {0};
     while (!atomic_load(&a->prefault_stop)) {
         if (arena_lock(a) < 0)
             break;
@@ -1422,7 +1424,12 @@ static void *prefault_main(void *arg)
             continue;
         }
         uint64_t s = h->heap_off + found * SHOAL_ARENA_CHUNK;
+        /* Background work: faulting in runs when a core has nothing else to
+         * do, so it never delays the tasks it prepares for. Only outside the
+         * lock: a starved holder would stall every process's allocations. */
+        (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &prio);
         (void)madvise(a->base + s, SHOAL_ARENA_CHUNK, MADV_POPULATE_WRITE);
+        (void)pthread_setschedparam(pthread_self(), SCHED_OTHER, &prio);
         if (arena_lock(a) < 0)
             break;
         if (cs[found] == CHUNK_PREFAULTING)

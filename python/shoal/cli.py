@@ -1,6 +1,6 @@
 """The `shoal` command: start, stop and look at a cluster.
 
-    shoal start -n 4 [--daemonize] [--profile NAME] [--ip ADDR] [--arena-size BYTES]
+    shoal start -n 4 [--daemonize] [--profile NAME] [--ip ADDR] [--arena-size BYTES] [--prefault BYTES]
     shoal stop [--profile NAME]
     shoal status [--profile NAME]
 
@@ -76,6 +76,8 @@ def start(args):
         cmd.append("--restart-engines")
     if args.arena_size:
         cmd += ["--arena-size", str(args.arena_size)]
+    if args.prefault is not None:
+        cmd += ["--prefault", str(args.prefault)]
     agent = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
     rc = Client(profile=args.profile)
     try:
@@ -172,6 +174,9 @@ def main(argv=None):
     s.add_argument("--daemonize", action="store_true", help="return once the engines are ready")
     s.add_argument("--ip", default="127.0.0.1", help="address the controller listens on (default 127.0.0.1)")
     s.add_argument("--arena-size", type=int, default=0, help="bytes of shared memory (default: half of RAM)")
+    s.add_argument("--prefault", type=int, default=None,
+                   help="bytes of fresh shared memory kept faulted in ahead of use "
+                        "(default: an eighth of the arena, at most 1 GiB; 0 for none)")
     s.add_argument("--timeout", type=float, default=60, help="seconds to wait for the engines")
     s.add_argument("--restart-engines", action="store_true",
                    help="start a new engine (with a new id) in place of one that dies")

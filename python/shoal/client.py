@@ -141,7 +141,21 @@ class Client:
         return body
 
     def queue_status(self):
-        return self._control(_core.MSG_QUERY, {"what": "status"})
+        """The controller's registry and queues, with this client's lane tasks
+        added: ``queue[e]`` unanswered tasks of engine e, ``tasks_pending``
+        unfinished tasks, of which ``lane_tasks_pending`` on lanes.
+
+        The controller never sees lane tasks, so the figures for them are
+        this client's own: other clients' lane tasks are not counted."""
+        status = self._control(_core.MSG_QUERY, {"what": "status"})
+        with self._lock:
+            self._drain_lanes()
+            for eid, lane in self._lanes.items():
+                if lane is not None and eid < len(status["queue"]):
+                    status["queue"][eid] += len(lane.pending)
+            status["lane_tasks_pending"] = len(self._lane_tasks)
+            status["tasks_pending"] += len(self._lane_tasks)
+        return status
 
     # ---- lanes: tasks straight to the engines of this node ------------------------
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import cloudpickle
 import numpy as np
 
-from ._core import Arena, Block, address
+from ._core import Arena, Block, address, copy
 
 THRESHOLD = 64 * 1024
 
@@ -87,7 +87,7 @@ def dumps(obj, arena=None, threshold=THRESHOLD):
             out.keep.append(owner)
             return False
         block = arena.alloc(raw.nbytes)
-        memoryview(block).cast("B")[:] = raw.cast("B")
+        copy(block, raw)  # in parallel: mapping fresh shared pages is the cost
         out.buffers.append(("arena", block.handle, 0, raw.nbytes))
         out.keep.append(block)
         return False

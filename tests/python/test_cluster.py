@@ -180,6 +180,13 @@ def test_queue_status_and_registry(rc):
     status = rc.queue_status()
     assert status["tasks_pending"] == 0
     assert len(status["queue"]) >= 2
+    slow = [rc[0].apply_async(time.sleep, 0.3) for _ in range(3)]
+    status = rc.queue_status()
+    assert status["queue"][0] == 3 and status["queue"][1] == 0 and status["tasks_pending"] == 3
+    for ar in slow:
+        ar.get(10)
+    status = rc.queue_status()
+    assert status["tasks_pending"] == 0 and status["queue"][0] == 0
 
 
 def test_engines_are_restarted_only_when_asked(cluster, tmp_path):

@@ -403,3 +403,15 @@ def test_rings_in_an_arena_block_across_processes(arena):
         shoal.Ring(arena.alloc(1000))  # no ring there
     with pytest.raises(OSError):
         shoal.Ring(arena.alloc(100), 64)  # too small for 64 slots
+
+
+def test_copy_splits_between_threads_and_checks_lengths():
+    src = np.random.default_rng(1).integers(0, 255, (48 << 20) + 12345, dtype=np.uint8)
+    for threads in (0, 1, 2, 3, 64):
+        dst = bytearray(len(src) + 100)
+        shoal._core.copy(dst, src, threads=threads)
+        assert dst[:len(src)] == src.tobytes() and dst[len(src):] == bytes(100), threads
+    with pytest.raises(ValueError, match="shorter"):
+        shoal._core.copy(bytearray(10), b"x" * 11)
+    with pytest.raises(TypeError):
+        shoal._core.copy(b"read-only", b"x")
