@@ -92,6 +92,8 @@ class Client:
 
     def refresh(self):
         self._engines = self._control(_core.MSG_REGISTER)["engines"]
+        with self._lock:  # engines that had no lane may have one now (a new engine of this node)
+            self._lanes = {e: lane for e, lane in self._lanes.items() if lane is not None}
 
     def __len__(self):
         return len(self.ids)

@@ -191,3 +191,26 @@ def test_bad_lane_requests_get_an_error_and_the_agent_goes_on(rc):
     again = local.ask({"lane": 0})
     assert again["block"] == list(rc._lane(0).handle), "asking twice gives the same lane"
     assert rc[:].apply_sync(abs, -4) == [4, 4]
+
+
+def test_a_restarted_engine_gets_a_lane_of_its_own(tmp_path):
+    ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+    agent = Agent(ctl, tmp_path / "run", engines=1, extra=["--restart-engines"])
+    c = shoal.Client(url_file=str(ctl.conn), timeout=10)
+    try:
+        old = agent.engines[0]["id"]
+        pid = c[old].apply_sync(os.getpid)
+        os.kill(pid, signal.SIGKILL)
+
+        def replaced():
+            c.refresh()
+            return [e for e in c.ids if e != old]
+        assert wait_for(replaced, 10), "a new engine took the dead one's place"
+        new = replaced()[0]
+        assert c[new].apply_sync(os.getpid) not in (pid, None)
+        assert c._lanes[new] is not None, "the new engine is reached through a lane"
+        assert c._lanes.get(old) is None
+    finally:
+        c.close()
+        agent.stop()
+        ctl.stop()
