@@ -166,7 +166,7 @@ static void ring_bell(shoal_ring *r)
     }
 }
 
-int shoal_ring_push(shoal_ring *r, const void *src, uint32_t n)
+static int push(shoal_ring *r, const void *src, uint32_t n, int wake)
 {
     struct shoal_ring_shared *s = r->shared;
     if (atomic_load_explicit(&s->closed, memory_order_acquire))
@@ -188,9 +188,27 @@ int shoal_ring_push(shoal_ring *r, const void *src, uint32_t n)
      * sleep handshake (see the top of this file). It also releases the slot
      * contents to the consumer. */
     atomic_store_explicit(&s->tail, tail + k, memory_order_seq_cst);
-    if (atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
+    if (wake && atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
         ring_bell(r);
     return (int)k;
+}
+
+int shoal_ring_push(shoal_ring *r, const void *src, uint32_t n)
+{
+    return push(r, src, n, 1);
+}
+
+int shoal_ring_push_nowake(shoal_ring *r, const void *src, uint32_t n)
+{
+    return push(r, src, n, 0);
+}
+
+void shoal_ring_wake(shoal_ring *r)
+{
+    /* The producer half of the handshake, completed: the push stored the
+     * tail (sequentially consistent); now load sleeping. */
+    if (atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
+        ring_bell(r);
 }
 
 int shoal_ring_pop(shoal_ring *r, void *dst, uint32_t max)

@@ -77,6 +77,15 @@ void shoal_ring_set_notify_fd(shoal_ring *r, int fd);
 int shoal_ring_push(shoal_ring *r, const void *src, uint32_t n);
 
 /*
+ * Producer of many rings at once: pushes like shoal_ring_push but wakes
+ * nobody; shoal_ring_wake then wakes the consumer if it sleeps. Pushing to
+ * every ring first and waking after keeps a woken consumer from delaying
+ * the pushes that follow.
+ */
+int shoal_ring_push_nowake(shoal_ring *r, const void *src, uint32_t n);
+void shoal_ring_wake(shoal_ring *r);
+
+/*
  * Consumer: takes up to max slots into dst. Returns how many (0 when empty),
  * -EPIPE if the ring is closed and empty, or -EUCLEAN.
  */

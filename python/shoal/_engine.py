@@ -150,7 +150,7 @@ class Engine:
         self.agent = _Sink(self.cq, False)
         self.lanes = []  # _LaneSink of each local client's lane
         self.sink = self.agent  # where the running task's output goes
-        self.spin = float(os.environ.get("SHOAL_ENGINE_SPIN", "2e-4"))
+        self.spin = float(os.environ.get("SHOAL_ENGINE_SPIN", "5e-5"))
         self.outputs = []  # output blocks of the running task
         main = sys.modules["__main__"]
         self.ns = main.__dict__
@@ -160,10 +160,10 @@ class Engine:
         while True:
             # Spin for a while after each batch before sleeping: waking a
             # sleeping engine costs ~20-50 us on these VMs, and the next task of
-            # a busy client usually comes sooner. Measured (2 cores): 0.2 ms
-            # keeps a no-op round trip at its best (34 us) while 1 ms made an
-            # 8 MiB push to 8 engines twice as slow (they spun on each other's
-            # cores); SHOAL_ENGINE_SPIN (seconds) sets it.
+            # a busy client usually comes sooner. Measured (2 cores): 50 us keeps
+            # a no-op round trip at its best (35 us) at 2 and 8 engines; 1 ms
+            # made an 8 MiB push to 8 engines twice as slow (they spun on each
+            # other's cores). SHOAL_ENGINE_SPIN (seconds) sets it.
             self.bell.wait([self.sq] + [s.lane.sq for s in self.lanes], spin=self.spin)
             try:
                 slots = self.sq.pop(64)

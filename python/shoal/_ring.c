@@ -106,18 +106,22 @@ static PyObject *ring_size(PyObject *cls, PyObject *arg)
     return PyLong_FromSize_t(shoal_ring_size((uint32_t)n));
 }
 
-/* push(slots): slots is a bytes-like object of 64 * n bytes. Returns n pushed. */
-static PyObject *ring_push(RingObject *self, PyObject *arg)
+/* push(slots, wake=True): slots is a bytes-like object of 64 * n bytes.
+ * Returns n pushed. wake=False leaves waking the consumer to wake(). */
+static PyObject *ring_push(RingObject *self, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"slots", "wake", NULL};
     Py_buffer v;
-    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+    int wake = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*|p:push", kwlist, &v, &wake))
         return NULL;
     if (v.len % SHOAL_RING_SLOT) {
         PyBuffer_Release(&v);
         PyErr_Format(PyExc_ValueError, "slots are %d bytes each", SHOAL_RING_SLOT);
         return NULL;
     }
-    int rc = shoal_ring_push(&self->ring, v.buf, (uint32_t)(v.len / SHOAL_RING_SLOT));
+    uint32_t n = (uint32_t)(v.len / SHOAL_RING_SLOT);
+    int rc = wake ? shoal_ring_push(&self->ring, v.buf, n) : shoal_ring_push_nowake(&self->ring, v.buf, n);
     PyBuffer_Release(&v);
     if (rc < 0)
         return ring_errno(rc, "push failed");
@@ -166,6 +170,13 @@ static PyObject *ring_wait(RingObject *self, PyObject *args, PyObject *kw)
     Py_RETURN_TRUE;
 }
 
+static PyObject *ring_wake(RingObject *self, PyObject *unused)
+{
+    (void)unused;
+    shoal_ring_wake(&self->ring);
+    Py_RETURN_NONE;
+}
+
 static PyObject *ring_set_notify_fd(RingObject *self, PyObject *arg)
 {
     int fd = (int)PyLong_AsLong(arg);
@@ -212,7 +223,9 @@ static Py_ssize_t ring_len(RingObject *self)
 
 static PyMethodDef ring_methods[] = {
     {"size", (PyCFunction)ring_size, METH_O | METH_CLASS, "size(nslots) -> bytes a ring of nslots needs"},
-    {"push", (PyCFunction)ring_push, METH_O, "push(slots) -> how many 64-byte slots were appended"},
+    {"push", (PyCFunction)(void (*)(void))ring_push, METH_VARARGS | METH_KEYWORDS,
+     "push(slots, wake=True) -> how many 64-byte slots were appended (wake=False: wake() later)"},
+    {"wake", (PyCFunction)ring_wake, METH_NOARGS, "wake(): wake the consumer if it sleeps"},
     {"pop", (PyCFunction)ring_pop, METH_VARARGS, "pop(max=64) -> up to max slots, as one bytes object"},
     {"wait", (PyCFunction)(void (*)(void))ring_wait, METH_VARARGS | METH_KEYWORDS,
      "wait(timeout=-1, spin=50e-6) -> True when a slot can be popped, False on timeout"},

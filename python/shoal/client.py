@@ -28,6 +28,7 @@ from .local import LocalArena
 # How long a client waiting on its lanes spins before it sleeps (seconds):
 # a no-op task's round trip through a lane takes well under this.
 LANE_SPIN = 300e-6
+_CORES = os.cpu_count() or 1
 
 
 def _profile_dir(profile):
@@ -182,10 +183,11 @@ class Client:
         self._lanes[eid] = lane
         return lane
 
-    def _lane_send(self, eid, lane, slot):
-        """Queues a slot for the engine: into its ring, or behind what waits."""
+    def _lane_send(self, eid, lane, slot, wake=True):
+        """Queues a slot for the engine: into its ring, or behind what waits.
+        wake=False leaves waking the engine to the caller (lane.sq.wake())."""
         try:
-            if lane.backlog or lane.sq.push(slot) == 0:
+            if lane.backlog or lane.sq.push(slot, wake) == 0:
                 lane.backlog.append(slot)
         except BrokenPipeError:
             pass  # the engine is gone: its completion ring says so too
@@ -315,9 +317,13 @@ class Client:
                     ar.msg_id = task_id
                 self._lane_tasks[task_id] = ar
                 slot = SLOT.pack(task_id, KIND_TASK, 0, *block.handle, 0)
+                # Every ring first, then the doorbells: an engine woken early
+                # would otherwise take the core from the pushes that follow.
                 for t, lane in lanes.items():
                     lane.pending.add(task_id)
-                    self._lane_send(t, lane, slot)
+                    self._lane_send(t, lane, slot, wake=False)
+                for lane in lanes.values():
+                    lane.sq.wake()
                 self._drain_lanes()  # a closed lane fails its part now
             self._last_submit = time.monotonic()
         return ar
@@ -343,10 +349,13 @@ class Client:
                 else:
                     wait = min(max(timeout, 0), 0.005)  # another thread waits for the lock 5 ms at most
                 if wait > 0 and self._bell is not None:
-                    rings = [lane.cq for lane in self._lanes.values() if lane is not None]
-                    # Spin only soon after a submission: a long wait sleeps.
-                    spin = LANE_SPIN if time.monotonic() - self._last_submit < 0.01 else 0
-                    self._bell.wait(rings, timeout=wait, spin=min(spin, wait))
+                    lanes = [lane for lane in self._lanes.values() if lane is not None]
+                    # Spin only soon after a submission (a long wait sleeps), and
+                    # only while a core is left for us: spinning while more
+                    # engines than cores have work takes a core from them.
+                    busy = sum(1 for lane in lanes if lane.pending)
+                    spin = LANE_SPIN if busy < _CORES and time.monotonic() - self._last_submit < 0.01 else 0
+                    self._bell.wait([lane.cq for lane in lanes], timeout=wait, spin=min(spin, wait))
                 return self._drain_lanes()
             return self._socket_receive(timeout)
 

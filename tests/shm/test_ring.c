@@ -370,3 +370,26 @@ Test(ring, doorbell_wait_times_out_and_wakes_on_close)
     waitpid(pid, NULL, 0);
     shoal_arena_close(p.arena);
 }
+
+Test(ring, push_without_waking_then_wake)
+{
+    shoal_ring r;
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 8, &r), 0);
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    cr_assert_geq(efd, 0);
+    shoal_ring producer = r;
+    shoal_ring_set_notify_fd(&producer, efd);
+    struct slot s = mk(9);
+    uint64_t v;
+    cr_assert_eq(shoal_ring_prepare_sleep(&r), 1);
+    cr_assert_eq(shoal_ring_push_nowake(&producer, &s, 1), 1);
+    cr_assert_eq(read(efd, &v, sizeof v), -1, "a quiet push wakes nobody");
+    shoal_ring_wake(&producer);
+    cr_assert_eq(read(efd, &v, sizeof v), (ssize_t)sizeof v, "wake() rings for the sleeper");
+    shoal_ring_awake(&r);
+    shoal_ring_wake(&producer);
+    cr_assert_eq(read(efd, &v, sizeof v), -1, "an awake consumer is not rung");
+    cr_assert_eq(shoal_ring_pop(&r, &s, 1), 1);
+    cr_assert_eq(s.seq, 9);
+    close(efd);
+}
