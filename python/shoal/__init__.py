@@ -10,9 +10,11 @@ and :class:`Client` with its views, as in ipyparallel.
 """
 
 from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
-from .client import AsyncResult, Client, DirectView
+from .asyncresult import AsyncMapResult, AsyncResult
+from .client import Client
 from .error import EngineError, RemoteError, ShoalError, TimeoutError
+from .view import DirectView
 
-__all__ = ["Client", "DirectView", "AsyncResult", "RemoteError", "EngineError", "ShoalError", "TimeoutError",
+__all__ = ["Client", "DirectView", "AsyncResult", "AsyncMapResult", "RemoteError", "EngineError", "ShoalError", "TimeoutError",
            "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"

@@ -257,6 +257,11 @@ class Engine:
         if kind == "push":
             self.ns.update(args)
             return None
+        if kind == "clear":
+            keep = {k: self.ns[k] for k in ("__name__", "__builtins__", "__doc__") if k in self.ns}
+            self.ns.clear()
+            self.ns.update(keep)
+            return None
         if kind == "pull":
             names = request["names"]
             values = [self.ns[n] if n in self.ns else _missing(n) for n in names]

@@ -1,4 +1,5 @@
-"""The client: shoal.Client, DirectView and AsyncResult, with ipyparallel's names.
+"""The client: shoal.Client, with ipyparallel's names (views are in view.py,
+AsyncResult in asyncresult.py).
 
 A Client talks to the controller over one signed ZeroMQ socket. Results are
 received in the calling thread while it waits for them (get, wait, ready),
@@ -22,8 +23,10 @@ import time
 
 from . import _core, serialize
 from ._msgblock import KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, SLOT, Lane, pack_frames, unpack_frames
-from .error import EngineError, RemoteError, TimeoutError
+from .asyncresult import AsyncResult
+from .error import EngineError, TimeoutError
 from .local import LocalArena
+from .view import DirectView
 
 # How long a client waiting on its lanes spins before it sleeps (seconds):
 # a no-op task's round trip through a lane takes well under this.
@@ -67,7 +70,7 @@ class Client:
         self._local_node = None
         self._use_lanes = lanes
         self._lanes = {}  # engine id -> Lane, or None where there is none
-        self._lane_tasks = {}  # lane task id -> AsyncResult
+        self._lane_tasks = {}  # lane task id -> (AsyncResult, engines yet to answer)
         self._lane_ids = itertools.count(1)
         self._bell = None  # the doorbell all our lanes' completion rings ring
         self._control_waits = 0  # threads waiting for a controller reply
@@ -227,10 +230,9 @@ class Client:
 
     def _lane_slot(self, eid, lane, slot):
         task_id, kind, _, off, length, gen, _ = slot
-        ar = self._lane_tasks.get(task_id)
+        ar = self._lane_tasks.get(task_id, (None,))[0]
         hdr = {"sender": eid, "task_id": task_id}
         if kind == KIND_RESULT:
-            lane.pending.discard(task_id)
             try:
                 # Our own reference: the values may be views of this block.
                 block = self.arena.acquire_bytes((off, length, gen), 0, length)
@@ -243,14 +245,22 @@ class Client:
                                               f"read: {e}", eid, task_id))
             # Now the engine can let go of it.
             self._lane_send(eid, lane, SLOT.pack(0, KIND_RELEASE, 0, off, length, gen, 0))
-            if ar is not None and ar._done():
-                del self._lane_tasks[task_id]
+            self._lane_answered(eid, lane, task_id)
         elif kind == KIND_OUTPUT and ar is not None:
             try:
                 payload, _ = unpack_frames(self.arena.acquire_bytes((off, length, gen), 0, length))
                 ar._output(hdr, payload)
             except (OSError, ValueError):
                 pass  # best effort: the reply has it all
+
+    def _lane_answered(self, eid, lane, task_id):
+        """Engine eid is done with lane task task_id (answered, or gone)."""
+        lane.pending.discard(task_id)
+        entry = self._lane_tasks.get(task_id)
+        if entry is not None:
+            entry[1].discard(eid)
+            if not entry[1]:
+                del self._lane_tasks[task_id]
 
     def _lane_gone(self, eid, lane):
         """The agent closed the lane: the engine died or was stopped."""
@@ -261,15 +271,11 @@ class Client:
         except OSError:
             alive = False
         for task_id in sorted(lane.pending):
-            ar = self._lane_tasks.get(task_id)
-            if ar is None:
-                continue
+            ar = self._lane_tasks[task_id][0]
             what = "died" if not alive else "was stopped"
             ar._fail(eid, EngineError(f"engine {eid} (pid {lane.engine_pid}) {what} while running task {task_id}",
                                       eid, task_id))
-            if ar._done():
-                del self._lane_tasks[task_id]
-        lane.pending.clear()
+            self._lane_answered(eid, lane, task_id)
 
     # ---- tasks ---------------------------------------------------------------------
 
@@ -279,54 +285,71 @@ class Client:
             return False
         return any(e["id"] == eid and e["node"] == self._local_node for e in self._engines)
 
-    def _submit(self, targets, meta, obj):
+    def _submit(self, targets, meta, obj, each=None, make=None):
+        """Sends a task to targets; returns its AsyncResult.
+
+        each: one object per target, in place of obj for all of them.
+        make(client, msg_id, targets, kind): builds the AsyncResult.
+        """
         if not targets:
             raise ValueError("this view has no engines to run on")
         if len(set(targets)) != len(targets):
             raise ValueError(f"an engine is named twice in {targets}")
-        ar = AsyncResult(self, None, targets, meta["kind"])
+        ar = (make or AsyncResult)(self, None, targets, meta["kind"])
+        units = [(list(targets), obj)] if each is None else [([t], o) for t, o in zip(targets, each)]
         with self._lock:
-            lanes = {t: lane for t in targets if (lane := self._lane(t)) is not None}
-            here = [t for t in targets if t not in lanes and self._on_this_node(t)]
-            away = [t for t in targets if t not in lanes and t not in here]
-            ar._zmq_targets = here + away
-            # Large buffers go into the arena once for every engine of this
-            # node, and as frames to the engines of other nodes, which
-            # cannot see our arena.
-            s_here = serialize.dumps(obj, arena=self.arena) if lanes or here else None
-            s_away = serialize.dumps(obj) if away else None
-            if s_here is not None:
-                ar._keep.extend(s_here.keep)
-            for group, s in ((here, s_here), (away, s_away)):
-                if group:
-                    m = dict(meta, buffers=s.buffers)
-                    frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
-                    mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
-                    ar._mids[mid] = group
-                    self._pending[mid] = ar
-                    if ar.msg_id is None:
-                        ar.msg_id = mid
-            if lanes:
-                # One message block for all of them, ours until they have answered.
-                task_id = next(self._lane_ids)
-                m = dict(meta, buffers=s_here.buffers)
-                block = pack_frames(self.arena, [json.dumps(m).encode(), s_here.payload], s_here.frames)
-                ar._keep.append(block)
-                ar.task_id = task_id
-                if ar.msg_id is None:
-                    ar.msg_id = task_id
-                self._lane_tasks[task_id] = ar
-                slot = SLOT.pack(task_id, KIND_TASK, 0, *block.handle, 0)
-                # Every ring first, then the doorbells: an engine woken early
-                # would otherwise take the core from the pushes that follow.
-                for t, lane in lanes.items():
-                    lane.pending.add(task_id)
-                    self._lane_send(t, lane, slot, wake=False)
-                for lane in lanes.values():
-                    lane.sq.wake()
+            ar._zmq_targets = []
+            woken = []
+            for group, o in units:
+                woken += self._send(ar, group, meta, o)
+            # Every ring first, then the doorbells: an engine woken early
+            # would otherwise take the core from the pushes that follow.
+            for lane in woken:
+                lane.sq.wake()
+            if woken:
                 self._drain_lanes()  # a closed lane fails its part now
             self._last_submit = time.monotonic()
         return ar
+
+    def _send(self, ar, targets, meta, obj):
+        """Sends one task (obj, to targets) for ar, by lane or through the
+        controller; returns the lanes whose engines are yet to be woken."""
+        lanes = {t: lane for t in targets if (lane := self._lane(t)) is not None}
+        here = [t for t in targets if t not in lanes and self._on_this_node(t)]
+        away = [t for t in targets if t not in lanes and t not in here]
+        ar._zmq_targets += here + away
+        # Large buffers go into the arena once for every engine of this
+        # node, and as frames to the engines of other nodes, which cannot
+        # see our arena.
+        s_here = serialize.dumps(obj, arena=self.arena) if lanes or here else None
+        s_away = serialize.dumps(obj) if away else None
+        if s_here is not None:
+            ar._keep.extend(s_here.keep)
+        for group, s in ((here, s_here), (away, s_away)):
+            if group:
+                m = dict(meta, buffers=s.buffers)
+                frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
+                mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
+                ar._mids[mid] = group
+                self._pending[mid] = ar
+                if ar.msg_id is None:
+                    ar.msg_id = mid
+        if not lanes:
+            return []
+        # One message block for all of them, ours until they have answered.
+        task_id = next(self._lane_ids)
+        m = dict(meta, buffers=s_here.buffers)
+        block = pack_frames(self.arena, [json.dumps(m).encode(), s_here.payload], s_here.frames)
+        ar._keep.append(block)
+        ar.task_id = task_id
+        if ar.msg_id is None:
+            ar.msg_id = task_id
+        self._lane_tasks[task_id] = (ar, set(lanes))
+        slot = SLOT.pack(task_id, KIND_TASK, 0, *block.handle, 0)
+        for t, lane in lanes.items():
+            lane.pending.add(task_id)
+            self._lane_send(t, lane, slot, wake=False)
+        return list(lanes.values())
 
     def _receive(self, timeout):
         """Receives what arrives within timeout seconds; True if anything did.
@@ -417,169 +440,3 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
-
-
-
-class AsyncResult:
-    """The pending result of a task on one or more engines."""
-
-    def __init__(self, client, msg_id, targets, kind, keep=()):
-        self._client = client
-        self.msg_id = msg_id
-        self._targets = list(targets)
-        self._kind = kind
-        self._keep = list(keep)  # arena blocks of the arguments, until every engine has answered
-        self._results = {}  # engine id -> (ok, value or exception)
-        self.stdout = {}
-        self.stderr = {}
-        self.task_id = None
-        self._single = False
-        self._zmq_targets = self._targets  # those the controller answers for
-        self._mids = {}  # our messages to the controller -> their targets
-
-    def __repr__(self):
-        return f"<AsyncResult({self._kind}): {'finished' if self.ready() else 'pending'}>"
-
-    def _add(self, hdr, payload, buffers):
-        meta = json.loads(bytes(payload[0]))
-        engine = hdr["sender"]
-        self.task_id = hdr["task_id"]
-        self.stdout[engine] = meta.get("stdout", "")
-        self.stderr[engine] = meta.get("stderr", "")
-        if meta.get("status") == "ok":
-            value = serialize.loads(bytes(payload[1]), meta.get("buffers", []), buffers, arena=self._client.arena) \
-                if len(payload) > 1 and len(payload[1]) else None
-            self._results[engine] = (True, value)
-        elif meta.get("ename") == "EngineError":
-            self._results[engine] = (False, EngineError(meta.get("evalue", "engine failed"), engine, hdr["task_id"]))
-        else:
-            tb = "".join(meta.get("traceback", []))
-            self._results[engine] = (False, RemoteError(meta.get("ename"), meta.get("evalue"), tb, engine,
-                                                        hdr["task_id"]))
-        if self._done():
-            self._keep.clear()
-
-    def _fail(self, engine, exc):
-        self._results[engine] = (False, exc)
-        if self._done():
-            self._keep.clear()
-
-    def _refused(self, targets, text):
-        for e in targets:
-            if e not in self._results:
-                self._results[e] = (False, EngineError(f"the controller refused the task: {text}", e))
-        if self._done():
-            self._keep.clear()
-
-    def _output(self, hdr, payload):
-        """A piece of stdout or stderr that an engine printed while the task runs."""
-        piece = json.loads(bytes(payload[0]))
-        where = self.stdout if piece.get("name") == "stdout" else self.stderr
-        engine = hdr["sender"]
-        if engine not in self._results:  # the reply, once here, has the whole text
-            where[engine] = where.get(engine, "") + piece.get("text", "")
-
-    def _done(self):
-        return all(e in self._results for e in self._targets)
-
-    def _zmq_done(self):
-        return all(e in self._results for e in self._zmq_targets)
-
-    def ready(self):
-        """Whether every engine has answered (never blocks)."""
-        while not self._done() and self._client._receive(0):
-            pass
-        return self._done()
-
-    def wait(self, timeout=-1):
-        """Waits up to timeout seconds (-1 or None: for ever); True if ready."""
-        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        while not self._done():
-            left = 3600 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._client._receive(min(left, 3600))
-        return True
-
-    def successful(self):
-        """True if every engine succeeded; raises if not ready yet."""
-        if not self.ready():
-            raise AssertionError("the result is not ready yet")
-        return all(ok for ok, _ in self._results.values())
-
-    def get(self, timeout=-1):
-        """The result: one value for one engine, a list in target order for several.
-
-        Raises TimeoutError if not ready within timeout, or the first
-        engine's error (RemoteError with the remote traceback, or EngineError).
-        """
-        if not self.wait(timeout):
-            raise TimeoutError(f"task {self.task_id or '(not yet started)'} on engines {self._targets} "
-                               f"did not finish within {timeout} s")
-        for e in self._targets:
-            ok, v = self._results[e]
-            if not ok:
-                raise v
-        values = [self._results[e][1] for e in self._targets]
-        return values[0] if self._single else values
-
-    def get_dict(self, timeout=-1):
-        self.get(timeout)
-        return {e: self._results[e][1] for e in self._targets}
-
-
-class DirectView:
-    """Runs work on a fixed set of engines, as ipyparallel's DirectView does.
-
-    ``block`` (default False) makes apply/execute/push/pull wait for their
-    results and return them instead of AsyncResults.
-    """
-
-    def __init__(self, client, targets, block=False):
-        self.client = client
-        self._single = isinstance(targets, int)
-        # Each engine once, in the order given.
-        self.targets = [targets] if self._single else list(dict.fromkeys(targets))
-        self.block = block
-
-    def __repr__(self):
-        return f"<DirectView {self.targets[0] if self._single else self.targets}>"
-
-    def __len__(self):
-        return len(self.targets)
-
-    def _run(self, meta, obj, block):
-        ar = self.client._submit(self.targets, meta, obj)
-        ar._single = self._single
-        return ar.get() if (self.block if block is None else block) else ar
-
-    def apply(self, f, *args, **kwargs):
-        return self._run({"kind": "apply"}, (f, args, kwargs), None)
-
-    def apply_async(self, f, *args, **kwargs):
-        return self._run({"kind": "apply"}, (f, args, kwargs), False)
-
-    def apply_sync(self, f, *args, **kwargs):
-        return self._run({"kind": "apply"}, (f, args, kwargs), True)
-
-    def execute(self, code, silent=True, targets=None, block=None):
-        view = self if targets is None else self.client[targets]
-        return view._run({"kind": "execute", "code": code, "silent": silent}, None, block)
-
-    def push(self, ns, targets=None, block=None):
-        if not isinstance(ns, dict):
-            raise TypeError("push takes a dict of names to values")
-        view = self if targets is None else self.client[targets]
-        return view._run({"kind": "push"}, ns, block)
-
-    def pull(self, names, targets=None, block=None):
-        view = self if targets is None else self.client[targets]
-        single = isinstance(names, str)
-        return view._run({"kind": "pull", "names": [names] if single else list(names), "single": single}, None,
-                         block)
-
-    def __setitem__(self, name, value):
-        self.push({name: value}, block=True)
-
-    def __getitem__(self, name):
-        return self.pull(name, block=True)

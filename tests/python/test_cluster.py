@@ -1,6 +1,5 @@
 """A real cluster - controller, agent, engines - driven by shoal.Client."""
 
-import gc
 import os
 import signal
 import time

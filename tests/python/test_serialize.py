@@ -1,7 +1,6 @@
 """shoal.serialize: pickle protocol 5 with large buffers in the arena or in frames."""
 
 import gc
-import os
 import pickle
 import subprocess
 import sys

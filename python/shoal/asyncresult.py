@@ -1,0 +1,144 @@
+"""AsyncResult and AsyncMapResult: what a non-blocking call returns."""
+
+import json
+import time
+
+from . import serialize
+from .error import EngineError, RemoteError, TimeoutError
+
+
+class AsyncResult:
+    """The pending result of a task on one or more engines.
+
+    ``get`` gives one value for a single engine's task, else a list in target
+    order.
+    """
+
+    def __init__(self, client, msg_id, targets, kind, keep=()):
+        self._client = client
+        self.msg_id = msg_id
+        self._targets = list(targets)
+        self._kind = kind
+        self._fname = kind  # what ipyparallel's repr calls it: apply, execute, scatter...
+        self._keep = list(keep)  # arena blocks of the arguments, until every engine has answered
+        self._results = {}  # engine id -> (ok, value or exception)
+        self.stdout = {}
+        self.stderr = {}
+        self.task_id = None
+        self._single = False
+        self._zmq_targets = self._targets  # those the controller answers for
+        self._mids = {}  # our messages to the controller -> their targets
+
+    def __repr__(self):
+        # As ipyparallel shows it: what it does while pending, "finished" once done.
+        return f"<{type(self).__name__}: {'finished' if self._done() else self._fname}>"
+
+    def _add(self, hdr, payload, buffers):
+        meta = json.loads(bytes(payload[0]))
+        engine = hdr["sender"]
+        self.task_id = hdr["task_id"]
+        self.stdout[engine] = meta.get("stdout", "")
+        self.stderr[engine] = meta.get("stderr", "")
+        if meta.get("status") == "ok":
+            value = serialize.loads(bytes(payload[1]), meta.get("buffers", []), buffers, arena=self._client.arena) \
+                if len(payload) > 1 and len(payload[1]) else None
+            self._results[engine] = (True, value)
+        elif meta.get("ename") == "EngineError":
+            self._results[engine] = (False, EngineError(meta.get("evalue", "engine failed"), engine, hdr["task_id"]))
+        else:
+            tb = "".join(meta.get("traceback", []))
+            self._results[engine] = (False, RemoteError(meta.get("ename"), meta.get("evalue"), tb, engine,
+                                                        hdr["task_id"]))
+        if self._done():
+            self._keep.clear()
+
+    def _fail(self, engine, exc):
+        self._results[engine] = (False, exc)
+        if self._done():
+            self._keep.clear()
+
+    def _refused(self, targets, text):
+        for e in targets:
+            if e not in self._results:
+                self._results[e] = (False, EngineError(f"the controller refused the task: {text}", e))
+        if self._done():
+            self._keep.clear()
+
+    def _output(self, hdr, payload):
+        """A piece of stdout or stderr that an engine printed while the task runs."""
+        piece = json.loads(bytes(payload[0]))
+        where = self.stdout if piece.get("name") == "stdout" else self.stderr
+        engine = hdr["sender"]
+        if engine not in self._results:  # the reply, once here, has the whole text
+            where[engine] = where.get(engine, "") + piece.get("text", "")
+
+    def _done(self):
+        return all(e in self._results for e in self._targets)
+
+    def _zmq_done(self):
+        return all(e in self._results for e in self._zmq_targets)
+
+    def ready(self):
+        """Whether every engine has answered (never blocks)."""
+        while not self._done() and self._client._receive(0):
+            pass
+        return self._done()
+
+    def wait(self, timeout=-1):
+        """Waits up to timeout seconds (-1 or None: for ever); True if ready."""
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while not self._done():
+            left = 3600 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._client._receive(min(left, 3600))
+        return True
+
+    def successful(self):
+        """True if every engine succeeded; raises if not ready yet."""
+        if not self.ready():
+            raise AssertionError("the result is not ready yet")
+        return all(ok for ok, _ in self._results.values())
+
+    def get(self, timeout=-1):
+        """The result: one value for one engine, a list in target order for several.
+
+        Raises TimeoutError if not ready within timeout, or the first
+        engine's error (RemoteError with the remote traceback, or EngineError).
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"task {self.task_id or '(not yet started)'} on engines {self._targets} "
+                               f"did not finish within {timeout} s")
+        for e in self._targets:
+            ok, v = self._results[e]
+            if not ok:
+                raise v
+        values = [self._results[e][1] for e in self._targets]
+        return self._join(values)
+
+    def _join(self, values):
+        """The value get() returns, from the engines' values in target order."""
+        return values[0] if self._single else values
+
+    def get_dict(self, timeout=-1):
+        self.get(timeout)
+        return {e: self._results[e][1] for e in self._targets}
+
+
+class AsyncMapResult(AsyncResult):
+    """The result of a map, scatter or gather: ``get`` joins the engines'
+    parts into one sequence (``join``, applied to their values in target
+    order)."""
+
+    def __init__(self, client, msg_id, targets, kind, join, keep=()):
+        super().__init__(client, msg_id, targets, kind, keep)
+        self._joiner = join
+
+    def _join(self, values):
+        return self._joiner(values)
+
+    def __iter__(self):
+        yield from self.get()
+
+    def __len__(self):
+        return len(self.get())

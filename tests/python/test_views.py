@@ -1,0 +1,149 @@
+"""DirectView's ipyparallel surface: scatter, gather, map, run, clear, flags,
+sync_imports - against a real cluster of three engines, through lanes and
+through the controller."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import shoal
+
+from procs import Agent, Controller
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("views")
+    ctl = Controller(root / "home", heartbeat_ms=500)
+    agent = Agent(ctl, root / "run", engines=3, arena_size=2 << 30)
+    yield ctl, agent
+    agent.stop()
+    ctl.stop()
+
+
+@pytest.fixture(params=["lanes", "controller"])
+def rc(request, cluster):
+    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10, lanes=request.param == "lanes")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def dv(rc):
+    view = rc[:]
+    view.clear(block=True)
+    return view
+
+
+@pytest.mark.parametrize("seq", [list(range(1000)), tuple("abcdefghij"), range(7), list(range(2))])
+@pytest.mark.parametrize("dist", ["b", "r"])
+def test_scatter_then_gather_gives_the_sequence_back(dv, seq, dist):
+    assert dv.scatter("part", seq, dist=dist, block=True) is None
+    parts = dv.pull("part", block=True)
+    n = len(seq)
+    if dist == "b":  # contiguous blocks, the first ones one longer when n does not divide
+        sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
+        assert [len(p) for p in parts] == sizes
+        assert list(parts[0]) == list(seq[:sizes[0]])
+    else:
+        assert [list(p) for p in parts] == [list(seq[i::3]) for i in range(3)]
+    assert list(dv.gather("part", dist=dist, block=True)) == list(seq)
+
+
+def test_scatter_is_asynchronous_and_reads_like_ipyparallel(dv):
+    dv.execute("import time; time.sleep(0.5)")  # the engines are busy: the scatter waits behind it
+    ar = dv.scatter("user_id_chunk", list(range(1000)))
+    assert repr(ar) == "<AsyncResult: scatter>"
+    assert ar.get(10) == [None, None, None]
+    assert repr(ar) == "<AsyncResult: finished>"
+    assert dv.execute("len(user_id_chunk), max(user_id_chunk)", block=True) == [(334, 333), (333, 666), (333, 999)]
+    ar = dv.gather("user_id_chunk")
+    assert isinstance(ar, shoal.AsyncMapResult) and ar.get(10) == list(range(1000))
+
+
+def test_scatter_flatten_pushes_single_items(dv):
+    dv.scatter("x", [10, 20, 30], flatten=True, block=True)
+    assert dv["x"] == [10, 20, 30]
+    dv.scatter("x", [10, 20, 30], block=True)
+    assert dv["x"] == [[10], [20], [30]]
+
+
+def test_an_array_is_scattered_as_views_of_one_arena_block(dv, rc):
+    a = np.arange(8 * MiB // 8 * 3, dtype=np.float64).reshape(-1, 8)  # 24 MiB, rows split between engines
+    used = rc.arena.stats()["used_bytes"] if rc.arena else None
+    dv.scatter("a", a, block=True)
+    got = dv.execute("import shoal.serialize as s\n"
+                     "o = s._owner_block(a)\n"
+                     "(a.shape, float(a.sum()), a.flags.writeable, o and o.handle)", block=True)
+    rows = [len(p) for p in np.array_split(np.arange(len(a)), 3)]
+    assert [g[0] for g in got] == [(r, 8) for r in rows]
+    assert sum(g[1] for g in got) == float(a.sum())
+    assert not any(g[2] for g in got), "the parts are read-only views"
+    if rc.arena is not None:
+        assert len({g[3] for g in got}) == 1 and got[0][3] is not None, "all parts live in one arena block"
+        grew = rc.arena.stats()["used_bytes"] - used
+        assert 0.9 * a.nbytes < grew < 1.5 * a.nbytes, f"one copy of the array in the arena, not one per engine ({grew})"
+    back = dv.gather("a", block=True)
+    assert back.shape == a.shape and np.array_equal(back, a)
+    b = np.arange(100).reshape(10, 10)[:, ::3]  # not contiguous
+    dv.scatter("b", b, block=True)
+    assert np.array_equal(dv.gather("b", block=True), b)
+
+
+def test_map_splits_between_engines_and_keeps_order(dv):
+    assert dv.map_sync(lambda x: x * x, range(10)) == [x * x for x in range(10)]
+    assert dv.map_sync(lambda x, y: x + y, [1, 2, 3, 4], [10, 20, 30, 40]) == [11, 22, 33, 44]
+    assert dv.map_sync(os.getpid, []) == []
+    pids = dv.map_sync(lambda _: os.getpid(), range(6))
+    assert len(set(pids)) == 3 and pids == sorted(pids, key=pids.index), "one block per engine, in order"
+    assert dv.map_sync(abs, [-1]) == [1], "fewer items than engines"
+    ar = dv.map_async(str, range(5))
+    assert isinstance(ar, shoal.AsyncMapResult) and list(ar) == ["0", "1", "2", "3", "4"]
+    with pytest.raises(shoal.RemoteError, match="ZeroDivisionError"):
+        dv.map_sync(lambda x: 1 / x, [1, 0, 2])
+
+
+def test_update_get_run_and_clear(dv, tmp_path):
+    dv.update({"u": 5})
+    assert dv.get("u") == [5, 5, 5]
+    script = tmp_path / "script.py"
+    script.write_text("import os\nran_here = os.getpid()\n")
+    dv.run(str(script), block=True)
+    assert len(set(dv.get("ran_here"))) == 3
+    dv.clear(block=True)
+    with pytest.raises(shoal.RemoteError, match="NameError"):
+        dv.get("u")
+    assert dv.apply_sync(lambda: 1) == [1, 1, 1], "the engines work after a clear"
+
+
+def test_flags(dv, rc):
+    assert dv.block is False and dv.targets == rc.ids
+    with dv.temp_flags(block=True, targets=[0, 1]):
+        assert dv.apply(lambda: 7) == [7, 7]
+    assert dv.block is False and dv.targets == rc.ids, "temp_flags restores the flags"
+    dv.set_flags(block=True)
+    assert dv.apply(lambda: 8) == [8, 8, 8]
+    with pytest.raises(KeyError, match="invalid flag"):
+        dv.set_flags(colour="blue")
+    one = rc[1]
+    assert one.targets == 1 and repr(one) == "<DirectView 1>" and one.apply_sync(lambda: 9) == 9
+
+
+def test_sync_imports(dv, capsys):
+    sys.modules.pop("colorsys", None)
+    with dv.sync_imports():
+        import colorsys  # noqa: F401
+        from fractions import Fraction  # noqa: F401
+    out = capsys.readouterr().out
+    assert "importing colorsys on engine(s)" in out and "importing Fraction from fractions on engine(s)" in out
+    assert "colorsys" in sys.modules, "imported here too"
+    assert dv.apply_sync(lambda: colorsys.rgb_to_hsv(1, 0, 0)[2]) == [1.0] * 3
+    assert dv.apply_sync(lambda: str(Fraction(1, 3))) == ["1/3"] * 3
+    with dv.sync_imports(local=False, quiet=True):
+        import wave  # noqa: F401
+    assert capsys.readouterr().out == ""
+    assert dv.execute("wave.__name__", block=True) == ["wave"] * 3
