@@ -13,8 +13,8 @@ from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
 from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
 from .error import EngineError, RemoteError, ShoalError, TimeoutError
-from .view import DirectView
+from .view import DirectView, LoadBalancedView, require
 
-__all__ = ["Client", "DirectView", "AsyncResult", "AsyncMapResult", "RemoteError", "EngineError", "ShoalError", "TimeoutError",
+__all__ = ["Client", "DirectView", "LoadBalancedView", "require", "AsyncResult", "AsyncMapResult", "RemoteError", "EngineError", "ShoalError", "TimeoutError",
            "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ class AsyncResult:
         self.stderr = {}
         self.task_id = None
         self._single = False
+        self._callbacks = []  # called (with self) once every engine has answered, after the receiving
         self._zmq_targets = self._targets  # those the controller answers for
         self._mids = {}  # our messages to the controller -> their targets
 
@@ -50,19 +51,33 @@ class AsyncResult:
             self._results[engine] = (False, RemoteError(meta.get("ename"), meta.get("evalue"), tb, engine,
                                                         hdr["task_id"]))
         if self._done():
-            self._keep.clear()
+            self._finished()
 
     def _fail(self, engine, exc):
         self._results[engine] = (False, exc)
         if self._done():
-            self._keep.clear()
+            self._finished()
+
+    def _finished(self):
+        self._keep.clear()
+        if self._callbacks:
+            # Run by the client once it has taken what arrived, never in the
+            # middle of it (a callback may submit).
+            self._client._due.append(self)
+
+    def add_done_callback(self, fn):
+        """Calls fn(self) once the result is complete (at once if it is)."""
+        if self._done():
+            fn(self)
+        else:
+            self._callbacks.append(fn)
 
     def _refused(self, targets, text):
         for e in targets:
             if e not in self._results:
                 self._results[e] = (False, EngineError(f"the controller refused the task: {text}", e))
         if self._done():
-            self._keep.clear()
+            self._finished()
 
     def _output(self, hdr, payload):
         """A piece of stdout or stderr that an engine printed while the task runs."""

@@ -26,7 +26,7 @@ from ._msgblock import KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, SLOT, 
 from .asyncresult import AsyncResult
 from .error import EngineError, TimeoutError
 from .local import LocalArena
-from .view import DirectView
+from .view import DirectView, LoadBalancedView
 
 # How long a client waiting on its lanes spins before it sleeps (seconds):
 # a no-op task's round trip through a lane takes well under this.
@@ -74,6 +74,10 @@ class Client:
         self._lane_ids = itertools.count(1)
         self._bell = None  # the doorbell all our lanes' completion rings ring
         self._control_waits = 0  # threads waiting for a controller reply
+        self._due = []  # AsyncResults finished whose callbacks are still to run
+        self._lb_load = {}  # engine id -> load-balanced tasks of ours it has
+        self._driven = []  # load-balanced maps with tasks still to hand out
+        self._driver = None  # the thread that hands them out while nobody waits
         self._last_submit = 0.0
         registry = self._control(_core.MSG_REGISTER, timeout=timeout)
         self._engines = registry["engines"]
@@ -119,6 +123,28 @@ class Client:
 
     def direct_view(self, targets="all"):
         return DirectView(self, self.ids if targets in ("all", None) else targets)
+
+    def load_balanced_view(self, targets=None):
+        """A LoadBalancedView over targets (None: every engine, as they come and go)."""
+        return LoadBalancedView(self, targets)
+
+    def _drive(self, work):
+        """Hands out work's tasks from a thread of ours until none is left, so
+        that a load-balanced map goes on while nobody waits for it."""
+        with self._lock:
+            self._driven.append(work)
+            if self._driver is None:
+                self._driver = threading.Thread(target=self._drive_loop, name="shoal-load-balancer", daemon=True)
+                self._driver.start()
+
+    def _drive_loop(self):
+        while True:
+            with self._lock:
+                self._driven = [w for w in self._driven if w._has_work()]
+                if not self._driven or self._sock is None:
+                    self._driver = None
+                    return
+                self._receive(0.005)
 
     @property
     def arena(self):
@@ -352,6 +378,18 @@ class Client:
         return list(lanes.values())
 
     def _receive(self, timeout):
+        """Receives what arrives within timeout seconds, then runs the
+        callbacks of the results it completed; True if anything came."""
+        with self._lock:
+            got = self._receive_some(timeout)
+            while self._due:
+                ar = self._due.pop(0)
+                callbacks, ar._callbacks = ar._callbacks, []
+                for fn in callbacks:
+                    fn(ar)
+            return got
+
+    def _receive_some(self, timeout):
         """Receives what arrives within timeout seconds; True if anything did.
 
         The caller's thread does the receiving, under the client's lock: one

@@ -1,14 +1,19 @@
-"""Views of the engines: DirectView, with ipyparallel's names and behaviour."""
+"""Views of the engines: DirectView and LoadBalancedView, with ipyparallel's
+names and behaviour, and the decorators that go with them."""
 
 import builtins
 import contextlib
+import functools
+import importlib
 import itertools
 import sys
+import time
 
 import numpy as np
 
 from . import _core, serialize
 from .asyncresult import AsyncMapResult
+from .error import TimeoutError
 
 
 class DirectView:
@@ -264,3 +269,262 @@ def _shared(client, seq):
 def _done_map(client):
     ar = AsyncMapResult(client, None, [], "map", _flatten)
     return ar
+
+
+# ---- load balancing -------------------------------------------------------------------
+
+class LoadBalancedView:
+    """Runs each task on whichever engine is free, as ipyparallel's
+    LoadBalancedView does.
+
+    The client keeps every engine busy without a round trip to the
+    controller per task: each engine has up to ``IN_FLIGHT`` of the view's
+    tasks at once (one running, the next waiting on its ring), and as each
+    finishes the client hands that engine the next. While a map has work
+    left, a thread of the client does that even when nobody waits.
+    """
+
+    IN_FLIGHT = 2
+    _flag_names = ("targets", "block")
+
+    def __init__(self, client, targets=None, block=False):
+        self.client = client
+        self.targets = targets
+        self.block = block
+
+    def __repr__(self):
+        return f"<LoadBalancedView {self.targets}>"
+
+    set_flags = DirectView.set_flags
+    temp_flags = DirectView.temp_flags
+
+    def _engines(self):
+        ids = self.client.ids
+        if self.targets is None:
+            return ids
+        chosen = [self.targets] if isinstance(self.targets, int) else list(self.targets)
+        return [e for e in chosen if e in ids]
+
+    def _least_loaded(self):
+        engines = self._engines()
+        if not engines:
+            raise ValueError("this view has no engines to run on")
+        load = self.client._lb_load
+        return min(engines, key=lambda e: load.get(e, 0))
+
+    def _apply_on(self, engine, f, args, kwargs):
+        """Submits one task to engine, counting it in the engine's load."""
+        load = self.client._lb_load
+        load[engine] = load.get(engine, 0) + 1
+        ar = self.client._submit([engine], {"kind": "apply"}, (f, args, kwargs))
+        ar._single = True
+        ar._fname = getattr(f, "__name__", "apply")
+
+        def unload(_):
+            load[engine] -= 1
+        ar.add_done_callback(unload)
+        return ar
+
+    def apply(self, f, *args, **kwargs):
+        with self.client._lock:
+            ar = self._apply_on(self._least_loaded(), f, args, kwargs)
+        return ar.get() if self.block else ar
+
+    def apply_async(self, f, *args, **kwargs):
+        with self.temp_flags(block=False):
+            return self.apply(f, *args, **kwargs)
+
+    def apply_sync(self, f, *args, **kwargs):
+        with self.temp_flags(block=True):
+            return self.apply(f, *args, **kwargs)
+
+    def map(self, f, *sequences, block=None, chunksize=1, ordered=True):
+        """f over the sequences' items, chunksize items per task, each task
+        on whichever engine is free. Returns an AsyncMapResult-like object
+        (get() the list of results; iterate to take them as they come: in
+        order, or as they finish with ordered=False)."""
+        if not sequences:
+            raise ValueError("map needs at least one sequence")
+        if chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        items = list(zip(*sequences))
+        chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+        result = LoadBalancedMapResult(self, f, chunks, ordered)
+        result._start()
+        return result.get() if (self.block if block is None else block) else result
+
+    def map_sync(self, f, *sequences, **kw):
+        return self.map(f, *sequences, block=True, **kw)
+
+    def map_async(self, f, *sequences, **kw):
+        return self.map(f, *sequences, block=False, **kw)
+
+    def imap(self, f, *sequences, ordered=True, chunksize=1):
+        """Iterates over the results of map as they become available."""
+        return iter(self.map(f, *sequences, block=False, ordered=ordered, chunksize=chunksize))
+
+    def parallel(self, block=None, chunksize=1, ordered=True):
+        """Decorator: f.map(seq) (or f(seq)) maps f over seq on this view."""
+        def deco(f):
+            return ParallelFunction(self, f, block=block, chunksize=chunksize, ordered=ordered)
+        return deco
+
+    def remote(self, block=None):
+        """Decorator: calling f runs it on an engine of this view."""
+        def deco(f):
+            return RemoteFunction(self, f, block=block)
+        return deco
+
+
+def _star_chunk(f, chunk):
+    """Runs on an engine: one chunk of a load-balanced map."""
+    return [f(*item) for item in chunk]
+
+
+class LoadBalancedMapResult:
+    """The pending result of LoadBalancedView.map."""
+
+    def __init__(self, view, f, chunks, ordered):
+        self._view, self._client = view, view.client
+        self._f, self._chunks, self._ordered = f, chunks, ordered
+        self._fname = getattr(f, "__name__", "map")
+        self._next = 0  # the next chunk to hand out
+        self._results = {}  # chunk index -> (ok, values or exception)
+        self._finish_order = []
+
+    def __repr__(self):
+        return f"<AsyncMapResult: {'finished' if self._done() else self._fname}>"
+
+    def _start(self):
+        with self._client._lock:
+            for engine in self._view._engines():
+                for _ in range(LoadBalancedView.IN_FLIGHT):
+                    self._hand_out(engine)
+        if self._next < len(self._chunks):
+            self._client._drive(self)
+
+    def _hand_out(self, engine):
+        """Gives engine the next chunk, if any is left."""
+        if self._next >= len(self._chunks):
+            return
+        i = self._next
+        self._next += 1
+        ar = self._view._apply_on(engine, _star_chunk, (self._f, self._chunks[i]), {})
+        ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
+
+    def _chunk_done(self, i, engine, ar):
+        self._results[i] = ar._results[engine]
+        self._finish_order.append(i)
+        engines = self._view._engines()
+        if engine in engines:
+            self._hand_out(engine)
+        elif engines:
+            self._hand_out(self._view._least_loaded())
+
+    def _has_work(self):
+        return self._next < len(self._chunks)
+
+    def _done(self):
+        return len(self._results) >= len(self._chunks)
+
+    def ready(self):
+        while not self._done() and self._client._receive(0):
+            pass
+        return self._done()
+
+    def wait(self, timeout=-1):
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while not self._done():
+            left = 3600 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._client._receive(min(left, 3600))
+        return True
+
+    def successful(self):
+        if not self.ready():
+            raise AssertionError("the result is not ready yet")
+        return all(ok for ok, _ in self._results.values())
+
+    def get(self, timeout=-1):
+        if not self.wait(timeout):
+            raise TimeoutError(f"map of {self._fname} did not finish within {timeout} s "
+                               f"({len(self._results)} of {len(self._chunks)} tasks done)")
+        return list(self)
+
+    def __iter__(self):
+        """The results, one per item: in order, or as they finish (ordered=False)."""
+        k = 0
+        while True:
+            order = list(range(len(self._chunks))) if self._ordered else self._finish_order
+            while k < len(order) and order[k] in self._results:
+                ok, value = self._results[order[k]]
+                if not ok:
+                    raise value
+                yield from value
+                k += 1
+            if self._done() and k >= len(self._results):
+                return
+            self._client._receive(0.1)
+
+    def __len__(self):
+        return sum(len(c) for c in self._chunks)
+
+
+class ParallelFunction:
+    """What @view.parallel() makes: f.map(seq) and f(seq) map f over seq."""
+
+    def __init__(self, view, f, block=None, chunksize=1, ordered=True):
+        self.view, self.func, self.block = view, f, block
+        self.chunksize, self.ordered = chunksize, ordered
+        functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
+
+    def map(self, *sequences):
+        return self.view.map(self.func, *sequences, block=self.block, chunksize=self.chunksize,
+                             ordered=self.ordered)
+
+    __call__ = map
+
+
+class RemoteFunction:
+    """What @view.remote() makes: calling it runs f on the view's engines."""
+
+    def __init__(self, view, f, block=None):
+        self.view, self.func, self.block = view, f, block
+        functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
+
+    def __call__(self, *args, **kwargs):
+        block = self.view.block if self.block is None else self.block
+        with self.view.temp_flags(block=block):
+            return self.view.apply(self.func, *args, **kwargs)
+
+
+def require(*mods):
+    """Decorator: the modules (names, imported on the engine) and objects
+    (functions, classes: made available under their names) that f needs,
+    put into f's namespace on the engine before each call."""
+    for m in mods:
+        if not isinstance(m, str) and not hasattr(m, "__name__"):
+            raise TypeError(f"require takes module names and named objects, not {m!r}")
+
+    def deco(f):
+        return _Required(f, mods)
+    return deco
+
+
+class _Required:
+    def __init__(self, f, mods):
+        self.func, self.mods = f, mods
+        functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
+
+    def __call__(self, *args, **kwargs):
+        g = getattr(self.func, "__globals__", None)
+        if g is None:  # not a plain function: the engine's own namespace
+            g = sys.modules["__main__"].__dict__
+        for m in self.mods:
+            if isinstance(m, str):
+                g[m.split(".")[0]] = importlib.import_module(m.split(".")[0])
+                importlib.import_module(m)
+            else:
+                g[m.__name__] = m
+        return self.func(*args, **kwargs)

@@ -147,3 +147,70 @@ def test_sync_imports(dv, capsys):
         import wave  # noqa: F401
     assert capsys.readouterr().out == ""
     assert dv.execute("wave.__name__", block=True) == ["wave"] * 3
+
+
+# ---- LoadBalancedView ---------------------------------------------------------------
+
+def test_load_balanced_apply_and_map(rc):
+    lview = rc.load_balanced_view()
+    assert repr(lview) == "<LoadBalancedView None>"
+    assert lview.apply_sync(lambda x: x + 1, 41) == 42
+    ar = lview.apply_async(os.getpid)
+    assert ar.get(10) in rc[:].apply_sync(os.getpid)
+    assert lview.map_sync(lambda x: x * x, range(20)) == [x * x for x in range(20)]
+    assert lview.map_sync(lambda x, y: x - y, [5, 6, 7], [1, 1, 1], chunksize=2) == [4, 5, 6]
+    assert sorted(lview.imap(abs, [-3, -1, -2], ordered=False)) == [1, 2, 3]
+    assert list(lview.imap(str, range(5))) == ["0", "1", "2", "3", "4"]
+    assert lview.map_sync(abs, []) == []
+    with pytest.raises(ValueError, match="chunksize"):
+        lview.map(abs, [1], chunksize=0)
+    with pytest.raises(shoal.RemoteError, match="ZeroDivisionError"):
+        lview.map_sync(lambda x: 1 / x, [1, 2, 0, 4])
+    only = rc.load_balanced_view(targets=[2])
+    assert set(only.map_sync(lambda _: os.getpid(), range(6))) == {rc[2].apply_sync(os.getpid)}
+
+
+def test_a_long_task_does_not_hold_up_the_others(rc):
+    import time
+    lview = rc.load_balanced_view()
+    # One long task, then many short ones: the engine with the long one takes
+    # only the one task waiting behind it; the others take everything else.
+    pids = lview.map_sync(lambda d: (time.sleep(d), os.getpid())[1], [1.5] + [0.01] * 40)
+    counts = {p: pids.count(p) for p in set(pids)}
+    assert counts[pids[0]] <= lview.IN_FLIGHT, counts
+    assert len(counts) == 3
+
+
+def test_a_load_balanced_map_goes_on_while_nobody_waits(rc):
+    import time
+    lview = rc.load_balanced_view()
+    ar = lview.map_async(lambda x: (time.sleep(0.01), x)[1], range(60))
+    deadline = time.monotonic() + 30
+    while ar._next < len(ar._chunks) and time.monotonic() < deadline:
+        time.sleep(0.05)  # this thread never touches the client meanwhile
+    assert ar._next == len(ar._chunks), "every task was handed out without anybody waiting"
+    assert ar.get(30) == list(range(60))
+
+
+def test_decorators_parallel_remote_require(rc):
+    lview = rc.load_balanced_view()
+
+    @lview.parallel()
+    @shoal.require("colorsys", "fractions")
+    def hue(rgb):
+        return colorsys.rgb_to_hsv(*rgb)[0] + float(fractions.Fraction(0))  # noqa: F821 - required
+
+    assert hue.__name__ == "hue"
+    assert hue.map([(1, 0, 0), (0, 1, 0)]).get(10) == [0.0, 1 / 3]
+    assert hue([(0, 0, 1)]).get(10) == [2 / 3]
+
+    import math
+
+    @lview.remote(block=True)
+    @shoal.require(math.hypot)  # an object: made available under its name
+    def uses_hypot(x):
+        return hypot(x, 4)  # noqa: F821 - made available by require
+
+    assert uses_hypot(3) == 5.0
+    with pytest.raises(TypeError):
+        shoal.require(5)
