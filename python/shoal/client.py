@@ -465,13 +465,15 @@ class Client:
         self._control(_core.MSG_SHUTDOWN)
 
     def close(self):
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        self._lanes, self._bell = {}, None
-        if self.local is not None:
-            self.local.close()
-            self.local = None
+        # Under the lock: the load balancer's thread may be receiving.
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._lanes, self._bell = {}, None
+            if self.local is not None:
+                self.local.close()
+                self.local = None
 
     def __enter__(self):
         return self

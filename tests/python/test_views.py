@@ -214,3 +214,28 @@ def test_decorators_parallel_remote_require(rc):
     assert uses_hypot(3) == 5.0
     with pytest.raises(TypeError):
         shoal.require(5)
+
+
+def test_closing_a_client_with_a_map_in_flight_is_clean(cluster):
+    import threading
+    import time
+    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
+    ar = c.load_balanced_view().map_async(lambda x: (time.sleep(0.02), x)[1], range(200))
+    time.sleep(0.1)
+    errors = []
+    threading.excepthook, old = (lambda args: errors.append(args)), threading.excepthook
+    try:
+        c.close()
+        deadline = time.monotonic() + 5
+        while c._driver is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c._driver is None, "the load balancer's thread ended"
+        assert errors == [], errors
+    finally:
+        threading.excepthook = old
+    assert not ar._done()
+    again = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
+    try:
+        assert again[:].apply_sync(lambda: 1) == [1, 1, 1], "the engines finished or dropped its tasks and go on"
+    finally:
+        again.close()
