@@ -12,9 +12,15 @@ and :class:`Client` with its views, as in ipyparallel.
 from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
 from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
-from .error import EngineError, RemoteError, ShoalError, TimeoutError
+from .error import CompositeError, EngineError, RemoteError, ShoalError, TimeoutError
 from .view import DirectView, LoadBalancedView, require
 
-__all__ = ["Client", "DirectView", "LoadBalancedView", "require", "AsyncResult", "AsyncMapResult", "RemoteError", "EngineError", "ShoalError", "TimeoutError",
-           "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
+__all__ = ["Client", "DirectView", "LoadBalancedView", "require", "AsyncResult", "AsyncMapResult", "RemoteError",
+           "CompositeError", "EngineError", "ShoalError", "TimeoutError", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ip):
+    """%load_ext shoal registers the %px magics (see shoal.magics)."""
+    from .magics import load_ipython_extension as load
+    load(ip)

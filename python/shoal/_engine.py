@@ -151,6 +151,7 @@ class Engine:
         self.lanes = []  # _LaneSink of each local client's lane
         self.sink = self.agent  # where the running task's output goes
         self.spin = float(os.environ.get("SHOAL_ENGINE_SPIN", "5e-5"))
+        self.execution_count = 0  # execute tasks run, as IPython numbers cells
         self.outputs = []  # output blocks of the running task
         main = sys.modules["__main__"]
         self.ns = main.__dict__
@@ -218,19 +219,31 @@ class Engine:
     def run_task(self, task_id, handle, sink):
         self.task_id, self.sink = task_id, sink
         out, err = _Stream(self, "stdout"), _Stream(self, "stderr")
-        meta = {"status": "ok", "engine_id": self.id}
+        meta = {"status": "ok", "engine_id": self.id, "started": time.time()}
         value_payload, value_frames, keep = b"", [], []
         try:
             msg = self.arena.acquire_bytes(handle, 0, handle[1])
             payload, buffers = unpack_frames(msg)
             request = json.loads(bytes(payload[0]))
+            if request.get("kind") == "execute":
+                # Counted as IPython counts cells: only code that is run.
+                self.execution_count += 1
+                meta["execution_count"] = self.execution_count
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 value = self.execute(request, payload, buffers)
             del msg, payload, buffers
+            if request.get("kind") == "execute" and value is not None:
+                meta["execute_result"] = {"text/plain": _pretty(value)}
             # For a local client, large buffers of the result go into arena
             # blocks (or stay where they are, if they live there already),
             # which it views without a copy; for the agent, into the reply.
-            s = serialize.dumps(value, arena=self.arena if sink.in_arena else None)
+            try:
+                s = serialize.dumps(value, arena=self.arena if sink.in_arena else None)
+            except Exception:
+                if request.get("kind") != "execute":
+                    raise
+                # A cell's last value that cannot travel is shown, not returned.
+                s = serialize.dumps(None)
             value_payload, value_frames, keep = s.payload, s.frames, s.keep
             meta["buffers"] = s.buffers
         except BaseException as e:  # a task's failure, SystemExit included, is its result, not our end
@@ -239,6 +252,7 @@ class Engine:
             tb = [line for line in tb if "shoal/_engine.py" not in line]
             meta.update(status="error", ename=type(e).__name__, evalue=str(e), traceback=tb)
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
+        meta["completed"] = time.time()
         block = pack_frames(self.arena, [json.dumps(meta).encode(), value_payload], value_frames)
         sink.replies[block.handle[0]] = (block, self.outputs, keep)
         self.outputs = []
@@ -267,6 +281,18 @@ class Engine:
             values = [self.ns[n] if n in self.ns else _missing(n) for n in names]
             return values[0] if request.get("single") else values
         raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _pretty(value):
+    """The text IPython would show for value (its repr without IPython)."""
+    try:
+        from IPython.lib.pretty import pretty
+    except ImportError:
+        return repr(value)
+    try:
+        return pretty(value)
+    except Exception:
+        return repr(value)
 
 
 def _missing(name):

@@ -1,10 +1,12 @@
 """AsyncResult and AsyncMapResult: what a non-blocking call returns."""
 
+import datetime
 import json
+import sys
 import time
 
 from . import serialize
-from .error import EngineError, RemoteError, TimeoutError
+from .error import CompositeError, EngineError, RemoteError, TimeoutError
 
 
 class AsyncResult:
@@ -29,6 +31,8 @@ class AsyncResult:
         self._callbacks = []  # called (with self) once every engine has answered, after the receiving
         self._zmq_targets = self._targets  # those the controller answers for
         self._mids = {}  # our messages to the controller -> their targets
+        self._submitted = time.time()
+        self._meta = {}  # engine id -> what its reply said about the task, and when it arrived
 
     def __repr__(self):
         # As ipyparallel shows it: what it does while pending, "finished" once done.
@@ -40,8 +44,11 @@ class AsyncResult:
         self.task_id = hdr["task_id"]
         self.stdout[engine] = meta.get("stdout", "")
         self.stderr[engine] = meta.get("stderr", "")
+        meta["received"] = time.time()
+        where = meta.pop("buffers", [])
+        self._meta[engine] = meta
         if meta.get("status") == "ok":
-            value = serialize.loads(bytes(payload[1]), meta.get("buffers", []), buffers, arena=self._client.arena) \
+            value = serialize.loads(bytes(payload[1]), where, buffers, arena=self._client.arena) \
                 if len(payload) > 1 and len(payload[1]) else None
             self._results[engine] = (True, value)
         elif meta.get("ename") == "EngineError":
@@ -55,6 +62,7 @@ class AsyncResult:
 
     def _fail(self, engine, exc):
         self._results[engine] = (False, exc)
+        self._meta.setdefault(engine, {"engine_id": engine, "status": "error", "received": time.time()})
         if self._done():
             self._finished()
 
@@ -118,16 +126,19 @@ class AsyncResult:
     def get(self, timeout=-1):
         """The result: one value for one engine, a list in target order for several.
 
-        Raises TimeoutError if not ready within timeout, or the first
-        engine's error (RemoteError with the remote traceback, or EngineError).
+        Raises TimeoutError if not ready within timeout. A task of one engine
+        (a view of an int) raises that engine's error (RemoteError with the
+        remote traceback, or EngineError); a task of a list of engines raises
+        a CompositeError of every engine's error, as ipyparallel does.
         """
         if not self.wait(timeout):
             raise TimeoutError(f"task {self.task_id or '(not yet started)'} on engines {self._targets} "
                                f"did not finish within {timeout} s")
-        for e in self._targets:
-            ok, v = self._results[e]
-            if not ok:
-                raise v
+        errors = [v for ok, v in (self._results[e] for e in self._targets) if not ok]
+        if errors:
+            # One engine's task raises its error; a list of engines', a
+            # CompositeError of all of them, as in ipyparallel.
+            raise errors[0] if self._single else CompositeError(self._fname, errors, self._kind)
         values = [self._results[e][1] for e in self._targets]
         return self._join(values)
 
@@ -135,9 +146,88 @@ class AsyncResult:
         """The value get() returns, from the engines' values in target order."""
         return values[0] if self._single else values
 
+    # ---- what ipyparallel tells about a task ------------------------------------------
+
+    def _metadata_of(self, engine):
+        m = self._meta.get(engine, {})
+        md = {"engine_id": engine, "msg_id": self.msg_id, "submitted": _when(self._submitted),
+              "started": _when(m.get("started")), "completed": _when(m.get("completed")),
+              "received": _when(m.get("received")), "status": m.get("status"),
+              "execution_count": m.get("execution_count"), "execute_result": m.get("execute_result"),
+              "stdout": self.stdout.get(engine, ""), "stderr": self.stderr.get(engine, "")}
+        if m.get("status") == "error":
+            md.update(ename=m.get("ename"), evalue=m.get("evalue"))
+        return md
+
+    @property
+    def metadata(self):
+        """What is known of the task on each engine (a dict; a list of them,
+        in target order, for several engines): engine_id, submitted,
+        started, completed, received (datetimes, None until known), status,
+        execution_count and execute_result (execute), stdout, stderr."""
+        mds = [self._metadata_of(e) for e in self._targets]
+        return mds[0] if self._single else mds
+
+    @property
+    def progress(self):
+        """How many engines have answered."""
+        self.ready()
+        return len(self._results)
+
+    @property
+    def elapsed(self):
+        """Seconds since submission: until now while pending, until the last
+        answer once finished."""
+        if not self.ready():
+            return time.time() - self._submitted
+        return self.wall_time
+
+    @property
+    def wall_time(self):
+        """Seconds from submission to the last answer (raises if not ready)."""
+        self._require_ready()
+        received = [m["received"] for m in self._meta.values() if m.get("received")]
+        return max(received, default=self._submitted) - self._submitted
+
+    @property
+    def serial_time(self):
+        """Seconds the engines spent on the task, added up (raises if not ready)."""
+        self._require_ready()
+        return sum(m["completed"] - m["started"] for m in self._meta.values()
+                   if m.get("completed") and m.get("started"))
+
+    def _require_ready(self):
+        if not self.ready():
+            raise AssertionError(f"the result of {self._fname} is not ready yet")
+
+    def display_outputs(self, groupby="type"):
+        """Prints each engine's stdout, stderr and cell value as %px does
+        (groupby: "type", "engine" or "order")."""
+        from . import magics
+        magics.display_outputs(self, groupby)
+
+    def wait_interactive(self, interval=0.1, timeout=-1, file=None):
+        """Waits, drawing a progress bar of the engines that have answered."""
+        file = file or sys.stdout
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        n = len(self._targets)
+        while True:
+            done = self.wait(interval)
+            k = self.progress
+            bar = "#" * (30 * k // n if n else 30)
+            print(f"\r{self._fname}: [{bar:<30}] {k}/{n} tasks finished after {self.elapsed:4.0f} s",
+                  end="", file=file, flush=True)
+            if done or (deadline is not None and time.monotonic() >= deadline):
+                print(file=file)
+                return done
+
     def get_dict(self, timeout=-1):
         self.get(timeout)
         return {e: self._results[e][1] for e in self._targets}
+
+
+def _when(t):
+    return datetime.datetime.fromtimestamp(t) if t else None
 
 
 class AsyncMapResult(AsyncResult):

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -90,6 +91,14 @@ class Client:
                 except ConnectionError:
                     self.local = None
                 break
+        self._auto_activate()
+
+    def _auto_activate(self):
+        """Inside IPython, a client registers %px for all its engines, as
+        ipyparallel's does, unless some client already did."""
+        ip = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+        if ip is not None and "px" not in ip.magics_manager.magics["line"]:
+            self.activate()
 
     # ---- the registry ----------------------------------------------------------
 
@@ -123,6 +132,14 @@ class Client:
 
     def direct_view(self, targets="all"):
         return DirectView(self, self.ids if targets in ("all", None) else targets)
+
+    def activate(self, targets="all", suffix=""):
+        """Registers the %px magics for a blocking view of targets in the
+        running IPython; returns the view."""
+        view = self.direct_view(targets)
+        view.block = True
+        view.activate(suffix)
+        return view
 
     def load_balanced_view(self, targets=None):
         """A LoadBalancedView over targets (None: every engine, as they come and go)."""

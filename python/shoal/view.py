@@ -58,6 +58,14 @@ class DirectView:
         ar._single = self._single
         return ar.get() if self._block(block) else ar
 
+    def activate(self, suffix=""):
+        """Registers the %px magics (named px + suffix) for this view in the
+        running IPython."""
+        from . import magics
+        if magics.register(self, suffix) is None:
+            import warnings
+            warnings.warn("the shoal parallel magics (%px, etc.) only work within IPython", stacklevel=2)
+
     # ---- flags ------------------------------------------------------------------------
 
     def set_flags(self, **flags):
@@ -278,10 +286,11 @@ class LoadBalancedView:
     LoadBalancedView does.
 
     The client keeps every engine busy without a round trip to the
-    controller per task: each engine has up to ``IN_FLIGHT`` of the view's
-    tasks at once (one running, the next waiting on its ring), and as each
-    finishes the client hands that engine the next. While a map has work
-    left, a thread of the client does that even when nobody waits.
+    controller per task: while plenty of a map is left, each engine has
+    ``IN_FLIGHT`` of its tasks at once (one running, the next waiting on its
+    ring), towards the end one each; as each finishes the client hands out
+    the next. While a map has work left, a thread of the client does that
+    even when nobody waits.
     """
 
     IN_FLIGHT = 2
@@ -391,35 +400,43 @@ class LoadBalancedMapResult:
         self._next = 0  # the next chunk to hand out
         self._results = {}  # chunk index -> (ok, values or exception)
         self._finish_order = []
+        self._inflight = {}  # engine id -> chunks of this map it has
 
     def __repr__(self):
         return f"<AsyncMapResult: {'finished' if self._done() else self._fname}>"
 
     def _start(self):
         with self._client._lock:
-            for engine in self._view._engines():
-                for _ in range(LoadBalancedView.IN_FLIGHT):
-                    self._hand_out(engine)
+            self._fill()
         if self._next < len(self._chunks):
             self._client._drive(self)
 
+    def _fill(self):
+        """Hands out chunks until every engine has its share in flight: two
+        each while plenty is left, so that an engine finds its next chunk
+        waiting; one each towards the end, so that no chunk waits behind a
+        long one while another engine has nothing to do."""
+        engines = self._view._engines()
+        while self._next < len(self._chunks) and engines:
+            left = len(self._chunks) - self._next
+            limit = LoadBalancedView.IN_FLIGHT if left > len(engines) else 1
+            engine = min(engines, key=lambda e: self._inflight.get(e, 0))
+            if self._inflight.get(engine, 0) >= limit:
+                return
+            self._hand_out(engine)
+
     def _hand_out(self, engine):
-        """Gives engine the next chunk, if any is left."""
-        if self._next >= len(self._chunks):
-            return
         i = self._next
         self._next += 1
+        self._inflight[engine] = self._inflight.get(engine, 0) + 1
         ar = self._view._apply_on(engine, _star_chunk, (self._f, self._chunks[i]), {})
         ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
 
     def _chunk_done(self, i, engine, ar):
         self._results[i] = ar._results[engine]
         self._finish_order.append(i)
-        engines = self._view._engines()
-        if engine in engines:
-            self._hand_out(engine)
-        elif engines:
-            self._hand_out(self._view._least_loaded())
+        self._inflight[engine] -= 1
+        self._fill()
 
     def _has_work(self):
         return self._next < len(self._chunks)

@@ -116,6 +116,13 @@ def test_exceptions_carry_the_remote_traceback(rc):
         rc[1].execute("undefined_name + 1", block=True)
     with pytest.raises(shoal.RemoteError, match="not defined on this engine"):
         rc[1].pull("nothing_here", block=True)
+    # A list of engines raises a CompositeError of every engine's error, as ipyparallel does.
+    with pytest.raises(shoal.CompositeError) as e:
+        rc[[0, 1]].apply_sync(fail, 4)
+    assert [(x.engine_id, x.ename) for x in e.value.elist] == [(0, "ValueError"), (1, "ValueError")]
+    assert str(e.value).splitlines() == ["one or more exceptions raised in: apply",
+                                         "[0:apply]: ValueError: bad value 4", "[1:apply]: ValueError: bad value 4"]
+    assert isinstance(e.value, shoal.RemoteError) and repr(e.value) == "CompositeError(2)"
 
 
 def test_timeouts(rc):
@@ -168,8 +175,10 @@ def test_sigkill_of_an_engine_fails_its_task_quickly_and_others_go_on(cluster, t
         assert c[survivor].apply_sync(lambda: 1 + 1) == 2, "the other engines keep working"
         c.refresh()
         assert victim not in c.ids
-        with pytest.raises(shoal.EngineError, match="is not running"):
+        with pytest.raises(shoal.CompositeError) as refused:  # past the client's own check
             c._submit([victim], {"kind": "execute", "code": "1"}, None).get(5)
+        assert isinstance(refused.value.elist[0], shoal.EngineError)
+        assert "is not running" in str(refused.value.elist[0])
     finally:
         c.close()
         agent.stop()

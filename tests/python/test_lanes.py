@@ -127,8 +127,9 @@ def test_an_engine_killed_mid_task_fails_it_within_a_second(tmp_path):
         assert f"engine {victim} (pid {pid}) died" in str(e.value)
         with pytest.raises(shoal.EngineError):
             queued.get(5)
-        with pytest.raises(shoal.EngineError):
+        with pytest.raises(shoal.CompositeError) as e:
             both.get(5)
+        assert [type(x) for x in e.value.elist] == [shoal.EngineError], "one engine failed, the other did not"
         assert both._results[survivor] == (True, None), "the other engine finished its part"
         assert c[survivor].apply_sync(lambda: 1 + 1) == 2, "the other engines keep working"
         with pytest.raises(shoal.EngineError, match="is not running"):

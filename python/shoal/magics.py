@@ -1,0 +1,254 @@
+"""ipyparallel's IPython magics: %px, %%px, %pxresult, %pxconfig, %autopx.
+
+Registered by ``Client()`` inside IPython (for all engines, blocking), by
+``Client.activate()`` / ``DirectView.activate(suffix)``, or by ``%load_ext
+shoal`` (which connects to the default profile's cluster on first use).
+Output is printed as ipyparallel prints it: ``[stdout:0]`` blocks of text,
+then ``Out[0:1]: value`` for each engine's cell value (engine 0, its cell 1).
+"""
+
+import sys
+
+GROUPBY = ("type", "engine", "order")
+
+
+def _print_stream(ar, name, engine, text, file):
+    """One engine's stdout or stderr, under "[stdout:0] " (no prefix for a
+    view of one engine)."""
+    if not text:
+        return
+    prefix = "" if ar._single else f"[{name}:{engine}] \n"
+    print(prefix + text, end="" if text.endswith("\n") else "\n", file=file)
+
+
+def _print_result(ar, engine):
+    md = ar._meta.get(engine, {})
+    result = md.get("execute_result")
+    if not result:
+        return
+    text = result.get("text/plain", "")
+    if "\n" in text and not text.startswith("\n"):
+        text = "\n" + text
+    print(f"Out[{engine}:{md.get('execution_count')}]: {text}")
+
+
+def display_outputs(ar, groupby="type"):
+    """Prints what a finished (or failed) execute printed and returned, per
+    engine: grouped by type (all stdout, all stderr, then the values), by
+    engine, or in order (as by type: shoal engines publish no rich output)."""
+    if groupby not in GROUPBY:
+        raise ValueError(f"groupby must be one of {', '.join(map(repr, GROUPBY))}, not {groupby!r}")
+    engines = [e for e in ar._targets if e in ar._meta]
+    if groupby == "engine":
+        for e in engines:
+            _print_stream(ar, "stdout", e, ar.stdout.get(e, ""), sys.stdout)
+            _print_stream(ar, "stderr", e, ar.stderr.get(e, ""), sys.stderr)
+            _print_result(ar, e)
+        return
+    for e in engines:
+        _print_stream(ar, "stdout", e, ar.stdout.get(e, ""), sys.stdout)
+    for e in engines:
+        _print_stream(ar, "stderr", e, ar.stderr.get(e, ""), sys.stderr)
+    for e in engines:
+        _print_result(ar, e)
+
+
+def _magics_class():
+    # IPython is only needed once magics are asked for.
+    from IPython.core import magic_arguments
+    from IPython.core.error import UsageError
+    from IPython.core.magic import Magics
+
+    def output_args(f):
+        f = magic_arguments.argument("-o", "--out", dest="save_name", default=None,
+                                     help="store the AsyncResult in this variable")(f)
+        f = magic_arguments.argument("--group-outputs", dest="groupby", default="type", choices=GROUPBY,
+                                     help="print outputs grouped by type (default), by engine, or in order")(f)
+        f = magic_arguments.argument("-e", dest="groupby", action="store_const", const="engine", default="type",
+                                     help="group outputs by engine")(f)
+        f = magic_arguments.argument("-r", dest="groupby", action="store_const", const="order", default="type",
+                                     help="group outputs in order")(f)
+        return f
+
+    def exec_args(f):
+        f = magic_arguments.argument("--verbose", dest="set_verbose", action="store_const", const=True,
+                                     help="say which engines run the code")(f)
+        f = magic_arguments.argument("--no-verbose", dest="set_verbose", action="store_const", const=False,
+                                     help="do not")(f)
+        f = magic_arguments.argument("-t", "--targets", default=None,
+                                     help="the engines: an id, a list ([0, 2]), a slice (1:3) or 'all'")(f)
+        f = magic_arguments.argument("-a", "--noblock", dest="block", action="store_const", const=False,
+                                     help="return an AsyncResult at once")(f)
+        f = magic_arguments.argument("-b", "--block", dest="block", action="store_const", const=True,
+                                     help="wait for the engines and print their outputs")(f)
+        return f
+
+    class ParallelMagics(Magics):
+        """%px and friends for one DirectView (ipyparallel's ParallelMagics)."""
+
+        def __init__(self, shell, view=None, suffix="", connect=None):
+            self.suffix = suffix
+            self._view = view
+            self._connect = connect  # makes the view on first use (%load_ext shoal)
+            self.last_result = None
+            self.verbose = False
+            self._autopx = False
+            super().__init__(shell)
+            # The magics' names carry the suffix: %px_even for activate("_even").
+            for kind in ("line", "cell"):
+                self.magics[kind] = {n + suffix: meth for n, meth in self.magics[kind].items()}
+
+        @property
+        def view(self):
+            if self._view is None:
+                self._view = self._connect()
+            return self._view
+
+        def _targets(self, text):
+            ids = self.view.client.ids
+            if "all" in text:
+                return ids
+            if ":" in text:
+                lo, _, hi = text.partition(":")
+                return ids[slice(int(lo) if lo else None, int(hi) if hi else None)]
+            import ast
+            return ast.literal_eval(text)
+
+        @magic_arguments.magic_arguments()
+        @exec_args
+        def pxconfig(self, line):
+            """Sets the defaults of %px: --targets, --block/--noblock, --verbose."""
+            args = magic_arguments.parse_argstring(self.pxconfig, line)
+            if args.targets:
+                self.view.targets = self._targets(args.targets)
+            if args.block is not None:
+                self.view.block = args.block
+            if args.set_verbose is not None:
+                self.verbose = args.set_verbose
+
+        @magic_arguments.magic_arguments()
+        @output_args
+        def pxresult(self, line=""):
+            """Prints the outputs of the last %px again (raises its errors)."""
+            args = magic_arguments.parse_argstring(self.pxresult, line)
+            if self.last_result is None:
+                raise UsageError("%pxresult recalls last %px result, which has not yet been used.")
+            if args.save_name:
+                self.shell.user_ns[args.save_name] = self.last_result
+                return
+            try:
+                self.last_result.get()
+            finally:
+                display_outputs(self.last_result, args.groupby)
+
+        @magic_arguments.magic_arguments()
+        @exec_args
+        @output_args
+        @magic_arguments.argument("--local", action="store_true", help="also run the cell here")
+        def cell_px(self, line="", cell=None):
+            """Runs the cell on the engines (%%px [options])."""
+            args = magic_arguments.parse_argstring(self.cell_px, line)
+            verbose = self.verbose if args.set_verbose is None else args.set_verbose
+            if args.local:
+                ar = self.parallel_execute(cell, block=False, targets=args.targets, verbose=verbose,
+                                           save_name=args.save_name)
+                self.shell.run_cell(cell)
+                block = self.view.block if args.block is None else args.block
+                if block:
+                    try:
+                        ar.get()
+                    finally:
+                        display_outputs(ar, args.groupby)
+                    return None
+                return ar
+            return self.parallel_execute(cell, block=args.block, groupby=args.groupby, targets=args.targets,
+                                         verbose=verbose, save_name=args.save_name)
+
+        def px(self, line="", cell=None):
+            """%px CODE runs CODE on the engines; %%px [options] runs the cell."""
+            if cell is not None:
+                return self.cell_px(line, cell)
+            return self.parallel_execute(line)
+
+        def parallel_execute(self, cell, block=None, groupby="type", targets=None, verbose=False,
+                             save_name=None):
+            view = self.view
+            block = view.block if block is None else block
+            saved = view.targets
+            try:
+                if targets:
+                    view.targets = self._targets(targets)
+                if verbose:
+                    print(f"{'P' if block else 'Async p'}arallel execution on engine(s): {view.targets}")
+                ar = view.execute(cell, silent=False, block=False)
+            finally:
+                view.targets = saved
+            ar._fname = "%px"
+            self.last_result = ar
+            if save_name:
+                self.shell.user_ns[save_name] = ar
+            if not block:
+                return ar
+            try:
+                ar.get()
+            finally:
+                display_outputs(ar, groupby)
+            return None
+
+        def autopx(self, line=""):
+            """Toggles running every cell on the engines (as %%px); %autopx again stops it."""
+            transforms = self.shell.input_transformers_cleanup
+            if self._autopx:
+                if self._autopx_transform in transforms:
+                    transforms.remove(self._autopx_transform)
+                self._autopx = False
+                print("%autopx disabled")
+            else:
+                transforms.append(self._autopx_transform)
+                self._autopx = True
+                print("%autopx enabled")
+
+        def _autopx_transform(self, lines):
+            """Turns a cell into %%px, unless it is the %autopx that ends it."""
+            text = "".join(lines)
+            first = text.lstrip().split("\n", 1)[0]
+            if not text.strip() or first.startswith(("%autopx", "%%px", f"%autopx{self.suffix}")):
+                return lines
+            return [f"%%px{self.suffix}\n"] + lines
+
+    # What @magics_class would record, by hand: the suffix is added per instance.
+    ParallelMagics.magics = {"line": {"px": "px", "pxresult": "pxresult", "pxconfig": "pxconfig",
+                                      "autopx": "autopx"},
+                             "cell": {"px": "px"}}
+    ParallelMagics.registered = True
+    return ParallelMagics
+
+
+def register(view=None, suffix="", connect=None):
+    """Registers the magics for view (or for the view connect() makes on first
+    use) in the running IPython; returns them, or None outside IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    ip = get_ipython()
+    if ip is None:
+        return None
+    magics = _magics_class()(ip, view=view, suffix=suffix, connect=connect)
+    ip.register_magics(magics)
+    return magics
+
+
+def load_ipython_extension(ip):
+    """%load_ext shoal: the magics, for every engine of the default profile's
+    cluster (connected on first use)."""
+    def connect():
+        from .client import Client
+        view = Client().direct_view("all")
+        view.block = True
+        return view
+    magics = _magics_class()(ip, connect=connect)
+    ip.register_magics(magics)
+
+
+__all__ = ["display_outputs", "register", "load_ipython_extension"]

@@ -1,0 +1,171 @@
+"""The %px magics in IPython's InteractiveShell, and the walk-through that uses them."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import shoal
+
+from procs import Agent, Controller
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("magics")
+    ctl = Controller(root / "home", heartbeat_ms=500)
+    agent = Agent(ctl, root / "run", engines=2)
+    yield ctl, agent
+    agent.stop()
+    ctl.stop()
+
+
+@pytest.fixture(scope="module")
+def ip():
+    from IPython.testing.globalipapp import start_ipython
+    shell = start_ipython()
+    shell.colors = "nocolor"
+    return shell
+
+
+@pytest.fixture
+def rc(cluster, ip):
+    for name in [n for n in ip.magics_manager.magics["line"] if n.startswith(("px", "autopx", "pxresult"))]:
+        del ip.magics_manager.magics["line"][name]
+    ip.magics_manager.magics["cell"].pop("px", None)
+    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10)  # registers %px, as ipyparallel's client does
+    c[:].clear(block=True)
+    yield c
+    c.close()
+
+
+def run(ip, capsys, cell):
+    result = ip.run_cell(cell)
+    out, err = capsys.readouterr()
+    return result, out, err
+
+
+def test_px_shows_values_and_output_as_ipyparallel_does(ip, rc, capsys):
+    pids = rc[:].apply_sync(os.getpid)
+    _, out, _ = run(ip, capsys, "%%px\nimport os\nos.getpid()")
+    assert out == f"Out[0:1]: {pids[0]}\nOut[1:1]: {pids[1]}\n"
+    run(ip, capsys, "%%px\nfoo = 'bar on pid {}'.format(os.getpid())")
+    _, out, _ = run(ip, capsys, "%%px\nfoo")
+    assert out == f"Out[0:3]: 'bar on pid {pids[0]}'\nOut[1:3]: 'bar on pid {pids[1]}'\n", "cells counted per engine"
+    _, out, err = run(ip, capsys, '%%px\nprint("Len", 2)\nprint("Max", 9)\nimport sys; print("oops", file=sys.stderr)')
+    assert out == "[stdout:0] \nLen 2\nMax 9\n[stdout:1] \nLen 2\nMax 9\n"
+    assert err == "[stderr:0] \noops\n[stderr:1] \noops\n"
+    _, out, _ = run(ip, capsys, "%px x = 6 * 7")
+    assert out == ""
+    assert rc[:].pull("x", block=True) == [42, 42]
+
+
+def test_px_options(ip, rc, capsys):
+    _, out, _ = run(ip, capsys, "%%px --targets 1\nimport os\nos.getpid()")
+    assert re.fullmatch(rf"Out\[1:\d+\]: {rc[1].apply_sync(os.getpid)}\n", out), out
+    _, out, _ = run(ip, capsys, "%%px --targets [0] --verbose\n5")
+    assert re.fullmatch(r"Parallel execution on engine\(s\): \[0\]\nOut\[0:\d+\]: 5\n", out), out
+    result, out, _ = run(ip, capsys, "%%px --noblock -o saved\nimport time; time.sleep(0.1); 7")
+    ar = ip.user_ns["saved"]
+    assert isinstance(ar, shoal.AsyncResult) and result.result is ar
+    assert out.endswith("<AsyncResult: %px>\n"), "the cell's value: the pending result"
+    assert ar.get(10) == [7, 7]
+    _, out, _ = run(ip, capsys, "%pxresult")
+    assert out.count("]: 7\n") == 2
+    _, out, _ = run(ip, capsys, "%%px --group-outputs=engine\nprint('hi')\n1")
+    assert re.fullmatch(r"\[stdout:0\] \nhi\nOut\[0:\d+\]: 1\n\[stdout:1\] \nhi\nOut\[1:\d+\]: 1\n", out), out
+    _, out, _ = run(ip, capsys, "%%px --local\nshared_here = 11\nshared_here")
+    assert ip.user_ns["shared_here"] == 11, "--local also runs the cell here"
+    assert rc[:].pull("shared_here", block=True) == [11, 11]
+
+
+def test_px_errors_show_the_engines_tracebacks(ip, rc, capsys):
+    result, out, err = run(ip, capsys, "%px 1 / 0")
+    assert isinstance(result.error_in_exec, shoal.CompositeError)
+    text = out + err
+    assert "[0:execute]:" in text and "[1:execute]:" in text and "ZeroDivisionError" in text
+    assert "magics.py" not in text, "the engines' tracebacks, not the client's"
+    e = result.error_in_exec
+    assert len(e.elist) == 2 and str(e).startswith("one or more exceptions raised in: %px")
+    with pytest.raises(shoal.RemoteError, match="ZeroDivisionError"):
+        e.raise_exception(1)
+    with pytest.raises(IndexError):
+        e.raise_exception(5)
+    result, out, err = run(ip, capsys, "%pxresult")
+    assert isinstance(result.error_in_exec, shoal.CompositeError)
+
+
+def test_autopx_runs_every_cell_on_the_engines(ip, rc, capsys):
+    _, out, _ = run(ip, capsys, "%autopx")
+    assert out == "%autopx enabled\n"
+    run(ip, capsys, "only_there = 3")
+    _, out, _ = run(ip, capsys, "only_there * 2")
+    assert out.endswith("]: 6\n") and out.count("]: 6") == 2
+    _, out, _ = run(ip, capsys, "%autopx")
+    assert out == "%autopx disabled\n"
+    assert "only_there" not in ip.user_ns
+    assert rc[:].pull("only_there", block=True) == [3, 3]
+
+
+def test_activate_with_a_suffix_and_pxconfig(ip, rc, capsys):
+    view = rc.activate(targets=[1], suffix="_one")
+    assert view.block is True
+    _, out, _ = run(ip, capsys, "%px_one only_one = 1")
+    assert out == ""  # a statement has no value to show
+    assert rc[1].execute("'only_one' in globals()", block=True) and not rc[0].execute("'only_one' in globals()",
+                                                                                      block=True)
+    _, out, _ = run(ip, capsys, "%%px_one\n'one'")
+    assert out.startswith("Out[1:") and out.endswith("]: 'one'\n")
+    run(ip, capsys, "%pxconfig --targets 0")
+    _, out, _ = run(ip, capsys, "%%px\n'zero'")
+    assert out.startswith("Out[0:") and "Out[1:" not in out
+    run(ip, capsys, "%pxconfig --targets all")
+
+
+def test_load_ext_connects_on_first_use(ip, cluster, capsys, monkeypatch):
+    monkeypatch.setenv("SHOAL_DIR", str(cluster[0].root))
+    for name in [n for n in ip.magics_manager.magics["line"] if n.startswith(("px", "autopx", "pxresult"))]:
+        del ip.magics_manager.magics["line"][name]
+    ip.magics_manager.magics["cell"].pop("px", None)
+    ip.run_line_magic("load_ext", "shoal")
+    _, out, _ = run(ip, capsys, "%px 40 + 2")
+    assert out.count("]: 42\n") == 2
+
+
+def test_the_walkthrough_notebook_holds_the_scripts_cells():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import walkthrough
+    finally:
+        sys.path.pop(0)
+    nb = json.loads((ROOT / "examples" / "walkthrough.ipynb").read_text())
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code == walkthrough.CELLS
+    seed = "".join(walkthrough.CELLS)
+    assert "import ipyparallel" not in seed and "ipcluster" not in seed
+
+
+def test_the_walkthrough_runs_cell_by_cell(tmp_path):
+    env = dict(os.environ, SHOAL_DIR=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir(mode=0o700)
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "examples" / "walkthrough.py")], env=env,
+                           capture_output=True, text=True, timeout=170)
+    finally:
+        subprocess.run([sys.executable, "-m", "shoal", "stop"], env=env, capture_output=True, timeout=60)
+    out = p.stdout
+    assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
+    assert "walk-through: 28 cells, 0 failed" in out
+    assert "Out[3]: [0, 1, 2, 3]" in out and "Out[4]: <DirectView [0, 1, 2, 3]>" in out
+    assert "Out[0:1]: " in out and "Out[3:3]: 'bar on pid " in out
+    assert "Out[11]: <AsyncResult: scatter>" in out and "Out[12]: [None, None, None, None]" in out
+    assert "[stdout:0] \nLen 250\nMax 249\n[stdout:1] \nLen 250\nMax 499\n" in out
+    assert "Out[15]: 'ID:3'" in out
+    assert "1000\n['ID:0', 'ID:3', 'ID:6', 'ID:9', 'ID:12', 'ID:15', 'ID:18', 'ID:21', 'ID:24', 'ID:27']" in out
+    assert "Out[22]: <LoadBalancedView None>" in out
