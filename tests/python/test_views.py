@@ -239,3 +239,36 @@ def test_closing_a_client_with_a_map_in_flight_is_clean(cluster):
         assert again[:].apply_sync(lambda: 1) == [1, 1, 1], "the engines finished or dropped its tasks and go on"
     finally:
         again.close()
+
+
+def test_async_result_metadata_and_timings(rc, capsys):
+    import datetime
+    import time
+    dv = rc[:]
+    ar = dv.execute("import time; time.sleep(0.2); print('out'); 6 * 7", silent=False)
+    assert ar.progress == 0 and ar.elapsed >= 0
+    with pytest.raises(AssertionError, match="not ready"):
+        ar.serial_time
+    assert ar.get(10) == [42, 42, 42] and ar.progress == 3
+    md = ar.metadata
+    assert [m["engine_id"] for m in md] == [0, 1, 2] and all(m["status"] == "ok" for m in md)
+    for m in md:
+        assert m["submitted"] <= m["started"] <= m["completed"] <= m["received"]
+        assert isinstance(m["started"], datetime.datetime)
+        assert m["execute_result"] == {"text/plain": "42"} and m["stdout"] == "out\n"
+        assert m["execution_count"] >= 1
+    assert ar.serial_time >= 3 * 0.2 * 0.9, "the engines' times added up"
+    assert ar.wall_time >= 0.2 and ar.elapsed == ar.wall_time
+    assert ar.get_dict() == {0: 42, 1: 42, 2: 42}
+    ar.display_outputs()
+    assert capsys.readouterr().out.splitlines() == ["[stdout:0] ", "out", "[stdout:1] ", "out", "[stdout:2] ",
+                                                    "out"] + [f"Out[{e}:{md[e]['execution_count']}]: 42"
+                                                              for e in range(3)]
+    one = rc[1].apply_async(time.sleep, 0.3)
+    assert one.wait_interactive(interval=0.05) is True
+    bar = capsys.readouterr().out
+    assert "1/1 tasks finished" in bar and bar.endswith("\n") and "\r" in bar
+    failed = rc[0].apply_async(lambda: 1 / 0)
+    with pytest.raises(shoal.RemoteError):
+        failed.get(10)
+    assert failed.metadata["status"] == "error" and failed.metadata["ename"] == "ZeroDivisionError"
