@@ -12,10 +12,11 @@ and :class:`Client` with its views, as in ipyparallel.
 from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
 from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
+from .cluster import Cluster
 from .error import CompositeError, EngineError, RemoteError, ShoalError, TimeoutError
 from .view import DirectView, LoadBalancedView, require
 
-__all__ = ["Client", "DirectView", "LoadBalancedView", "require", "AsyncResult", "AsyncMapResult", "RemoteError",
+__all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "AsyncResult", "AsyncMapResult", "RemoteError",
            "CompositeError", "EngineError", "ShoalError", "TimeoutError", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"
 

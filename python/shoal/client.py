@@ -79,6 +79,10 @@ class Client:
         self._lb_load = {}  # engine id -> load-balanced tasks of ours it has
         self._driven = []  # load-balanced maps with tasks still to hand out
         self._driver = None  # the thread that hands them out while nobody waits
+        self.history = []  # msg_ids of the tasks sent, in order
+        self.results = {}  # msg_id -> result (or exception) of each finished task, until purge_results
+        self.metadata = {}  # msg_id -> its metadata
+        self._by_id = {}  # msg_id -> AsyncResult
         self._last_submit = 0.0
         registry = self._control(_core.MSG_REGISTER, timeout=timeout)
         self._engines = registry["engines"]
@@ -149,7 +153,8 @@ class Client:
         """Hands out work's tasks from a thread of ours until none is left, so
         that a load-balanced map goes on while nobody waits for it."""
         with self._lock:
-            self._driven.append(work)
+            if work not in self._driven:
+                self._driven.append(work)
             if self._driver is None:
                 self._driver = threading.Thread(target=self._drive_loop, name="shoal-load-balancer", daemon=True)
                 self._driver.start()
@@ -352,6 +357,8 @@ class Client:
             if woken:
                 self._drain_lanes()  # a closed lane fails its part now
             self._last_submit = time.monotonic()
+            self.history.append(ar.msg_id)
+            self._by_id[ar.msg_id] = ar
         return ar
 
     def _send(self, ar, targets, meta, obj):
@@ -468,14 +475,70 @@ class Client:
                 self._replies[hdr["reply_to"]] = (hdr, payload)
             return True
 
+    def _outstanding(self):
+        """Our AsyncResults still waiting for an engine."""
+        with self._lock:
+            ars = list(self._pending.values()) + [ar for ar, _ in self._lane_tasks.values()]
+        return list({id(ar): ar for ar in ars}.values())
+
     def wait(self, jobs=None, timeout=-1):
-        """Waits for jobs (AsyncResults; default all pending); True if all finished."""
-        jobs = list(self._pending.values()) if jobs is None else jobs
+        """Waits for jobs (AsyncResults or their msg_ids; default every
+        outstanding one); True if all finished."""
+        if jobs is None:
+            jobs = self._outstanding()
+        elif isinstance(jobs, (AsyncResult, int)):
+            jobs = [jobs]
+        jobs = [self._by_id[j] if isinstance(j, int) and j in self._by_id else j for j in jobs]
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         for ar in jobs:
             if not ar.wait(None if deadline is None else max(deadline - time.monotonic(), 0)):
                 return False
         return True
+
+    def wait_for_engines(self, n, timeout=-1, block=True):
+        """Waits until at least n engines are running; raises TimeoutError
+        if they are not within timeout seconds (-1: for ever)."""
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if len(self.ids) >= n:
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{n} engines were not ready within {timeout} s (ready: {len(self.ids)})")
+            time.sleep(0.05)
+
+    # ---- what ran: ipyparallel's history ------------------------------------------
+
+    def _record(self, ar):
+        """Keeps a finished result, as ipyparallel's Client.results does."""
+        if ar.msg_id is None:
+            return
+        # Each engine's value (or error), in target order: not joined, which
+        # for a gather would be a copy of everything.
+        values = [ar._results[e][1] for e in ar._targets]
+        self.results[ar.msg_id] = values[0] if ar._single else values
+        self.metadata[ar.msg_id] = ar.metadata
+
+    def purge_results(self, jobs=(), targets=()):
+        """Forgets finished results (which hold their arrays): those of jobs
+        (AsyncResults or msg_ids, or "all"), and those of tasks on targets."""
+        if jobs == "all":
+            ids = list(self.results)
+        else:
+            jobs = [jobs] if isinstance(jobs, (AsyncResult, int)) else list(jobs)
+            ids = [j.msg_id if isinstance(j, AsyncResult) else j for j in jobs]
+        targets = {targets} if isinstance(targets, int) else set(targets)
+        if targets:
+            ids += [m for m, ar in self._by_id.items() if targets & set(ar._targets)]
+        for m in ids:
+            self.results.pop(m, None)
+            self.metadata.pop(m, None)
+            self._by_id.pop(m, None)
+
+    def executor(self, targets=None):
+        """A concurrent.futures.Executor that runs on a LoadBalancedView."""
+        from .futures import ViewExecutor
+        return ViewExecutor(self.load_balanced_view(targets))
 
     def shutdown(self, hub=True):
         """Stops the cluster: the controller tells every agent, which stop their engines."""

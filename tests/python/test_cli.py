@@ -68,6 +68,7 @@ def test_start_daemonized_status_use_and_stop(env):
 def test_foreground_start_stops_everything_on_ctrl_c(env):
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "start", "-n", "2", "--arena-size", str(1 << 30)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = []
     try:
         line = proc.stdout.readline()
         assert "engines [0, 1]" in line, line + proc.stderr.read()
@@ -81,6 +82,9 @@ def test_foreground_start_stops_everything_on_ctrl_c(env):
     finally:
         if proc.poll() is None:
             proc.kill()
+        for x in pids:  # a failed test leaves nothing running either
+            if alive(x):
+                os.kill(x, signal.SIGKILL)
 
 
 def test_usage_errors(env):

@@ -272,3 +272,66 @@ def test_async_result_metadata_and_timings(rc, capsys):
     with pytest.raises(shoal.RemoteError):
         failed.get(10)
     assert failed.metadata["status"] == "error" and failed.metadata["ename"] == "ZeroDivisionError"
+
+
+# ---- Client helpers -----------------------------------------------------------------
+
+def test_history_results_and_purge(rc):
+    ar = rc[:].apply_async(lambda: 5)
+    one = rc[0].apply_async(lambda: 1 / 0)
+    assert rc.wait([ar, one.msg_id], timeout=10)
+    assert rc.history[-2:] == [ar.msg_id, one.msg_id]
+    assert rc.results[ar.msg_id] == [5, 5, 5]
+    assert isinstance(rc.results[one.msg_id], shoal.RemoteError)
+    assert [m["status"] for m in rc.metadata[ar.msg_id]] == ["ok"] * 3
+    slow = [rc[e].apply_async(__import__("time").sleep, 0.2) for e in rc.ids]
+    assert rc.wait(timeout=10) and all(s.ready() for s in slow), "wait() waits for every outstanding task"
+    rc.purge_results(jobs=[ar])
+    assert ar.msg_id not in rc.results and one.msg_id in rc.results
+    rc.purge_results(targets=[0])
+    assert one.msg_id not in rc.results
+    rc.purge_results("all")
+    assert rc.results == {} and rc.metadata == {}
+
+
+def test_wait_for_engines(rc):
+    rc.wait_for_engines(3, timeout=5)
+    with pytest.raises(shoal.TimeoutError, match="4 engines"):
+        rc.wait_for_engines(4, timeout=0.2)
+
+
+def test_executor(rc):
+    import concurrent.futures
+    with rc.executor() as ex:
+        assert isinstance(ex, concurrent.futures.Executor)
+        futures = [ex.submit(pow, 2, i) for i in range(10)]
+        assert [f.result(timeout=10) for f in futures] == [2 ** i for i in range(10)]
+        assert list(ex.map(abs, [-1, -2, -3], timeout=10)) == [1, 2, 3]
+        bad = ex.submit(lambda: 1 / 0)
+        with pytest.raises(shoal.RemoteError, match="ZeroDivisionError"):
+            bad.result(timeout=10)
+        done, _ = concurrent.futures.wait([ex.submit(os.getpid) for _ in range(6)], timeout=10)
+        assert len(done) == 6
+    with pytest.raises(RuntimeError):
+        ex.submit(abs, 1)
+
+
+def test_cluster_starts_connects_and_leaves_nothing(tmp_path, monkeypatch):
+    import subprocess
+    monkeypatch.setenv("SHOAL_DIR", str(tmp_path / "home"))
+    cluster = shoal.Cluster(n=2)
+    with cluster as c:
+        assert c.ids == [0, 1] and "running" in repr(cluster)
+        pids = c[:].apply_sync(os.getpid)
+        agent = c.queue_status()["nodes"][0]["pid"]
+    assert "stopped" in repr(cluster)
+    for pid in pids + [agent]:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", f"process {pid} outlived its cluster"
+    assert not (tmp_path / "home" / f"profile_{cluster.profile}").exists(), "its own profile is removed"
+    with pytest.raises(TypeError):
+        shoal.Cluster(n=2, engines="mpi")
+    bad = shoal.Cluster(n=1, profile="x/y")
+    with pytest.raises(RuntimeError, match="did not start"):
+        bad.start_cluster_sync()
+    assert subprocess.run(["pgrep", "-f", f"--profile {cluster.profile}"], capture_output=True).stdout == b""
