@@ -14,9 +14,9 @@ from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
 from .cluster import Cluster
 from .error import CompositeError, EngineError, RemoteError, ShoalError, TimeoutError
-from .view import DirectView, LoadBalancedView, require
+from .view import DirectView, LoadBalancedView, Reference, interactive, require
 
-__all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "AsyncResult", "AsyncMapResult", "RemoteError",
+__all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "interactive", "Reference", "AsyncResult", "AsyncMapResult", "RemoteError",
            "CompositeError", "EngineError", "ShoalError", "TimeoutError", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"
 

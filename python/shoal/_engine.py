@@ -259,6 +259,12 @@ class Engine:
         if not sink.push(SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)):
             sink.replies.pop(block.handle[0], None)  # its client is gone
 
+    def _deref(self, arg):
+        """A Reference argument: the value of that name here."""
+        if type(arg).__name__ == "Reference" and type(arg).__module__ == "shoal.view":
+            return self.ns[arg.name] if arg.name in self.ns else _missing(arg.name)
+        return arg
+
     def execute(self, request, payload, buffers):
         kind = request.get("kind")
         args = serialize.loads(payload[1], request.get("buffers", []), buffers, arena=self.arena) \
@@ -267,6 +273,8 @@ class Engine:
             return run_cell(request["code"], self.ns)
         if kind == "apply":
             f, fargs, fkwargs = args
+            fargs = [self._deref(a) for a in fargs]
+            fkwargs = {k: self._deref(v) for k, v in fkwargs.items()}
             return f(*fargs, **fkwargs)
         if kind == "push":
             self.ns.update(args)

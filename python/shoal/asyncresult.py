@@ -29,6 +29,8 @@ class AsyncResult:
         self.task_id = None
         self._single = False
         self._callbacks = []  # called (with self) once every engine has answered, after the receiving
+        self._return_exceptions = False  # get() puts errors in place of values (a map's, for each item)
+        self._part_lens = {}  # engine id -> items of a map's block it had
         self._zmq_targets = self._targets  # those the controller answers for
         self._mids = {}  # our messages to the controller -> their targets
         self._submitted = time.time()
@@ -136,6 +138,9 @@ class AsyncResult:
             raise TimeoutError(f"task {self.task_id or '(not yet started)'} on engines {self._targets} "
                                f"did not finish within {timeout} s")
         errors = [v for ok, v in (self._results[e] for e in self._targets) if not ok]
+        if errors and self._return_exceptions:
+            return self._join([self._results[e][1] if self._results[e][0] else
+                               [self._results[e][1]] * self._part_lens.get(e, 1) for e in self._targets])
         if errors:
             # One engine's task raises its error; a list of engines', a
             # CompositeError of all of them, as in ipyparallel.

@@ -163,19 +163,44 @@ class DirectView:
 
     def map(self, f, *sequences, block=None, track=False, return_exceptions=False):
         """f over the sequences' items, split in one block per engine (as
-        scatter splits them); the result joins the blocks in order."""
+        scatter splits them); the result joins the blocks in order.
+        return_exceptions=True puts an engine's error in place of each item
+        of its block instead of raising it."""
+        return self._chunked(_map_chunk, f, sequences, block, "map", return_exceptions)
+
+    def _chunked(self, runner, f, sequences, block, what, return_exceptions=False):
+        """runner(f, *chunks) on each engine with its block of the sequences."""
         if not sequences:
-            raise ValueError("map needs at least one sequence")
+            raise ValueError(f"{what} needs at least one sequence")
         n = len(self._targets)
         chunks = [[_partition(s, i, n, "b") for s in sequences] for i in range(n)]
         work = [(e, c) for e, c in zip(self._targets, chunks) if len(c[0])]
         if not work:
             return [] if self._block(block) else _done_map(self.client)
-        each = [(_map_chunk, (f, *c), {}) for _, c in work]
+        each = [(runner, (f, *c), {}) for _, c in work]
+        join = _flatten if runner is _map_chunk else (lambda values: _join(values, "b"))
         ar = self.client._submit([e for e, _ in work], {"kind": "apply"}, None, each=each,
-                                 make=lambda c, mid, t, k: AsyncMapResult(c, mid, t, k, _flatten))
-        ar._fname = getattr(f, "__name__", "map")
+                                 make=lambda c, mid, t, k: AsyncMapResult(c, mid, t, k, join))
+        ar._fname = getattr(f, "__name__", what)
+        ar._return_exceptions = return_exceptions
+        ar._part_lens = {e: len(c[0]) for e, c in work}
         return ar.get() if self._block(block) else ar
+
+    def parallel(self, dist="b", block=None):
+        """Decorator: f(seq) calls f on each engine with its block of seq and
+        joins what they return; f.map(seq) maps f over seq's items."""
+        if dist != "b":
+            raise ValueError("a DirectView's parallel functions split sequences in blocks (dist='b')")
+
+        def deco(f):
+            return ParallelFunction(self, f, block=block)
+        return deco
+
+    def remote(self, block=None):
+        """Decorator: calling f runs it on every engine of the view."""
+        def deco(f):
+            return RemoteFunction(self, f, block=block)
+        return deco
 
     def map_sync(self, f, *sequences, **kw):
         return self.map(f, *sequences, block=True, **kw)
@@ -347,18 +372,26 @@ class LoadBalancedView:
         with self.temp_flags(block=True):
             return self.apply(f, *args, **kwargs)
 
-    def map(self, f, *sequences, block=None, chunksize=1, ordered=True):
+    def map(self, f, *sequences, block=None, chunksize=1, ordered=True, return_exceptions=False):
         """f over the sequences' items, chunksize items per task, each task
         on whichever engine is free. Returns an AsyncMapResult-like object
         (get() the list of results; iterate to take them as they come: in
-        order, or as they finish with ordered=False)."""
+        order, or as they finish with ordered=False). return_exceptions=True
+        puts a task's error in place of each of its items instead of raising."""
+        return self._map(_star_chunk, f, sequences, block=block, chunksize=chunksize, ordered=ordered,
+                         return_exceptions=return_exceptions)
+
+    def _map(self, runner, f, sequences, block=None, chunksize=1, ordered=True, return_exceptions=False):
         if not sequences:
             raise ValueError("map needs at least one sequence")
         if chunksize < 1:
             raise ValueError("chunksize must be at least 1")
         items = list(zip(*sequences))
         chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-        result = LoadBalancedMapResult(self, f, chunks, ordered)
+        if runner is _call_chunk:
+            # f gets each sequence's part of the chunk: f(xs) for f(seq).
+            chunks = [[list(part) for part in zip(*chunk)] for chunk in chunks]
+        result = LoadBalancedMapResult(self, f, chunks, ordered, runner, return_exceptions)
         result._start()
         return result.get() if (self.block if block is None else block) else result
 
@@ -393,9 +426,11 @@ def _star_chunk(f, chunk):
 class LoadBalancedMapResult:
     """The pending result of LoadBalancedView.map."""
 
-    def __init__(self, view, f, chunks, ordered):
+    def __init__(self, view, f, chunks, ordered, runner=None, return_exceptions=False):
         self._view, self._client = view, view.client
         self._f, self._chunks, self._ordered = f, chunks, ordered
+        self._runner = runner or _star_chunk
+        self._return_exceptions = return_exceptions
         self._fname = getattr(f, "__name__", "map")
         self._next = 0  # the next chunk to hand out
         self._results = {}  # chunk index -> (ok, values or exception)
@@ -429,7 +464,8 @@ class LoadBalancedMapResult:
         i = self._next
         self._next += 1
         self._inflight[engine] = self._inflight.get(engine, 0) + 1
-        ar = self._view._apply_on(engine, _star_chunk, (self._f, self._chunks[i]), {})
+        args = (self._f, *self._chunks[i]) if self._runner is _call_chunk else (self._f, self._chunks[i])
+        ar = self._view._apply_on(engine, self._runner, args, {})
         ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
 
     def _chunk_done(self, i, engine, ar):
@@ -476,31 +512,51 @@ class LoadBalancedMapResult:
             order = list(range(len(self._chunks))) if self._ordered else self._finish_order
             while k < len(order) and order[k] in self._results:
                 ok, value = self._results[order[k]]
-                if not ok:
+                if not ok and not self._return_exceptions:
                     raise value
-                yield from value
+                if not ok:
+                    n = len(self._chunks[order[k]][0]) if self._runner is _call_chunk else len(self._chunks[order[k]])
+                    yield from [value] * n
+                elif self._runner is _call_chunk and not isinstance(value, (list, tuple)):
+                    yield value  # f(part) gave one value: joined as a list of them
+                else:
+                    yield from value
                 k += 1
             if self._done() and k >= len(self._results):
                 return
             self._client._receive(0.1)
 
-    def __len__(self):
-        return sum(len(c) for c in self._chunks)
+
 
 
 class ParallelFunction:
-    """What @view.parallel() makes: f.map(seq) and f(seq) map f over seq."""
+    """What @view.parallel() makes, as in ipyparallel: f(seq) calls f with
+    parts of seq (a DirectView: one block per engine; a LoadBalancedView:
+    chunksize items a task) and joins what the calls return; f.map(seq)
+    maps f over seq's items."""
 
-    def __init__(self, view, f, block=None, chunksize=1, ordered=True):
+    def __init__(self, view, f, block=None, chunksize=None, ordered=True):
         self.view, self.func, self.block = view, f, block
         self.chunksize, self.ordered = chunksize, ordered
         functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
 
-    def map(self, *sequences):
-        return self.view.map(self.func, *sequences, block=self.block, chunksize=self.chunksize,
-                             ordered=self.ordered)
+    def _kw(self):
+        if isinstance(self.view, DirectView):
+            return {"block": self.block}
+        return {"block": self.block, "chunksize": self.chunksize or 1, "ordered": self.ordered}
 
-    __call__ = map
+    def map(self, *sequences):
+        return self.view.map(self.func, *sequences, **self._kw())
+
+    def __call__(self, *sequences):
+        if isinstance(self.view, DirectView):
+            return self.view._chunked(_call_chunk, self.func, sequences, self.block, "parallel")
+        return self.view._map(_call_chunk, self.func, sequences, **self._kw())
+
+
+def _call_chunk(f, *chunks):
+    """Runs on an engine: f called with its parts of the sequences."""
+    return f(*chunks)
 
 
 class RemoteFunction:
@@ -545,3 +601,38 @@ class _Required:
             else:
                 g[m.__name__] = m
         return self.func(*args, **kwargs)
+
+
+def interactive(f):
+    """Decorator: f, sent to an engine, finds its globals in the engine's
+    namespace (what execute and push put there), not in the ones it was
+    defined with."""
+    return _Interactive(f)
+
+
+class _Interactive:
+    def __init__(self, f):
+        self.func = f
+        functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
+
+    def __call__(self, *args, **kwargs):
+        import types
+        f = self.func
+        g = types.FunctionType(f.__code__, sys.modules["__main__"].__dict__, f.__name__, f.__defaults__,
+                               f.__closure__)
+        g.__kwdefaults__ = f.__kwdefaults__
+        return g(*args, **kwargs)
+
+
+class Reference:
+    """A name in the engine's namespace, given as an argument to apply: the
+    engine passes its value. rc[:].apply_sync(len, Reference('a')) gives each
+    engine's len(a)."""
+
+    def __init__(self, name):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise TypeError(f"a Reference names a variable, not {name!r}")
+        self.name = name
+
+    def __repr__(self):
+        return f"<Reference: {self.name!r}>"

@@ -74,6 +74,8 @@ def test_scatter_flatten_pushes_single_items(dv):
 
 def test_an_array_is_scattered_as_views_of_one_arena_block(dv, rc):
     a = np.arange(8 * MiB // 8 * 3, dtype=np.float64).reshape(-1, 8)  # 24 MiB, rows split between engines
+    import gc
+    gc.collect()  # what earlier tests' clients still held goes back first
     used = rc.arena.stats()["used_bytes"] if rc.arena else None
     dv.scatter("a", a, block=True)
     got = dv.execute("import shoal.serialize as s\n"
@@ -202,7 +204,18 @@ def test_decorators_parallel_remote_require(rc):
 
     assert hue.__name__ == "hue"
     assert hue.map([(1, 0, 0), (0, 1, 0)]).get(10) == [0.0, 1 / 3]
-    assert hue([(0, 0, 1)]).get(10) == [2 / 3]
+
+    @lview.parallel(chunksize=2)
+    def total(xs):  # f(seq) calls f with parts of seq, as ipyparallel does
+        return sum(xs)
+
+    assert total(range(5)).get(10) == [1, 5, 4]
+
+    @lview.parallel(chunksize=3)
+    def doubled(xs):
+        return [2 * x for x in xs]
+
+    assert doubled(range(7)).get(10) == [0, 2, 4, 6, 8, 10, 12], "list parts are joined"
 
     import math
 
@@ -335,3 +348,43 @@ def test_cluster_starts_connects_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="did not start"):
         bad.start_cluster_sync()
     assert subprocess.run(["pgrep", "-f", f"--profile {cluster.profile}"], capture_output=True).stdout == b""
+
+
+def test_direct_view_decorators_interactive_reference_and_return_exceptions(rc):
+    dv = rc[:]
+
+    @dv.parallel(block=True)
+    def doubled(xs):
+        return [2 * x for x in xs]
+
+    assert doubled(range(7)) == [0, 2, 4, 6, 8, 10, 12]
+    assert dv.parallel(block=True)(abs).map([-1, -2, -3, -4]) == [1, 2, 3, 4]
+
+    @dv.remote(block=True)
+    def where():
+        return os.getpid()
+
+    assert len(set(where())) == 3
+
+    dv.push({"scale": 10}, block=True)
+
+    @shoal.interactive
+    def scaled(x):
+        return x * scale  # noqa: F821 - the engine's own variable
+
+    assert dv.apply_sync(scaled, 2) == [20, 20, 20]
+    dv.execute("data = list(range(5))", block=True)
+    assert dv.apply_sync(len, shoal.Reference("data")) == [5, 5, 5]
+    assert rc[0].apply_sync(lambda n=None: n, n=shoal.Reference("scale")) == 10
+    with pytest.raises(shoal.RemoteError, match="not defined on this engine"):
+        rc[0].apply_sync(len, shoal.Reference("missing"))
+    with pytest.raises(TypeError):
+        shoal.Reference("not a name")
+
+    got = dv.map_sync(lambda x: 1 / x, [1, 0, 2, 4, 5, 8], return_exceptions=True)
+    # Engine 0's block [1, 0] fails as a whole: its error stands for both items.
+    assert isinstance(got[0], shoal.RemoteError) and got[1] is got[0] and got[0].ename == "ZeroDivisionError"
+    assert got[2:] == [0.5, 0.25, 0.2, 0.125]
+    lview = rc.load_balanced_view()
+    got = lview.map_sync(lambda x: 1 / x, [1, 0, 4], return_exceptions=True)
+    assert got[0] == 1.0 and isinstance(got[1], shoal.RemoteError) and got[2] == 0.25
