@@ -13,11 +13,14 @@ from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
 from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
 from .cluster import Cluster
-from .error import CompositeError, EngineError, RemoteError, ShoalError, TimeoutError
+from .dependency import Dependency, depend
+from .error import (CompositeError, EngineError, ImpossibleDependency, RemoteError, ShoalError, TaskAborted,
+                    TaskTimeout, TimeoutError, UnmetDependency)
 from .view import DirectView, LoadBalancedView, Reference, interactive, require
 
 __all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "interactive", "Reference", "AsyncResult", "AsyncMapResult", "RemoteError",
-           "CompositeError", "EngineError", "ShoalError", "TimeoutError", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
+           "CompositeError", "EngineError", "ShoalError", "TimeoutError", "TaskAborted", "TaskTimeout",
+           "UnmetDependency", "ImpossibleDependency", "Dependency", "depend", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
 __version__ = "0.1.0"
 
 

@@ -23,8 +23,9 @@ import traceback
 
 from . import serialize
 from ._core import RING_BELL_OFFSET, Arena, Doorbell, Ring
-from ._msgblock import (KIND_LANE, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_SHUTDOWN, KIND_TASK, SLOT, Lane,
-                        pack_frames, unpack_frames)
+from ._msgblock import (ABORTED, KIND_LANE, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_SHUTDOWN, KIND_TASK, SLOT,
+                        Lane, block_flags, pack_frames, unpack_frames)
+from .error import TaskAborted
 
 # Output of a running task goes out at most this often (seconds), or sooner
 # when this much has gathered (characters).
@@ -224,6 +225,8 @@ class Engine:
         try:
             msg = self.arena.acquire_bytes(handle, 0, handle[1])
             payload, buffers = unpack_frames(msg)
+            if block_flags(msg) & ABORTED:
+                raise TaskAborted(f"task {task_id} was aborted before it started")
             request = json.loads(bytes(payload[0]))
             if request.get("kind") == "execute":
                 # Counted as IPython counts cells: only code that is run.

@@ -11,9 +11,10 @@ SLOT = struct.Struct("<QIIQQQI20x")
 assert SLOT.size == 64
 KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT, KIND_LANE = 1, 2, 3, 4, 5, 6
 
-# A message block: magic, frame count, payload-frame count, then the lengths.
+# A message block: magic, frame count, payload-frame count, flags, then the lengths.
 FRAMES_MAGIC = 0x464D4853  # "SHMF"
 FRAMES_HDR = struct.Struct("<IIII")
+ABORTED = 1  # flags: the sender aborted the task; an engine that has not started it answers TaskAborted
 MAX_FRAMES = 4096
 
 
@@ -30,6 +31,11 @@ def pack_frames(arena, payload, buffers=()):
         view[pos:pos + f.nbytes] = f
         pos += f.nbytes
     return block
+
+
+def block_flags(buf):
+    """The flags word of a message block."""
+    return FRAMES_HDR.unpack_from(memoryview(buf).cast("B"))[3]
 
 
 def unpack_frames(buf):

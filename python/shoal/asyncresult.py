@@ -6,7 +6,7 @@ import sys
 import time
 
 from . import serialize
-from .error import CompositeError, EngineError, RemoteError, TimeoutError
+from .error import CompositeError, EngineError, RemoteError, TaskAborted, TimeoutError
 
 
 class AsyncResult:
@@ -31,6 +31,7 @@ class AsyncResult:
         self._callbacks = []  # called (with self) once every engine has answered, after the receiving
         self._return_exceptions = False  # get() puts errors in place of values (a map's, for each item)
         self._part_lens = {}  # engine id -> items of a map's block it had
+        self._blocks = []  # message blocks sent through lanes (abort() marks them)
         self._zmq_targets = self._targets  # those the controller answers for
         self._mids = {}  # our messages to the controller -> their targets
         self._submitted = time.time()
@@ -53,6 +54,8 @@ class AsyncResult:
             value = serialize.loads(bytes(payload[1]), where, buffers, arena=self._client.arena) \
                 if len(payload) > 1 and len(payload[1]) else None
             self._results[engine] = (True, value)
+        elif meta.get("ename") == "TaskAborted":
+            self._results[engine] = (False, TaskAborted(meta.get("evalue", "aborted")))
         elif meta.get("ename") == "EngineError":
             self._results[engine] = (False, EngineError(meta.get("evalue", "engine failed"), engine, hdr["task_id"]))
         else:
@@ -75,6 +78,12 @@ class AsyncResult:
             # Run by the client once it has taken what arrived, never in the
             # middle of it (a callback may submit).
             self._client._due.append(self)
+
+    def abort(self):
+        """Aborts the task where it has not started (see Client.abort)."""
+        if self._done():
+            raise RuntimeError("Can't abort, I am already done!")
+        self._client.abort([self])
 
     def add_done_callback(self, fn):
         """Calls fn(self) once the result is complete (at once if it is)."""

@@ -23,7 +23,8 @@ import threading
 import time
 
 from . import _core, serialize
-from ._msgblock import KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, SLOT, Lane, pack_frames, unpack_frames
+from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, SLOT, Lane, pack_frames,
+                        unpack_frames)
 from .asyncresult import AsyncResult
 from .error import EngineError, TimeoutError
 from .local import LocalArena
@@ -72,7 +73,8 @@ class Client:
         self._use_lanes = lanes
         self._lanes = {}  # engine id -> Lane, or None where there is none
         self._lane_tasks = {}  # lane task id -> (AsyncResult, engines yet to answer)
-        self._lane_ids = itertools.count(1)
+        # Ids of lane tasks and load-balanced tasks: apart from the socket's msg_ids (1, 2, ...).
+        self._lane_ids = itertools.count(1 << 40)
         self._bell = None  # the doorbell all our lanes' completion rings ring
         self._control_waits = 0  # threads waiting for a controller reply
         self._due = []  # AsyncResults finished whose callbacks are still to run
@@ -166,6 +168,9 @@ class Client:
                 if not self._driven or self._sock is None:
                     self._driver = None
                     return
+                for w in list(self._driven):
+                    if hasattr(w, "_tick"):
+                        w._tick()  # a task waiting for its dependencies, or its timeout
                 self._receive(0.005)
 
     @property
@@ -391,6 +396,7 @@ class Client:
         m = dict(meta, buffers=s_here.buffers)
         block = pack_frames(self.arena, [json.dumps(m).encode(), s_here.payload], s_here.frames)
         ar._keep.append(block)
+        ar._blocks.append(block)  # where abort() marks it
         ar.task_id = task_id
         if ar.msg_id is None:
             ar.msg_id = task_id
@@ -493,6 +499,39 @@ class Client:
         for ar in jobs:
             if not ar.wait(None if deadline is None else max(deadline - time.monotonic(), 0)):
                 return False
+        return True
+
+    def abort(self, jobs=None, targets=None, block=None):
+        """Aborts tasks that have not started: jobs (AsyncResults or msg_ids;
+        default every outstanding one), or those on targets. They fail with
+        TaskAborted; tasks already running finish. Load-balanced tasks still
+        held by the client and lane tasks still queued on their engines can
+        be aborted; tasks sent through the controller (lanes=False, other
+        nodes) cannot, and run."""
+        if jobs is None:
+            jobs = self._outstanding() + [w for w in self._driven if hasattr(w, "_abort")]
+        elif isinstance(jobs, (AsyncResult, int)) or hasattr(jobs, "_abort"):
+            jobs = [jobs]
+        jobs = [self._by_id.get(j, j) if isinstance(j, int) else j for j in jobs]
+        if targets is not None:
+            targets = {targets} if isinstance(targets, int) else set(targets)
+            jobs = [j for j in jobs if targets & set(getattr(j, "_targets", ()))]
+        with self._lock:
+            for job in jobs:
+                if hasattr(job, "_abort"):
+                    job._abort()
+                elif isinstance(job, AsyncResult):
+                    self._abort_sent(job)
+        if block:
+            self.wait(jobs)
+
+    def _abort_sent(self, ar):
+        """Marks ar's message blocks aborted: an engine that has not started
+        the task answers TaskAborted instead. True if there was any."""
+        if ar._done() or not ar._blocks:
+            return False
+        for block in ar._blocks:
+            memoryview(block).cast("B")[12:16] = struct.pack("<I", ABORTED)
         return True
 
     def wait_for_engines(self, n, timeout=-1, block=True):

@@ -60,16 +60,17 @@ class CompositeError(RemoteError):
     def __init__(self, fname, errors, method=None):
         self.fname, self.method, self.elist = fname, method or fname, list(errors)
         first = self.elist[0] if self.elist else None
-        super().__init__(first.ename if first else "CompositeError", first.evalue if first else "",
-                         first.traceback if first else "", first.engine_id if first else None,
-                         first.task_id if first else None)
+        super().__init__(_ename(first) if first else "CompositeError", _evalue(first) if first else "",
+                         getattr(first, "traceback", ""), getattr(first, "engine_id", None),
+                         getattr(first, "task_id", None))
 
     def _label(self, e):
-        return f"[{e.engine_id}:{self.method}]" if e.engine_id is not None else "[Engine Exception]"
+        engine = getattr(e, "engine_id", None)
+        return f"[{engine}:{self.method}]" if engine is not None else "[Engine Exception]"
 
     def __str__(self):
         lines = [f"one or more exceptions raised in: {self.fname}"]
-        lines += [f"{self._label(e)}: {e.ename}: {e.evalue}" for e in self.elist[:self.tb_limit]]
+        lines += [f"{self._label(e)}: {_ename(e)}: {_evalue(e)}" for e in self.elist[:self.tb_limit]]
         if len(self.elist) > self.tb_limit:
             lines.append(f".... {len(self.elist) - self.tb_limit} more exceptions ...")
         return "\n".join(lines)
@@ -82,7 +83,7 @@ class CompositeError(RemoteError):
         lines = []
         for e in self.elist[:self.tb_limit]:
             lines.append(f"{self._label(e)}:")
-            lines += e.render_traceback()
+            lines += e.render_traceback() if hasattr(e, "render_traceback") else [f"{_ename(e)}: {_evalue(e)}"]
             lines.append("")
         if len(self.elist) > self.tb_limit:
             lines.append(f"... {len(self.elist) - self.tb_limit} more exceptions ...")
@@ -96,3 +97,29 @@ class CompositeError(RemoteError):
         if not -len(self.elist) <= excid < len(self.elist):
             raise IndexError(f"an engine error with id {excid} does not exist (there are {len(self.elist)})")
         raise self.elist[excid]
+
+
+def _ename(e):
+    return getattr(e, "ename", type(e).__name__)
+
+
+def _evalue(e):
+    return getattr(e, "evalue", str(e))
+
+
+class TaskAborted(ShoalError):
+    """The task was aborted before it started."""
+
+
+class TaskTimeout(ShoalError):
+    """The task's dependencies were not met within its timeout."""
+
+
+class UnmetDependency(ShoalError):
+    """Raised on an engine where a task's @depend condition does not hold:
+    the load balancer tries another engine."""
+
+
+class ImpossibleDependency(UnmetDependency):
+    """A task's dependencies can never be met: a task it follows failed, or
+    no engine satisfies its condition."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _core, serialize
 from .asyncresult import AsyncMapResult
-from .error import TimeoutError
+from .error import TaskAborted, TimeoutError
 
 
 class DirectView:
@@ -319,12 +319,16 @@ class LoadBalancedView:
     """
 
     IN_FLIGHT = 2
-    _flag_names = ("targets", "block")
+    _flag_names = ("targets", "block", "retries", "timeout", "after", "follow")
 
     def __init__(self, client, targets=None, block=False):
         self.client = client
         self.targets = targets
         self.block = block
+        self.retries = 0  # times a failed task is sent again (to another engine if there is one)
+        self.timeout = None  # seconds a task may wait for its dependencies (TaskTimeout after)
+        self.after = None  # tasks that must finish first (Dependency, AsyncResults, msg_ids)
+        self.follow = None  # tasks whose engines it must run on
 
     def __repr__(self):
         return f"<LoadBalancedView {self.targets}>"
@@ -360,8 +364,18 @@ class LoadBalancedView:
         return ar
 
     def apply(self, f, *args, **kwargs):
+        """Runs f(*args, **kwargs) on the least loaded engine, once its
+        dependencies (after, follow) are met: a TaskResult, or its value
+        when blocking."""
+        from .dependency import TaskResult
+        if not self._engines():
+            raise ValueError("this view has no engines to run on")
         with self.client._lock:
-            ar = self._apply_on(self._least_loaded(), f, args, kwargs)
+            ar = TaskResult(self, f, args, kwargs, after=self.after, follow=self.follow, timeout=self.timeout,
+                            retries=self.retries)
+            ar._tick()
+            if ar._has_work():
+                self.client._drive(ar)
         return ar.get() if self.block else ar
 
     def apply_async(self, f, *args, **kwargs):
@@ -436,6 +450,7 @@ class LoadBalancedMapResult:
         self._results = {}  # chunk index -> (ok, values or exception)
         self._finish_order = []
         self._inflight = {}  # engine id -> chunks of this map it has
+        self._attempts = {}  # chunk index -> its AsyncResult while it runs
 
     def __repr__(self):
         return f"<AsyncMapResult: {'finished' if self._done() else self._fname}>"
@@ -466,9 +481,24 @@ class LoadBalancedMapResult:
         self._inflight[engine] = self._inflight.get(engine, 0) + 1
         args = (self._f, *self._chunks[i]) if self._runner is _call_chunk else (self._f, self._chunks[i])
         ar = self._view._apply_on(engine, self._runner, args, {})
+        self._attempts[i] = ar
         ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
 
+    def abort(self):
+        """Aborts the chunks that have not started: those still held by the
+        client, and those queued on an engine (see Client.abort)."""
+        with self._client._lock:
+            for i in range(self._next, len(self._chunks)):
+                self._results[i] = (False, TaskAborted(f"a task of map {self._fname} was aborted"))
+                self._finish_order.append(i)
+            self._next = len(self._chunks)
+            for ar in self._attempts.values():
+                self._client._abort_sent(ar)
+
+    _abort = abort
+
     def _chunk_done(self, i, engine, ar):
+        self._attempts.pop(i, None)
         self._results[i] = ar._results[engine]
         self._finish_order.append(i)
         self._inflight[engine] -= 1

@@ -388,3 +388,105 @@ def test_direct_view_decorators_interactive_reference_and_return_exceptions(rc):
     lview = rc.load_balanced_view()
     got = lview.map_sync(lambda x: 1 / x, [1, 0, 4], return_exceptions=True)
     assert got[0] == 1.0 and isinstance(got[1], shoal.RemoteError) and got[2] == 0.25
+
+
+# ---- dependencies, retries, timeouts, abort ------------------------------------------
+
+def test_after_and_follow(rc):
+    import time
+    lview = rc.load_balanced_view()
+    first = lview.apply_async(time.sleep, 0.3)
+    with lview.temp_flags(after=[first]):
+        then = lview.apply_async(time.time)
+    assert not then.ready(), "held by the client until what it follows has finished"
+    assert then.get(10) >= first.metadata["completed"].timestamp()
+    here = lview.apply_async(os.getpid)
+    with lview.temp_flags(follow=shoal.Dependency([here])):
+        there = [lview.apply_async(os.getpid) for _ in range(5)]
+    assert {t.get(10) for t in there} == {here.get(10)}, "follow runs where the task it follows ran"
+    failed = lview.apply_async(lambda: 1 / 0)
+    with lview.temp_flags(after=[failed]):
+        never = lview.apply_async(abs, 1)
+    with pytest.raises(shoal.ImpossibleDependency):
+        never.get(10)
+    with lview.temp_flags(after=shoal.Dependency([failed], success=False, failure=True)):
+        assert lview.apply_sync(abs, -2) == 2, "a dependency on failure is met by a failure"
+    with lview.temp_flags(after=shoal.Dependency([failed, first], all=False)):
+        assert lview.apply_sync(abs, -3) == 3, "any one of them will do"
+
+
+def test_timeout_of_a_dependency(rc):
+    import time
+    lview = rc.load_balanced_view()
+    slow = lview.apply_async(time.sleep, 3)
+    with lview.temp_flags(after=[slow], timeout=0.2):
+        late = lview.apply_async(abs, 1)
+    with pytest.raises(shoal.TaskTimeout, match="within 0.2 s"):
+        late.get(10)
+    rc.abort([slow])
+
+
+def test_depend_and_retries(rc, tmp_path):
+    lview = rc.load_balanced_view()
+    pid = rc[1].apply_sync(os.getpid)
+
+    def on(p):
+        import os
+        return os.getpid() == p
+
+    @shoal.depend(on, pid)
+    def mine():
+        import os
+        return os.getpid()
+
+    assert [lview.apply_sync(mine) for _ in range(4)] == [pid] * 4, "only where the condition holds"
+
+    @shoal.depend(lambda: False)
+    def nowhere():
+        return 1
+
+    with pytest.raises(shoal.ImpossibleDependency, match="no engine can run it"):
+        lview.apply_sync(nowhere)
+
+    log = tmp_path / "attempts"
+    log.write_text("")
+
+    def flaky(path):
+        import os
+        with open(path) as f:
+            first = f.read() == ""
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if first:
+            raise ValueError("not yet")
+        return os.getpid()
+
+    with lview.temp_flags(retries=2):
+        pid = lview.apply_sync(flaky, str(log))
+    attempts = [int(x) for x in log.read_text().split()]
+    assert len(attempts) == 2 and attempts[1] == pid and attempts[0] != pid, "retried once, on another engine"
+    log.write_text("")
+    with pytest.raises(shoal.RemoteError, match="not yet"):
+        lview.apply_sync(flaky, str(log))
+
+
+def test_abort(rc):
+    import time
+    busy = [rc[e].apply_async(time.sleep, 0.5) for e in rc.ids]
+    queued = rc[0].apply_async(abs, -5)
+    queued.abort()
+    if rc._lanes.get(0) is not None:
+        with pytest.raises(shoal.TaskAborted, match="aborted before it started"):
+            queued.get(10)
+    else:
+        assert queued.get(10) == 5, "through the controller a queued task cannot be aborted: it runs"
+    lview = rc.load_balanced_view()
+    m = lview.map_async(lambda x: (__import__("time").sleep(0.05), x)[1], range(100))
+    rc.abort()
+    with pytest.raises(shoal.TaskAborted):
+        m.get(20)
+    for b in busy:
+        assert b.get(10) is None, "running tasks finish"
+    with pytest.raises(RuntimeError, match="already done"):
+        busy[0].abort()
+    assert rc[:].apply_sync(abs, -1) == [1, 1, 1]

@@ -1,0 +1,178 @@
+"""Dependencies of load-balanced tasks, as ipyparallel has them: `after`
+(run once other tasks have finished), `follow` (run where they ran),
+@depend (run only on an engine where a condition holds), with `timeout` and
+`retries`. The client holds a task until it may run; no engine waits.
+"""
+
+import functools
+import time
+
+from .asyncresult import AsyncResult
+from .error import ImpossibleDependency, TaskAborted, TaskTimeout, UnmetDependency
+
+
+class Dependency(set):
+    """Tasks (AsyncResults or msg_ids) that another task depends on.
+
+    all: every one of them must be met (else any one); success / failure:
+    whether a task that succeeded / failed counts as met.
+    """
+
+    def __init__(self, dependencies=(), all=True, success=True, failure=False):
+        if isinstance(dependencies, (AsyncResult, int)) or hasattr(dependencies, "msg_id"):
+            dependencies = [dependencies]
+        super().__init__(d.msg_id if hasattr(d, "msg_id") else d for d in dependencies)
+        self.all, self.success, self.failure = all, success, failure
+        if not (success or failure):
+            raise ValueError("a dependency must be met by success, failure, or both")
+
+    def state(self, client):
+        """True (met), False (cannot be met any more) or None (not yet)."""
+        if not self:
+            return True
+        met = unmet = 0
+        for mid in self:
+            ar = client._by_id.get(mid)
+            if ar is None:
+                raise ValueError(f"this client sent no task with msg_id {mid}")
+            if not ar._done():
+                continue
+            ok = ar.successful()
+            if (ok and self.success) or (not ok and self.failure):
+                met += 1
+            else:
+                unmet += 1
+        if self.all:
+            return False if unmet else (True if met == len(self) else None)
+        return True if met else (False if unmet == len(self) else None)
+
+    def engines(self, client):
+        """Where the tasks ran: every one (all) or any one of them."""
+        sets = [set(client._by_id[mid]._results) for mid in self if mid in client._by_id]
+        if not sets:
+            return None
+        return set.intersection(*sets) if self.all else set.union(*sets)
+
+
+def _as_dependency(dep):
+    if dep is None or isinstance(dep, Dependency):
+        return dep or None
+    return Dependency(dep)
+
+
+def depend(f, *args, **kwargs):
+    """Decorator: the task runs only on an engine where f(*args, **kwargs)
+    is true; elsewhere it raises UnmetDependency and the load balancer tries
+    another engine (ImpossibleDependency once none is left)."""
+    def deco(g):
+        return _Depends(g, f, args, kwargs)
+    return deco
+
+
+class _Depends:
+    def __init__(self, g, f, args, kwargs):
+        self.func, self.cond = g, (f, args, kwargs)
+        functools.update_wrapper(self, g, updated=())  # not g.__dict__: it would overwrite ours
+
+    def __call__(self, *args, **kwargs):
+        f, fargs, fkwargs = self.cond
+        if not f(*fargs, **fkwargs):
+            raise UnmetDependency(f"{getattr(f, '__name__', f)} does not hold on this engine")
+        return self.func(*args, **kwargs)
+
+
+class TaskResult(AsyncResult):
+    """A load-balanced task's result: the client holds the task until its
+    dependencies are met, then sends it (again, on another engine, for a
+    retry or an unmet @depend)."""
+
+    def __init__(self, view, f, args, kwargs, after=None, follow=None, timeout=None, retries=0):
+        client = view.client
+        super().__init__(client, next(client._lane_ids), [], "apply")
+        self._single = True
+        self._fname = getattr(f, "__name__", "apply")
+        self._view, self._call = view, (f, args, kwargs)
+        self._after, self._follow = _as_dependency(after), _as_dependency(follow)
+        self._deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        self._timeout = timeout
+        self._retries = retries
+        self._tried = set()  # engines where its @depend did not hold
+        self._failed_on = set()  # engines where an attempt failed
+        self._final = False
+        self._attempt = None
+        client._by_id[self.msg_id] = self
+        client.history.append(self.msg_id)
+
+    def _done(self):
+        return self._final
+
+    def _end(self, engine, ok, value, meta=None):
+        if self._final:
+            return
+        self._targets = [engine]
+        self._results = {engine: (ok, value)}
+        if meta:
+            self._meta = {engine: meta}
+        self._final = True
+        self._finished()
+
+    def _fail_here(self, exc):
+        self._end(None, False, exc, {"engine_id": None, "status": "error", "received": time.time(),
+                                     "ename": type(exc).__name__, "evalue": str(exc)})
+
+    def _has_work(self):
+        """Not yet sent, or being retried: the client's thread keeps at it."""
+        return not self._final and self._attempt is None
+
+    def _tick(self):
+        """Sends the task if it may run now; ends it if it never can."""
+        if self._final or self._attempt is not None:
+            return
+        client = self._client
+        for dep in (self._after, self._follow):
+            state = dep.state(client) if dep else True
+            if state is False:
+                return self._fail_here(ImpossibleDependency(
+                    f"task {self.msg_id}: a task it depends on ended the wrong way"))
+            if state is None:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    return self._fail_here(TaskTimeout(
+                        f"task {self.msg_id}: its dependencies were not met within {self._timeout} s"))
+                return
+        engines = set(self._view._engines()) - self._tried
+        if self._follow:
+            where = self._follow.engines(client)
+            engines &= where if where is not None else set()
+        if not engines:
+            return self._fail_here(ImpossibleDependency(
+                f"task {self.msg_id}: no engine can run it (tried {sorted(self._tried)})"))
+        fresh = engines - self._failed_on  # a retry goes elsewhere if it can
+        load = client._lb_load
+        engine = min(fresh or engines, key=lambda e: load.get(e, 0))
+        f, args, kwargs = self._call
+        self._attempt = self._view._apply_on(engine, f, args, kwargs)
+        self._attempt.add_done_callback(lambda ar, e=engine: self._attempt_done(e, ar))
+
+    def _attempt_done(self, engine, ar):
+        self._attempt = None
+        ok, value = ar._results[engine]
+        meta = ar._meta.get(engine)
+        if not ok and getattr(value, "ename", None) == "UnmetDependency":
+            self._tried.add(engine)
+        elif not ok and self._retries > 0 and getattr(value, "ename", None) != "TaskAborted":
+            self._retries -= 1
+            self._failed_on.add(engine)
+        else:
+            return self._end(engine, ok, value, meta)
+        self._tick()
+        if self._has_work():
+            self._client._drive(self)
+
+    def _abort(self):
+        """Aborts the task if it has not started: True if it had not."""
+        if self._final:
+            return False
+        if self._attempt is None:
+            self._fail_here(TaskAborted(f"task {self.msg_id} was aborted before it started"))
+            return True
+        return self._client._abort_sent(self._attempt)
