@@ -245,6 +245,11 @@ def _when(t):
     return datetime.datetime.fromtimestamp(t) if t else None
 
 
+def _flat(parts):
+    """Joins lists of items into one list (a map's parts)."""
+    return [x for p in parts for x in p]
+
+
 class AsyncMapResult(AsyncResult):
     """The result of a map, scatter or gather: ``get`` joins the engines'
     parts into one sequence (``join``, applied to their values in target
@@ -258,7 +263,18 @@ class AsyncMapResult(AsyncResult):
         return self._joiner(values)
 
     def __iter__(self):
-        yield from self.get()
-
-    def __len__(self):
-        return len(self.get())
+        """The joined items, each engine's part as soon as it has arrived (in
+        target order), when the parts are lists (map); else once all have."""
+        if self._joiner is not _flat:
+            yield from self.get()
+            return
+        for e in self._targets:
+            while e not in self._results:
+                self._client._receive(0.1)
+            ok, value = self._results[e]
+            if ok:
+                yield from value
+            elif self._return_exceptions:
+                yield from [value] * self._part_lens.get(e, 1)
+            else:
+                raise value

@@ -53,6 +53,40 @@ def display_outputs(ar, groupby="type"):
         _print_result(ar, e)
 
 
+def stream_outputs(ar):
+    """Prints the engines' stdout and stderr while ar runs, as it arrives
+    (each piece under its engine's "[stdout:0] " line, repeated when the
+    engine changes), then the cell values once all have finished."""
+    shown = {}
+    state = {"prefix": None, "newline": True}
+
+    def emit(name, engine, text, file):
+        prefix = f"[{name}:{engine}] "
+        if state["prefix"] != prefix:
+            if not state["newline"]:
+                print(file=file)
+            print(prefix, file=file)
+            state["prefix"] = prefix
+        print(text, end="", file=file, flush=True)
+        state["newline"] = text.endswith("\n")
+
+    def catch_up():
+        for e in ar._targets:
+            for name, store, file in (("stdout", ar.stdout, sys.stdout), ("stderr", ar.stderr, sys.stderr)):
+                text = store.get(e, "")
+                if len(text) > shown.get((name, e), 0):
+                    emit(name, e, text[shown.get((name, e), 0):], file)
+                    shown[(name, e)] = len(text)
+
+    while not ar.wait(0.05):
+        catch_up()
+    catch_up()
+    if not state["newline"]:
+        print()
+    for e in ar._targets:
+        _print_result(ar, e)
+
+
 def _magics_class():
     # IPython is only needed once magics are asked for.
     from IPython.core import magic_arguments
@@ -71,6 +105,10 @@ def _magics_class():
         return f
 
     def exec_args(f):
+        f = magic_arguments.argument("--stream", dest="stream", action="store_const", const=True,
+                                     help="print the engines' output as it arrives (when blocking)")(f)
+        f = magic_arguments.argument("--no-stream", dest="stream", action="store_const", const=False,
+                                     help="print it once the cell has finished everywhere (the default)")(f)
         f = magic_arguments.argument("--verbose", dest="set_verbose", action="store_const", const=True,
                                      help="say which engines run the code")(f)
         f = magic_arguments.argument("--no-verbose", dest="set_verbose", action="store_const", const=False,
@@ -92,6 +130,7 @@ def _magics_class():
             self._connect = connect  # makes the view on first use (%load_ext shoal)
             self.last_result = None
             self.verbose = False
+            self.stream = False
             self._autopx = False
             super().__init__(shell)
             # The magics' names carry the suffix: %px_even for activate("_even").
@@ -125,6 +164,8 @@ def _magics_class():
                 self.view.block = args.block
             if args.set_verbose is not None:
                 self.verbose = args.set_verbose
+            if args.stream is not None:
+                self.stream = args.stream
 
         @magic_arguments.magic_arguments()
         @output_args
@@ -162,7 +203,8 @@ def _magics_class():
                     return None
                 return ar
             return self.parallel_execute(cell, block=args.block, groupby=args.groupby, targets=args.targets,
-                                         verbose=verbose, save_name=args.save_name)
+                                         verbose=verbose, save_name=args.save_name,
+                                         stream=self.stream if args.stream is None else args.stream)
 
         def px(self, line="", cell=None):
             """%px CODE runs CODE on the engines; %%px [options] runs the cell."""
@@ -171,7 +213,7 @@ def _magics_class():
             return self.parallel_execute(line)
 
         def parallel_execute(self, cell, block=None, groupby="type", targets=None, verbose=False,
-                             save_name=None):
+                             save_name=None, stream=None):
             view = self.view
             block = view.block if block is None else block
             saved = view.targets
@@ -189,6 +231,10 @@ def _magics_class():
                 self.shell.user_ns[save_name] = ar
             if not block:
                 return ar
+            if self.stream if stream is None else stream:
+                stream_outputs(ar)
+                ar.get()
+                return None
             try:
                 ar.get()
             finally:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from . import _core, serialize
-from .asyncresult import AsyncMapResult
+from .asyncresult import AsyncMapResult, AsyncResult, _flat
 from .error import TaskAborted, TimeoutError
 
 
@@ -278,8 +278,7 @@ def _join(parts, dist):
     return parts
 
 
-def _flatten(parts):
-    return [x for p in parts for x in p]
+_flatten = _flat  # a map's parts joined; AsyncMapResult yields them as they arrive
 
 
 def _map_chunk(f, *chunks):
@@ -451,6 +450,8 @@ class LoadBalancedMapResult:
         self._finish_order = []
         self._inflight = {}  # engine id -> chunks of this map it has
         self._attempts = {}  # chunk index -> its AsyncResult while it runs
+        self._meta = {}  # chunk index -> its task's metadata
+        self._submitted = time.time()
 
     def __repr__(self):
         return f"<AsyncMapResult: {'finished' if self._done() else self._fname}>"
@@ -500,12 +501,53 @@ class LoadBalancedMapResult:
     def _chunk_done(self, i, engine, ar):
         self._attempts.pop(i, None)
         self._results[i] = ar._results[engine]
+        self._meta[i] = ar.metadata
         self._finish_order.append(i)
         self._inflight[engine] -= 1
         self._fill()
 
     def _has_work(self):
         return self._next < len(self._chunks)
+
+    @property
+    def progress(self):
+        """How many of its tasks have finished."""
+        self.ready()
+        return len(self._results)
+
+    @property
+    def elapsed(self):
+        """Seconds since the map was submitted (until the last answer, once done)."""
+        if not self.ready():
+            return time.time() - self._submitted
+        return self.wall_time
+
+    @property
+    def metadata(self):
+        """Each finished task's metadata, in chunk order."""
+        return [self._meta[i] for i in sorted(self._meta)]
+
+    @property
+    def wall_time(self):
+        if not self.ready():
+            raise AssertionError(f"the result of {self._fname} is not ready yet")
+        received = [m["received"].timestamp() for m in self._meta.values() if m.get("received")]
+        return max(received, default=self._submitted) - self._submitted
+
+    @property
+    def serial_time(self):
+        if not self.ready():
+            raise AssertionError(f"the result of {self._fname} is not ready yet")
+        return sum((m["completed"] - m["started"]).total_seconds() for m in self._meta.values()
+                   if m.get("completed") and m.get("started"))
+
+    def wait_interactive(self, interval=0.1, timeout=-1, file=None):
+        """Waits, drawing a progress bar of the tasks that have finished."""
+        return AsyncResult.wait_interactive(self, interval, timeout, file)
+
+    @property
+    def _targets(self):  # for wait_interactive: one "target" per task
+        return self._chunks
 
     def _done(self):
         return len(self._results) >= len(self._chunks)

@@ -169,3 +169,47 @@ def test_the_walkthrough_runs_cell_by_cell(tmp_path):
     assert "Out[15]: 'ID:3'" in out
     assert "1000\n['ID:0', 'ID:3', 'ID:6', 'ID:9', 'ID:12', 'ID:15', 'ID:18', 'ID:21', 'ID:24', 'ID:27']" in out
     assert "Out[22]: <LoadBalancedView None>" in out
+
+
+def test_px_stream_prints_output_as_it_arrives(ip, rc, capsys, tmp_path):
+    import threading
+    import time
+    go = tmp_path / "go"
+    seen = []
+
+    def watch():  # waits for "early" to be printed while the cell still runs, then lets it finish
+        text, deadline = "", time.monotonic() + 30
+        while "early" not in text and time.monotonic() < deadline:
+            text += capsys.readouterr().out
+            time.sleep(0.01)
+        seen.append(text)
+        go.touch()
+    t = threading.Thread(target=watch)
+    t.start()
+    _, out, _ = run(ip, capsys, "%%px --stream --targets 0\nimport os, time\nprint('early', flush=True)\n"
+                                f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\nprint('late')\n5")
+    t.join()
+    assert seen == ["[stdout:0] \nearly\n"], "printed while the engine was still running"
+    assert re.fullmatch(r"late\nOut\[0:\d+\]: 5\n", out), out
+
+
+def test_map_results_arrive_in_order_as_they_come(rc, tmp_path):
+    dv = rc[:]
+    go = str(tmp_path / "go")
+    first = 6 // len(dv)  # the items of engine 0's part
+
+    def held(x, go=go, first=first):  # every engine but the first waits until told
+        import os
+        import time
+        while x >= first and not os.path.exists(go):
+            time.sleep(0.01)
+        return x
+
+    ar = dv.map_async(held, range(6))
+    assert next(iter(ar)) == 0, "engine 0's part, while the others still run"
+    assert not ar.ready()
+    open(go, "w").close()
+    assert list(ar) == list(range(6))
+    lb = rc.load_balanced_view().map_async(lambda x: x * 2, range(8), chunksize=3)
+    assert lb.get(10) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert lb.progress == 3 and len(lb.metadata) == 3 and lb.serial_time >= 0 and lb.wall_time >= 0
