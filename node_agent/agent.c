@@ -934,7 +934,7 @@ static void engine_gone(struct agent *a, struct engine *e, const char *why)
     close_engine_lanes(a, e); /* its clients fail what they sent it */
     e->nbacklog = 0; /* its tasks are also in e->out: they fail below */
     while (e->nout) {
-        send_engine_error(a, e, e->out[e->nout - 1].task_id, "died");
+        send_engine_error(a, e, e->out[e->nout - 1].task_id, why);
         blk_unuse(a, e->out[e->nout - 1].blk);
         e->nout--;
     }
@@ -963,7 +963,13 @@ static void on_engine_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
     (void)events;
     struct engine *e = arg;
     struct agent *a = e->agent;
-    engine_gone(a, e, "died");
+    /* Status 0: it stopped as asked (a client's shutdown of it), which no
+     * restart undoes. */
+    int st = 0;
+    int asked = waitpid(e->pid, &st, WNOHANG) == e->pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    engine_gone(a, e, asked ? "was stopped" : "died");
+    if (asked)
+        return;
     /* An engine that dies within seconds of starting, five times in a row,
      * is not restarted again: something is wrong with how it starts. */
     e->quick_deaths = now_ns() - e->started_ns < 5000000000ll ? e->quick_deaths + 1 : 0;
@@ -1131,7 +1137,7 @@ static void stop_engines(struct agent *a)
             kill(e->pid, SIGKILL);
             waitpid(e->pid, NULL, 0);
         }
-        engine_gone(a, e, "stopped");
+        engine_gone(a, e, "was stopped");
     }
 }
 

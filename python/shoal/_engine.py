@@ -153,6 +153,7 @@ class Engine:
         self.sink = self.agent  # where the running task's output goes
         self.spin = float(os.environ.get("SHOAL_ENGINE_SPIN", "5e-5"))
         self.execution_count = 0  # execute tasks run, as IPython numbers cells
+        self.stopping = False  # a shutdown task asked it to exit
         self.outputs = []  # output blocks of the running task
         main = sys.modules["__main__"]
         self.ns = main.__dict__
@@ -181,8 +182,33 @@ class Engine:
                     self.run_task(task_id, (off, length, gen), self.agent)
                 elif kind == KIND_LANE:
                     self.open_lane((off, length, gen))
+                if self.stopping:
+                    return self.finish()
             for sink in list(self.lanes):
                 self.serve_lane(sink)
+                if self.stopping:
+                    return self.finish()
+
+    def finish(self, timeout=5.0):
+        """Exits after a shutdown task: first waits (a while) for the replies
+        it sent to be taken, which would go with it otherwise; tasks sent
+        after the shutdown are not run (their senders hear that it stopped)."""
+        deadline = time.monotonic() + timeout
+        sinks = [self.agent] + self.lanes
+        while any(s.replies for s in sinks) and time.monotonic() < deadline:
+            rings = [self.sq] + [s.lane.sq for s in self.lanes]
+            self.bell.wait(rings, timeout=0.05, spin=0)
+            for sink, ring in zip(sinks, rings):
+                try:
+                    slots = ring.pop(64)
+                except OSError:
+                    sink.replies.clear()  # closed: nobody will take them
+                    continue
+                for i in range(0, len(slots), SLOT.size):
+                    _, kind, _, off, _, _, _ = SLOT.unpack_from(slots, i)
+                    if kind == KIND_RELEASE:
+                        sink.replies.pop(off, None)
+        return 0
 
     def open_lane(self, handle):
         try:
@@ -204,6 +230,8 @@ class Engine:
                 sink.replies.pop(off, None)
             elif kind == KIND_TASK and not lane.cq.closed:  # nobody would take the reply
                 self.run_task(task_id, (off, length, gen), sink)
+                if self.stopping:
+                    return
 
     def send_output(self, name, text):
         """Sends a piece of a running task's stdout or stderr to its client
@@ -281,6 +309,9 @@ class Engine:
             return f(*fargs, **fkwargs)
         if kind == "push":
             self.ns.update(args)
+            return None
+        if kind == "shutdown":
+            self.stopping = True  # once this reply is sent
             return None
         if kind == "clear":
             keep = {k: self.ns[k] for k in ("__name__", "__builtins__", "__doc__") if k in self.ns}

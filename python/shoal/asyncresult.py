@@ -73,6 +73,7 @@ class AsyncResult:
 
     def _finished(self):
         self._keep.clear()
+        self._blocks.clear()
         self._client._record(self)
         if self._callbacks:
             # Run by the client once it has taken what arrived, never in the

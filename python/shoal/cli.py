@@ -85,7 +85,7 @@ def start(args):
         while len(rc.ids) < args.n:
             if agent.poll() is not None or time.monotonic() > deadline:
                 print(f"shoal: only {len(rc.ids)} of {args.n} engines started (see {log.name})", file=sys.stderr)
-                rc.shutdown()
+                rc.shutdown(hub=True)
                 return 1
             time.sleep(0.05)
             rc.refresh()
@@ -128,7 +128,7 @@ def stop(args):
         with Client(profile=args.profile, timeout=5) as rc:
             reg = rc._control(_core.MSG_REGISTER)
             pids += [n["pid"] for n in reg["nodes"] if n["alive"]] + [e["pid"] for e in reg["engines"] if e["alive"]]
-            rc.shutdown()
+            rc.shutdown(hub=True)
     except Exception as e:  # the controller may be wedged: fall back to a signal
         print(f"shoal: the controller did not answer ({e}); sending SIGTERM", file=sys.stderr)
         if _alive(ctl_pid):

@@ -21,6 +21,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 
 from . import _core, serialize
 from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, SLOT, Lane, pack_frames,
@@ -82,9 +83,11 @@ class Client:
         self._driven = []  # load-balanced maps with tasks still to hand out
         self._driver = None  # the thread that hands them out while nobody waits
         self.history = []  # msg_ids of the tasks sent, in order
-        self.results = {}  # msg_id -> result (or exception) of each finished task, until purge_results
-        self.metadata = {}  # msg_id -> its metadata
-        self._by_id = {}  # msg_id -> AsyncResult
+        self.metadata = {}  # msg_id -> metadata of each finished task, until purge_results
+        # msg_id -> AsyncResult, while the user keeps it: a result whose
+        # AsyncResult is gone is not kept (its arrays would pin the arena).
+        self._by_id = weakref.WeakValueDictionary()
+        self._ended = {}  # msg_id -> (succeeded, engines) of each finished task, for dependencies
         self._last_submit = 0.0
         registry = self._control(_core.MSG_REGISTER, timeout=timeout)
         self._engines = registry["engines"]
@@ -494,7 +497,9 @@ class Client:
             jobs = self._outstanding()
         elif isinstance(jobs, (AsyncResult, int)):
             jobs = [jobs]
-        jobs = [self._by_id[j] if isinstance(j, int) and j in self._by_id else j for j in jobs]
+        # A msg_id whose AsyncResult is gone has finished (the client holds unfinished ones).
+        jobs = [self._by_id.get(j) if isinstance(j, int) else j for j in jobs]
+        jobs = [j for j in jobs if j is not None]
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         for ar in jobs:
             if not ar.wait(None if deadline is None else max(deadline - time.monotonic(), 0)):
@@ -549,29 +554,39 @@ class Client:
     # ---- what ran: ipyparallel's history ------------------------------------------
 
     def _record(self, ar):
-        """Keeps a finished result, as ipyparallel's Client.results does."""
+        """Notes how a task ended (for metadata and dependencies)."""
         if ar.msg_id is None:
             return
-        # Each engine's value (or error), in target order: not joined, which
-        # for a gather would be a copy of everything.
-        values = [ar._results[e][1] for e in ar._targets]
-        self.results[ar.msg_id] = values[0] if ar._single else values
         self.metadata[ar.msg_id] = ar.metadata
+        self._ended[ar.msg_id] = (all(ok for ok, _ in ar._results.values()), set(ar._results))
+
+    @property
+    def results(self):
+        """msg_id -> each engine's value (or error), in target order, of the
+        finished tasks whose AsyncResults are still held (ipyparallel keeps
+        every result until purged; shoal lets one go with its AsyncResult,
+        since its arrays may hold arena memory)."""
+        out = {}
+        for mid, ar in list(self._by_id.items()):
+            if ar._done() and mid in self.metadata:
+                values = [ar._results[e][1] for e in ar._targets]  # not joined: a gather's would be a copy
+                out[mid] = values[0] if ar._single else values
+        return out
 
     def purge_results(self, jobs=(), targets=()):
         """Forgets finished results (which hold their arrays): those of jobs
         (AsyncResults or msg_ids, or "all"), and those of tasks on targets."""
         if jobs == "all":
-            ids = list(self.results)
+            ids = list(self.metadata)
         else:
             jobs = [jobs] if isinstance(jobs, (AsyncResult, int)) else list(jobs)
             ids = [j.msg_id if isinstance(j, AsyncResult) else j for j in jobs]
         targets = {targets} if isinstance(targets, int) else set(targets)
         if targets:
-            ids += [m for m, ar in self._by_id.items() if targets & set(ar._targets)]
+            ids += [m for m, (_, engines) in self._ended.items() if targets & engines]
         for m in ids:
-            self.results.pop(m, None)
             self.metadata.pop(m, None)
+            self._ended.pop(m, None)
             self._by_id.pop(m, None)
 
     def executor(self, targets=None):
@@ -579,9 +594,20 @@ class Client:
         from .futures import ViewExecutor
         return ViewExecutor(self.load_balanced_view(targets))
 
-    def shutdown(self, hub=True):
-        """Stops the cluster: the controller tells every agent, which stop their engines."""
-        self._control(_core.MSG_SHUTDOWN)
+    def shutdown(self, targets="all", restart=False, hub=False, block=None):
+        """Stops engines, as ipyparallel's shutdown does: targets ("all", an
+        id or a list) each finish what they were given before, then exit
+        (and are not restarted). hub=True stops the whole cluster: the
+        controller, every agent and every engine."""
+        if restart:
+            raise NotImplementedError("engines are not restarted on request (nor in ipyparallel); "
+                                      "shoal start --restart-engines restarts those that die")
+        if hub:
+            self._control(_core.MSG_SHUTDOWN)
+            return None
+        ar = self.direct_view(targets)._run({"kind": "shutdown"}, None, block=False)
+        ar._fname = "shutdown"
+        return ar.get() if block else ar
 
     def close(self):
         # Under the lock: the load balancer's thread may be receiving.

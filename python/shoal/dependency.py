@@ -32,12 +32,12 @@ class Dependency(set):
             return True
         met = unmet = 0
         for mid in self:
-            ar = client._by_id.get(mid)
-            if ar is None:
+            if mid in client._ended:
+                ok = client._ended[mid][0]
+            elif mid in client._by_id:
+                continue  # still running
+            else:
                 raise ValueError(f"this client sent no task with msg_id {mid}")
-            if not ar._done():
-                continue
-            ok = ar.successful()
             if (ok and self.success) or (not ok and self.failure):
                 met += 1
             else:
@@ -48,7 +48,7 @@ class Dependency(set):
 
     def engines(self, client):
         """Where the tasks ran: every one (all) or any one of them."""
-        sets = [set(client._by_id[mid]._results) for mid in self if mid in client._by_id]
+        sets = [client._ended[mid][1] for mid in self if mid in client._ended]
         if not sets:
             return None
         return set.intersection(*sets) if self.all else set.union(*sets)

@@ -215,3 +215,30 @@ def test_a_restarted_engine_gets_a_lane_of_its_own(tmp_path):
         c.close()
         agent.stop()
         ctl.stop()
+
+
+@pytest.mark.parametrize("lanes", [True, False])
+def test_shutdown_of_some_engines(tmp_path, lanes):
+    ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+    agent = Agent(ctl, tmp_path / "run", engines=3, extra=["--restart-engines"])
+    c = shoal.Client(url_file=str(ctl.conn), timeout=10, lanes=lanes)
+    try:
+        ids = c.ids
+        pids = c[:].apply_sync(os.getpid)
+        first = c[ids[0]].apply_async(time.sleep, 0.3)
+        ar = c.shutdown(targets=ids[:2], block=False)
+        assert ar.get(10) == [None, None] and first.get(10) is None, "they finish what they were given"
+        assert wait_for(lambda: c.refresh() or c.ids == ids[2:]), c.ids
+        time.sleep(0.5)
+        c.refresh()
+        assert c.ids == ids[2:], "engines stopped on request are not restarted"
+        for pid in pids[:2]:
+            assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z")
+        assert c[ids[2]].apply_sync(abs, -1) == 1
+        with pytest.raises(NotImplementedError):
+            c.shutdown(restart=True)
+    finally:
+        c.close()
+        agent.stop()
+        ctl.stop()

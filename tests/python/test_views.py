@@ -305,6 +305,14 @@ def test_history_results_and_purge(rc):
     assert one.msg_id not in rc.results
     rc.purge_results("all")
     assert rc.results == {} and rc.metadata == {}
+    again = rc[1].apply_async(lambda: "kept")
+    again.get(10)
+    mid = again.msg_id
+    assert rc.results[mid] == "kept"
+    del again
+    import gc
+    gc.collect()
+    assert mid not in rc.results and mid in rc.metadata, "a result goes with its AsyncResult; metadata stays"
 
 
 def test_wait_for_engines(rc):
