@@ -361,8 +361,11 @@ class Client:
             # Every ring first, then the doorbells: an engine woken early
             # would otherwise take the core from the pushes that follow.
             for lane in woken:
+                self._lane_flush(lane)  # what waited for room in its ring goes first
                 lane.sq.wake()
-            if woken:
+            # Results are taken when waited for (or by ready()), not here: an
+            # AsyncResult reads as pending until the caller looks.
+            if any(lane.cq.closed for lane in woken):
                 self._drain_lanes()  # a closed lane fails its part now
             self._last_submit = time.monotonic()
             self.history.append(ar.msg_id)
