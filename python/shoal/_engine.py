@@ -178,12 +178,14 @@ class Engine:
                     return 0
                 if kind == KIND_RELEASE:
                     self.agent.replies.pop(off, None)
+                elif self.stopping:
+                    continue  # after a shutdown: only the releases of what it sent
                 elif kind == KIND_TASK:
                     self.run_task(task_id, (off, length, gen), self.agent)
                 elif kind == KIND_LANE:
                     self.open_lane((off, length, gen))
-                if self.stopping:
-                    return self.finish()
+            if self.stopping:
+                return self.finish()
             for sink in list(self.lanes):
                 self.serve_lane(sink)
                 if self.stopping:
@@ -228,10 +230,8 @@ class Engine:
             task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
             if kind == KIND_RELEASE:
                 sink.replies.pop(off, None)
-            elif kind == KIND_TASK and not lane.cq.closed:  # nobody would take the reply
+            elif kind == KIND_TASK and not lane.cq.closed and not self.stopping:  # nobody would take the reply
                 self.run_task(task_id, (off, length, gen), sink)
-                if self.stopping:
-                    return
 
     def send_output(self, name, text):
         """Sends a piece of a running task's stdout or stderr to its client

@@ -541,10 +541,6 @@ class LoadBalancedMapResult:
         return sum((m["completed"] - m["started"]).total_seconds() for m in self._meta.values()
                    if m.get("completed") and m.get("started"))
 
-    def wait_interactive(self, interval=0.1, timeout=-1, file=None):
-        """Waits, drawing a progress bar of the tasks that have finished."""
-        return AsyncResult.wait_interactive(self, interval, timeout, file)
-
     @property
     def _targets(self):  # for wait_interactive: one "target" per task
         return self._chunks
@@ -552,24 +548,11 @@ class LoadBalancedMapResult:
     def _done(self):
         return len(self._results) >= len(self._chunks)
 
-    def ready(self):
-        while not self._done() and self._client._receive(0):
-            pass
-        return self._done()
-
-    def wait(self, timeout=-1):
-        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        while not self._done():
-            left = 3600 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._client._receive(min(left, 3600))
-        return True
-
-    def successful(self):
-        if not self.ready():
-            raise AssertionError("the result is not ready yet")
-        return all(ok for ok, _ in self._results.values())
+    # As an AsyncResult's, over this map's tasks.
+    ready = AsyncResult.ready
+    wait = AsyncResult.wait
+    successful = AsyncResult.successful
+    wait_interactive = AsyncResult.wait_interactive
 
     def get(self, timeout=-1):
         if not self.wait(timeout):

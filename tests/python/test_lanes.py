@@ -228,7 +228,7 @@ def test_shutdown_of_some_engines(tmp_path, lanes):
         first = c[ids[0]].apply_async(time.sleep, 0.3)
         ar = c.shutdown(targets=ids[:2], block=False)
         assert ar.get(10) == [None, None] and first.get(10) is None, "they finish what they were given"
-        assert wait_for(lambda: c.refresh() or c.ids == ids[2:]), c.ids
+        assert wait_for(lambda: c.refresh() or c.ids == ids[2:], 20), c.ids
         time.sleep(0.5)
         c.refresh()
         assert c.ids == ids[2:], "engines stopped on request are not restarted"
