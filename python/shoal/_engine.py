@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 
-from . import serialize
+from . import _display, serialize
 from ._core import RING_BELL_OFFSET, Arena, Doorbell, Ring
 from ._msgblock import (ABORTED, KIND_LANE, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_SHUTDOWN, KIND_TASK, SLOT,
                         Lane, block_flags, pack_frames, unpack_frames)
@@ -249,6 +249,8 @@ class Engine:
         self.task_id, self.sink = task_id, sink
         out, err = _Stream(self, "stdout"), _Stream(self, "stderr")
         meta = {"status": "ok", "engine_id": self.id, "started": time.time()}
+        outputs = []
+        _display.collect(outputs)  # what display() shows during the task
         value_payload, value_frames, keep = b"", [], []
         try:
             msg = self.arena.acquire_bytes(handle, 0, handle[1])
@@ -282,7 +284,10 @@ class Engine:
             # Drop the engine's own frames: the user's code starts at the cell or the function.
             tb = [line for line in tb if "shoal/_engine.py" not in line]
             meta.update(status="error", ename=type(e).__name__, evalue=str(e), traceback=tb)
+        _display.collect(None)
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
+        if outputs:
+            meta["outputs"] = outputs
         meta["completed"] = time.time()
         block = pack_frames(self.arena, [json.dumps(meta).encode(), value_payload], value_frames)
         sink.replies[block.handle[0]] = (block, self.outputs, keep)
@@ -346,6 +351,7 @@ def main():
     p.add_argument("--agent-socket", required=True)
     p.add_argument("--index", type=int, required=True)
     args = p.parse_args(sys.argv[1:])
+    _display.install()
     try:
         engine = Engine(args.agent_socket, args.index)
     except (OSError, ValueError) as e:

@@ -170,7 +170,8 @@ class AsyncResult:
               "started": _when(m.get("started")), "completed": _when(m.get("completed")),
               "received": _when(m.get("received")), "status": m.get("status"),
               "execution_count": m.get("execution_count"), "execute_result": m.get("execute_result"),
-              "stdout": self.stdout.get(engine, ""), "stderr": self.stderr.get(engine, "")}
+              "stdout": self.stdout.get(engine, ""), "stderr": self.stderr.get(engine, ""),
+              "outputs": m.get("outputs", [])}
         if m.get("status") == "error":
             md.update(ename=m.get("ename"), evalue=m.get("evalue"))
         return md
@@ -183,6 +184,14 @@ class AsyncResult:
         execution_count and execute_result (execute), stdout, stderr."""
         mds = [self._metadata_of(e) for e in self._targets]
         return mds[0] if self._single else mds
+
+    @property
+    def outputs(self):
+        """What display() showed on each engine during the task: a list of
+        {"data": {mime type: content}, "metadata": {...}} (a list of such
+        lists, in target order, for several engines)."""
+        outs = [self._meta.get(e, {}).get("outputs", []) for e in self._targets]
+        return outs[0] if self._single else outs
 
     @property
     def progress(self):

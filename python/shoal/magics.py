@@ -21,6 +21,27 @@ def _print_stream(ar, name, engine, text, file):
     print(prefix + text, end="" if text.endswith("\n") else "\n", file=file)
 
 
+def _print_outputs(ar, engine):
+    """What display() showed on the engine, under "[output:0]": shown
+    richly in IPython, as text elsewhere."""
+    outputs = ar._meta.get(engine, {}).get("outputs", [])
+    if not outputs:
+        return
+    print(f"[output:{engine}]")
+    publish = None
+    try:
+        from IPython import get_ipython
+        if get_ipython() is not None:
+            from IPython.display import publish_display_data as publish
+    except ImportError:
+        pass
+    for out in outputs:
+        if publish is not None:
+            publish(data=out["data"], metadata=out.get("metadata") or {})
+        else:
+            print(out["data"].get("text/plain", ""))
+
+
 def _print_result(ar, engine):
     md = ar._meta.get(engine, {})
     result = md.get("execute_result")
@@ -33,9 +54,9 @@ def _print_result(ar, engine):
 
 
 def display_outputs(ar, groupby="type"):
-    """Prints what a finished (or failed) execute printed and returned, per
-    engine: grouped by type (all stdout, all stderr, then the values), by
-    engine, or in order (as by type: shoal engines publish no rich output)."""
+    """Prints what a finished (or failed) execute printed, displayed and
+    returned, per engine: grouped by type (all stdout, all stderr, all
+    display outputs, then the values), by engine, or in order (as by type)."""
     if groupby not in GROUPBY:
         raise ValueError(f"groupby must be one of {', '.join(map(repr, GROUPBY))}, not {groupby!r}")
     engines = [e for e in ar._targets if e in ar._meta]
@@ -43,12 +64,15 @@ def display_outputs(ar, groupby="type"):
         for e in engines:
             _print_stream(ar, "stdout", e, ar.stdout.get(e, ""), sys.stdout)
             _print_stream(ar, "stderr", e, ar.stderr.get(e, ""), sys.stderr)
+            _print_outputs(ar, e)
             _print_result(ar, e)
         return
     for e in engines:
         _print_stream(ar, "stdout", e, ar.stdout.get(e, ""), sys.stdout)
     for e in engines:
         _print_stream(ar, "stderr", e, ar.stderr.get(e, ""), sys.stderr)
+    for e in engines:
+        _print_outputs(ar, e)
     for e in engines:
         _print_result(ar, e)
 

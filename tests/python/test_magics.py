@@ -213,3 +213,19 @@ def test_map_results_arrive_in_order_as_they_come(rc, tmp_path):
     lb = rc.load_balanced_view().map_async(lambda x: x * 2, range(8), chunksize=3)
     assert lb.get(10) == [0, 2, 4, 6, 8, 10, 12, 14]
     assert lb.progress == 3 and len(lb.metadata) == 3 and lb.serial_time >= 0 and lb.wall_time >= 0
+
+
+def test_display_outputs_of_the_engines(ip, rc, capsys):
+    _, out, _ = run(ip, capsys, "%%px -o shown\nfrom IPython.display import display, HTML\n"
+                                "display(HTML('<b>bold</b>'))\ndisplay({'k': 1})\n3")
+    ar = ip.user_ns["shown"]
+    assert len(ar.outputs) == 2
+    for outputs in ar.outputs:
+        assert [o["data"].get("text/html") for o in outputs] == ["<b>bold</b>", None]
+        assert outputs[1]["data"]["text/plain"] == "{'k': 1}"
+    assert out.startswith("[output:0]\n") and "[output:1]\n" in out and "{'k': 1}" in out
+    assert re.search(r"Out\[1:\d+\]: 3\n$", out), out
+    assert ar.metadata[0]["outputs"] == ar.outputs[0]
+    one = rc[0].execute("display('again')", silent=False)
+    one.get(10)
+    assert one.outputs == [{"data": {"text/plain": "'again'"}, "metadata": {}}], "one engine: its list"
