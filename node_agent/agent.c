@@ -96,8 +96,10 @@ struct lane_header {
     uint64_t client_bell[3]; /* block of the client's doorbell (at its start) */
     uint64_t engine_bell[3]; /* block of the engine's rings (its doorbell at SHOAL_RING_BELL_OFFSET) */
     int32_t engine_pid;
-    uint8_t pad[LANE_HDR - 68];
+    uint32_t closed; /* why we closed it: LANE_OPEN until then */
+    uint8_t pad[LANE_HDR - 72];
 };
+enum { LANE_OPEN = 0, LANE_ENGINE_DIED = 1, LANE_ENGINE_STOPPED = 2, LANE_CLIENT_GONE = 3 };
 _Static_assert(sizeof(struct lane_header) == LANE_HDR, "docs/engine.md");
 
 struct lane {
@@ -399,6 +401,10 @@ static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
                 engine_hello(a, i, j);
             else if (cJSON_GetObjectItemCaseSensitive(j, "lane"))
                 lane_open(a, p, j);
+            else {
+                const char *no = "{\"error\": \"not a request this agent knows\"}\n";
+                (void)send(p->fd, no, strlen(no), MSG_NOSIGNAL);
+            }
             cJSON_Delete(j);
             p->linelen = 0;
         }
@@ -619,27 +625,30 @@ static struct engine *engine_by_id(struct agent *a, uint32_t id)
 
 /* Closes lane i: the engine (woken through its doorbell) drops it, and the
  * client (woken through its own) fails whatever it still waited for there. */
-static void lane_close(struct agent *a, int i)
+static void lane_close(struct agent *a, int i, uint32_t why)
 {
     struct lane *l = &a->lanes[i];
+    struct lane_header *hd;
+    if (shoal_arena_ptr(a->arena, l->h, (void **)&hd) == 0) /* said before the rings close */
+        __atomic_store_n(&hd->closed, why, __ATOMIC_RELEASE);
     shoal_ring_close(&l->sq);
     shoal_ring_close(&l->cq);
     shoal_arena_release(a->arena, l->h);
     a->lanes[i] = a->lanes[--a->nlanes];
 }
 
-static void close_engine_lanes(struct agent *a, const struct engine *e)
+static void close_engine_lanes(struct agent *a, const struct engine *e, uint32_t why)
 {
     for (int i = a->nlanes - 1; i >= 0; i--)
         if (a->lanes[i].engine == e->index)
-            lane_close(a, i);
+            lane_close(a, i, why);
 }
 
 static void close_peer_lanes(struct agent *a, struct peer *p)
 {
     for (int i = a->nlanes - 1; i >= 0; i--)
         if (a->lanes[i].peer == p->serial)
-            lane_close(a, i);
+            lane_close(a, i, LANE_CLIENT_GONE);
     if (p->bell.generation) {
         shoal_arena_release(a->arena, p->bell);
         p->bell.generation = 0;
@@ -931,7 +940,8 @@ static void engine_gone(struct agent *a, struct engine *e, const char *why)
         close(e->doorbell);
         e->doorbell = -1;
     }
-    close_engine_lanes(a, e); /* its clients fail what they sent it */
+    /* Its clients fail what they sent it, saying why. */
+    close_engine_lanes(a, e, strcmp(why, "was stopped") ? LANE_ENGINE_DIED : LANE_ENGINE_STOPPED);
     e->nbacklog = 0; /* its tasks are also in e->out: they fail below */
     while (e->nout) {
         send_engine_error(a, e, e->out[e->nout - 1].task_id, why);

@@ -30,16 +30,14 @@ class _Publisher:
 
 
 def _jsonable(d):
-    """Output data as JSON takes it: str values stay, bytes become text."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, bytes):
-            import base64
-            v = base64.b64encode(v).decode()
-        elif not isinstance(v, (str, int, float, bool, list, dict, type(None))):
-            v = str(v)
-        out[k] = v
-    return out
+    """Output data as JSON takes it, however deep: bytes become base64 text,
+    anything else JSON has no type for becomes its str()."""
+    import base64
+    import json
+
+    def default(v):
+        return base64.b64encode(v).decode() if isinstance(v, bytes) else str(v)
+    return json.loads(json.dumps(d, default=default))
 
 
 def _shell():

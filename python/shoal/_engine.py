@@ -196,15 +196,15 @@ class Engine:
         it sent to be taken, which would go with it otherwise; tasks sent
         after the shutdown are not run (their senders hear that it stopped)."""
         deadline = time.monotonic() + timeout
-        sinks = [self.agent] + self.lanes
-        while any(s.replies for s in sinks) and time.monotonic() < deadline:
-            rings = [self.sq] + [s.lane.sq for s in self.lanes]
-            self.bell.wait(rings, timeout=0.05, spin=0)
-            for sink, ring in zip(sinks, rings):
+        open_ = list(zip([self.agent] + self.lanes, [self.sq] + [s.lane.sq for s in self.lanes]))
+        while any(sink.replies for sink, _ in open_) and time.monotonic() < deadline:
+            self.bell.wait([ring for _, ring in open_], timeout=0.05, spin=0)
+            for sink, ring in list(open_):
                 try:
                     slots = ring.pop(64)
                 except OSError:
                     sink.replies.clear()  # closed: nobody will take them
+                    open_.remove((sink, ring))  # and a closed ring would wake us for ever
                     continue
                 for i in range(0, len(slots), SLOT.size):
                     _, kind, _, off, _, _, _ = SLOT.unpack_from(slots, i)
@@ -238,12 +238,12 @@ class Engine:
         (best effort: the reply carries the whole text anyway)."""
         if len(self.outputs) >= OUTPUT_MAX_PIECES:
             return
-        block = pack_frames(self.arena, [json.dumps({"name": name, "text": text}).encode()])
         try:
+            block = pack_frames(self.arena, [json.dumps({"name": name, "text": text}).encode()])
             if self.sink.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 1:
                 self.outputs.append(block)
-        except BrokenPipeError:
-            pass
+        except Exception:
+            pass  # best effort (no arena memory, its client gone): the reply has it all
 
     def run_task(self, task_id, handle, sink):
         self.task_id, self.sink = task_id, sink
@@ -289,7 +289,18 @@ class Engine:
         if outputs:
             meta["outputs"] = outputs
         meta["completed"] = time.time()
-        block = pack_frames(self.arena, [json.dumps(meta).encode(), value_payload], value_frames)
+        try:
+            block = pack_frames(self.arena, [json.dumps(meta, default=str).encode(), value_payload], value_frames)
+        except Exception as e:  # no arena memory for it, say: a small reply says so
+            failed = {"status": "error", "engine_id": self.id, "ename": type(e).__name__,
+                      "evalue": f"the reply could not be written: {e}", "traceback": [],
+                      "stdout": "", "stderr": "", "started": meta["started"], "completed": meta["completed"]}
+            try:
+                block = pack_frames(self.arena, [json.dumps(failed).encode(), b""])
+            except Exception:
+                print(f"shoal-engine {self.id}: cannot answer task {task_id}: {e}", file=sys.__stderr__)
+                return
+            keep = []
         sink.replies[block.handle[0]] = (block, self.outputs, keep)
         self.outputs = []
         if not sink.push(SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)):

@@ -59,9 +59,11 @@ def unpack_frames(buf):
 
 
 # A lane's header: magic, version, engine id, slots per ring, the client's
-# doorbell block, the engine's rings block, the engine's pid.
+# doorbell block, the engine's rings block, the engine's pid, why the agent
+# closed it.
 LANE_MAGIC = 0x454E414C  # "LANE"
-LANE_HDR = struct.Struct("<IIiI3Q3Qi")
+LANE_HDR = struct.Struct("<IIiI3Q3QiI")
+LANE_OPEN, LANE_ENGINE_DIED, LANE_ENGINE_STOPPED, LANE_CLIENT_GONE = 0, 1, 2, 3
 LANE_HDR_SIZE = 128
 
 
@@ -94,3 +96,7 @@ class Lane:
         self.cq = Ring(self.block, offset=LANE_HDR_SIZE + size)
         self.sq.set_doorbell(self.engine_bell, RING_BELL_OFFSET)
         self.cq.set_doorbell(self.client_bell, 0)
+
+    def closed_why(self):
+        """Why the agent closed the lane (LANE_ENGINE_DIED, ...), LANE_OPEN if it has not."""
+        return LANE_HDR.unpack_from(self.block)[-1]

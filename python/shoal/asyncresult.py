@@ -51,9 +51,14 @@ class AsyncResult:
         where = meta.pop("buffers", [])
         self._meta[engine] = meta
         if meta.get("status") == "ok":
-            value = serialize.loads(bytes(payload[1]), where, buffers, arena=self._client.arena) \
-                if len(payload) > 1 and len(payload[1]) else None
-            self._results[engine] = (True, value)
+            try:
+                value = serialize.loads(bytes(payload[1]), where, buffers, arena=self._client.arena) \
+                    if len(payload) > 1 and len(payload[1]) else None
+                self._results[engine] = (True, value)
+            except Exception as e:  # e.g. a class the engine has and this process has not
+                self._results[engine] = (False, RemoteError(
+                    type(e).__name__, f"the result arrived but cannot be rebuilt here: {e}", "", engine,
+                    hdr["task_id"]))
         elif meta.get("ename") == "TaskAborted":
             self._results[engine] = (False, TaskAborted(meta.get("evalue", "aborted")))
         elif meta.get("ename") == "EngineError":
@@ -88,10 +93,11 @@ class AsyncResult:
 
     def add_done_callback(self, fn):
         """Calls fn(self) once the result is complete (at once if it is)."""
-        if self._done():
-            fn(self)
-        else:
-            self._callbacks.append(fn)
+        with self._client._lock:  # the client's thread may be completing it right now
+            if not self._done():
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def _refused(self, targets, text):
         for e in targets:

@@ -21,11 +21,12 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import weakref
 
 from . import _core, serialize
-from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, SLOT, Lane, pack_frames,
-                        unpack_frames)
+from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, LANE_ENGINE_STOPPED, SLOT, Lane,
+                        pack_frames, unpack_frames)
 from .asyncresult import AsyncResult
 from .error import EngineError, TimeoutError
 from .local import LocalArena
@@ -165,16 +166,23 @@ class Client:
                 self._driver.start()
 
     def _drive_loop(self):
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    self._driven = [w for w in self._driven if w._has_work()]
+                    if not self._driven or self._sock is None:
+                        # Under the same hold of the lock as the decision: a
+                        # _drive() after it starts a new thread.
+                        self._driver = None
+                        return
+                    for w in list(self._driven):
+                        if hasattr(w, "_tick"):
+                            w._tick()  # a task waiting for its dependencies, or its timeout
+                    self._receive(0.005)
+        except BaseException:
             with self._lock:
-                self._driven = [w for w in self._driven if w._has_work()]
-                if not self._driven or self._sock is None:
-                    self._driver = None
-                    return
-                for w in list(self._driven):
-                    if hasattr(w, "_tick"):
-                        w._tick()  # a task waiting for its dependencies, or its timeout
-                self._receive(0.005)
+                self._driver = None  # so that the next _drive() starts another
+            raise
 
     @property
     def arena(self):
@@ -231,8 +239,10 @@ class Client:
                 and engine["node"] == self._local_node:
             try:
                 reply = self.local.ask({"lane": eid})
-                if "block" in reply:
+                if "block" in reply and reply.get("lane") == eid:
                     lane = Lane(self.arena, reply["block"])
+                    if lane.engine_id != eid:  # not the engine asked for: take no chances
+                        raise ValueError(f"the agent gave engine {lane.engine_id}'s lane for engine {eid}")
                     lane.pending = set()  # our task ids the engine has yet to answer
                     lane.backlog = []  # slots waiting for room in its task ring
                     if self._bell is None:
@@ -299,9 +309,10 @@ class Client:
                 if ar is not None:
                     ar._fail(eid, EngineError(f"engine {eid} sent a reply to task {task_id} that could not be "
                                               f"read: {e}", eid, task_id))
-            # Now the engine can let go of it.
-            self._lane_send(eid, lane, SLOT.pack(0, KIND_RELEASE, 0, off, length, gen, 0))
-            self._lane_answered(eid, lane, task_id)
+            finally:
+                # Now the engine can let go of it, whatever became of it here.
+                self._lane_send(eid, lane, SLOT.pack(0, KIND_RELEASE, 0, off, length, gen, 0))
+                self._lane_answered(eid, lane, task_id)
         elif kind == KIND_OUTPUT and ar is not None:
             try:
                 payload, _ = unpack_frames(self.arena.acquire_bytes((off, length, gen), 0, length))
@@ -321,14 +332,9 @@ class Client:
     def _lane_gone(self, eid, lane):
         """The agent closed the lane: the engine died or was stopped."""
         self._lanes[eid] = None
-        alive = True
-        try:
-            os.kill(lane.engine_pid, 0)
-        except OSError:
-            alive = False
+        what = "was stopped" if lane.closed_why() == LANE_ENGINE_STOPPED else "died"
         for task_id in sorted(lane.pending):
             ar = self._lane_tasks[task_id][0]
-            what = "died" if not alive else "was stopped"
             ar._fail(eid, EngineError(f"engine {eid} (pid {lane.engine_pid}) {what} while running task {task_id}",
                                       eid, task_id))
             self._lane_answered(eid, lane, task_id)
@@ -347,6 +353,8 @@ class Client:
         each: one object per target, in place of obj for all of them.
         make(client, msg_id, targets, kind): builds the AsyncResult.
         """
+        if self._sock is None:
+            raise RuntimeError("this client is closed")
         if not targets:
             raise ValueError("this view has no engines to run on")
         if len(set(targets)) != len(targets):
@@ -417,12 +425,17 @@ class Client:
         """Receives what arrives within timeout seconds, then runs the
         callbacks of the results it completed; True if anything came."""
         with self._lock:
+            if self._sock is None:
+                return False  # closed: its outstanding results have failed
             got = self._receive_some(timeout)
             while self._due:
                 ar = self._due.pop(0)
                 callbacks, ar._callbacks = ar._callbacks, []
                 for fn in callbacks:
-                    fn(ar)
+                    try:
+                        fn(ar)
+                    except Exception:  # one callback's failure must not stop the others, nor receiving
+                        traceback.print_exc()
             return got
 
     def _receive_some(self, timeout):
@@ -497,8 +510,8 @@ class Client:
         """Waits for jobs (AsyncResults or their msg_ids; default every
         outstanding one); True if all finished."""
         if jobs is None:
-            jobs = self._outstanding()
-        elif isinstance(jobs, (AsyncResult, int)):
+            jobs = self._outstanding() + [w for w in self._driven if hasattr(w, "wait")]
+        elif isinstance(jobs, (AsyncResult, int)) or hasattr(jobs, "_done"):
             jobs = [jobs]
         # A msg_id whose AsyncResult is gone has finished (the client holds unfinished ones).
         jobs = [self._by_id.get(j) if isinstance(j, int) else j for j in jobs]
@@ -615,6 +628,15 @@ class Client:
     def close(self):
         # Under the lock: the load balancer's thread may be receiving.
         with self._lock:
+            for ar in self._outstanding():  # nothing will answer them any more
+                for e in ar._targets:
+                    if e not in ar._results:
+                        ar._fail(e, EngineError(f"the client was closed before engine {e} answered", e))
+            for w in self._driven:
+                if hasattr(w, "_abort"):
+                    w._abort()
+            self._pending.clear()
+            self._lane_tasks.clear()
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

@@ -128,6 +128,12 @@ class TaskResult(AsyncResult):
         """Sends the task if it may run now; ends it if it never can."""
         if self._final or self._attempt is not None:
             return
+        try:
+            self._try_send()
+        except Exception as e:  # its arguments cannot be pickled, a dependency was purged, ...
+            self._fail_here(e)
+
+    def _try_send(self):
         client = self._client
         for dep in (self._after, self._follow):
             state = dep.state(client) if dep else True
@@ -159,7 +165,7 @@ class TaskResult(AsyncResult):
         meta = ar._meta.get(engine)
         if not ok and getattr(value, "ename", None) == "UnmetDependency":
             self._tried.add(engine)
-        elif not ok and self._retries > 0 and getattr(value, "ename", None) != "TaskAborted":
+        elif not ok and self._retries > 0 and not isinstance(value, TaskAborted):
             self._retries -= 1
             self._failed_on.add(engine)
         else:

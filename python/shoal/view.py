@@ -479,9 +479,14 @@ class LoadBalancedMapResult:
     def _hand_out(self, engine):
         i = self._next
         self._next += 1
-        self._inflight[engine] = self._inflight.get(engine, 0) + 1
         args = (self._f, *self._chunks[i]) if self._runner is _call_chunk else (self._f, self._chunks[i])
-        ar = self._view._apply_on(engine, self._runner, args, {})
+        try:
+            ar = self._view._apply_on(engine, self._runner, args, {})
+        except Exception as e:  # e.g. an item that cannot be pickled: that task fails, the map goes on
+            self._results[i] = (False, e)
+            self._finish_order.append(i)
+            return
+        self._inflight[engine] = self._inflight.get(engine, 0) + 1
         self._attempts[i] = ar
         ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
 

@@ -227,7 +227,10 @@ def test_shutdown_of_some_engines(tmp_path, lanes):
         pids = c[:].apply_sync(os.getpid)
         first = c[ids[0]].apply_async(time.sleep, 0.3)
         ar = c.shutdown(targets=ids[:2], block=False)
+        late = c[ids[1]].apply_async(abs, -1)  # sent after the shutdown: never run
         assert ar.get(10) == [None, None] and first.get(10) is None, "they finish what they were given"
+        with pytest.raises(shoal.EngineError, match="was stopped"):
+            late.get(20)
         assert wait_for(lambda: c.refresh() or c.ids == ids[2:], 20), c.ids
         time.sleep(0.5)
         c.refresh()

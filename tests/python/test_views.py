@@ -503,3 +503,40 @@ def test_abort(rc):
     with pytest.raises(RuntimeError, match="already done"):
         busy[0].abort()
     assert rc[:].apply_sync(abs, -1) == [1, 1, 1]
+
+
+def test_a_result_that_cannot_be_rebuilt_here_fails_alone(rc, tmp_path):
+    dv = rc[:]
+    (tmp_path / "onlythere.py").write_text("class OnlyThere:\n    pass\n")
+    # A module only the engines can import: its objects travel by reference.
+    dv.execute(f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport onlythere\nthing = onlythere.OnlyThere()",
+               block=True)
+    base = rc.arena.stats()["used_blocks"] if rc.arena else None
+    bad = dv.pull("thing")
+    good = dv.apply_async(abs, -3)
+    with pytest.raises(shoal.CompositeError) as e:
+        bad.get(10)
+    assert all(x.ename == "ModuleNotFoundError" and "cannot be rebuilt here" in x.evalue for x in e.value.elist)
+    assert good.get(10) == [3, 3, 3], "the results that came with it are not lost"
+    if base is not None:
+        dv.apply_sync(abs, 1)
+        assert rc.arena.stats()["used_blocks"] <= base + 3, "its reply blocks were released all the same"
+
+
+def test_closing_a_client_fails_what_it_waited_for(cluster):
+    import time
+    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
+    ar = c[0].apply_async(time.sleep, 1)
+    c.close()
+    with pytest.raises(shoal.EngineError, match="client was closed"):
+        ar.get(5)
+    with pytest.raises(RuntimeError, match="closed"):
+        c[0].apply_async(abs, 1)
+
+
+def test_the_agent_answers_requests_it_does_not_know(rc):
+    if rc.local is None:
+        pytest.skip("no local agent")
+    assert "error" in rc.local.ask({"what": "is this"})
+    assert "error" in rc.local.ask({"lane": 0, "padding": "x" * 600}), "too long a line: an answer all the same"
+    assert rc[:].apply_sync(abs, -1) == [1, 1, 1]
