@@ -13,6 +13,7 @@ zero-copy views of the blocks the engine wrote.
 """
 
 import builtins
+import collections.abc
 import itertools
 import json
 import os
@@ -36,6 +37,50 @@ from .view import DirectView, LoadBalancedView
 # a no-op task's round trip through a lane takes well under this.
 LANE_SPIN = 300e-6
 _CORES = os.cpu_count() or 1
+
+
+class _Ended:
+    """What a finished task leaves for Client.metadata: its AsyncResult's
+    records, not its values (which may hold arena memory)."""
+
+    __slots__ = ("msg_id", "_meta", "_submitted", "stdout", "stderr", "_targets", "_single")
+
+    def __init__(self, ar):
+        for name in self.__slots__:
+            setattr(self, name, getattr(ar, name))
+
+    _metadata_of = AsyncResult._metadata_of
+    metadata = AsyncResult.metadata
+
+
+class _Metadata(collections.abc.MutableMapping):
+    """Client.metadata: msg_id -> a finished task's metadata, built when
+    asked for (keeping it costs a task a few references, not a dict of
+    datetimes)."""
+
+    def __init__(self):
+        self._ended = {}
+
+    def _keep(self, ar):
+        self._ended[ar.msg_id] = _Ended(ar)
+
+    def __getitem__(self, msg_id):
+        return self._ended[msg_id].metadata
+
+    def __setitem__(self, msg_id, value):
+        raise TypeError("the client's metadata is read-only")
+
+    def __delitem__(self, msg_id):
+        del self._ended[msg_id]
+
+    def __contains__(self, msg_id):
+        return msg_id in self._ended
+
+    def __iter__(self):
+        return iter(self._ended)
+
+    def __len__(self):
+        return len(self._ended)
 
 
 def _profile_dir(profile):
@@ -84,7 +129,7 @@ class Client:
         self._driven = []  # load-balanced maps with tasks still to hand out
         self._driver = None  # the thread that hands them out while nobody waits
         self.history = []  # msg_ids of the tasks sent, in order
-        self.metadata = {}  # msg_id -> metadata of each finished task, until purge_results
+        self.metadata = _Metadata()  # msg_id -> metadata of each finished task, until purge_results
         # msg_id -> AsyncResult, while the user keeps it: a result whose
         # AsyncResult is gone is not kept (its arrays would pin the arena).
         self._by_id = weakref.WeakValueDictionary()
@@ -573,7 +618,7 @@ class Client:
         """Notes how a task ended (for metadata and dependencies)."""
         if ar.msg_id is None:
             return
-        self.metadata[ar.msg_id] = ar.metadata
+        self.metadata._keep(ar)
         self._ended[ar.msg_id] = (all(ok for ok, _ in ar._results.values()), set(ar._results))
 
     @property
