@@ -515,19 +515,6 @@ class LoadBalancedMapResult:
         return self._next < len(self._chunks)
 
     @property
-    def progress(self):
-        """How many of its tasks have finished."""
-        self.ready()
-        return len(self._results)
-
-    @property
-    def elapsed(self):
-        """Seconds since the map was submitted (until the last answer, once done)."""
-        if not self.ready():
-            return time.time() - self._submitted
-        return self.wall_time
-
-    @property
     def metadata(self):
         """Each finished task's metadata, in chunk order."""
         return [self._meta[i] for i in sorted(self._meta)]
@@ -554,6 +541,8 @@ class LoadBalancedMapResult:
         return len(self._results) >= len(self._chunks)
 
     # As an AsyncResult's, over this map's tasks.
+    progress = AsyncResult.progress
+    elapsed = AsyncResult.elapsed
     ready = AsyncResult.ready
     wait = AsyncResult.wait
     successful = AsyncResult.successful
