@@ -31,6 +31,17 @@
 #define RING_MAGIC 0x474e4952u /* "RING" */
 #define RING_VERSION 1u
 #define RING_HDR 256u
+#define RING_POOL 1u
+
+/* A pool slot's claim word (its last 8 bytes): the low 32 bits of the slot's
+ * position, then its state. */
+#define CLAIM_OFFSET 56u
+#define ST_WAITING 0u
+#define ST_WITHDRAWN 0xfffffffeu
+#define ST_FREE 0xffffffffu
+#define CLAIM(pos, st) ((uint64_t)(uint32_t)(pos) << 32 | (uint32_t)(st))
+#define CLAIM_SEQ(w) ((uint32_t)((w) >> 32))
+#define CLAIM_ST(w) ((uint32_t)(w))
 
 struct shoal_ring_shared {
     /* Line 0: written once by init. */
@@ -39,7 +50,8 @@ struct shoal_ring_shared {
     uint32_t nslots;
     uint32_t slot_size;
     _Atomic uint32_t closed;
-    uint8_t pad0[64 - 20];
+    uint32_t flags; /* RING_POOL: a pool (many consumers), see shoal_pool_* */
+    uint8_t pad0[64 - 24];
     /* Line 1: the producer's. */
     _Atomic uint64_t tail;
     uint8_t pad1[56];
@@ -169,6 +181,8 @@ static void ring_bell(shoal_ring *r)
 static int push(shoal_ring *r, const void *src, uint32_t n, int wake)
 {
     struct shoal_ring_shared *s = r->shared;
+    if (s->flags & RING_POOL)
+        return -EPROTO;
     if (atomic_load_explicit(&s->closed, memory_order_acquire))
         return -EPIPE;
     /* Only we write tail; head comes from the consumer: acquire, so that the
@@ -203,17 +217,21 @@ int shoal_ring_push_nowake(shoal_ring *r, const void *src, uint32_t n)
     return push(r, src, n, 0);
 }
 
-void shoal_ring_wake(shoal_ring *r)
+int shoal_ring_wake(shoal_ring *r)
 {
     /* The producer half of the handshake, completed: the push stored the
      * tail (sequentially consistent); now load sleeping. */
-    if (atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
-        ring_bell(r);
+    if (!atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
+        return 0;
+    ring_bell(r);
+    return 1;
 }
 
 int shoal_ring_pop(shoal_ring *r, void *dst, uint32_t max)
 {
     struct shoal_ring_shared *s = r->shared;
+    if (s->flags & RING_POOL)
+        return -EPROTO;
     uint64_t head = atomic_load_explicit(&s->head, memory_order_relaxed);
     /* Acquire: the slots up to tail are written before we read them. */
     uint64_t tail = atomic_load_explicit(&s->tail, memory_order_acquire);
@@ -348,4 +366,166 @@ uint32_t shoal_ring_count(const shoal_ring *r)
     uint64_t tail = atomic_load_explicit(&r->shared->tail, memory_order_acquire);
     uint64_t head = atomic_load_explicit(&r->shared->head, memory_order_acquire);
     return tail >= head && tail - head <= r->nslots ? (uint32_t)(tail - head) : 0;
+}
+
+/* ---- pools: one producer, many consumers ------------------------------------
+ *
+ * A pool is a ring (same header, same doorbell handshake per consumer) whose
+ * consumers race for each slot. The last 8 bytes of every slot are its claim
+ * word: the low 32 bits of the slot's position and its state (waiting,
+ * taken by consumer `who`, withdrawn by the producer, free). A consumer takes
+ * the slot at head by swapping the claim word from waiting to its own id
+ * with one compare-and-swap, then moves head on (anyone who finds the slot at
+ * head taken moves head on for it, so a consumer dying between the two
+ * stalls nobody). Who holds which task is thus in the pool itself, written in
+ * the same instruction that takes it: the producer can ask after a consumer
+ * dies. The producer reuses a slot only once it retires it (its task done
+ * with), and never lets tail run more than nslots ahead of head.
+ */
+
+static _Atomic uint64_t *claim_word(const shoal_ring *r, uint64_t pos)
+{
+    return (_Atomic uint64_t *)(r->slots + (pos & (r->nslots - 1)) * SHOAL_RING_SLOT + CLAIM_OFFSET);
+}
+
+int shoal_pool_init(void *mem, size_t len, uint32_t nslots, shoal_ring *r)
+{
+    int rc = shoal_ring_init(mem, len, nslots, r);
+    if (rc < 0)
+        return rc;
+    r->shared->flags = RING_POOL;
+    for (uint32_t i = 0; i < nslots; i++)
+        atomic_store_explicit(claim_word(r, i), CLAIM(i, ST_FREE), memory_order_relaxed);
+    /* Published with the magic, which a peer's open reads with acquire: init
+     * stored it before the flags and claim words, so store it again. */
+    atomic_store_explicit((_Atomic uint32_t *)&r->shared->magic, RING_MAGIC, memory_order_release);
+    return 0;
+}
+
+int shoal_ring_is_pool(const shoal_ring *r)
+{
+    return (r->shared->flags & RING_POOL) != 0;
+}
+
+/* Moves head past h (a position below tail) if the slot there is no longer
+ * waiting: taken, withdrawn, or even retired already. */
+static void step_over(shoal_ring *r, uint64_t h)
+{
+    uint64_t w = atomic_load_explicit(claim_word(r, h), memory_order_acquire);
+    if (CLAIM_SEQ(w) == (uint32_t)h && CLAIM_ST(w) != ST_WAITING)
+        atomic_compare_exchange_strong_explicit(&r->shared->head, &h, h + 1, memory_order_acq_rel,
+                                                memory_order_relaxed);
+}
+
+int shoal_pool_push(shoal_ring *r, const void *slot, uint64_t *pos)
+{
+    struct shoal_ring_shared *s = r->shared;
+    if (!(s->flags & RING_POOL))
+        return -EPROTO;
+    if (atomic_load_explicit(&s->closed, memory_order_acquire))
+        return -EPIPE;
+    uint64_t tail = atomic_load_explicit(&s->tail, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&s->head, memory_order_acquire);
+    if (head > tail || tail - head > r->nslots)
+        return -EUCLEAN;
+    if (tail - head == r->nslots) {
+        step_over(r, head); /* a consumer may have died between its take and moving head */
+        head = atomic_load_explicit(&s->head, memory_order_acquire);
+        if (tail - head >= r->nslots)
+            return 0;
+    }
+    _Atomic uint64_t *w = claim_word(r, tail);
+    if (CLAIM_ST(atomic_load_explicit(w, memory_order_acquire)) != ST_FREE)
+        return 0; /* the task nslots back is still out */
+    memcpy(r->slots + (tail & (r->nslots - 1)) * SHOAL_RING_SLOT, slot, CLAIM_OFFSET);
+    atomic_store_explicit(w, CLAIM(tail, ST_WAITING), memory_order_release);
+    /* As push(): the producer half of each consumer's sleep handshake. */
+    atomic_store_explicit(&s->tail, tail + 1, memory_order_seq_cst);
+    *pos = tail;
+    return 1;
+}
+
+int shoal_pool_take(shoal_ring *r, uint32_t who, void *dst, uint64_t *pos)
+{
+    struct shoal_ring_shared *s = r->shared;
+    if (!(s->flags & RING_POOL) || who >= ST_WITHDRAWN - 1)
+        return -EPROTO;
+    /* Bounded: every turn but a lost race moves head on, and the pool is
+     * shared memory that a broken peer may have scribbled on. */
+    for (uint32_t turn = 0; turn < 4 * r->nslots + 1024; turn++) {
+        uint64_t h = atomic_load_explicit(&s->head, memory_order_acquire);
+        /* Acquire: the claim words of the slots up to tail are written. */
+        uint64_t t = atomic_load_explicit(&s->tail, memory_order_acquire);
+        if (h > t)
+            return -EUCLEAN;
+        if (t - h > r->nslots)
+            continue; /* head moved on, and tail with it, between our two loads */
+        if (h == t)
+            return atomic_load_explicit(&s->closed, memory_order_acquire) ? -EPIPE : 0;
+        _Atomic uint64_t *w = claim_word(r, h);
+        uint64_t cur = atomic_load_explicit(w, memory_order_acquire);
+        if (CLAIM_SEQ(cur) != (uint32_t)h)
+            continue; /* head has moved on since we read it */
+        if (CLAIM_ST(cur) == ST_WAITING) {
+            if (!atomic_compare_exchange_strong_explicit(w, &cur, CLAIM(h, who + 1), memory_order_acq_rel,
+                                                         memory_order_acquire))
+                continue;
+            uint64_t expect = h; /* a failed exchange writes what it found there */
+            atomic_compare_exchange_strong_explicit(&s->head, &expect, h + 1, memory_order_acq_rel,
+                                                    memory_order_relaxed);
+            /* Ours now: the producer rewrites it only after we are done. */
+            uint64_t mine = CLAIM(h, who + 1);
+            memcpy(dst, r->slots + (h & (r->nslots - 1)) * SHOAL_RING_SLOT, CLAIM_OFFSET);
+            memcpy((uint8_t *)dst + CLAIM_OFFSET, &mine, sizeof mine);
+            *pos = h;
+            return 1;
+        }
+        step_over(r, h);
+    }
+    return -EUCLEAN;
+}
+
+/* Whether pos is a position the producer has pushed and not yet reused. */
+static int in_pool(const shoal_ring *r, uint64_t pos)
+{
+    uint64_t t = atomic_load_explicit(&r->shared->tail, memory_order_acquire);
+    return pos < t && t - pos <= r->nslots;
+}
+
+int shoal_pool_withdraw(shoal_ring *r, uint64_t pos)
+{
+    if (!(r->shared->flags & RING_POOL) || !in_pool(r, pos))
+        return 0;
+    uint64_t want = CLAIM(pos, ST_WAITING);
+    return atomic_compare_exchange_strong_explicit(claim_word(r, pos), &want, CLAIM(pos, ST_WITHDRAWN),
+                                                   memory_order_acq_rel, memory_order_acquire);
+}
+
+int64_t shoal_pool_owner(const shoal_ring *r, uint64_t pos)
+{
+    if (!(r->shared->flags & RING_POOL) || !in_pool(r, pos))
+        return SHOAL_POOL_GONE;
+    uint64_t w = atomic_load_explicit(claim_word(r, pos), memory_order_acquire);
+    if (CLAIM_SEQ(w) != (uint32_t)pos || CLAIM_ST(w) == ST_FREE || CLAIM_ST(w) == ST_WITHDRAWN)
+        return SHOAL_POOL_GONE;
+    if (CLAIM_ST(w) == ST_WAITING)
+        return SHOAL_POOL_WAITING;
+    return (int64_t)CLAIM_ST(w) - 1;
+}
+
+int shoal_pool_retire(shoal_ring *r, uint64_t pos)
+{
+    if (!(r->shared->flags & RING_POOL) || !in_pool(r, pos))
+        return -EINVAL;
+    _Atomic uint64_t *w = claim_word(r, pos);
+    uint64_t cur = atomic_load_explicit(w, memory_order_acquire);
+    if (CLAIM_SEQ(cur) != (uint32_t)pos || CLAIM_ST(cur) == ST_FREE)
+        return -EINVAL;
+    if (CLAIM_ST(cur) == ST_WAITING)
+        return -EBUSY; /* withdraw it first */
+    /* Only a waiting word changes under us (a take): this one is not. */
+    atomic_store_explicit(w, CLAIM(pos, ST_FREE), memory_order_release);
+    if (atomic_load_explicit(&r->shared->head, memory_order_acquire) == pos)
+        step_over(r, pos); /* its taker died before moving head on */
+    return 0;
 }

@@ -80,10 +80,11 @@ int shoal_ring_push(shoal_ring *r, const void *src, uint32_t n);
  * Producer of many rings at once: pushes like shoal_ring_push but wakes
  * nobody; shoal_ring_wake then wakes the consumer if it sleeps. Pushing to
  * every ring first and waking after keeps a woken consumer from delaying
- * the pushes that follow.
+ * the pushes that follow. shoal_ring_wake returns 1 if the consumer slept
+ * (and was woken), else 0.
  */
 int shoal_ring_push_nowake(shoal_ring *r, const void *src, uint32_t n);
-void shoal_ring_wake(shoal_ring *r);
+int shoal_ring_wake(shoal_ring *r);
 
 /*
  * Consumer: takes up to max slots into dst. Returns how many (0 when empty),
@@ -133,6 +134,51 @@ void shoal_ring_close(shoal_ring *r);
 
 /* Slots waiting to be popped (a snapshot). */
 uint32_t shoal_ring_count(const shoal_ring *r);
+
+/*
+ * Pools: one producer, many consumers (a client's load-balanced tasks, which
+ * whichever engine is idle takes). A pool is a ring - same layout, same
+ * doorbell handshake, each consumer's view pointed at its own doorbell - but
+ * the last 8 bytes of each slot are the pool's claim word, so a slot carries
+ * 56 bytes of the caller's. shoal_ring_push/pop refuse a pool (-EPROTO) and
+ * the pool calls refuse a plain ring. docs/rings.md ("Pools").
+ */
+#define SHOAL_POOL_WAITING (-1)
+#define SHOAL_POOL_GONE (-2)
+
+/* Formats an empty pool (as shoal_ring_init; shoal_ring_open opens it). */
+int shoal_pool_init(void *mem, size_t len, uint32_t nslots, shoal_ring *r);
+
+/* Whether the ring is a pool. */
+int shoal_ring_is_pool(const shoal_ring *r);
+
+/*
+ * Producer: appends one slot (its first 56 bytes) and sets *pos to its
+ * position. Returns 1; 0 if the pool is full (nslots waiting, or the task
+ * nslots back not yet retired); -EPIPE if closed; -EPROTO if not a pool;
+ * -EUCLEAN if its indices make no sense. Wakes nobody: wake the consumers'
+ * doorbells (shoal_ring_wake on a ring that uses them).
+ */
+int shoal_pool_push(shoal_ring *r, const void *slot, uint64_t *pos);
+
+/*
+ * Consumer `who` (an id below 2^32 - 3): takes the oldest waiting slot into
+ * dst (64 bytes; the last 8 are the claim word) and sets *pos. Returns 1; 0
+ * if none waits; -EPIPE if closed and none waits; -EPROTO; -EUCLEAN.
+ */
+int shoal_pool_take(shoal_ring *r, uint32_t who, void *dst, uint64_t *pos);
+
+/* Producer: takes back the slot at pos if no consumer has it. 1 if it did. */
+int shoal_pool_withdraw(shoal_ring *r, uint64_t pos);
+
+/* Who has the slot at pos: the consumer's id, SHOAL_POOL_WAITING if nobody
+ * yet, SHOAL_POOL_GONE if pos is withdrawn, retired or not in the pool. */
+int64_t shoal_pool_owner(const shoal_ring *r, uint64_t pos);
+
+/* Producer: the task at pos is done with (answered, or its taker is gone);
+ * its slot may carry another. 0; -EBUSY if it still waits (withdraw it
+ * first); -EINVAL if pos is not taken or withdrawn. */
+int shoal_pool_retire(shoal_ring *r, uint64_t pos);
 
 #ifdef __cplusplus
 }

@@ -58,11 +58,12 @@ static PyObject *ring_errno(int neg, const char *what)
  * > 0, else opens the ring already there. */
 static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"block", "nslots", "offset", NULL};
+    static char *kwlist[] = {"block", "nslots", "offset", "pool", NULL};
     PyObject *block;
     unsigned int nslots = 0;
     Py_ssize_t offset = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|In:Ring", kwlist, &block, &nslots, &offset))
+    int pool = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Inp:Ring", kwlist, &block, &nslots, &offset, &pool))
         return NULL;
     Py_buffer v;
     if (PyObject_GetBuffer(block, &v, PyBUF_WRITABLE) < 0)
@@ -79,7 +80,9 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     }
     uint8_t *mem = (uint8_t *)v.buf + offset;
     size_t len = (size_t)(v.len - offset);
-    int rc = nslots ? shoal_ring_init(mem, len, nslots, &self->ring) : shoal_ring_open(mem, len, &self->ring);
+    int rc = !nslots ? shoal_ring_open(mem, len, &self->ring)
+             : pool  ? shoal_pool_init(mem, len, nslots, &self->ring)
+                     : shoal_ring_init(mem, len, nslots, &self->ring);
     PyBuffer_Release(&v); /* the Block itself keeps the memory: we hold it */
     if (rc < 0) {
         Py_DECREF(self);
@@ -173,8 +176,90 @@ static PyObject *ring_wait(RingObject *self, PyObject *args, PyObject *kw)
 static PyObject *ring_wake(RingObject *self, PyObject *unused)
 {
     (void)unused;
-    shoal_ring_wake(&self->ring);
+    return PyBool_FromLong(shoal_ring_wake(&self->ring));
+}
+
+/* ---- pools (shoal_pool_*): one producer, many consumers ---- */
+
+/* put(slot) -> the slot's position, or None if the pool is full. */
+static PyObject *ring_put(RingObject *self, PyObject *arg)
+{
+    Py_buffer v;
+    if (PyObject_GetBuffer(arg, &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (v.len != SHOAL_RING_SLOT) {
+        PyBuffer_Release(&v);
+        PyErr_Format(PyExc_ValueError, "a slot is %d bytes", SHOAL_RING_SLOT);
+        return NULL;
+    }
+    uint64_t pos = 0;
+    int rc = shoal_pool_push(&self->ring, v.buf, &pos);
+    PyBuffer_Release(&v);
+    if (rc < 0)
+        return ring_errno(rc, "put failed");
+    if (rc == 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(pos);
+}
+
+/* take(who) -> (position, slot bytes), or None if nothing waits. Raises
+ * BrokenPipeError when the pool is closed and nothing waits. */
+static PyObject *ring_take(RingObject *self, PyObject *arg)
+{
+    unsigned long who = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (who > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a taker's id fits in 32 bits");
+        return NULL;
+    }
+    char slot[SHOAL_RING_SLOT];
+    uint64_t pos = 0;
+    int rc = shoal_pool_take(&self->ring, (uint32_t)who, slot, &pos);
+    if (rc < 0)
+        return ring_errno(rc, "take failed");
+    if (rc == 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(Ky#)", (unsigned long long)pos, slot, (Py_ssize_t)SHOAL_RING_SLOT);
+}
+
+static int pos_arg(PyObject *arg, uint64_t *pos)
+{
+    *pos = PyLong_AsUnsignedLongLong(arg);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *ring_withdraw(RingObject *self, PyObject *arg)
+{
+    uint64_t pos;
+    if (pos_arg(arg, &pos) < 0)
+        return NULL;
+    return PyBool_FromLong(shoal_pool_withdraw(&self->ring, pos));
+}
+
+static PyObject *ring_owner(RingObject *self, PyObject *arg)
+{
+    uint64_t pos;
+    if (pos_arg(arg, &pos) < 0)
+        return NULL;
+    return PyLong_FromLongLong(shoal_pool_owner(&self->ring, pos));
+}
+
+static PyObject *ring_retire(RingObject *self, PyObject *arg)
+{
+    uint64_t pos;
+    if (pos_arg(arg, &pos) < 0)
+        return NULL;
+    int rc = shoal_pool_retire(&self->ring, pos);
+    if (rc < 0)
+        return ring_errno(rc, "retire failed");
     Py_RETURN_NONE;
+}
+
+static PyObject *ring_get_is_pool(RingObject *self, void *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(shoal_ring_is_pool(&self->ring));
 }
 
 static PyObject *ring_set_notify_fd(RingObject *self, PyObject *arg)
@@ -225,7 +310,13 @@ static PyMethodDef ring_methods[] = {
     {"size", (PyCFunction)ring_size, METH_O | METH_CLASS, "size(nslots) -> bytes a ring of nslots needs"},
     {"push", (PyCFunction)(void (*)(void))ring_push, METH_VARARGS | METH_KEYWORDS,
      "push(slots, wake=True) -> how many 64-byte slots were appended (wake=False: wake() later)"},
-    {"wake", (PyCFunction)ring_wake, METH_NOARGS, "wake(): wake the consumer if it sleeps"},
+    {"wake", (PyCFunction)ring_wake, METH_NOARGS, "wake() -> True if the consumer slept (and was woken)"},
+    {"put", (PyCFunction)ring_put, METH_O, "pool: put(slot) -> its position, None if full (wakes nobody)"},
+    {"take", (PyCFunction)ring_take, METH_O, "pool: take(who) -> (position, slot), None if nothing waits"},
+    {"withdraw", (PyCFunction)ring_withdraw, METH_O, "pool: withdraw(pos) -> True if nobody had taken it"},
+    {"owner", (PyCFunction)ring_owner, METH_O,
+     "pool: owner(pos) -> the taker's id, POOL_WAITING, or POOL_GONE (withdrawn, retired, not there)"},
+    {"retire", (PyCFunction)ring_retire, METH_O, "pool: retire(pos): its task is done with; the slot may be reused"},
     {"pop", (PyCFunction)ring_pop, METH_VARARGS, "pop(max=64) -> up to max slots, as one bytes object"},
     {"wait", (PyCFunction)(void (*)(void))ring_wait, METH_VARARGS | METH_KEYWORDS,
      "wait(timeout=-1, spin=50e-6) -> True when a slot can be popped, False on timeout"},
@@ -239,6 +330,7 @@ static PyMethodDef ring_methods[] = {
 
 static PyGetSetDef ring_getset[] = {
     {"closed", (getter)ring_get_closed, NULL, "whether either side closed the ring", NULL},
+    {"is_pool", (getter)ring_get_is_pool, NULL, "whether it is a pool (one producer, many takers)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -250,8 +342,9 @@ static PyTypeObject RingType = {
     .tp_dealloc = (destructor)ring_dealloc,
     .tp_as_sequence = &ring_as_sequence,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Ring(block, nslots=0, offset=0): a single-producer single-consumer ring of 64-byte slots at "
-              "offset in a writable block (nslots > 0 formats a new one).",
+    .tp_doc = "Ring(block, nslots=0, offset=0, pool=False): a single-producer single-consumer ring of 64-byte "
+              "slots at offset in a writable block (nslots > 0 formats a new one); pool=True formats a pool, "
+              "which many consumers take from (put, take, withdraw, owner, retire).",
     .tp_methods = ring_methods,
     .tp_getset = ring_getset,
     .tp_new = ring_new,
@@ -350,7 +443,9 @@ int shoal__ring_init(PyObject *m)
 {
     if (PyType_Ready(&RingType) < 0 || PyType_Ready(&DoorbellType) < 0)
         return -1;
-    if (PyModule_AddIntConstant(m, "RING_BELL_OFFSET", SHOAL_RING_BELL_OFFSET) < 0)
+    if (PyModule_AddIntConstant(m, "RING_BELL_OFFSET", SHOAL_RING_BELL_OFFSET) < 0 ||
+        PyModule_AddIntConstant(m, "POOL_WAITING", SHOAL_POOL_WAITING) < 0 ||
+        PyModule_AddIntConstant(m, "POOL_GONE", SHOAL_POOL_GONE) < 0)
         return -1;
     if (PyModule_AddObjectRef(m, "Ring", (PyObject *)&RingType) < 0)
         return -1;

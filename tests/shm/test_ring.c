@@ -12,9 +12,13 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -392,4 +396,216 @@ Test(ring, push_without_waking_then_wake)
     cr_assert_eq(shoal_ring_pop(&r, &s, 1), 1);
     cr_assert_eq(s.seq, 9);
     close(efd);
+}
+
+/* ---- pools: one producer, many consumers ---- */
+
+static uint64_t *claim_of(uint8_t *ring_mem, uint32_t nslots, uint64_t pos)
+{
+    return (uint64_t *)(ring_mem + 256 + 64 * (pos & (nslots - 1)) + 56);
+}
+
+Test(pool, take_withdraw_owner_retire)
+{
+    shoal_ring p, plain;
+    cr_assert_eq(shoal_pool_init(mem, sizeof mem, 8, &p), 0);
+    cr_assert(shoal_ring_is_pool(&p));
+    shoal_ring q;
+    cr_assert_eq(shoal_ring_open(mem, sizeof mem, &q), 0, "a pool opens as a ring");
+    cr_assert(shoal_ring_is_pool(&q));
+    struct slot s = mk(1), got;
+    uint64_t pos;
+    cr_assert_eq(shoal_ring_push(&p, &s, 1), -EPROTO, "a pool refuses SPSC pushes");
+    cr_assert_eq(shoal_ring_pop(&p, &got, 1), -EPROTO, "and pops");
+    for (uint64_t i = 0; i < 3; i++) {
+        s = mk(100 + i);
+        cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1);
+        cr_assert_eq(pos, i);
+    }
+    cr_assert_eq(shoal_pool_owner(&p, 0), SHOAL_POOL_WAITING);
+    cr_assert_eq(shoal_pool_owner(&p, 3), SHOAL_POOL_GONE, "not pushed yet");
+    cr_assert_eq(shoal_pool_take(&q, 7, &got, &pos), 1);
+    cr_assert_eq(pos, 0);
+    cr_assert_eq(got.seq, 100);
+    cr_assert_eq(got.fill[0], 100, "the slot's bytes");
+    cr_assert_eq(shoal_pool_owner(&p, 0), 7);
+    cr_assert_eq(shoal_pool_withdraw(&p, 0), 0, "taken: cannot be withdrawn");
+    cr_assert_eq(shoal_pool_withdraw(&p, 1), 1);
+    cr_assert_eq(shoal_pool_owner(&p, 1), SHOAL_POOL_GONE);
+    cr_assert_eq(shoal_pool_retire(&p, 2), -EBUSY, "still waiting");
+    cr_assert_eq(shoal_pool_take(&q, 3, &got, &pos), 1, "the withdrawn one is stepped over");
+    cr_assert_eq(pos, 2);
+    cr_assert_eq(got.seq, 102);
+    cr_assert_eq(shoal_pool_take(&q, 3, &got, &pos), 0, "none waits");
+    for (uint64_t i = 0; i < 3; i++)
+        cr_assert_eq(shoal_pool_retire(&p, i), 0);
+    cr_assert_eq(shoal_pool_retire(&p, 0), -EINVAL, "twice");
+    cr_assert_eq(shoal_pool_owner(&p, 0), SHOAL_POOL_GONE);
+    shoal_ring_close(&p);
+    cr_assert_eq(shoal_pool_take(&q, 3, &got, &pos), -EPIPE);
+    cr_assert_eq(shoal_ring_init(mem, sizeof mem, 8, &plain), 0);
+    cr_assert_eq(shoal_pool_push(&plain, &s, &pos), -EPROTO, "a plain ring is not a pool");
+    cr_assert_eq(shoal_pool_take(&plain, 1, &got, &pos), -EPROTO);
+    cr_assert_eq(shoal_pool_take(&q, 0xfffffffeu, &got, &pos), -EPROTO, "an id the claim word cannot hold");
+}
+
+Test(pool, full_until_the_oldest_is_retired)
+{
+    shoal_ring p;
+    cr_assert_eq(shoal_pool_init(mem, sizeof mem, 4, &p), 0);
+    struct slot s = mk(0), got;
+    uint64_t pos;
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1);
+    cr_assert_eq(shoal_pool_push(&p, &s, &pos), 0, "four waiting");
+    cr_assert_eq(shoal_pool_take(&p, 1, &got, &pos), 1);
+    cr_assert_eq(shoal_pool_push(&p, &s, &pos), 0, "taken is not done: its slot is still out");
+    cr_assert_eq(shoal_pool_take(&p, 2, &got, &pos), 1);
+    cr_assert_eq(shoal_pool_retire(&p, 1), 0);
+    cr_assert_eq(shoal_pool_push(&p, &s, &pos), 0, "the slot at tail is the oldest's, not the second's");
+    cr_assert_eq(shoal_pool_retire(&p, 0), 0);
+    cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1);
+    cr_assert_eq(pos, 4);
+    cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1);
+    cr_assert_eq(pos, 5);
+}
+
+Test(pool, a_taker_that_dies_before_moving_head_stalls_nobody)
+{
+    shoal_ring p;
+    cr_assert_eq(shoal_pool_init(mem, sizeof mem, 4, &p), 0);
+    struct slot s = mk(5), got;
+    uint64_t pos;
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1);
+    /* Consumer 9 swaps the claim word of position 0 and dies before moving head. */
+    *claim_of(mem, 4, 0) = (uint64_t)0 << 32 | 10;
+    cr_assert_eq(shoal_pool_owner(&p, 0), 9, "the dead consumer's claim is on record");
+    cr_assert_eq(shoal_pool_take(&p, 1, &got, &pos), 1);
+    cr_assert_eq(pos, 1, "the next consumer steps over it");
+    /* The same with the pool full and the producer the only one left: it
+     * retires the dead one's task, and head moves on. */
+    cr_assert_eq(shoal_pool_init(mem, sizeof mem, 4, &p), 0);
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1);
+    *claim_of(mem, 4, 0) = (uint64_t)0 << 32 | 10;
+    cr_assert_eq(shoal_pool_retire(&p, 0), 0);
+    cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1, "room again");
+    cr_assert_eq(pos, 4);
+}
+
+Test(pool, scribbled_claim_words_end_in_euclean_not_a_hang)
+{
+    shoal_ring p;
+    cr_assert_eq(shoal_pool_init(mem, sizeof mem, 4, &p), 0);
+    struct slot s = mk(5), got;
+    uint64_t pos;
+    cr_assert_eq(shoal_pool_push(&p, &s, &pos), 1);
+    *claim_of(mem, 4, 0) = (uint64_t)77 << 32; /* waiting, for a position that is not there */
+    cr_assert_eq(shoal_pool_take(&p, 1, &got, &pos), -EUCLEAN);
+}
+
+/* Three processes take from one pool, each with its own doorbell; the
+ * producer wakes the sleepers, and retires what they report done. */
+#define NTAKERS 3
+#define NTASKS 30000
+
+struct shared_pool {
+    _Alignas(64) uint8_t ring[256 + 64 * 256];
+    _Alignas(64) uint8_t bells[NTAKERS][64];
+    _Atomic uint32_t taken_by[NTASKS]; /* who + 1 */
+    _Atomic uint64_t done[NTASKS];
+};
+
+Test(pool, three_processes_take_every_task_exactly_once)
+{
+    struct shared_pool *sp = mmap(NULL, sizeof *sp, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    cr_assert_neq(sp, MAP_FAILED);
+    shoal_ring prod;
+    cr_assert_eq(shoal_pool_init(sp->ring, sizeof sp->ring, 256, &prod), 0);
+    pid_t pids[NTAKERS];
+    for (uint32_t who = 0; who < NTAKERS; who++) {
+        pids[who] = fork();
+        if (pids[who] == 0) {
+            shoal_ring mine;
+            if (shoal_ring_open(sp->ring, sizeof sp->ring, &mine) < 0)
+                _exit(2);
+            shoal_ring_set_doorbell(&mine, sp->bells[who]);
+            shoal_ring *set[1] = {&mine};
+            for (;;) {
+                struct slot s;
+                uint64_t pos;
+                int rc = shoal_pool_take(&mine, who, &s, &pos);
+                if (rc == -EPIPE)
+                    _exit(0);
+                if (rc < 0) {
+                    fprintf(stderr, "taker %u: take: %s\n", who, strerror(-rc));
+                    _exit(3);
+                }
+                if (rc == 0) {
+                    if (getppid() == 1)
+                        _exit(6); /* the test is gone */
+                    shoal_doorbell_wait(sp->bells[who], set, 1, who == 0 ? 20000 : 0, 1000ll * 1000 * 1000);
+                    continue;
+                }
+                if (s.seq >= NTASKS || s.fill[0] != (uint8_t)(s.seq & 0xff))
+                    _exit(4);
+                uint32_t none = 0;
+                if (!atomic_compare_exchange_strong(&sp->taken_by[s.seq], &none, who + 1))
+                    _exit(5); /* taken twice */
+                atomic_store(&sp->done[s.seq], pos + 1);
+            }
+        }
+    }
+    shoal_ring waker[NTAKERS];
+    for (int i = 0; i < NTAKERS; i++) {
+        waker[i] = prod;
+        shoal_ring_set_doorbell(&waker[i], sp->bells[i]);
+    }
+    uint64_t retired = 0;
+    int64_t deadline = now_ns() + 60ll * 1000 * 1000 * 1000;
+    for (uint64_t i = 0; i < NTASKS;) {
+        struct slot s = mk(i);
+        uint64_t pos;
+        int rc = shoal_pool_push(&prod, &s, &pos);
+        cr_assert_geq(rc, 0);
+        if (rc == 1) {
+            i++;
+            for (int k = 0; k < NTAKERS; k++)
+                if (shoal_ring_wake(&waker[k]))
+                    break; /* one sleeper per task is enough */
+        }
+        /* Retire, in order, whatever has been done. */
+        while (retired < i && atomic_load(&sp->done[retired])) {
+            cr_assert_eq(shoal_pool_retire(&prod, atomic_load(&sp->done[retired]) - 1), 0);
+            retired++;
+        }
+        cr_assert_lt(now_ns(), deadline, "stuck at task %llu", (unsigned long long)i);
+    }
+    while (retired < NTASKS) {
+        if (atomic_load(&sp->done[retired])) {
+            retired++;
+            continue;
+        }
+        cr_assert_lt(now_ns(), deadline, "task %llu never taken", (unsigned long long)retired);
+        for (int k = 0; k < NTAKERS; k++)
+            shoal_ring_wake(&waker[k]);
+        sched_yield();
+    }
+    shoal_ring_close(&prod);
+    for (int k = 0; k < NTAKERS; k++)
+        shoal_ring_wake(&waker[k]);
+    int per[NTAKERS] = {0};
+    for (int k = 0; k < NTAKERS; k++) {
+        int st;
+        waitpid(pids[k], &st, 0);
+        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "taker %d: status %d", k, st);
+    }
+    for (uint64_t i = 0; i < NTASKS; i++) {
+        uint32_t w = atomic_load(&sp->taken_by[i]);
+        cr_assert(w >= 1 && w <= NTAKERS, "task %llu", (unsigned long long)i);
+        per[w - 1]++;
+    }
+    cr_log_info("tasks per taker: %d %d %d", per[0], per[1], per[2]);
+    munmap(sp, sizeof *sp);
 }
