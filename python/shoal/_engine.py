@@ -23,8 +23,8 @@ import traceback
 
 from . import _display, serialize
 from ._core import RING_BELL_OFFSET, Arena, Doorbell, Ring
-from ._msgblock import (ABORTED, KIND_LANE, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_SHUTDOWN, KIND_TASK, SLOT,
-                        Lane, block_flags, pack_frames, unpack_frames)
+from ._msgblock import (ABORTED, KIND_LANE, KIND_OUTPUT, KIND_POOL, KIND_RELEASE, KIND_RESULT, KIND_SHUTDOWN,
+                        KIND_TASK, SLOT, Lane, block_flags, pack_frames, unpack_frames)
 from .error import TaskAborted
 
 # Output of a running task goes out at most this often (seconds), or sooner
@@ -121,6 +121,7 @@ class _LaneSink(_Sink):
     def __init__(self, lane):
         super().__init__(lane.cq, True)
         self.lane = lane
+        self.pools = []  # the client's pools (Rings) this engine takes tasks from too
 
 
 class Engine:
@@ -167,7 +168,7 @@ class Engine:
             # a no-op round trip at its best (35 us) at 2 and 8 engines; 1 ms
             # made an 8 MiB push to 8 engines twice as slow (they spun on each
             # other's cores). SHOAL_ENGINE_SPIN (seconds) sets it.
-            self.bell.wait([self.sq] + [s.lane.sq for s in self.lanes], spin=self.spin)
+            self.bell.wait(self.waited(), spin=self.spin)
             try:
                 slots = self.sq.pop(64)
             except BrokenPipeError:
@@ -190,6 +191,35 @@ class Engine:
                 self.serve_lane(sink)
                 if self.stopping:
                     return self.finish()
+            # One task from a pool at a time, and only once the rings above
+            # are served: the rest of the pool is for whichever engine is idle.
+            self.take_from_pools()
+            if self.stopping:
+                return self.finish()
+
+    def waited(self):
+        """Every ring the engine waits on: the agent's, each lane's, each pool's."""
+        return [self.sq] + [s.lane.sq for s in self.lanes] + [p for s in self.lanes for p in s.pools]
+
+    def take_from_pools(self):
+        """Runs one task from the first of our pools that has one (the
+        lanes take turns going first); True if it ran one."""
+        if self.lanes:
+            self.lanes.append(self.lanes.pop(0))
+        for sink in list(self.lanes):
+            for pool in list(sink.pools):
+                try:
+                    got = pool.take(self.id)
+                except OSError:  # closed by its client (or broken): drop it
+                    sink.pools.remove(pool)
+                    continue
+                if got is None:
+                    continue
+                task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(got[1])
+                if kind == KIND_TASK and not sink.lane.cq.closed:
+                    self.run_task(task_id, (off, length, gen), sink)
+                return True
+        return False
 
     def finish(self, timeout=5.0):
         """Exits after a shutdown task: first waits (a while) for the replies
@@ -223,15 +253,30 @@ class Engine:
         try:
             slots = lane.sq.pop(64)
         except (BrokenPipeError, OSError):
-            # Closed (its client is gone) or broken: its replies go with it.
+            # Closed (its client is gone) or broken: its replies and pools go with it.
             self.lanes.remove(sink)
             return
         for i in range(0, len(slots), SLOT.size):
             task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
             if kind == KIND_RELEASE:
                 sink.replies.pop(off, None)
+            elif kind == KIND_POOL:
+                self.open_pool(sink, (off, length, gen))
             elif kind == KIND_TASK and not lane.cq.closed and not self.stopping:  # nobody would take the reply
                 self.run_task(task_id, (off, length, gen), sink)
+
+    def open_pool(self, sink, handle):
+        """A client's pool of load-balanced tasks, announced on its lane."""
+        try:
+            block = self.arena.acquire_bytes(handle, 0, handle[1], readonly=False)
+            pool = Ring(block)
+            if not pool.is_pool:
+                raise ValueError("not a pool")
+            pool.set_doorbell(self.rings, RING_BELL_OFFSET)  # its client rings ours
+        except (OSError, ValueError) as e:
+            print(f"shoal-engine {self.id}: a pool its client gave could not be opened: {e}", file=sys.__stderr__)
+            return
+        sink.pools.append(pool)
 
     def send_output(self, name, text):
         """Sends a piece of a running task's stdout or stderr to its client

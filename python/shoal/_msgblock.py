@@ -9,7 +9,11 @@ from ._core import RING_BELL_OFFSET, Ring
 # A ring slot: task_id, kind, flags, block offset, length, generation, sender.
 SLOT = struct.Struct("<QIIQQQI20x")
 assert SLOT.size == 64
-KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT, KIND_LANE = 1, 2, 3, 4, 5, 6
+KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT, KIND_LANE, KIND_POOL = 1, 2, 3, 4, 5, 6, 7
+# Slots in a lane's pool (a client's load-balanced tasks, which whichever
+# engine is idle takes) hold KIND_TASK slots too; a pool keeps each slot's
+# last 8 bytes for itself (docs/rings.md, "Pools").
+POOL_SLOTS = 1024
 
 # A message block: magic, frame count, payload-frame count, flags, then the lengths.
 FRAMES_MAGIC = 0x464D4853  # "SHMF"

@@ -26,10 +26,10 @@ import traceback
 import weakref
 
 from . import _core, serialize
-from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_RELEASE, KIND_RESULT, KIND_TASK, LANE_ENGINE_STOPPED, SLOT, Lane,
-                        pack_frames, unpack_frames)
+from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_POOL, KIND_RELEASE, KIND_RESULT, KIND_TASK, LANE_ENGINE_STOPPED,
+                        POOL_SLOTS, SLOT, Lane, pack_frames, unpack_frames)
 from .asyncresult import AsyncResult
-from .error import EngineError, TimeoutError
+from .error import EngineError, TaskAborted, TimeoutError
 from .local import LocalArena
 from .view import DirectView, LoadBalancedView
 
@@ -37,6 +37,40 @@ from .view import DirectView, LoadBalancedView
 # a no-op task's round trip through a lane takes well under this.
 LANE_SPIN = 300e-6
 _CORES = os.cpu_count() or 1
+# Pools a client keeps at once (one per set of engines a load-balanced view
+# spans; usually one).
+MAX_POOLS = 8
+
+
+class _Pool:
+    """A node-local queue of this client's load-balanced tasks, which
+    whichever of its engines is idle takes (docs/engine.md, "Pools").
+
+    A pool ring in an arena block of ours; each member engine got its handle
+    on its lane and replies on that lane. The ring records who took each
+    task, so when an engine dies the client knows which tasks went with it.
+    """
+
+    def __init__(self, arena, lanes):
+        self.block = arena.alloc(_core.Ring.size(POOL_SLOTS))
+        self.ring = _core.Ring(self.block, POOL_SLOTS, pool=True)
+        self.lanes = dict(lanes)  # engine id -> Lane, of the engines that take from it
+        self.tasks = {}  # task id -> position in the ring, until answered
+        self.turn = 0  # which member to try waking first
+
+    def wake(self, n):
+        """Wakes up to n sleeping members (engines awake look before they sleep)."""
+        lanes = list(self.lanes.values())
+        woken = 0
+        for k in range(len(lanes)):
+            if woken >= n:
+                break
+            lane = lanes[(self.turn + k) % len(lanes)]
+            try:
+                woken += lane.sq.wake()
+            except OSError:
+                pass
+        self.turn += 1
 
 
 class _Ended:
@@ -120,6 +154,8 @@ class Client:
         self._use_lanes = lanes
         self._lanes = {}  # engine id -> Lane, or None where there is none
         self._lane_tasks = {}  # lane task id -> (AsyncResult, engines yet to answer)
+        self._pools = {}  # frozenset of engine ids -> _Pool
+        self._pool_tasks = {}  # pool task id -> (AsyncResult, _Pool)
         # Ids of lane tasks and load-balanced tasks: apart from the socket's msg_ids (1, 2, ...).
         self._lane_ids = itertools.count(1 << 40)
         self._bell = None  # the doorbell all our lanes' completion rings ring
@@ -268,8 +304,19 @@ class Client:
             for eid, lane in self._lanes.items():
                 if lane is not None and eid < len(status["queue"]):
                     status["queue"][eid] += len(lane.pending)
-            status["lane_tasks_pending"] = len(self._lane_tasks)
-            status["tasks_pending"] += len(self._lane_tasks)
+            # A pool task is queued on the engine that took it, else unassigned.
+            unassigned = 0
+            for pool in self._pools.values():
+                for pos in pool.tasks.values():
+                    owner = pool.ring.owner(pos)
+                    if 0 <= owner < len(status["queue"]):
+                        status["queue"][owner] += 1
+                    elif owner == _core.POOL_WAITING:
+                        unassigned += 1
+            status["unassigned"] = status.get("unassigned", 0) + unassigned
+            mine = len(self._lane_tasks) + len(self._pool_tasks)
+            status["lane_tasks_pending"] = mine
+            status["tasks_pending"] += mine
         return status
 
     # ---- lanes: tasks straight to the engines of this node ------------------------
@@ -341,8 +388,10 @@ class Client:
 
     def _lane_slot(self, eid, lane, slot):
         task_id, kind, _, off, length, gen, _ = slot
-        ar = self._lane_tasks.get(task_id, (None,))[0]
+        ar = (self._lane_tasks.get(task_id) or self._pool_tasks.get(task_id) or (None,))[0]
         hdr = {"sender": eid, "task_id": task_id}
+        if kind == KIND_RESULT and task_id in self._pool_tasks:
+            ar._targets = [eid]  # a pool task ran where it was taken
         if kind == KIND_RESULT:
             try:
                 # Our own reference: the values may be views of this block.
@@ -367,6 +416,8 @@ class Client:
 
     def _lane_answered(self, eid, lane, task_id):
         """Engine eid is done with lane task task_id (answered, or gone)."""
+        if task_id in self._pool_tasks:
+            return self._pool_answered(task_id)
         lane.pending.discard(task_id)
         entry = self._lane_tasks.get(task_id)
         if entry is not None:
@@ -383,6 +434,110 @@ class Client:
             ar._fail(eid, EngineError(f"engine {eid} (pid {lane.engine_pid}) {what} while running task {task_id}",
                                       eid, task_id))
             self._lane_answered(eid, lane, task_id)
+        for key, pool in list(self._pools.items()):
+            if eid not in pool.lanes:
+                continue
+            del pool.lanes[eid]
+            for task_id, pos in list(pool.tasks.items()):
+                if pool.ring.owner(pos) == eid:  # it took this one and did not answer
+                    ar = self._pool_tasks[task_id][0]
+                    ar._targets = [eid]
+                    ar._fail(eid, EngineError(f"engine {eid} (pid {lane.engine_pid}) {what} while running task "
+                                              f"{task_id}", eid, task_id))
+                    self._pool_answered(task_id)
+            if not pool.lanes:  # nobody is left to take what waits
+                self._close_pool(key, EngineError, f"every engine of its load-balanced view {what}")
+
+    # ---- pools: load-balanced tasks that idle engines take -------------------------
+
+    def _pool(self, engines):
+        """The pool for load-balanced tasks that may run on any of engines,
+        or None if they are not all engines of this node with lanes (or are
+        fewer than two): such tasks go to one engine each."""
+        key = frozenset(engines)
+        pool = self._pools.get(key)
+        if pool is not None or len(key) < 2 or self.local is None:
+            return pool
+        lanes = {e: self._lane(e) for e in key}
+        if any(lane is None for lane in lanes.values()):
+            return None
+        if len(self._pools) >= MAX_POOLS:  # let idle ones go first
+            for k, p in list(self._pools.items()):
+                if not p.tasks:
+                    self._close_pool(k)
+            if len(self._pools) >= MAX_POOLS:
+                return None
+        try:
+            pool = _Pool(self.arena, lanes)
+        except (OSError, MemoryError):
+            return None  # no arena memory for it: one engine each
+        slot = SLOT.pack(0, KIND_POOL, 0, *pool.block.handle, 0)
+        for eid, lane in lanes.items():
+            self._lane_send(eid, lane, slot)
+        self._pools[key] = pool
+        return pool
+
+    def _pool_submit(self, pool, meta, obj, make=None):
+        """Puts a task in pool; its AsyncResult, or None if the pool is full
+        (the caller sends it to one engine instead)."""
+        if self._sock is None:
+            raise RuntimeError("this client is closed")
+        s = serialize.dumps(obj, arena=self.arena)
+        task_id = next(self._lane_ids)
+        m = dict(meta, buffers=s.buffers)
+        block = pack_frames(self.arena, [json.dumps(m).encode(), s.payload], s.frames)
+        try:
+            pos = pool.ring.put(SLOT.pack(task_id, KIND_TASK, 0, *block.handle, 0))
+        except OSError:
+            pos = None
+        if pos is None:
+            return None
+        ar = (make or AsyncResult)(self, task_id, [None], meta["kind"])
+        ar._zmq_targets = []
+        ar._keep += s.keep + [block]
+        ar._blocks.append(block)
+        ar.task_id = task_id
+        pool.tasks[task_id] = pos
+        self._pool_tasks[task_id] = (ar, pool)
+        pool.wake(1)
+        self._last_submit = time.monotonic()
+        self.history.append(task_id)
+        self._by_id[task_id] = ar
+        return ar
+
+    def _pool_answered(self, task_id):
+        ar, pool = self._pool_tasks.pop(task_id)
+        pos = pool.tasks.pop(task_id)
+        try:
+            pool.ring.retire(pos)
+        except OSError:
+            pass  # withdrawn and retired already, or the pool is closed
+
+    def _pool_withdraw(self, ar):
+        """Takes back a pool task nobody has taken: it fails with
+        TaskAborted. True if it did."""
+        entry = self._pool_tasks.get(ar.task_id)
+        if entry is None or not entry[1].ring.withdraw(entry[1].tasks[ar.task_id]):
+            return False
+        self._pool_answered(ar.task_id)
+        ar._fail(None, TaskAborted(f"task {ar.task_id} was aborted before it started"))
+        return True
+
+    def _close_pool(self, key, error=None, why=""):
+        """Closes a pool: its members drop it. Tasks nobody took fail with
+        error(why) (there must be none when error is None)."""
+        pool = self._pools.pop(key)
+        for task_id, pos in list(pool.tasks.items()):
+            if pool.ring.withdraw(pos):
+                ar = self._pool_tasks[task_id][0]
+                self._pool_answered(task_id)
+                ar._fail(None, (error or EngineError)(f"task {task_id} was never taken: {why or 'closed'}"))
+        pool.ring.close()
+        for lane in pool.lanes.values():
+            try:
+                lane.sq.wake()
+            except OSError:
+                pass
 
     # ---- tasks ---------------------------------------------------------------------
 
@@ -494,7 +649,7 @@ class Client:
         a millisecond, looking at the socket between them.
         """
         with self._lock:
-            if self._lane_tasks:
+            if self._lane_tasks or self._pool_tasks:
                 if self._drain_lanes():
                     return True
                 if self._pending or self._control_waits:
@@ -508,7 +663,7 @@ class Client:
                     # Spin only soon after a submission (a long wait sleeps), and
                     # only while a core is left for us: spinning while more
                     # engines than cores have work takes a core from them.
-                    busy = sum(1 for lane in lanes if lane.pending)
+                    busy = sum(1 for lane in lanes if lane.pending) + min(len(self._pool_tasks), _CORES)
                     spin = LANE_SPIN if busy < _CORES and time.monotonic() - self._last_submit < 0.01 else 0
                     self._bell.wait([lane.cq for lane in lanes], timeout=wait, spin=min(spin, wait))
                 return self._drain_lanes()
@@ -548,7 +703,8 @@ class Client:
     def _outstanding(self):
         """Our AsyncResults still waiting for an engine."""
         with self._lock:
-            ars = list(self._pending.values()) + [ar for ar, _ in self._lane_tasks.values()]
+            ars = list(self._pending.values()) + [ar for ar, _ in self._lane_tasks.values()] + \
+                [ar for ar, _ in self._pool_tasks.values()]
         return list({id(ar): ar for ar in ars}.values())
 
     def wait(self, jobs=None, timeout=-1):
@@ -596,6 +752,8 @@ class Client:
         the task answers TaskAborted instead. True if there was any."""
         if ar._done() or not ar._blocks:
             return False
+        if ar.task_id in self._pool_tasks and self._pool_withdraw(ar):
+            return True
         for block in ar._blocks:
             memoryview(block).cast("B")[12:16] = struct.pack("<I", ABORTED)
         return True
@@ -676,12 +834,17 @@ class Client:
             for ar in self._outstanding():  # nothing will answer them any more
                 for e in ar._targets:
                     if e not in ar._results:
-                        ar._fail(e, EngineError(f"the client was closed before engine {e} answered", e))
+                        who = f"engine {e}" if e is not None else "an engine"
+                        ar._fail(e, EngineError(f"the client was closed before {who} answered", e))
             for w in self._driven:
                 if hasattr(w, "_abort"):
                     w._abort()
             self._pending.clear()
             self._lane_tasks.clear()
+            self._pool_tasks.clear()
+            for key in list(self._pools):
+                self._pools[key].tasks.clear()
+                self._close_pool(key)
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

@@ -146,6 +146,15 @@ class TaskResult(AsyncResult):
                         f"task {self.msg_id}: its dependencies were not met within {self._timeout} s"))
                 return
         engines = set(self._view._engines()) - self._tried
+        if not self._follow and not self._tried and not self._failed_on:
+            # Any of the view's engines will do: into the pool, if there is one.
+            pool = self._view._pool()
+            f, args, kwargs = self._call
+            ar = self._view._apply_pooled(pool, f, args, kwargs) if pool is not None else None
+            if ar is not None:
+                self._attempt = ar
+                ar.add_done_callback(lambda ar: self._attempt_done(ar._targets[0], ar))
+                return
         if self._follow:
             where = self._follow.engines(client)
             engines &= where if where is not None else set()

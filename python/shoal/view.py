@@ -307,17 +307,23 @@ def _done_map(client):
 
 class LoadBalancedView:
     """Runs each task on whichever engine is free, as ipyparallel's
-    LoadBalancedView does.
+    LoadBalancedView does, without a round trip to the controller per task.
 
-    The client keeps every engine busy without a round trip to the
-    controller per task: while plenty of a map is left, each engine has
-    ``IN_FLIGHT`` of its tasks at once (one running, the next waiting on its
-    ring), towards the end one each; as each finishes the client hands out
-    the next. While a map has work left, a thread of the client does that
+    When every engine of the view is on the client's node, tasks go into a
+    pool in the node's arena, a queue that each engine takes from when it is
+    idle (docs/engine.md, "Pools"): no task waits behind a long one while
+    another engine has nothing to do. A map keeps ``POOL_DEPTH`` tasks per
+    engine in the pool while it has more. Otherwise (engines on other nodes,
+    ``lanes=False``, a task that must follow another or is retried) the
+    client hands each task to the engine with the fewest of its tasks: while
+    plenty of a map is left, each engine has ``IN_FLIGHT`` of its tasks at
+    once (one running, the next waiting on its ring), towards the end one
+    each. While a map has work left, a thread of the client hands it out
     even when nobody waits.
     """
 
     IN_FLIGHT = 2
+    POOL_DEPTH = 4
     _flag_names = ("targets", "block", "retries", "timeout", "after", "follow")
 
     def __init__(self, client, targets=None, block=False):
@@ -348,6 +354,18 @@ class LoadBalancedView:
             raise ValueError("this view has no engines to run on")
         load = self.client._lb_load
         return min(engines, key=lambda e: load.get(e, 0))
+
+    def _pool(self, engines=None):
+        """The client's pool for engines (default: this view's), or None."""
+        return self.client._pool(self._engines() if engines is None else engines)
+
+    def _apply_pooled(self, pool, f, args, kwargs):
+        """Puts one task in pool; its AsyncResult, or None if the pool is full."""
+        ar = self.client._pool_submit(pool, {"kind": "apply"}, (f, args, kwargs))
+        if ar is not None:
+            ar._single = True
+            ar._fname = getattr(f, "__name__", "apply")
+        return ar
 
     def _apply_on(self, engine, f, args, kwargs):
         """Submits one task to engine, counting it in the engine's load."""
@@ -448,7 +466,8 @@ class LoadBalancedMapResult:
         self._next = 0  # the next chunk to hand out
         self._results = {}  # chunk index -> (ok, values or exception)
         self._finish_order = []
-        self._inflight = {}  # engine id -> chunks of this map it has
+        self._inflight = {}  # engine id -> chunks of this map it has (handed to it)
+        self._pooled = 0  # chunks of this map in the client's pool, taken or not
         self._attempts = {}  # chunk index -> its AsyncResult while it runs
         self._meta = {}  # chunk index -> its task's metadata
         self._submitted = time.time()
@@ -468,6 +487,16 @@ class LoadBalancedMapResult:
         waiting; one each towards the end, so that no chunk waits behind a
         long one while another engine has nothing to do."""
         engines = self._view._engines()
+        pool = self._view._pool(engines) if self._next < len(self._chunks) else None
+        if pool is not None:
+            # Engines take from the pool when idle: keep enough there that
+            # none waits for the client, and no more (an abort, or a new
+            # engine, still finds the rest here).
+            while self._next < len(self._chunks) and self._pooled < LoadBalancedView.POOL_DEPTH * len(engines):
+                if not self._hand_out(None, pool):
+                    break  # full: the rest goes one engine each
+            else:
+                return
         while self._next < len(self._chunks) and engines:
             left = len(self._chunks) - self._next
             limit = LoadBalancedView.IN_FLIGHT if left > len(engines) else 1
@@ -476,19 +505,30 @@ class LoadBalancedMapResult:
                 return
             self._hand_out(engine)
 
-    def _hand_out(self, engine):
+    def _hand_out(self, engine, pool=None):
+        """Sends the next chunk to engine, or into pool; False if the pool was full."""
         i = self._next
-        self._next += 1
         args = (self._f, *self._chunks[i]) if self._runner is _call_chunk else (self._f, self._chunks[i])
         try:
-            ar = self._view._apply_on(engine, self._runner, args, {})
+            if pool is not None:
+                ar = self._view._apply_pooled(pool, self._runner, args, {})
+                if ar is None:
+                    return False
+            else:
+                ar = self._view._apply_on(engine, self._runner, args, {})
         except Exception as e:  # e.g. an item that cannot be pickled: that task fails, the map goes on
+            self._next += 1
             self._results[i] = (False, e)
             self._finish_order.append(i)
-            return
-        self._inflight[engine] = self._inflight.get(engine, 0) + 1
+            return True
+        self._next += 1
+        if pool is not None:
+            self._pooled += 1
+        else:
+            self._inflight[engine] = self._inflight.get(engine, 0) + 1
         self._attempts[i] = ar
         ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
+        return True
 
     def abort(self):
         """Aborts the chunks that have not started: those still held by the
@@ -505,10 +545,14 @@ class LoadBalancedMapResult:
 
     def _chunk_done(self, i, engine, ar):
         self._attempts.pop(i, None)
-        self._results[i] = ar._results[engine]
+        if engine is None:  # from the pool: it ran where it was taken
+            self._pooled -= 1
+            self._results[i] = ar._results[ar._targets[0]]
+        else:
+            self._inflight[engine] -= 1
+            self._results[i] = ar._results[engine]
         self._meta[i] = ar.metadata
         self._finish_order.append(i)
-        self._inflight[engine] -= 1
         self._fill()
 
     def _has_work(self):

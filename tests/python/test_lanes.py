@@ -140,6 +140,39 @@ def test_an_engine_killed_mid_task_fails_it_within_a_second(tmp_path):
         ctl.stop()
 
 
+def test_an_engine_killed_while_it_holds_a_pool_task(tmp_path):
+    """The pool records who took each task: when that engine dies, its task
+    fails (and only its task); what waits in the pool goes to the others."""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+    agent = Agent(ctl, tmp_path / "run", engines=2)
+    c = shoal.Client(url_file=str(ctl.conn), timeout=10)
+    try:
+        lview = c.load_balanced_view()
+        pids = dict(zip(c.ids, c[:].apply_sync(os.getpid)))
+        long = lview.apply_async(lambda: (__import__("time").sleep(60), __import__("os").getpid())[1])
+        assert c._pools, "both engines are on this node: the view has a pool"
+        rest = [lview.apply_async(lambda x: (__import__("time").sleep(0.05), x)[1], i) for i in range(20)]
+        assert wait_for(lambda: c.queue_status()["unassigned"] < 20, 5)
+        pool = next(iter(c._pools.values()))
+        task_id = long._attempt.task_id  # the attempt that went into the pool
+        taker = pool.ring.owner(pool.tasks[task_id])
+        assert taker in pids, "the pool says which engine took the long task"
+        t0 = time.monotonic()
+        os.kill(pids[taker], signal.SIGKILL)
+        with pytest.raises(shoal.EngineError) as e:
+            long.get(timeout=5)
+        assert time.monotonic() - t0 < 1.0, "the failure arrives within a second"
+        assert f"engine {taker} (pid {pids[taker]}) died while running task {task_id}" in str(e.value)
+        survivor = next(e for e in pids if e != taker)
+        assert [ar.get(10) for ar in rest] == list(range(20)), "no other task is lost"
+        assert {ar.metadata["engine_id"] for ar in rest} <= {survivor, taker}
+        assert lview.map_sync(lambda x: -x, range(8)) == [-x for x in range(8)], "the view goes on"
+    finally:
+        c.close()
+        agent.stop()
+        ctl.stop()
+
+
 def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
     rc[0].apply_sync(abs, 1)
     base = rc.arena.stats()["used_blocks"]
@@ -149,6 +182,9 @@ def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
         c[0].push({{"junk": np.ones(4 << 20)}})
         c[0].apply_async(time.sleep, 1)
         c[1].apply_async(lambda: __import__("numpy").ones(4 << 20))
+        lview = c.load_balanced_view()  # a pool, with tasks taken and waiting
+        [lview.apply_async(time.sleep, 0.3) for _ in range(6)]
+        assert c._pools
         print("sent", flush=True)
         time.sleep(60)
     """)

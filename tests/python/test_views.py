@@ -183,6 +183,45 @@ def test_a_long_task_does_not_hold_up_the_others(rc):
     assert len(counts) == 3
 
 
+def test_idle_engines_take_tasks_from_the_pool(rc):
+    """Individual submissions, not a map: the long task's engine takes no
+    other task, because engines take from the pool only when idle."""
+    import time
+    lview = rc.load_balanced_view()
+    long = lview.apply_async(lambda: (time.sleep(1.5), os.getpid())[1])
+    short = [lview.apply_async(lambda: (time.sleep(0.02), os.getpid())[1]) for _ in range(30)]
+    if rc._lanes.get(0) is not None:
+        assert rc._pools, "the view's engines are all on this node: it has a pool"
+        status = rc.queue_status()
+        assert status["unassigned"] + sum(status["queue"]) >= 1
+        done = [ar.get(10) for ar in short]
+        assert not long.ready(), "every short task finished while the long one ran"
+        assert long.get(10) not in done, "the long task's engine took none of them"
+        assert len(set(done)) == 2
+        assert long.metadata["engine_id"] == rc.ids[[rc[e].apply_sync(os.getpid) for e in rc.ids].index(long.get())]
+    else:
+        assert not rc._pools, "through the controller there is no pool"
+        assert len({ar.get(10) for ar in short} | {long.get(10)}) == 3
+
+
+def test_aborting_tasks_that_wait_in_the_pool(rc):
+    import time
+    lview = rc.load_balanced_view()
+    busy = [lview.apply_async(time.sleep, 0.5) for _ in rc.ids]
+    waiting = [lview.apply_async(abs, -i) for i in range(5)]
+    if rc._lanes.get(0) is None:
+        pytest.skip("through the controller: see test_abort")
+    t0 = time.monotonic()
+    rc.abort(waiting[:3])
+    for ar in waiting[:3]:
+        with pytest.raises(shoal.TaskAborted, match="aborted before it started"):
+            ar.get(10)
+    assert time.monotonic() - t0 < 0.4, "taken back from the pool: no engine had to get to them"
+    assert [ar.get(10) for ar in waiting[3:]] == [3, 4]
+    assert [b.get(10) for b in busy] == [None] * len(busy)
+    assert lview.apply_sync(abs, -9) == 9
+
+
 def test_a_load_balanced_map_goes_on_while_nobody_waits(rc):
     import time
     lview = rc.load_balanced_view()
