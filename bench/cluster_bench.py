@@ -10,6 +10,10 @@ Cases, for each system and engine count (2 and 8 by default):
          MemAvailable, before and after; the largest of the pushes)
   pull   pull of a 256 MiB float64 array from one engine: seconds, and how
          much the node's memory grew while the client held it
+  uneven the seed's uneven-duration example through a load-balanced map: 100
+         tasks sleeping random times (the same for every system, 0-0.5 s),
+         one per task: the makespan against the ideal, max(sum / engines,
+         longest task)
 Prints one key=value line per case, then the ratios (ipyparallel / shoal).
 Run through bench/run_cluster.sh, which makes the benchmark's own venv.
 """
@@ -42,6 +46,28 @@ def noop():
     return None
 
 
+def nap(d):
+    import time
+    time.sleep(d)
+    return d
+
+
+UNEVEN = [__import__("random").Random(2026).random() * 0.5 for _ in range(100)]
+
+
+def measure_uneven(name, lview, engines, out):
+    lview.map_sync(nap, [0.0] * engines)
+    t = time.perf_counter()
+    got = lview.map_sync(nap, UNEVEN)
+    took = time.perf_counter() - t
+    assert list(got) == UNEVEN
+    ideal = max(sum(UNEVEN) / engines, max(UNEVEN))
+    r = dict(system=name, engines=engines, case="uneven", tasks=len(UNEVEN), seconds=took, ideal=ideal,
+             over_ideal_pct=(took / ideal - 1) * 100)
+    out.append(r)
+    show(r)
+
+
 def show(r):
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
 
@@ -60,7 +86,7 @@ def measure_rtt(name, dv0, engines, out):
     show(r)
 
 
-def measure(name, dv0, dv, engines, sizes, out):
+def measure(name, dv0, dv, lview, engines, sizes, out):
     measure_rtt(name, dv0, engines, out)
     dv.apply_sync(noop)  # every engine has answered once (shoal: every lane is open)
     for size in sizes:
@@ -97,6 +123,7 @@ def measure(name, dv0, dv, engines, sizes, out):
     show(r)
     del got
     dv0.execute("del bench_r", block=True)
+    measure_uneven(name, lview, engines, out)
 
 
 def run_shoal(engines, sizes, out):
@@ -106,7 +133,7 @@ def run_shoal(engines, sizes, out):
     assert shoal_cli(["start", "-n", str(engines), "--daemonize", "--profile", profile]) == 0
     try:
         with shoal.Client(profile=profile) as rc:
-            measure("shoal", rc[rc.ids[0]], rc[:], engines, sizes, out)
+            measure("shoal", rc[rc.ids[0]], rc[:], rc.load_balanced_view(), engines, sizes, out)
         with shoal.Client(profile=profile, lanes=False) as rc:
             measure_rtt("shoal-controller", rc[rc.ids[0]], engines, out)
     finally:
@@ -122,7 +149,7 @@ def run_ipyparallel(engines, sizes, out):
     rc = cluster.start_and_connect_sync()
     try:
         rc.wait_for_engines(engines, timeout=120)
-        measure("ipyparallel", rc[rc.ids[0]], rc[:], engines, sizes, out)
+        measure("ipyparallel", rc[rc.ids[0]], rc[:], rc.load_balanced_view(), engines, sizes, out)
     finally:
         rc.close()
         cluster.stop_cluster_sync()
@@ -151,6 +178,9 @@ def main():
         s, i = get("shoal", "pull"), get("ipyparallel", "pull")
         print(f"ratio engines={n} case=pull bytes={PULL} time={i['seconds'] / s['seconds']:.1f} "
               f"mem_growth_mib shoal={s['mem_growth_mib']:.0f} ipyparallel={i['mem_growth_mib']:.0f}")
+        s, i = get("shoal", "uneven"), get("ipyparallel", "uneven")
+        print(f"uneven engines={n} ideal={s['ideal']:.2f} shoal={s['seconds']:.2f} "
+              f"(+{s['over_ideal_pct']:.1f}%) ipyparallel={i['seconds']:.2f} (+{i['over_ideal_pct']:.1f}%)")
         for size in sizes:
             s, i = get("shoal", "push", bytes=size), get("ipyparallel", "push", bytes=size)
             print(f"ratio engines={n} case=push bytes={size} time={i['seconds'] / s['seconds']:.1f} "
