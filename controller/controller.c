@@ -477,6 +477,57 @@ static void route_result(struct controller *c, shoal_wire_msg *m)
         task_target_done(c, slot, m->hdr.sender);
 }
 
+/*
+ * A client's ABORT: {"msg_ids": [its TASK msg_ids]}. Each node that has an
+ * unanswered part of one of those tasks gets an ABORT for the task, and
+ * marks it where its engines have not started it. Answers QUERY_REPLY
+ * {"aborting": tasks found}: tasks already answered are not found.
+ */
+static void abort_tasks(struct controller *c, shoal_wire_msg *m, const struct route *from)
+{
+    cJSON *body = json_body(m);
+    cJSON *ids = cJSON_GetObjectItemCaseSensitive(body, "msg_ids");
+    if (!cJSON_IsArray(ids)) {
+        reply_error(c, c->clients, from, m->hdr.msg_id, "an ABORT needs {\"msg_ids\": [...]}");
+        cJSON_Delete(body);
+        return;
+    }
+    int found = 0;
+    uint8_t *node_has = calloc(c->nnodes ? c->nnodes : 1, 1);
+    for (uint32_t b = 0; node_has && b < TASK_BUCKETS; b++)
+        for (struct task *t = c->tasks[b]; t; t = t->next) {
+            if (t->client.len != from->len || memcmp(t->client.id, from->id, from->len))
+                continue;
+            int wanted = 0;
+            const cJSON *id;
+            cJSON_ArrayForEach(id, ids)
+                if (cJSON_IsNumber(id) && id->valuedouble == (double)t->client_msg)
+                    wanted = 1;
+            if (!wanted)
+                continue;
+            found++;
+            memset(node_has, 0, c->nnodes ? c->nnodes : 1);
+            for (uint32_t i = 0; i < t->n; i++)
+                if (!t->done[i])
+                    node_has[c->engines[t->engines[i]].node] = 1;
+            for (uint32_t n = 0; n < c->nnodes; n++) {
+                if (!node_has[n] || !c->nodes[n].alive)
+                    continue;
+                shoal_msg_header h = {.type = SHOAL_MSG_ABORT, .msg_id = ++c->next_msg_id, .task_id = t->id,
+                                      .target = SHOAL_WIRE_TARGET_ALL};
+                shoal_frame route = {c->nodes[n].route.id, c->nodes[n].route.len};
+                if (shoal_wire_send(c->agents, c->key, &route, &h, NULL, 0) < 0)
+                    logf_("could not pass on the abort of task %" PRIu64 " to node %u", t->id, n);
+            }
+        }
+    free(node_has);
+    cJSON_Delete(body);
+    cJSON *reply = cJSON_CreateObject();
+    cJSON_AddNumberToObject(reply, "aborting", found);
+    reply_json(c, c->clients, from, SHOAL_MSG_QUERY_REPLY, m->hdr.msg_id, reply);
+    cJSON_Delete(reply);
+}
+
 /* ---- handlers ---------------------------------------------------------------- */
 
 static void on_client(struct controller *c, shoal_wire_msg *m, const struct route *from)
@@ -504,6 +555,9 @@ static void on_client(struct controller *c, shoal_wire_msg *m, const struct rout
         break;
     case SHOAL_MSG_TASK:
         route_task(c, m, from);
+        break;
+    case SHOAL_MSG_ABORT:
+        abort_tasks(c, m, from);
         break;
     default:
         reply_error(c, c->clients, from, m->hdr.msg_id, "message type %u is not one a client may send",

@@ -28,6 +28,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +50,8 @@
 
 /* Ring slot kinds and layout: docs/engine.md (and shoal/_engine.py). */
 enum { KIND_TASK = 1, KIND_SHUTDOWN = 2, KIND_RESULT = 3, KIND_RELEASE = 4, KIND_OUTPUT = 5, KIND_LANE = 6 };
+/* The flags word of a message block (its bytes 12-15): the sender aborted the task. */
+#define MSG_ABORTED 1u
 struct slot {
     uint64_t task_id;
     uint32_t kind;
@@ -162,6 +165,7 @@ struct agent {
 
 static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id);
 static void route_task(struct agent *a, shoal_wire_msg *m);
+static void abort_task(struct agent *a, uint64_t task_id);
 
 static char log_name[32] = "shoal-agent"; /* then "shoal-agent <pid>" */
 #define now_ns shoal_now_ns
@@ -243,6 +247,9 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
         break;
     case SHOAL_MSG_TASK:
         route_task(a, m);
+        break;
+    case SHOAL_MSG_ABORT:
+        abort_task(a, m->hdr.task_id);
         break;
     case SHOAL_MSG_ERROR:
         if (m->hdr.n_payload >= 1) {
@@ -861,6 +868,27 @@ static int forward_result(struct agent *a, struct engine *e, const struct slot *
     }
     shoal_arena_release(a->arena, h);
     return rc;
+}
+
+/* The controller's ABORT: marks task_id's message block (docs/engine.md,
+ * "Message blocks"), so that an engine that has not started it answers
+ * TaskAborted instead; one that has started it finishes it. */
+static void abort_task(struct agent *a, uint64_t task_id)
+{
+    for (int i = 0; i < a->nengines; i++) {
+        struct engine *e = &a->engines[i];
+        for (size_t k = 0; k < e->nout; k++) {
+            if (e->out[k].task_id != task_id)
+                continue;
+            shoal_handle h = a->blks[e->out[k].blk].h;
+            uint8_t *p;
+            if (h.length >= 16 && shoal_arena_ptr(a->arena, h, (void **)&p) == 0) {
+                _Atomic uint32_t *flags = (_Atomic uint32_t *)(p + 12);
+                atomic_fetch_or_explicit(flags, MSG_ABORTED, memory_order_release);
+            }
+            return; /* one block for all of the node's engines */
+        }
+    }
 }
 
 static void finish_task(struct agent *a, struct engine *e, uint64_t task_id)

@@ -727,9 +727,9 @@ class Client:
         """Aborts tasks that have not started: jobs (AsyncResults or msg_ids;
         default every outstanding one), or those on targets. They fail with
         TaskAborted; tasks already running finish. Load-balanced tasks still
-        held by the client and lane tasks still queued on their engines can
-        be aborted; tasks sent through the controller (lanes=False, other
-        nodes) cannot, and run."""
+        held by the client or waiting in its pool are taken back at once;
+        tasks queued on an engine (on a lane, or sent through the controller)
+        are marked, and the engine answers TaskAborted when it gets to them."""
         if jobs is None:
             jobs = self._outstanding() + [w for w in self._driven if hasattr(w, "_abort")]
         elif isinstance(jobs, (AsyncResult, int)) or hasattr(jobs, "_abort"):
@@ -748,15 +748,20 @@ class Client:
             self.wait(jobs)
 
     def _abort_sent(self, ar):
-        """Marks ar's message blocks aborted: an engine that has not started
-        the task answers TaskAborted instead. True if there was any."""
-        if ar._done() or not ar._blocks:
+        """Aborts a task that was sent: takes it back from the pool if no
+        engine has it yet; else marks its message blocks, ours (lanes) or,
+        through the controller, the agents' (the controller's ABORT): an
+        engine that has not started it answers TaskAborted instead. True if
+        there was anything to abort."""
+        if ar._done():
             return False
         if ar.task_id in self._pool_tasks and self._pool_withdraw(ar):
             return True
         for block in ar._blocks:
             memoryview(block).cast("B")[12:16] = struct.pack("<I", ABORTED)
-        return True
+        if ar._mids and not ar._zmq_done():
+            self._control(_core.MSG_ABORT, {"msg_ids": list(ar._mids)})
+        return bool(ar._blocks or ar._mids)
 
     def wait_for_engines(self, n, timeout=-1, block=True):
         """Waits until at least n engines are running; raises TimeoutError

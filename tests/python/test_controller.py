@@ -99,6 +99,18 @@ def test_unknown_and_misplaced_messages_get_an_error(ctl):
     assert kind == _core.MSG_ERROR and "register the node" in body["error"]
 
 
+def test_abort_of_unknown_or_malformed_tasks(ctl):
+    s = ctl.socket()
+    kind, body = ctl.ask(s, _core.MSG_ABORT)
+    assert kind == _core.MSG_ERROR and "msg_ids" in body["error"]
+    kind, body = ctl.ask(s, _core.MSG_ABORT, {"msg_ids": "all"})
+    assert kind == _core.MSG_ERROR
+    kind, body = ctl.ask(s, _core.MSG_ABORT, {"msg_ids": [1, "x", None, 1e300]})
+    assert kind == _core.MSG_QUERY_REPLY and body == {"aborting": 0}, "none of them is a task of this client's"
+    kind, body = ctl.ask(s, _core.MSG_QUERY, {})
+    assert kind == _core.MSG_QUERY_REPLY, "and it goes on"
+
+
 def test_nodes_and_engines_register(ctl):
     # The node agent's side of the conversation, spoken by the test.
     a = ctl.socket("agent")

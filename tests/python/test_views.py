@@ -526,12 +526,16 @@ def test_abort(rc):
     import time
     busy = [rc[e].apply_async(time.sleep, 0.5) for e in rc.ids]
     queued = rc[0].apply_async(abs, -5)
+    both = rc[[1, 2]].apply_async(abs, -6)
     queued.abort()
-    if rc._lanes.get(0) is not None:
-        with pytest.raises(shoal.TaskAborted, match="aborted before it started"):
-            queued.get(10)
-    else:
-        assert queued.get(10) == 5, "through the controller a queued task cannot be aborted: it runs"
+    rc.abort(both)
+    # On a lane the client marks the task itself; through the controller the
+    # agent marks it, on the controller's word.
+    with pytest.raises(shoal.TaskAborted, match="aborted before it started"):
+        queued.get(10)
+    with pytest.raises(shoal.CompositeError) as e:
+        both.get(10)
+    assert [type(x) for x in e.value.elist] == [shoal.TaskAborted] * 2
     lview = rc.load_balanced_view()
     m = lview.map_async(lambda x: (__import__("time").sleep(0.05), x)[1], range(100))
     rc.abort()
