@@ -528,6 +528,75 @@ static void abort_tasks(struct controller *c, shoal_wire_msg *m, const struct ro
     cJSON_Delete(reply);
 }
 
+/*
+ * A client's SIGNAL: {"sig": n, "targets": [engine ids]} (no targets: every
+ * live engine). Each node with targets gets a SIGNAL naming its own, and
+ * sends the signal to their processes. Answers QUERY_REPLY {"signalled":
+ * [ids], "not_running": [ids]}.
+ */
+static void signal_engines(struct controller *c, shoal_wire_msg *m, const struct route *from)
+{
+    cJSON *body = json_body(m);
+    cJSON *sig = cJSON_GetObjectItemCaseSensitive(body, "sig");
+    cJSON *targets = cJSON_GetObjectItemCaseSensitive(body, "targets");
+    if (!cJSON_IsNumber(sig) || sig->valuedouble < 0 || sig->valuedouble > 64 ||
+        sig->valuedouble != (double)(int)sig->valuedouble || (targets && !cJSON_IsArray(targets) &&
+                                                              !cJSON_IsNull(targets))) {
+        reply_error(c, c->clients, from, m->hdr.msg_id,
+                    "a SIGNAL needs {\"sig\": a signal number 0-64, \"targets\": [engine ids]}");
+        cJSON_Delete(body);
+        return;
+    }
+    cJSON *reply = cJSON_CreateObject();
+    cJSON *done = cJSON_AddArrayToObject(reply, "signalled");
+    cJSON *missing = cJSON_AddArrayToObject(reply, "not_running");
+    cJSON **per_node = calloc(c->nnodes ? c->nnodes : 1, sizeof *per_node);
+    for (uint32_t e = 0; per_node && e < c->nengines; e++) {
+        int wanted = !cJSON_IsArray(targets);
+        const cJSON *t;
+        cJSON_ArrayForEach(t, targets)
+            if (cJSON_IsNumber(t) && t->valuedouble == (double)e)
+                wanted = 1;
+        if (!wanted || (!cJSON_IsArray(targets) && !c->engines[e].alive))
+            continue;
+        uint32_t n = c->engines[e].node;
+        if (!c->engines[e].alive || !c->nodes[n].alive) {
+            cJSON_AddItemToArray(missing, cJSON_CreateNumber(e));
+            continue;
+        }
+        if (!per_node[n])
+            per_node[n] = cJSON_CreateArray();
+        cJSON_AddItemToArray(per_node[n], cJSON_CreateNumber(e));
+        cJSON_AddItemToArray(done, cJSON_CreateNumber(e));
+    }
+    /* Targets that name no engine at all. */
+    const cJSON *t;
+    cJSON_ArrayForEach(t, targets)
+        if (!cJSON_IsNumber(t) || t->valuedouble < 0 || t->valuedouble >= (double)c->nengines)
+            cJSON_AddItemToArray(missing, cJSON_Duplicate(t, 1));
+    for (uint32_t n = 0; per_node && n < c->nnodes; n++) {
+        if (!per_node[n])
+            continue;
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddNumberToObject(j, "sig", sig->valueint);
+        cJSON_AddItemToObject(j, "engines", per_node[n]);
+        char *text = cJSON_PrintUnformatted(j);
+        if (text) {
+            shoal_msg_header h = {.type = SHOAL_MSG_SIGNAL, .n_payload = 1, .msg_id = ++c->next_msg_id,
+                                  .target = SHOAL_WIRE_TARGET_ALL};
+            shoal_frame route = {c->nodes[n].route.id, c->nodes[n].route.len}, f = {text, strlen(text)};
+            if (shoal_wire_send(c->agents, c->key, &route, &h, &f, 1) < 0)
+                logf_("could not pass a signal on to node %u", n);
+            free(text);
+        }
+        cJSON_Delete(j);
+    }
+    free(per_node);
+    reply_json(c, c->clients, from, SHOAL_MSG_QUERY_REPLY, m->hdr.msg_id, reply);
+    cJSON_Delete(reply);
+    cJSON_Delete(body);
+}
+
 /* ---- handlers ---------------------------------------------------------------- */
 
 static void on_client(struct controller *c, shoal_wire_msg *m, const struct route *from)
@@ -558,6 +627,9 @@ static void on_client(struct controller *c, shoal_wire_msg *m, const struct rout
         break;
     case SHOAL_MSG_ABORT:
         abort_tasks(c, m, from);
+        break;
+    case SHOAL_MSG_SIGNAL:
+        signal_engines(c, m, from);
         break;
     default:
         reply_error(c, c->clients, from, m->hdr.msg_id, "message type %u is not one a client may send",

@@ -166,6 +166,7 @@ struct agent {
 static void engine_registered(struct agent *a, uint64_t reply_to, int32_t id);
 static void route_task(struct agent *a, shoal_wire_msg *m);
 static void abort_task(struct agent *a, uint64_t task_id);
+static void signal_engines(struct agent *a, shoal_wire_msg *m);
 
 static char log_name[32] = "shoal-agent"; /* then "shoal-agent <pid>" */
 #define now_ns shoal_now_ns
@@ -250,6 +251,9 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
         break;
     case SHOAL_MSG_ABORT:
         abort_task(a, m->hdr.task_id);
+        break;
+    case SHOAL_MSG_SIGNAL:
+        signal_engines(a, m);
         break;
     case SHOAL_MSG_ERROR:
         if (m->hdr.n_payload >= 1) {
@@ -889,6 +893,30 @@ static void abort_task(struct agent *a, uint64_t task_id)
             return; /* one block for all of the node's engines */
         }
     }
+}
+
+/* The controller's SIGNAL, {"sig": n, "engines": [ids]}: sends signal n to
+ * those of our engines that are running. */
+static void signal_engines(struct agent *a, shoal_wire_msg *m)
+{
+    if (m->hdr.n_payload < 1)
+        return;
+    shoal_frame f = shoal_wire_frame(m, 0);
+    cJSON *j = cJSON_ParseWithLength(f.data, f.len);
+    cJSON *sig = cJSON_GetObjectItemCaseSensitive(j, "sig");
+    cJSON *ids = cJSON_GetObjectItemCaseSensitive(j, "engines");
+    if (cJSON_IsNumber(sig) && sig->valueint >= 0 && sig->valueint <= 64 && cJSON_IsArray(ids)) {
+        const cJSON *id;
+        cJSON_ArrayForEach(id, ids) {
+            struct engine *e = cJSON_IsNumber(id) && id->valueint >= 0 ? engine_by_id(a, (uint32_t)id->valueint)
+                                                                         : NULL;
+            if (e && e->alive && e->pid > 0 && kill(e->pid, sig->valueint) < 0)
+                logf_("could not signal engine %d (pid %d): %s", e->id, (int)e->pid, strerror(errno));
+        }
+    } else {
+        logf_("ignoring a malformed SIGNAL from the controller");
+    }
+    cJSON_Delete(j);
 }
 
 static void finish_task(struct agent *a, struct engine *e, uint64_t task_id)

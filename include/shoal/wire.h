@@ -48,6 +48,7 @@ enum shoal_msg_type {
     SHOAL_MSG_SHUTDOWN = 11,
     SHOAL_MSG_ENGINE_EVENT = 12, /* agent -> controller: an engine started or died */
     SHOAL_MSG_ABORT = 13,      /* client -> controller -> agent: tasks not to start */
+    SHOAL_MSG_SIGNAL = 14,     /* client -> controller -> agent: signal engines */
     SHOAL_MSG__END             /* one past the last known type */
 };
 

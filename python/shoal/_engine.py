@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -156,6 +157,7 @@ class Engine:
         self.execution_count = 0  # execute tasks run, as IPython numbers cells
         self.stopping = False  # a shutdown task asked it to exit
         self.outputs = []  # output blocks of the running task
+        self.running = False  # user code is running (a SIGINT interrupts it)
         main = sys.modules["__main__"]
         self.ns = main.__dict__
         self.ns.setdefault("__builtins__", builtins)
@@ -308,7 +310,11 @@ class Engine:
                 self.execution_count += 1
                 meta["execution_count"] = self.execution_count
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                value = self.execute(request, payload, buffers)
+                self.running = True
+                try:
+                    value = self.execute(request, payload, buffers)
+                finally:
+                    self.running = False
             del msg, payload, buffers
             if request.get("kind") == "execute" and value is not None:
                 meta["execute_result"] = {"text/plain": _pretty(value)}
@@ -350,6 +356,13 @@ class Engine:
         self.outputs = []
         if not sink.push(SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)):
             sink.replies.pop(block.handle[0], None)  # its client is gone
+
+    def on_sigint(self, signum, frame):
+        """SIGINT (Client.send_signal, %%px's Ctrl-C) interrupts the user
+        code that runs, as KeyboardInterrupt: the task fails with it and the
+        engine goes on. Between tasks it does nothing."""
+        if self.running:
+            raise KeyboardInterrupt
 
     def _deref(self, arg):
         """A Reference argument: the value of that name here."""
@@ -413,4 +426,5 @@ def main():
     except (OSError, ValueError) as e:
         print(f"shoal-engine {args.index}: {e}", file=sys.stderr)
         return 1
+    signal.signal(signal.SIGINT, engine.on_sigint)
     return engine.loop()

@@ -117,6 +117,22 @@ class _Metadata(collections.abc.MutableMapping):
         return len(self._ended)
 
 
+def _signal_number(sig):
+    """sig as a signal number: a number, or a name ("SIGINT", "INT")."""
+    import signal
+    if isinstance(sig, str):
+        name = sig.upper()
+        if sig.isdigit():
+            return _signal_number(int(sig))
+        num = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+        if not isinstance(num, int) or name.startswith("SIG_"):
+            raise ValueError(f"no signal named {sig!r}")
+        return int(num)
+    if isinstance(sig, int) and 0 <= sig <= 64:
+        return int(sig)
+    raise ValueError(f"not a signal: {sig!r}")
+
+
 def _profile_dir(profile):
     """Where profile `profile` lives: $SHOAL_DIR (else ~/.shoal)/profile_<profile>."""
     root = os.environ.get("SHOAL_DIR") or os.path.join(os.path.expanduser("~"), ".shoal")
@@ -762,6 +778,26 @@ class Client:
         if ar._mids and not ar._zmq_done():
             self._control(_core.MSG_ABORT, {"msg_ids": list(ar._mids)})
         return bool(ar._blocks or ar._mids)
+
+    def send_signal(self, sig, targets=None, block=None):
+        """Sends signal sig (a number, or a name such as "SIGINT" or "INT")
+        to the processes of targets' engines (an id, a list, or None / "all":
+        every engine), on whichever node they run. SIGINT interrupts the
+        task an engine runs (it fails with KeyboardInterrupt) and leaves an
+        idle engine alone. Raises EngineError if a target is not running
+        (the others got the signal)."""
+        num = _signal_number(sig)
+        if targets in (None, "all"):
+            targets = None
+        elif isinstance(targets, int):
+            targets = [targets]
+        else:
+            targets = list(targets)
+        reply = self._control(_core.MSG_SIGNAL, {"sig": num, "targets": targets})
+        if reply.get("not_running"):
+            raise EngineError(f"engines {reply['not_running']} are not running; signal {sig} went to "
+                              f"{reply.get('signalled', [])}")
+        return None
 
     def wait_for_engines(self, n, timeout=-1, block=True):
         """Waits until at least n engines are running; raises TimeoutError

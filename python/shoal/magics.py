@@ -143,6 +143,13 @@ def _magics_class():
                                      help="return an AsyncResult at once")(f)
         f = magic_arguments.argument("-b", "--block", dest="block", action="store_const", const=True,
                                      help="wait for the engines and print their outputs")(f)
+        f = magic_arguments.argument("--progress-after", dest="progress_after", type=float, default=None,
+                                     help="show a progress bar once the cell has run this many seconds "
+                                          "(when blocking); -1: never (the default), 0: at once")(f)
+        f = magic_arguments.argument("--signal-on-interrupt", dest="signal_on_interrupt", default=None,
+                                     help="the signal Ctrl-C sends the engines while a blocking cell runs: "
+                                          "a name or number (default SIGINT, which interrupts their code; "
+                                          "0 sends none)")(f)
         return f
 
     class ParallelMagics(Magics):
@@ -155,6 +162,8 @@ def _magics_class():
             self.last_result = None
             self.verbose = False
             self.stream = False
+            self.progress_after = -1  # seconds before a blocking cell shows a progress bar; -1: never
+            self.signal_on_interrupt = "SIGINT"  # what Ctrl-C sends the engines while a cell blocks
             self._autopx = False
             super().__init__(shell)
             # The magics' names carry the suffix: %px_even for activate("_even").
@@ -190,6 +199,10 @@ def _magics_class():
                 self.verbose = args.set_verbose
             if args.stream is not None:
                 self.stream = args.stream
+            if args.progress_after is not None:
+                self.progress_after = args.progress_after
+            if args.signal_on_interrupt is not None:
+                self.signal_on_interrupt = args.signal_on_interrupt
 
         @magic_arguments.magic_arguments()
         @output_args
@@ -214,21 +227,19 @@ def _magics_class():
             """Runs the cell on the engines (%%px [options])."""
             args = magic_arguments.parse_argstring(self.cell_px, line)
             verbose = self.verbose if args.set_verbose is None else args.set_verbose
+            waiting = dict(progress_after=args.progress_after, signal_on_interrupt=args.signal_on_interrupt)
             if args.local:
                 ar = self.parallel_execute(cell, block=False, targets=args.targets, verbose=verbose,
                                            save_name=args.save_name)
                 self.shell.run_cell(cell)
                 block = self.view.block if args.block is None else args.block
                 if block:
-                    try:
-                        ar.get()
-                    finally:
-                        display_outputs(ar, args.groupby)
+                    self._block_on(ar, args.groupby, False, **waiting)
                     return None
                 return ar
             return self.parallel_execute(cell, block=args.block, groupby=args.groupby, targets=args.targets,
                                          verbose=verbose, save_name=args.save_name,
-                                         stream=self.stream if args.stream is None else args.stream)
+                                         stream=self.stream if args.stream is None else args.stream, **waiting)
 
         def px(self, line="", cell=None):
             """%px CODE runs CODE on the engines; %%px [options] runs the cell."""
@@ -237,7 +248,7 @@ def _magics_class():
             return self.parallel_execute(line)
 
         def parallel_execute(self, cell, block=None, groupby="type", targets=None, verbose=False,
-                             save_name=None, stream=None):
+                             save_name=None, stream=None, progress_after=None, signal_on_interrupt=None):
             view = self.view
             block = view.block if block is None else block
             saved = view.targets
@@ -255,15 +266,32 @@ def _magics_class():
                 self.shell.user_ns[save_name] = ar
             if not block:
                 return ar
-            if self.stream if stream is None else stream:
-                stream_outputs(ar)
-                ar.get()
-                return None
-            try:
-                ar.get()
-            finally:
-                display_outputs(ar, groupby)
+            self._block_on(ar, groupby, self.stream if stream is None else stream, progress_after,
+                           signal_on_interrupt)
             return None
+
+        def _block_on(self, ar, groupby, stream, progress_after=None, signal_on_interrupt=None):
+            """Waits for a blocking cell and prints its outputs (or streams
+            them). A progress bar after progress_after seconds; on Ctrl-C,
+            signal_on_interrupt goes to the engines, which interrupts their
+            code, and what they printed is shown."""
+            after = self.progress_after if progress_after is None else progress_after
+            sig = self.signal_on_interrupt if signal_on_interrupt is None else signal_on_interrupt
+            try:
+                if stream:
+                    stream_outputs(ar)
+                elif after >= 0 and not ar.wait(after):
+                    ar.wait_interactive()
+                ar.get()
+            except KeyboardInterrupt:
+                if str(sig) in ("0", "None", "none", ""):
+                    raise
+                print(f"Received Keyboard Interrupt. Sending signal {sig} to engines...", file=sys.stderr)
+                self.view.client.send_signal(sig, targets=[e for e in ar._targets if e not in ar._results])
+                ar.wait(1)  # what the interrupted code printed comes with its reply
+            finally:
+                if not stream:
+                    display_outputs(ar, groupby)
 
         def autopx(self, line=""):
             """Toggles running every cell on the engines (as %%px); %autopx again stops it."""

@@ -229,3 +229,43 @@ def test_display_outputs_of_the_engines(ip, rc, capsys):
     one = rc[0].execute("display('again')", silent=False)
     one.get(10)
     assert one.outputs == [{"data": {"text/plain": "'again'"}, "metadata": {}}], "one engine: its list"
+
+
+def test_ctrl_c_in_a_blocking_cell_interrupts_the_engines(ip, rc, capsys):
+    import signal
+    import threading
+    import time
+    # Ctrl-C while %%px blocks: SIGINT reaches this process's main thread.
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    result, out, err = run(ip, capsys, "%%px\nimport time\nprint('started', flush=True)\ntime.sleep(30)")
+    timer.join()
+    assert time.monotonic() - t0 < 10, "the engines' code was interrupted"
+    assert "Received Keyboard Interrupt. Sending signal SIGINT to engines..." in err
+    assert out == "[stdout:0] \nstarted\n[stdout:1] \nstarted\n", "what they printed is shown"
+    assert result.error_in_exec is None
+    assert rc[:].apply_sync(lambda: 1) == [1, 1], "the engines go on"
+    # With no signal to send, Ctrl-C stops the waiting only; the engines finish.
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    result, out, err = run(ip, capsys, "%%px --signal-on-interrupt 0\nimport time\ntime.sleep(1.5)\n'slept'")
+    timer.join()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert "Sending signal" not in err
+    assert ip.run_line_magic("pxresult", "") is None
+    assert capsys.readouterr().out.count("'slept'") == 2, "the engines were not interrupted"
+
+
+def test_progress_after(ip, rc, capsys):
+    _, out, _ = run(ip, capsys, "%%px --progress-after 0.2\nimport time\ntime.sleep(0.8)\n7")
+    assert re.search(r"%px: \[#+ *\] 2/2 tasks finished", out), out
+    assert out.endswith("Out[1:2]: 7\n") or re.search(r"Out\[1:\d+\]: 7\n$", out), out
+    _, out, _ = run(ip, capsys, "%%px\nimport time\ntime.sleep(0.3)\n8")
+    assert "tasks finished" not in out, "no progress bar unless asked for"
+    ip.run_line_magic("pxconfig", "--progress-after 0")
+    try:
+        _, out, _ = run(ip, capsys, "%px 9")
+        assert "tasks finished" in out
+    finally:
+        ip.run_line_magic("pxconfig", "--progress-after -1")

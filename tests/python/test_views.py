@@ -548,6 +548,27 @@ def test_abort(rc):
     assert rc[:].apply_sync(abs, -1) == [1, 1, 1]
 
 
+def test_send_signal(rc):
+    import signal
+    import time
+    sleeping = rc[0].apply_async(time.sleep, 30)
+    other = rc[1].apply_async(lambda: (__import__("time").sleep(0.5), "done")[1])
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    rc.send_signal("SIGINT", targets=0)
+    with pytest.raises(shoal.RemoteError) as e:
+        sleeping.get(10)
+    assert e.value.ename == "KeyboardInterrupt"
+    assert time.monotonic() - t0 < 5, "the sleep was interrupted"
+    assert other.get(10) == "done", "the engine not signalled went on"
+    rc.send_signal(signal.SIGINT)  # idle engines: nothing happens to them
+    assert rc[:].apply_sync(lambda: 2) == [2, 2, 2]
+    with pytest.raises(ValueError, match="no signal named"):
+        rc.send_signal("SIGNOPE")
+    with pytest.raises(shoal.EngineError, match=r"engines \[99\] are not running"):
+        rc.send_signal("INT", targets=[99])
+
+
 def test_a_result_that_cannot_be_rebuilt_here_fails_alone(rc, tmp_path):
     dv = rc[:]
     (tmp_path / "onlythere.py").write_text("class OnlyThere:\n    pass\n")
