@@ -572,7 +572,8 @@ static void signal_engines(struct controller *c, shoal_wire_msg *m, const struct
     /* Targets that name no engine at all. */
     const cJSON *t;
     cJSON_ArrayForEach(t, targets)
-        if (!cJSON_IsNumber(t) || t->valuedouble < 0 || t->valuedouble >= (double)c->nengines)
+        if (!cJSON_IsNumber(t) || t->valuedouble < 0 || t->valuedouble >= (double)c->nengines ||
+            t->valuedouble != (double)(uint32_t)t->valuedouble)
             cJSON_AddItemToArray(missing, cJSON_Duplicate(t, 1));
     for (uint32_t n = 0; per_node && n < c->nnodes; n++) {
         if (!per_node[n])

@@ -162,6 +162,19 @@ int shoal_ring_closed(const shoal_ring *r)
     return (int)atomic_load_explicit(&r->shared->closed, memory_order_acquire);
 }
 
+/* The producer half of the handshake, after storing tail (sequentially
+ * consistent): if the consumer sleeps, claim the wake-up - clear `sleeping`
+ * with a compare-and-swap, so that of several producers only one pays for
+ * the syscall (and a waker of many consumers can count who it woke). The
+ * consumer sets `sleeping` again before it next sleeps and looks at every
+ * tail after that, so a producer that finds it cleared is still seen. */
+static int claim_sleeper(shoal_doorbell *db)
+{
+    uint32_t one = 1;
+    return atomic_compare_exchange_strong_explicit(&db->sleeping, &one, 0, memory_order_seq_cst,
+                                                   memory_order_seq_cst);
+}
+
 static void ring_bell(shoal_ring *r)
 {
     shoal_doorbell *db = r->db;
@@ -202,7 +215,7 @@ static int push(shoal_ring *r, const void *src, uint32_t n, int wake)
      * sleep handshake (see the top of this file). It also releases the slot
      * contents to the consumer. */
     atomic_store_explicit(&s->tail, tail + k, memory_order_seq_cst);
-    if (wake && atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
+    if (wake && claim_sleeper(r->db))
         ring_bell(r);
     return (int)k;
 }
@@ -219,9 +232,8 @@ int shoal_ring_push_nowake(shoal_ring *r, const void *src, uint32_t n)
 
 int shoal_ring_wake(shoal_ring *r)
 {
-    /* The producer half of the handshake, completed: the push stored the
-     * tail (sequentially consistent); now load sleeping. */
-    if (!atomic_load_explicit(&r->db->sleeping, memory_order_seq_cst))
+    /* The producer half of the handshake, completed: the push stored the tail. */
+    if (!claim_sleeper(r->db))
         return 0;
     ring_bell(r);
     return 1;
@@ -456,12 +468,14 @@ int shoal_pool_take(shoal_ring *r, uint32_t who, void *dst, uint64_t *pos)
         uint64_t h = atomic_load_explicit(&s->head, memory_order_acquire);
         /* Acquire: the claim words of the slots up to tail are written. */
         uint64_t t = atomic_load_explicit(&s->tail, memory_order_acquire);
+        if (atomic_load_explicit(&s->closed, memory_order_acquire))
+            return -EPIPE; /* unlike a ring's: what waits in a closed pool is not to be taken */
         if (h > t)
             return -EUCLEAN;
         if (t - h > r->nslots)
             continue; /* head moved on, and tail with it, between our two loads */
         if (h == t)
-            return atomic_load_explicit(&s->closed, memory_order_acquire) ? -EPIPE : 0;
+            return 0;
         _Atomic uint64_t *w = claim_word(r, h);
         uint64_t cur = atomic_load_explicit(w, memory_order_acquire);
         if (CLAIM_SEQ(cur) != (uint32_t)h)

@@ -420,6 +420,9 @@ def main():
     p.add_argument("--agent-socket", required=True)
     p.add_argument("--index", type=int, required=True)
     args = p.parse_args(sys.argv[1:])
+    # A SIGINT before the engine is up (a Ctrl-C under %%px that signals
+    # every engine, say) must not kill it: ignored until the handler is set.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _display.install()
     try:
         engine = Engine(args.agent_socket, args.index)

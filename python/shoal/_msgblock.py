@@ -13,7 +13,7 @@ KIND_TASK, KIND_SHUTDOWN, KIND_RESULT, KIND_RELEASE, KIND_OUTPUT, KIND_LANE, KIN
 # Slots in a lane's pool (a client's load-balanced tasks, which whichever
 # engine is idle takes) hold KIND_TASK slots too; a pool keeps each slot's
 # last 8 bytes for itself (docs/rings.md, "Pools").
-POOL_SLOTS = 1024
+POOL_SLOTS = 4096
 
 # A message block: magic, frame count, payload-frame count, flags, then the lengths.
 FRAMES_MAGIC = 0x464D4853  # "SHMF"

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 import weakref
 
 from . import _core, serialize
@@ -128,7 +129,7 @@ def _signal_number(sig):
         if not isinstance(num, int) or name.startswith("SIG_"):
             raise ValueError(f"no signal named {sig!r}")
         return int(num)
-    if isinstance(sig, int) and 0 <= sig <= 64:
+    if isinstance(sig, int) and not isinstance(sig, bool) and 0 <= sig <= 64:
         return int(sig)
     raise ValueError(f"not a signal: {sig!r}")
 
@@ -548,6 +549,8 @@ class Client:
                 ar = self._pool_tasks[task_id][0]
                 self._pool_answered(task_id)
                 ar._fail(None, (error or EngineError)(f"task {task_id} was never taken: {why or 'closed'}"))
+        # Tasks engines have taken stay in pool.tasks: their answers come on
+        # the lanes, and retiring them in a closed pool is harmless.
         pool.ring.close()
         for lane in pool.lanes.values():
             try:
@@ -641,18 +644,21 @@ class Client:
         """Receives what arrives within timeout seconds, then runs the
         callbacks of the results it completed; True if anything came."""
         with self._lock:
-            if self._sock is None:
-                return False  # closed: its outstanding results have failed
-            got = self._receive_some(timeout)
-            while self._due:
-                ar = self._due.pop(0)
-                callbacks, ar._callbacks = ar._callbacks, []
-                for fn in callbacks:
-                    try:
-                        fn(ar)
-                    except Exception:  # one callback's failure must not stop the others, nor receiving
-                        traceback.print_exc()
+            # Closed: its outstanding results have failed, and only their callbacks may be left to run.
+            got = self._receive_some(timeout) if self._sock is not None else False
+            self._run_due()
             return got
+
+    def _run_due(self):
+        """Runs the callbacks of the results that have finished."""
+        while self._due:
+            ar = self._due.pop(0)
+            callbacks, ar._callbacks = ar._callbacks, []
+            for fn in callbacks:
+                try:
+                    fn(ar)
+                except Exception:  # one callback's failure must not stop the others, nor receiving
+                    traceback.print_exc()
 
     def _receive_some(self, timeout):
         """Receives what arrives within timeout seconds; True if anything did.
@@ -776,7 +782,10 @@ class Client:
         for block in ar._blocks:
             memoryview(block).cast("B")[12:16] = struct.pack("<I", ABORTED)
         if ar._mids and not ar._zmq_done():
-            self._control(_core.MSG_ABORT, {"msg_ids": list(ar._mids)})
+            try:
+                self._control(_core.MSG_ABORT, {"msg_ids": list(ar._mids)})
+            except (TimeoutError, RuntimeError) as e:  # the controller is gone or refuses: the task runs
+                warnings.warn(f"task {ar.msg_id} could not be aborted through the controller: {e}", stacklevel=3)
         return bool(ar._blocks or ar._mids)
 
     def send_signal(self, sig, targets=None, block=None):
@@ -872,6 +881,10 @@ class Client:
     def close(self):
         # Under the lock: the load balancer's thread may be receiving.
         with self._lock:
+            # What waits in our pools is taken back first, so that no engine
+            # starts it once we are gone.
+            for key in list(self._pools):
+                self._close_pool(key, why="the client was closed")
             for ar in self._outstanding():  # nothing will answer them any more
                 for e in ar._targets:
                     if e not in ar._results:
@@ -883,9 +896,6 @@ class Client:
             self._pending.clear()
             self._lane_tasks.clear()
             self._pool_tasks.clear()
-            for key in list(self._pools):
-                self._pools[key].tasks.clear()
-                self._close_pool(key)
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
@@ -893,6 +903,7 @@ class Client:
             if self.local is not None:
                 self.local.close()
                 self.local = None
+            self._run_due()  # a load-balanced task ends with its attempt
 
     def __enter__(self):
         return self

@@ -152,6 +152,7 @@ class TaskResult(AsyncResult):
             f, args, kwargs = self._call
             ar = self._view._apply_pooled(pool, f, args, kwargs) if pool is not None else None
             if ar is not None:
+                self._forget_attempt(ar)
                 self._attempt = ar
                 ar.add_done_callback(lambda ar: self._attempt_done(ar._targets[0], ar))
                 return
@@ -166,7 +167,15 @@ class TaskResult(AsyncResult):
         engine = min(fresh or engines, key=lambda e: load.get(e, 0))
         f, args, kwargs = self._call
         self._attempt = self._view._apply_on(engine, f, args, kwargs)
+        self._forget_attempt(self._attempt)
         self._attempt.add_done_callback(lambda ar, e=engine: self._attempt_done(e, ar))
+
+    def _forget_attempt(self, ar):
+        """The client's history lists this task once, by its own msg_id,
+        not each attempt at it."""
+        history = self._client.history
+        if history and history[-1] == ar.msg_id:
+            history.pop()
 
     def _attempt_done(self, engine, ar):
         self._attempt = None

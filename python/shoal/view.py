@@ -538,7 +538,9 @@ class LoadBalancedMapResult:
                 self._results[i] = (False, TaskAborted(f"a task of map {self._fname} was aborted"))
                 self._finish_order.append(i)
             self._next = len(self._chunks)
-            for ar in self._attempts.values():
+            # A copy: an abort through the controller receives, and a chunk
+            # that finishes meanwhile leaves _attempts.
+            for ar in list(self._attempts.values()):
                 self._client._abort_sent(ar)
 
     _abort = abort

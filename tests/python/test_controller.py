@@ -111,6 +111,17 @@ def test_abort_of_unknown_or_malformed_tasks(ctl):
     assert kind == _core.MSG_QUERY_REPLY, "and it goes on"
 
 
+def test_signal_with_bad_targets_says_which(ctl):
+    s = ctl.socket()
+    kind, body = ctl.ask(s, _core.MSG_SIGNAL, {"sig": "INT"})
+    assert kind == _core.MSG_ERROR and "signal number" in body["error"]
+    kind, body = ctl.ask(s, _core.MSG_SIGNAL, {"sig": 99, "targets": [0]})
+    assert kind == _core.MSG_ERROR
+    kind, body = ctl.ask(s, _core.MSG_SIGNAL, {"sig": 2, "targets": [0, 1.5, "x", -1]})
+    assert kind == _core.MSG_QUERY_REPLY
+    assert body == {"signalled": [], "not_running": [0, 1.5, "x", -1]}, "no engine has registered"
+
+
 def test_nodes_and_engines_register(ctl):
     # The node agent's side of the conversation, spoken by the test.
     a = ctl.socket("agent")

@@ -173,6 +173,28 @@ def test_an_engine_killed_while_it_holds_a_pool_task(tmp_path):
         ctl.stop()
 
 
+def test_closing_a_client_takes_back_what_waits_in_its_pool(cluster, tmp_path):
+    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
+    lview = c.load_balanced_view()
+    busy = [lview.apply_async(time.sleep, 0.5) for _ in c.ids]
+    waiting = [lview.apply_async(lambda p: open(p, "w").close(), str(tmp_path / f"ran{i}")) for i in range(5)]
+    time.sleep(0.1)
+    c.close()
+    for ar in waiting:
+        with pytest.raises(shoal.EngineError, match="client was closed"):
+            ar.get(1)
+    for ar in busy:
+        with pytest.raises(shoal.EngineError, match="client was closed"):
+            ar.get(1)
+    time.sleep(1.0)  # the engines finish the busy tasks and look at the pool again
+    assert sorted(p.name for p in tmp_path.glob("ran*")) == [], "no engine started what waited"
+    again = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
+    try:
+        assert again.load_balanced_view().map_sync(abs, [-1, -2, -3]) == [1, 2, 3]
+    finally:
+        again.close()
+
+
 def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
     rc[0].apply_sync(abs, 1)
     base = rc.arena.stats()["used_blocks"]

@@ -158,6 +158,7 @@ def test_load_balanced_apply_and_map(rc):
     assert repr(lview) == "<LoadBalancedView None>"
     assert lview.apply_sync(lambda x: x + 1, 41) == 42
     ar = lview.apply_async(os.getpid)
+    assert rc.history[-1] == ar.msg_id, "a load-balanced task is in the history once"
     assert ar.get(10) in rc[:].apply_sync(os.getpid)
     assert lview.map_sync(lambda x: x * x, range(20)) == [x * x for x in range(20)]
     assert lview.map_sync(lambda x, y: x - y, [5, 6, 7], [1, 1, 1], chunksize=2) == [4, 5, 6]
@@ -199,6 +200,13 @@ def test_idle_engines_take_tasks_from_the_pool(rc):
         assert long.get(10) not in done, "the long task's engine took none of them"
         assert len(set(done)) == 2
         assert long.metadata["engine_id"] == rc.ids[[rc[e].apply_sync(os.getpid) for e in rc.ids].index(long.get())]
+        # Two tasks put while the two idle engines sleep wake one each (a
+        # woken engine is not counted twice), though the first could take both.
+        long = lview.apply_async(time.sleep, 1.5)
+        time.sleep(0.3)
+        pair = [lview.apply_async(lambda: (time.sleep(0.5), os.getpid())[1]) for _ in range(2)]
+        assert len({ar.get(10) for ar in pair}) == 2, "each ran on an engine of its own"
+        long.get(10)
     else:
         assert not rc._pools, "through the controller there is no pool"
         assert len({ar.get(10) for ar in short} | {long.get(10)}) == 3
@@ -285,7 +293,9 @@ def test_closing_a_client_with_a_map_in_flight_is_clean(cluster):
         assert errors == [], errors
     finally:
         threading.excepthook = old
-    assert not ar._done()
+    assert ar._done(), "the map ends: what ran is there, the rest failed"
+    with pytest.raises((shoal.EngineError, shoal.TaskAborted), match="client was closed|aborted"):
+        ar.get(1)
     again = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
     try:
         assert again[:].apply_sync(lambda: 1) == [1, 1, 1], "the engines finished or dropped its tasks and go on"
@@ -565,6 +575,8 @@ def test_send_signal(rc):
     assert rc[:].apply_sync(lambda: 2) == [2, 2, 2]
     with pytest.raises(ValueError, match="no signal named"):
         rc.send_signal("SIGNOPE")
+    with pytest.raises(ValueError, match="not a signal"):
+        rc.send_signal(True)
     with pytest.raises(shoal.EngineError, match=r"engines \[99\] are not running"):
         rc.send_signal("INT", targets=[99])
 

@@ -388,8 +388,10 @@ Test(ring, push_without_waking_then_wake)
     cr_assert_eq(shoal_ring_prepare_sleep(&r), 1);
     cr_assert_eq(shoal_ring_push_nowake(&producer, &s, 1), 1);
     cr_assert_eq(read(efd, &v, sizeof v), -1, "a quiet push wakes nobody");
-    shoal_ring_wake(&producer);
+    cr_assert_eq(shoal_ring_wake(&producer), 1);
     cr_assert_eq(read(efd, &v, sizeof v), (ssize_t)sizeof v, "wake() rings for the sleeper");
+    cr_assert_eq(shoal_ring_wake(&producer), 0, "a wake-up is claimed once: the next producer need not ring");
+    cr_assert_eq(read(efd, &v, sizeof v), -1);
     shoal_ring_awake(&r);
     shoal_ring_wake(&producer);
     cr_assert_eq(read(efd, &v, sizeof v), -1, "an awake consumer is not rung");
