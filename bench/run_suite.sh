@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The side-by-side suite (bench/suite.py): shoal, ipyparallel, Ray, Dask
+# distributed, joblib and multiprocessing.Pool on the same work, in one run,
+# in the benchmark's own virtual environment (.venv-bench: the project's
+# pinned packages, the peers of bench/requirements-peers.txt, and shoal).
+# Prints one key=value line per (system, workload, size), then writes
+# bench/results/suite-STAMP.{txt,json} and the plots suite-STAMP-*.png.
+# Arguments go to bench/suite.py (--help lists them; --systems, --workloads
+# and the sizes pick a part of it). A full run takes about 40 minutes here.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+./scripts/setup.sh
+py=${SHOAL_PYTHON:-python3}
+if [ ! -x .venv-bench/bin/python ]; then
+  "$py" -m venv .venv-bench
+fi
+export PATH="$root/.venv-bench/bin:$PATH"
+.venv-bench/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r bench/requirements-peers.txt
+.venv-bench/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+  -Cbuild-dir=build/bench-pip . >/dev/null
+mkdir -p bench/results
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+# Ray's own start-up chatter goes to stderr; the results to stdout.
+.venv-bench/bin/python bench/suite.py --json "bench/results/suite-$stamp.json" "$@" \
+  | tee "bench/results/suite-$stamp.txt"
+.venv-bench/bin/python bench/plots.py "bench/results/suite-$stamp.json" | tee -a "bench/results/suite-$stamp.txt"
