@@ -38,6 +38,13 @@ from .view import DirectView, LoadBalancedView
 # a no-op task's round trip through a lane takes well under this.
 LANE_SPIN = 300e-6
 _CORES = os.cpu_count() or 1
+# Tasks on lanes and in pools a client has outstanding at most. Each holds
+# its message block, and so an entry of the client's reference table in the
+# arena, which has room for 16384 (docs/arena.md); a submission past this
+# first takes results as they come in, until there is room. Without it, a
+# client that submits 100,000 tasks at once would find the table full, and
+# fail results it could not read.
+MAX_LANE_TASKS = 4096
 # Pools a client keeps at once (one per set of engines a load-balanced view
 # spans; usually one).
 MAX_POOLS = 8
@@ -188,6 +195,7 @@ class Client:
         self._by_id = weakref.WeakValueDictionary()
         self._ended = {}  # msg_id -> (succeeded, engines) of each finished task, for dependencies
         self._last_submit = 0.0
+        self._receiving = 0  # depth of _receive calls in this thread's stack (callbacks run inside)
         registry = self._control(_core.MSG_REGISTER, timeout=timeout)
         self._engines = registry["engines"]
         host = socket.gethostname()
@@ -499,6 +507,9 @@ class Client:
         (the caller sends it to one engine instead)."""
         if self._sock is None:
             raise RuntimeError("this client is closed")
+        self._make_room()
+        if self._sock is None:
+            raise RuntimeError("this client is closed")
         s = serialize.dumps(obj, arena=self.arena)
         task_id = next(self._lane_ids)
         m = dict(meta, buffers=s.buffers)
@@ -578,6 +589,7 @@ class Client:
             raise ValueError("this view has no engines to run on")
         if len(set(targets)) != len(targets):
             raise ValueError(f"an engine is named twice in {targets}")
+        self._make_room()
         ar = (make or AsyncResult)(self, None, targets, meta["kind"])
         units = [(list(targets), obj)] if each is None else [([t], o) for t, o in zip(targets, each)]
         with self._lock:
@@ -644,10 +656,23 @@ class Client:
         """Receives what arrives within timeout seconds, then runs the
         callbacks of the results it completed; True if anything came."""
         with self._lock:
-            # Closed: its outstanding results have failed, and only their callbacks may be left to run.
-            got = self._receive_some(timeout) if self._sock is not None else False
-            self._run_due()
+            self._receiving += 1
+            try:
+                # Closed: its outstanding results have failed, and only their callbacks may be left to run.
+                got = self._receive_some(timeout) if self._sock is not None else False
+                self._run_due()
+            finally:
+                self._receiving -= 1
             return got
+
+    def _make_room(self):
+        """Before a submission by lane or pool: waits, taking results, while
+        MAX_LANE_TASKS are outstanding. Not from inside a callback (a
+        load-balanced map topping itself up), which the receiving serves."""
+        with self._lock:
+            while self._receiving == 0 and self._sock is not None and \
+                    len(self._lane_tasks) + len(self._pool_tasks) >= MAX_LANE_TASKS:
+                self._receive(0.01)
 
     def _run_due(self):
         """Runs the callbacks of the results that have finished."""

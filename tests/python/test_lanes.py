@@ -195,6 +195,26 @@ def test_closing_a_client_takes_back_what_waits_in_its_pool(cluster, tmp_path):
         again.close()
 
 
+def test_submissions_wait_for_room_and_lose_nothing(rc, monkeypatch):
+    """Each outstanding lane or pool task holds an arena block, and an entry
+    of the client's reference table (16384): past MAX_LANE_TASKS a
+    submission takes results first. 20,000 at once used to fill the table
+    and fail results that could not be read."""
+    from shoal import client as client_mod
+    lview = rc.load_balanced_view()
+    ars = [lview.apply_async(abs, -i) for i in range(20_000)]
+    assert [ar.get(60) for ar in ars] == list(range(20_000))
+    monkeypatch.setattr(client_mod, "MAX_LANE_TASKS", 64)
+    dv = rc[:]
+    most = 0
+    ars = []
+    for i in range(400):
+        ars.append(lview.apply_async(abs, -i) if i % 2 else dv.apply_async(abs, -i))
+        most = max(most, len(rc._lane_tasks) + len(rc._pool_tasks))
+    assert most <= 64
+    assert [ar.get(30) for ar in ars] == [i if i % 2 else [i, i] for i in range(400)]
+
+
 def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
     rc[0].apply_sync(abs, 1)
     base = rc.arena.stats()["used_blocks"]
