@@ -1,4 +1,7 @@
-"""Draws the suite's figures from its JSON (bench/suite.py), beside it:
+"""Draws the suite's figures from its JSON (bench/suite.py), beside it.
+Given several result files (JSON, or the key=value text of a run cut short),
+it merges them first, a later file's line replacing an earlier one for the
+same system, workload and size, and writes FIRST-merged.json:
   X-broadcast.png  time and node memory growth against the array's size,
                    one line per system (sending one array to every worker)
   X-tasks.png      the no-op round trip, tiny-task throughput, and the
@@ -19,8 +22,36 @@ ORDER = ["shoal", "ipyparallel", "ray", "dask", "joblib", "multiprocessing"]
 MiB = 1 << 20
 
 
-def load(path):
-    rows = json.loads(Path(path).read_text())
+def parse_line(line):
+    r = {}
+    for field in line.split():
+        k, _, v = field.partition("=")
+        try:
+            r[k] = int(v)
+        except ValueError:
+            try:
+                r[k] = float(v)
+            except ValueError:
+                r[k] = v
+    return r
+
+
+def read(path):
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        return json.loads(text)
+    return [parse_line(line) for line in text.splitlines() if line.startswith("system=")]
+
+
+def merge(paths):
+    rows = {}
+    for path in paths:
+        for r in read(path):
+            rows[(r["system"], r["workload"], r.get("bytes"))] = r
+    return list(rows.values())
+
+
+def usable(rows):
     return [r for r in rows if "skipped" not in r and "failed" not in r]
 
 
@@ -118,9 +149,16 @@ def ratios(rows):
     return lines
 
 
-def main(path):
-    rows = load(path)
-    stem = str(Path(path).with_suffix(""))
+def main(paths):
+    rows = merge(paths)
+    stem = str(Path(paths[0]).with_suffix(""))
+    if len(paths) > 1:
+        stem += "-merged"
+        Path(stem + ".json").write_text(json.dumps(rows, indent=1))
+    for r in rows:
+        if "skipped" in r or "failed" in r:
+            print(f"# {r['system']} {r['workload']} {r.get('bytes', '')}: {r.get('skipped') or r.get('failed')}")
+    rows = usable(rows)
     broadcast_plot(rows, stem + "-broadcast.png")
     tasks_plot(rows, stem + "-tasks.png")
     print("# shoal against each peer (higher is better for shoal)")
@@ -131,4 +169,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1:]))

@@ -126,6 +126,7 @@ class IppLike:
     """shoal and ipyparallel: the same API."""
 
     copies = False  # ipyparallel sends each engine a copy
+    shared_copies = 1  # copies of an array on the node besides the caller's, when not one per worker
 
     def lview(self):
         return self.rc.load_balanced_view()
@@ -203,6 +204,7 @@ class Ipyparallel(IppLike):
 class Ray:
     name = "ray"
     copies = False  # its object store: workers read zero-copy views
+    shared_copies = 1
 
     def start(self, n):
         import ray
@@ -312,6 +314,9 @@ class Dask:
 class Joblib:
     name = "joblib"
     copies = False  # arrays over 1 MB go to the workers as memmaps of one file in /dev/shm
+    # That file, and what pickling it holds meanwhile: a 4 GiB reduce was killed for
+    # want of memory twice here (23.5 GiB), so it counts as four.
+    shared_copies = 4
 
     def start(self, n):
         from joblib import Parallel, delayed
@@ -437,7 +442,7 @@ def w_tiny(sys_, args, out, workers):
 def w_broadcast(sys_, args, out, workers):
     for mib in args.sizes_mib:
         size = mib * MiB
-        need = size * (workers + 1 if sys_.copies else 2)
+        need = size * (1 + (workers + 1 if sys_.copies else sys_.shared_copies))
         avail = meminfo()["MemAvailable"]
         if need > 0.8 * avail:
             out(workload="broadcast", bytes=size, skipped=f"needs ~{need / GiB:.0f} GiB of {avail / GiB:.0f} "
@@ -465,7 +470,7 @@ def w_broadcast(sys_, args, out, workers):
 
 def w_scatter_gather(sys_, args, out, workers):
     size = args.scatter_mib * MiB
-    if size * (3 if not sys_.copies else 4) > 0.8 * meminfo()["MemAvailable"]:
+    if size * (1 + (3 if sys_.copies else 1 + sys_.shared_copies)) > 0.8 * meminfo()["MemAvailable"]:
         out(workload="scatter-gather", bytes=size, skipped="not enough memory")
         return
     a = np.arange(size // 8, dtype=np.float64)
@@ -495,7 +500,7 @@ def w_uneven(sys_, args, out, workers):
 
 def w_reduce(sys_, args, out, workers):
     size = args.reduce_mib * MiB
-    if size * (2 if not sys_.copies else 3) > 0.8 * meminfo()["MemAvailable"]:
+    if size * (1 + (2 if sys_.copies else sys_.shared_copies)) > 0.8 * meminfo()["MemAvailable"]:
         out(workload="reduce", bytes=size, skipped="not enough memory")
         return
     a = np.ones(size // 8)
