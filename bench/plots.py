@@ -23,9 +23,13 @@ MiB = 1 << 20
 
 
 def parse_line(line):
-    r = {}
+    r, last = {}, None
     for field in line.split():
+        if "=" not in field and last is not None:  # a value with spaces: "skipped=no such API"
+            r[last] = f"{r[last]} {field}"
+            continue
         k, _, v = field.partition("=")
+        last = k
         try:
             r[k] = int(v)
         except ValueError:
