@@ -6,17 +6,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-./scripts/setup.sh
-py=${SHOAL_PYTHON:-python3}
-if [ ! -x .venv-bench/bin/python ]; then
-  "$py" -m venv .venv-bench
-fi
-export PATH="$root/.venv-bench/bin:$PATH"
-.venv-bench/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r bench/requirements-peers.txt
-.venv-bench/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
-  -Cbuild-dir=build/bench-pip . >/dev/null
-mkdir -p bench/results
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
+. bench/venv.sh
 {
   echo "# $(uname -r), $(nproc) cores, $(grep MemTotal /proc/meminfo | tr -s ' ')"
   .venv-bench/bin/python bench/cluster_bench.py --json "bench/results/cluster-$stamp.json" "$@"

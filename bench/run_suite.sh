@@ -10,17 +10,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-./scripts/setup.sh
-py=${SHOAL_PYTHON:-python3}
-if [ ! -x .venv-bench/bin/python ]; then
-  "$py" -m venv .venv-bench
-fi
-export PATH="$root/.venv-bench/bin:$PATH"
-.venv-bench/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r bench/requirements-peers.txt
-.venv-bench/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
-  -Cbuild-dir=build/bench-pip . >/dev/null
-mkdir -p bench/results
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
+. bench/venv.sh
 # Ray's own start-up chatter goes to stderr; the results to stdout.
 .venv-bench/bin/python bench/suite.py --json "bench/results/suite-$stamp.json" "$@" \
   | tee "bench/results/suite-$stamp.txt"
