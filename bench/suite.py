@@ -12,6 +12,9 @@ Workloads (issue 5):
              seconds until every worker holds it (or, for joblib and
              multiprocessing, which have no such thing, has run a task
              given it), and the node's peak memory growth meanwhile
+  resident   an array that already lives in the shared store (shoal: made by
+             an engine, so in the arena; Ray: put once) to every worker:
+             seconds, for each --sizes-mib (systems without a store: skipped)
   scatter-gather  a 1 GiB array split across the workers and joined back
   uneven     the seed's example: 100 tasks sleeping fixed random times
              (0-1 s, scaled by --uneven-scale), one task each: the makespan
@@ -71,6 +74,11 @@ def last_of(a):
 
 def identity(a):
     return a
+
+
+def make_ones(n):
+    import numpy
+    return numpy.ones(n)
 
 
 # ---- the node ---------------------------------------------------------------------
@@ -149,6 +157,10 @@ class IppLike:
 
     def release(self):
         self.rc[:].execute("bench_a = None; bench_x = None", block=True)
+
+    def resident(self, size):
+        """An array made by an engine (for shoal: a view of its arena block)."""
+        return self.rc[self.rc.ids[0]].apply_sync(make_ones, size // 8)
 
     def scatter_gather(self, a):
         dv = self.rc[:]
@@ -246,8 +258,12 @@ class Ray:
         return self.ray.get([t.remote(i) for i in range(n)])
 
     def broadcast(self, a):
-        ref = self.ray.put(a)  # once into the store; each worker views it
-        return self.ray.get([h.hold.remote(ref) for h in self.holders])
+        if not isinstance(a, self.ray.ObjectRef):
+            a = self.ray.put(a)  # once into the store; each worker views it
+        return self.ray.get([h.hold.remote(a) for h in self.holders])
+
+    def resident(self, size):
+        return self.ray.put(np.ones(size // 8))
 
     def release(self):
         self.ray.get([h.drop.remote() for h in self.holders])
@@ -468,6 +484,24 @@ def w_broadcast(sys_, args, out, workers):
         del a
 
 
+def w_resident(sys_, args, out, workers):
+    make = getattr(sys_, "resident", None)
+    if make is None or sys_.name == "ipyparallel":
+        out(workload="resident", skipped="no shared store")
+        return
+    for mib in args.sizes_mib:
+        size = mib * MiB
+        if 3 * size > 0.8 * meminfo()["MemAvailable"]:
+            out(workload="resident", bytes=size, skipped="not enough memory")
+            continue
+        a = make(size)
+        took = timed(lambda: sys_.broadcast(a), args.reps, before=sys_.release)
+        sys_.release()
+        s = summary(took)
+        out(workload="resident", bytes=size, seconds=s["median"], min=s["min"], max=s["max"], reps=s["reps"])
+        del a
+
+
 def w_scatter_gather(sys_, args, out, workers):
     size = args.scatter_mib * MiB
     if size * (1 + (3 if sys_.copies else 1 + sys_.shared_copies)) > 0.8 * meminfo()["MemAvailable"]:
@@ -514,8 +548,9 @@ def w_reduce(sys_, args, out, workers):
 
 # Which workloads run with how many workers (a cluster start each).
 PHASES = [("workers", [w_rtt, w_tiny, w_scatter_gather, w_uneven, w_reduce]),
-          ("broadcast_workers", [w_broadcast])]
-NAMES = {"rtt": w_rtt, "tiny": w_tiny, "broadcast": w_broadcast, "scatter-gather": w_scatter_gather,
+          ("broadcast_workers", [w_broadcast, w_resident])]
+NAMES = {"rtt": w_rtt, "tiny": w_tiny, "broadcast": w_broadcast, "resident": w_resident,
+         "scatter-gather": w_scatter_gather,
          "uneven": w_uneven, "reduce": w_reduce}
 
 
