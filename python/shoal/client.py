@@ -73,11 +73,7 @@ class _Pool:
         for k in range(len(lanes)):
             if woken >= n:
                 break
-            lane = lanes[(self.turn + k) % len(lanes)]
-            try:
-                woken += lane.sq.wake()
-            except OSError:
-                pass
+            woken += lanes[(self.turn + k) % len(lanes)].sq.wake()
         self.turn += 1
 
 
@@ -534,40 +530,40 @@ class Client:
         return ar
 
     def _pool_answered(self, task_id):
-        ar, pool = self._pool_tasks.pop(task_id)
+        _, pool = self._pool_tasks.pop(task_id)
         pos = pool.tasks.pop(task_id)
         try:
             pool.ring.retire(pos)
         except OSError:
             pass  # withdrawn and retired already, or the pool is closed
 
-    def _pool_withdraw(self, ar):
-        """Takes back a pool task nobody has taken: it fails with
-        TaskAborted. True if it did."""
-        entry = self._pool_tasks.get(ar.task_id)
-        if entry is None or not entry[1].ring.withdraw(entry[1].tasks[ar.task_id]):
+    def _take_back(self, pool, task_id, exc):
+        """Withdraws a pool task that no engine has taken, and fails it
+        with exc; True if it did."""
+        if not pool.ring.withdraw(pool.tasks[task_id]):
             return False
-        self._pool_answered(ar.task_id)
-        ar._fail(None, TaskAborted(f"task {ar.task_id} was aborted before it started"))
+        ar = self._pool_tasks[task_id][0]
+        self._pool_answered(task_id)
+        ar._fail(None, exc)
         return True
 
-    def _close_pool(self, key, error=None, why=""):
-        """Closes a pool: its members drop it. Tasks nobody took fail with
-        error(why) (there must be none when error is None)."""
+    def _pool_withdraw(self, ar):
+        """Takes back ar's task if it waits in a pool: it fails with
+        TaskAborted. True if it did."""
+        entry = self._pool_tasks.get(ar.task_id)
+        return entry is not None and self._take_back(
+            entry[1], ar.task_id, TaskAborted(f"task {ar.task_id} was aborted before it started"))
+
+    def _close_pool(self, key, error=EngineError, why="closed"):
+        """Closes a pool: what waits in it fails with error(why), and its
+        members drop it. Tasks engines have taken stay in pool.tasks: their
+        answers come on the lanes, and retiring them in a closed pool is
+        harmless."""
         pool = self._pools.pop(key)
-        for task_id, pos in list(pool.tasks.items()):
-            if pool.ring.withdraw(pos):
-                ar = self._pool_tasks[task_id][0]
-                self._pool_answered(task_id)
-                ar._fail(None, (error or EngineError)(f"task {task_id} was never taken: {why or 'closed'}"))
-        # Tasks engines have taken stay in pool.tasks: their answers come on
-        # the lanes, and retiring them in a closed pool is harmless.
+        for task_id in list(pool.tasks):
+            self._take_back(pool, task_id, error(f"task {task_id} was never taken: {why}"))
         pool.ring.close()
-        for lane in pool.lanes.values():
-            try:
-                lane.sq.wake()
-            except OSError:
-                pass
+        pool.wake(len(pool.lanes))  # the sleepers see it closed
 
     # ---- tasks ---------------------------------------------------------------------
 
@@ -802,7 +798,7 @@ class Client:
         there was anything to abort."""
         if ar._done():
             return False
-        if ar.task_id in self._pool_tasks and self._pool_withdraw(ar):
+        if self._pool_withdraw(ar):
             return True
         for block in ar._blocks:
             memoryview(block).cast("B")[12:16] = struct.pack("<I", ABORTED)
