@@ -324,6 +324,8 @@ class LoadBalancedView:
 
     IN_FLIGHT = 2
     POOL_DEPTH = 4
+    TARGET_TASK_SECONDS = 0.01  # a map's tasks, when it sizes them (chunksize=None)
+    MAX_CHUNK = 1 << 16  # items in one such task, at most
     _flag_names = ("targets", "block", "retries", "timeout", "after", "follow")
 
     def __init__(self, client, targets=None, block=False):
@@ -403,26 +405,31 @@ class LoadBalancedView:
         with self.temp_flags(block=True):
             return self.apply(f, *args, **kwargs)
 
-    def map(self, f, *sequences, block=None, chunksize=1, ordered=True, return_exceptions=False):
-        """f over the sequences' items, chunksize items per task, each task
-        on whichever engine is free. Returns an AsyncMapResult-like object
-        (get() the list of results; iterate to take them as they come: in
-        order, or as they finish with ordered=False). return_exceptions=True
-        puts a task's error in place of each of its items instead of raising."""
+    def map(self, f, *sequences, block=None, chunksize=None, ordered=True, return_exceptions=False):
+        """f over the sequences' items, each task on whichever engine is free.
+        Returns an AsyncMapResult-like object (get() the list of results,
+        one per item; iterate to take them as they come: in order, or as
+        they finish with ordered=False). return_exceptions=True puts a
+        task's error in place of each of its items instead of raising.
+
+        chunksize items go in one task. Unlike ipyparallel (default 1), the
+        default None sizes tasks as the map goes: one item each at first,
+        then as many as take about TARGET_TASK_SECONDS of an engine's time,
+        judged from the map's own throughput, so that tiny items are not
+        each a task of their own while long ones stay one per task."""
         return self._map(_star_chunk, f, sequences, block=block, chunksize=chunksize, ordered=ordered,
                          return_exceptions=return_exceptions)
 
-    def _map(self, runner, f, sequences, block=None, chunksize=1, ordered=True, return_exceptions=False):
+    def _map(self, runner, f, sequences, block=None, chunksize=None, ordered=True, return_exceptions=False):
         if not sequences:
             raise ValueError("map needs at least one sequence")
-        if chunksize < 1:
-            raise ValueError("chunksize must be at least 1")
-        items = list(zip(*sequences))
-        chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-        if runner is _call_chunk:
-            # f gets each sequence's part of the chunk: f(xs) for f(seq).
-            chunks = [[list(part) for part in zip(*chunk)] for chunk in chunks]
-        result = LoadBalancedMapResult(self, f, chunks, ordered, runner, return_exceptions)
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be an int of at least 1 (or None: sized as the map goes), "
+                             f"not {chunksize!r}")
+        if runner is _call_chunk and chunksize is None:
+            chunksize = 1  # f sees the parts: their size is not ours to choose
+        columns = [s if isinstance(s, (list, tuple, range, np.ndarray)) else list(s) for s in sequences]
+        result = LoadBalancedMapResult(self, f, columns, ordered, runner, return_exceptions, chunksize)
         result._start()
         return result.get() if (self.block if block is None else block) else result
 
@@ -432,12 +439,14 @@ class LoadBalancedView:
     def map_async(self, f, *sequences, **kw):
         return self.map(f, *sequences, block=False, **kw)
 
-    def imap(self, f, *sequences, ordered=True, chunksize=1):
+    def imap(self, f, *sequences, ordered=True, chunksize=None):
         """Iterates over the results of map as they become available."""
         return iter(self.map(f, *sequences, block=False, ordered=ordered, chunksize=chunksize))
 
-    def parallel(self, block=None, chunksize=1, ordered=True):
-        """Decorator: f.map(seq) (or f(seq)) maps f over seq on this view."""
+    def parallel(self, block=None, chunksize=None, ordered=True):
+        """Decorator: f.map(seq) (or f(seq)) maps f over seq on this view.
+        f(seq) calls f with parts of chunksize items (default 1); f.map
+        sizes its tasks as map does."""
         def deco(f):
             return ParallelFunction(self, f, block=block, chunksize=chunksize, ordered=ordered)
         return deco
@@ -449,21 +458,31 @@ class LoadBalancedView:
         return deco
 
 
-def _star_chunk(f, chunk):
-    """Runs on an engine: one chunk of a load-balanced map."""
-    return [f(*item) for item in chunk]
+def _star_chunk(f, *columns):
+    """Runs on an engine: one task of a load-balanced map, f over its items."""
+    return list(map(f, *columns))
 
 
 class LoadBalancedMapResult:
-    """The pending result of LoadBalancedView.map."""
+    """The pending result of LoadBalancedView.map.
 
-    def __init__(self, view, f, chunks, ordered, runner=None, return_exceptions=False):
+    The items are handed out in order, in chunks: chunk i covers items
+    self._chunks[i] = (low, high). With a chunksize, every chunk has that
+    many items; without, _chunk_size picks each chunk's size as it goes.
+    """
+
+    def __init__(self, view, f, columns, ordered, runner=None, return_exceptions=False, chunksize=None):
         self._view, self._client = view, view.client
-        self._f, self._chunks, self._ordered = f, chunks, ordered
+        self._f, self._ordered = f, ordered
+        self._columns = columns  # one per sequence, each sliceable
+        self._n = min(len(c) for c in columns)  # items: as zip, the shortest sequence's length
+        self._chunksize = chunksize
         self._runner = runner or _star_chunk
         self._return_exceptions = return_exceptions
         self._fname = getattr(f, "__name__", "map")
-        self._next = 0  # the next chunk to hand out
+        self._chunks = []  # (low, high) of each chunk handed out (or aborted), in item order
+        self._next = 0  # the next item to hand out
+        self._items_done = 0  # items whose chunk has finished
         self._results = {}  # chunk index -> (ok, values or exception)
         self._finish_order = []
         self._inflight = {}  # engine id -> chunks of this map it has (handed to it)
@@ -471,6 +490,7 @@ class LoadBalancedMapResult:
         self._attempts = {}  # chunk index -> its AsyncResult while it runs
         self._meta = {}  # chunk index -> its task's metadata
         self._submitted = time.time()
+        self._started = time.monotonic()
 
     def __repr__(self):
         return f"<AsyncMapResult: {'finished' if self._done() else self._fname}>"
@@ -478,8 +498,27 @@ class LoadBalancedMapResult:
     def _start(self):
         with self._client._lock:
             self._fill()
-        if self._next < len(self._chunks):
+        if self._has_work():
             self._client._drive(self)
+
+    def _chunk_size(self, engines):
+        """Items in the next chunk. Fixed with a chunksize. Without: one
+        until an item has finished; then as many as take the engines about
+        TARGET_TASK_SECONDS, where an item is taken to cost the engine time
+        spent so far per item finished (an over-estimate while the map
+        starts up, so chunks grow from small ones). Towards the end, no
+        more than half an engine's share of what is left (but not under an
+        eighth of that size), so that the last chunks are short and no
+        engine works on alone while the others wait."""
+        left = self._n - self._next
+        if self._chunksize is not None:
+            return min(self._chunksize, left)
+        if not self._items_done:
+            return 1
+        per_item = (time.monotonic() - self._started) * len(engines) / self._items_done
+        want = int(LoadBalancedView.TARGET_TASK_SECONDS / per_item) if per_item > 0 else left
+        share = max(-(-left // (2 * len(engines))), want // 8)
+        return max(1, min(want, share, left, LoadBalancedView.MAX_CHUNK))
 
     def _fill(self):
         """Hands out chunks until every engine has its share in flight: two
@@ -487,28 +526,35 @@ class LoadBalancedMapResult:
         waiting; one each towards the end, so that no chunk waits behind a
         long one while another engine has nothing to do."""
         engines = self._view._engines()
-        pool = self._view._pool(engines) if self._next < len(self._chunks) else None
+        if not engines:
+            return
+        pool = self._view._pool(engines) if self._has_work() else None
         if pool is not None:
             # Engines take from the pool when idle: keep enough there that
             # none waits for the client, and no more (an abort, or a new
             # engine, still finds the rest here).
-            while self._next < len(self._chunks) and self._pooled < LoadBalancedView.POOL_DEPTH * len(engines):
-                if not self._hand_out(None, pool):
+            while self._has_work() and self._pooled < LoadBalancedView.POOL_DEPTH * len(engines):
+                if not self._hand_out(None, engines, pool):
                     break  # full: the rest goes one engine each
             else:
                 return
-        while self._next < len(self._chunks) and engines:
-            left = len(self._chunks) - self._next
+        while self._has_work():
+            left = self._n - self._next
             limit = LoadBalancedView.IN_FLIGHT if left > len(engines) else 1
             engine = min(engines, key=lambda e: self._inflight.get(e, 0))
             if self._inflight.get(engine, 0) >= limit:
                 return
-            self._hand_out(engine)
+            self._hand_out(engine, engines)
 
-    def _hand_out(self, engine, pool=None):
+    def _hand_out(self, engine, engines, pool=None):
         """Sends the next chunk to engine, or into pool; False if the pool was full."""
-        i = self._next
-        args = (self._f, *self._chunks[i]) if self._runner is _call_chunk else (self._f, self._chunks[i])
+        low = self._next
+        high = low + self._chunk_size(engines)
+        parts = [c[low:high] for c in self._columns]
+        if self._runner is _call_chunk:
+            parts = [list(p) for p in parts]  # f(seq) gets lists, as in ipyparallel
+        args = (self._f, *parts)
+        i = len(self._chunks)
         try:
             if pool is not None:
                 ar = self._view._apply_pooled(pool, self._runner, args, {})
@@ -517,11 +563,12 @@ class LoadBalancedMapResult:
             else:
                 ar = self._view._apply_on(engine, self._runner, args, {})
         except Exception as e:  # e.g. an item that cannot be pickled: that task fails, the map goes on
-            self._next += 1
-            self._results[i] = (False, e)
-            self._finish_order.append(i)
+            self._chunks.append((low, high))
+            self._next = high
+            self._finished(i, (False, e))
             return True
-        self._next += 1
+        self._chunks.append((low, high))
+        self._next = high
         if pool is not None:
             self._pooled += 1
         else:
@@ -530,14 +577,21 @@ class LoadBalancedMapResult:
         ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
         return True
 
+    def _finished(self, i, result):
+        low, high = self._chunks[i]
+        self._results[i] = result
+        self._items_done += high - low
+        self._finish_order.append(i)
+
     def abort(self):
         """Aborts the chunks that have not started: those still held by the
         client, and those queued on an engine (see Client.abort)."""
         with self._client._lock:
-            for i in range(self._next, len(self._chunks)):
-                self._results[i] = (False, TaskAborted(f"a task of map {self._fname} was aborted"))
-                self._finish_order.append(i)
-            self._next = len(self._chunks)
+            if self._has_work():
+                self._chunks.append((self._next, self._n))
+                self._next = self._n
+                self._finished(len(self._chunks) - 1,
+                               (False, TaskAborted(f"a task of map {self._fname} was aborted")))
             # A copy: an abort through the controller receives, and a chunk
             # that finishes meanwhile leaves _attempts.
             for ar in list(self._attempts.values()):
@@ -549,16 +603,16 @@ class LoadBalancedMapResult:
         self._attempts.pop(i, None)
         if engine is None:  # from the pool: it ran where it was taken
             self._pooled -= 1
-            self._results[i] = ar._results[ar._targets[0]]
+            result = ar._results[ar._targets[0]]
         else:
             self._inflight[engine] -= 1
-            self._results[i] = ar._results[engine]
+            result = ar._results[engine]
         self._meta[i] = ar.metadata
-        self._finish_order.append(i)
+        self._finished(i, result)
         self._fill()
 
     def _has_work(self):
-        return self._next < len(self._chunks)
+        return self._next < self._n
 
     @property
     def metadata(self):
@@ -580,14 +634,19 @@ class LoadBalancedMapResult:
                    if m.get("completed") and m.get("started"))
 
     @property
-    def _targets(self):  # for wait_interactive: one "target" per task
-        return self._chunks
+    def _targets(self):  # for wait_interactive: one "target" per item
+        return range(self._n)
+
+    @property
+    def progress(self):
+        """How many items have been done (their tasks have finished)."""
+        self.ready()
+        return self._items_done
 
     def _done(self):
-        return len(self._results) >= len(self._chunks)
+        return self._next >= self._n and len(self._results) >= len(self._chunks)
 
     # As an AsyncResult's, over this map's tasks.
-    progress = AsyncResult.progress
     elapsed = AsyncResult.elapsed
     ready = AsyncResult.ready
     wait = AsyncResult.wait
@@ -597,21 +656,22 @@ class LoadBalancedMapResult:
     def get(self, timeout=-1):
         if not self.wait(timeout):
             raise TimeoutError(f"map of {self._fname} did not finish within {timeout} s "
-                               f"({len(self._results)} of {len(self._chunks)} tasks done)")
+                               f"({self._items_done} of {self._n} items done)")
         return list(self)
 
     def __iter__(self):
         """The results, one per item: in order, or as they finish (ordered=False)."""
-        k = 0
+        k = 0  # chunks yielded
         while True:
-            order = list(range(len(self._chunks))) if self._ordered else self._finish_order
+            order = range(len(self._chunks)) if self._ordered else self._finish_order
             while k < len(order) and order[k] in self._results:
-                ok, value = self._results[order[k]]
+                i = order[k]
+                ok, value = self._results[i]
                 if not ok and not self._return_exceptions:
                     raise value
                 if not ok:
-                    n = len(self._chunks[order[k]][0]) if self._runner is _call_chunk else len(self._chunks[order[k]])
-                    yield from [value] * n
+                    low, high = self._chunks[i]
+                    yield from [value] * (high - low)
                 elif self._runner is _call_chunk and not isinstance(value, (list, tuple)):
                     yield value  # f(part) gave one value: joined as a list of them
                 else:
@@ -620,8 +680,6 @@ class LoadBalancedMapResult:
             if self._done() and k >= len(self._results):
                 return
             self._client._receive(0.1)
-
-
 
 
 class ParallelFunction:
@@ -638,7 +696,7 @@ class ParallelFunction:
     def _kw(self):
         if isinstance(self.view, DirectView):
             return {"block": self.block}
-        return {"block": self.block, "chunksize": self.chunksize or 1, "ordered": self.ordered}
+        return {"block": self.block, "chunksize": self.chunksize, "ordered": self.ordered}
 
     def map(self, *sequences):
         return self.view.map(self.func, *sequences, **self._kw())

@@ -212,6 +212,42 @@ def test_idle_engines_take_tasks_from_the_pool(rc):
         assert len({ar.get(10) for ar in short} | {long.get(10)}) == 3
 
 
+def test_a_map_of_tiny_items_puts_many_in_a_task(rc):
+    lview = rc.load_balanced_view()
+    n = 20_000
+    ar = lview.map_async(lambda x: x + 1, range(n))
+    assert ar.get(60) == list(range(1, n + 1))
+    assert ar.progress == n, "progress counts items"
+    sizes = [high - low for low, high in ar._chunks]
+    assert sum(sizes) == n and sizes[0] == 1, "one item first, while nothing is known of their cost"
+    assert len(ar.metadata) == len(sizes) < n // 20, f"tiny items share tasks: {len(sizes)} tasks"
+    assert max(sizes) <= -(-n // (2 * len(rc.ids))), "never more than half an engine's share"
+    # Given, the size holds: one item per task as in ipyparallel.
+    one = lview.map_async(lambda x: x, range(50), chunksize=1)
+    assert one.get(30) == list(range(50)) and len(one.metadata) == 50
+
+
+def test_a_map_of_long_items_keeps_one_per_task(rc):
+    import time
+    lview = rc.load_balanced_view()
+    ar = lview.map_async(lambda x: (time.sleep(0.05), x)[1], range(24))
+    assert ar.get(30) == list(range(24))
+    assert len(ar.metadata) == 24, "an item of 50 ms is a task of its own"
+
+
+def test_a_map_takes_any_iterables_and_stops_at_the_shortest(rc):
+    lview = rc.load_balanced_view()
+    gen = (x for x in range(3000))
+    assert lview.map_sync(lambda x, y: x * y, gen, [2] * 2500) == [2 * x for x in range(2500)]
+    a = np.arange(5000, dtype=np.int64)
+    assert lview.map_sync(lambda x: int(x) % 7, a) == [x % 7 for x in range(5000)]
+    got = lview.map_async(lambda x: -x, range(4000), ordered=False).get(30)
+    assert sorted(got) == sorted(-x for x in range(4000))
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="chunksize must be an int"):
+            lview.map(abs, [1], chunksize=bad)
+
+
 def test_aborting_tasks_that_wait_in_the_pool(rc):
     import time
     lview = rc.load_balanced_view()
@@ -235,9 +271,9 @@ def test_a_load_balanced_map_goes_on_while_nobody_waits(rc):
     lview = rc.load_balanced_view()
     ar = lview.map_async(lambda x: (time.sleep(0.01), x)[1], range(60))
     deadline = time.monotonic() + 30
-    while ar._next < len(ar._chunks) and time.monotonic() < deadline:
+    while ar._has_work() and time.monotonic() < deadline:
         time.sleep(0.05)  # this thread never touches the client meanwhile
-    assert ar._next == len(ar._chunks), "every task was handed out without anybody waiting"
+    assert not ar._has_work(), "every task was handed out without anybody waiting"
     assert ar.get(30) == list(range(60))
 
 
