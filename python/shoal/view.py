@@ -386,9 +386,19 @@ class LoadBalancedView:
         """Runs f(*args, **kwargs) on the least loaded engine, once its
         dependencies (after, follow) are met: a TaskResult, or its value
         when blocking."""
-        from .dependency import TaskResult
+        from .dependency import TaskResult, _Depends
         if not self._engines():
             raise ValueError("this view has no engines to run on")
+        if not self.after and not self.follow and not self.retries and not isinstance(f, _Depends):
+            # Nothing to wait for, to send again or to send elsewhere (an
+            # unmet @depend): straight into the pool, with no TaskResult
+            # around it (the pool's AsyncResult is the task's, abort included).
+            pool = self._pool()
+            if pool is not None:
+                with self.client._lock:
+                    ar = self._apply_pooled(pool, f, args, kwargs)
+                if ar is not None:
+                    return ar.get() if self.block else ar
         with self.client._lock:
             ar = TaskResult(self, f, args, kwargs, after=self.after, follow=self.follow, timeout=self.timeout,
                             retries=self.retries)
