@@ -57,7 +57,12 @@ def start(args):
         except (OSError, ValueError, KeyError):
             pass
         os.unlink(conn)
-    os.makedirs(pdir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(pdir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        print(f"shoal: cannot make the profile's directory {pdir}: {e.strerror} (is $SHOAL_DIR right?)",
+              file=sys.stderr)
+        return 1
     # Engines run the Python environment that started the cluster.
     env = dict(os.environ, SHOAL_PYTHON=sys.executable)
     detach = {"start_new_session": True} if args.daemonize else {}
