@@ -3,6 +3,8 @@
     shoal start -n 4 [--daemonize] [--profile NAME] [--ip ADDR] [--arena-size BYTES] [--prefault BYTES]
     shoal stop [--profile NAME]
     shoal status [--profile NAME]
+    shoal bench tradeoff [-n N] [--sizes 1K,1M,...] [--costs 0,1,4,16] [--reps R] [--png PATH | --no-png]
+                         [--json PATH] [--profile NAME]
 
 `python -m shoal` is the same command.
 """
@@ -171,6 +173,68 @@ def status(args):
     return 0
 
 
+def bench_tradeoff(args):
+    """Serialization and transport against compute (shoal.tradeoff, docs/tradeoff.md)."""
+    from . import tradeoff
+    # SIGTERM ends the run as Ctrl-C does: through the clean-up that stops the cluster.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        tradeoff.run(args.sizes, args.costs, n_engines=args.n, profile=args.profile, reps=args.reps,
+                     png=None if args.no_png else args.png, json_path=args.json)
+    except tradeoff.ClusterError as e:
+        print(f"shoal bench tradeoff: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # matplotlib missing, a path that computed a wrong result
+        print(f"shoal bench tradeoff: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("shoal bench tradeoff: interrupted" + ("" if args.profile else "; its cluster was stopped"),
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _arg_type(parse, what):
+    """An argparse type from a parser that raises ValueError, whose message
+    (after argparse's "argument --sizes:") says what is wanted."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = what
+    return convert
+
+
+def _bench_parser(sub):
+    from . import tradeoff
+    b = sub.add_parser("bench", help="measurements that help decide how to use the cluster")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    t = bsub.add_parser("tradeoff", help="moving the data against computing on it: where parallel starts to pay",
+                        description="For each array size and compute cost, times the kernel serially in this "
+                                    "process, and scattered to the engines with the result gathered back: through "
+                                    "shoal's arena, and through plain loopback sockets for comparison. Prints a "
+                                    "table and draws a PNG (docs/tradeoff.md).")
+    t.add_argument("-n", type=int, default=None,
+                   help="engines (default: one per core, or all of --profile's); as many socket workers")
+    t.add_argument("--sizes", type=_arg_type(tradeoff.parse_sizes, "--sizes"),
+                   default=list(tradeoff.DEFAULT_SIZES),
+                   help="array sizes in bytes, comma-separated, with K, M or G (powers of 1024) "
+                        "(default: 1K,16K,256K,4M,64M,256M)")
+    t.add_argument("--costs", type=_arg_type(tradeoff.parse_passes, "--costs"),
+                   default=list(tradeoff.DEFAULT_PASSES),
+                   help="compute costs, as passes of np.sin over the array, comma-separated; 0 (moving the data "
+                        "only) is always measured; the ns per element are measured (default: 0,1,4,16)")
+    t.add_argument("--reps", type=int, default=3, help="runs of each case; the table shows medians (at least 3)")
+    t.add_argument("--png", default="tradeoff.png", help="where to draw the plot (default: tradeoff.png)")
+    t.add_argument("--no-png", action="store_true", help="draw no plot (matplotlib not needed)")
+    t.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    t.add_argument("--profile", default=None,
+                   help="measure on the running cluster of this profile (default: start one for the run "
+                        "and stop it at the end)")
+    return b, t
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="shoal", description="Start, stop and look at a shoal cluster.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -189,9 +253,16 @@ def main(argv=None):
         sub.add_parser(name, help=f"{name} the cluster")
     for sp in sub.choices.values():
         sp.add_argument("--profile", default="default")
+    _, tradeoff_parser = _bench_parser(sub)
     args = p.parse_args(argv)
     if args.cmd == "start" and args.n < 1:
         p.error("-n must be at least 1")
+    if args.cmd == "bench":
+        if args.n is not None and args.n < 1:
+            tradeoff_parser.error("-n must be at least 1")
+        if args.reps < 3:
+            tradeoff_parser.error(f"--reps must be at least 3 (the table shows medians), not {args.reps}")
+        return bench_tradeoff(args)
     return {"start": start, "stop": stop, "status": status}[args.cmd](args)
 
 
