@@ -1212,19 +1212,20 @@ static void stop_engines(struct agent *a)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: shoal-agent [--profile NAME] [--engines N] [--restart-engines] [--arena-size BYTES]\n"
-               "                   [--prefault BYTES]\n"
+               "                   [--prefault BYTES] [--retain BYTES]\n"
                "  Joins the cluster whose connection file is $SHOAL_DIR (default ~/.shoal)/profile_NAME/\n"
                "  connection.json with N engines (default 0) and a shared-memory arena of BYTES\n"
                "  (default half of RAM). --restart-engines starts a new engine (with a new id) in\n"
                "  place of one that dies. --prefault: how much fresh arena memory a background\n"
                "  thread keeps faulted in ahead of use (default an eighth of the arena, at most\n"
-               "  1 GiB; 0 for none).\n");
+               "  1 GiB; 0 for none). --retain: how much freed arena memory is kept for reuse\n"
+               "  before larger frees go back to the system (default half of the arena; 0 for none).\n");
 }
 
 int main(int argc, char **argv)
 {
     const char *profile = "default";
-    unsigned long long arena_size = 0, prefault = ~0ull;
+    unsigned long long arena_size = 0, prefault = ~0ull, retain = ~0ull;
     long nengines = 0;
     int restart = 0;
     static const struct option opts[] = {{"profile", required_argument, NULL, 'p'},
@@ -1232,6 +1233,7 @@ int main(int argc, char **argv)
                                          {"arena-size", required_argument, NULL, 's'},
                                          {"engines", required_argument, NULL, 'n'},
                                          {"prefault", required_argument, NULL, 'f'},
+                                         {"retain", required_argument, NULL, 'k'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
     for (int o; (o = getopt_long(argc, argv, "p:s:n:h", opts, NULL)) != -1;) {
@@ -1250,6 +1252,9 @@ int main(int argc, char **argv)
             break;
         case 'f':
             prefault = strtoull(optarg, NULL, 10);
+            break;
+        case 'k':
+            retain = strtoull(optarg, NULL, 10);
             break;
         case 'h':
             usage(stdout);
@@ -1294,14 +1299,20 @@ int main(int argc, char **argv)
     /* Fresh shared pages cost ~5 us each to fault in here (0.6 s per GiB):
      * a thread keeps some ahead of use, so that a first large push finds
      * them ready (docs/arena.md). */
-    if (prefault == ~0ull) {
-        unsigned long long heap = arena_size;
-        if (!heap)
-            heap = (unsigned long long)sysconf(_SC_PHYS_PAGES) * (unsigned long long)sysconf(_SC_PAGESIZE) / 2;
+    unsigned long long heap = arena_size;
+    if (!heap)
+        heap = (unsigned long long)sysconf(_SC_PHYS_PAGES) * (unsigned long long)sysconf(_SC_PAGESIZE) / 2;
+    if (prefault == ~0ull)
         prefault = heap / 8 < (1ull << 30) ? heap / 8 : 1ull << 30;
-    }
+    /* Freed memory is kept for reuse up to half of the arena: a workload that
+     * pushes a new large array each round (4 GiB, say) then finds the last
+     * round's pages, instead of faulting in fresh ones each time. */
+    if (retain == ~0ull)
+        retain = heap / 2;
+    else if (retain == 0)
+        retain = 1; /* none: the arena reads 0 as "its default" */
     shoal_arena_opts ao = {.heap_size = arena_size, .flags = prefault ? SHOAL_ARENA_PREFAULT_THREAD : 0,
-                           .prefault_ahead = prefault};
+                           .prefault_ahead = prefault, .retain_bytes = retain};
     if ((rc = shoal_arena_create(&ao, &a.arena)) < 0) {
         logf_("cannot create the arena: %s", strerror(-rc));
         return 1;

@@ -57,6 +57,36 @@ def test_a_local_process_gets_the_arena(cluster):
         gc.collect()
 
 
+@pytest.mark.parametrize("retain", [None, 0])
+def test_freed_memory_is_kept_up_to_half_the_arena(tmp_path, retain):
+    """By default the agent's arena keeps freed memory for reuse up to half
+    its size, so a large array pushed round after round finds the last
+    round's pages; --retain 0 gives every large free back at once."""
+    ctl = Controller(tmp_path / "home")
+    extra = ["--prefault", "0"] + ([] if retain is None else ["--retain", str(retain)])
+    agent = Agent(ctl, tmp_path / "run", arena_size=256 << 20, extra=extra)
+    try:
+        with LocalArena(agent.node["socket"]) as local:
+            x = local.arena.empty(100 << 20, dtype="u1")  # over a quarter of the arena, under half
+            x[:] = 1
+            committed = local.arena.stats()["committed_bytes"]
+            assert committed >= 100 << 20
+            del x
+            gc.collect()
+            st = local.arena.stats()
+            if retain is None:
+                assert st["released_bytes"] == 0 and st["committed_bytes"] == committed, "kept for reuse"
+                y = local.arena.empty(100 << 20, dtype="u1")
+                assert local.arena.stats()["committed_bytes"] == committed, "the same pages, used again"
+                del y
+                gc.collect()
+            else:
+                assert st["released_bytes"] >= 96 << 20, "given back"
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
 def test_another_uid_is_refused_the_arena(cluster):
     if os.geteuid() != 0:
         pytest.skip("needs root to connect as another user")
