@@ -244,7 +244,7 @@ def _socket(workers, a, passes):
 
 
 def _measure(ways, a, passes, reps):
-    """Median seconds of each way, and the number of runs: at least reps,
+    """(median, min, max) seconds of each way, and the number of runs: at least reps,
     more (up to MAX_REPS) while the case has taken under CASE_SECONDS, since
     the shortest cases are the noisiest. The ways alternate within a run."""
     names = list(ways)
@@ -268,7 +268,7 @@ def _measure(ways, a, passes, reps):
                                        f"({a.nbytes} bytes, {passes} passes)")
         del results
         rep += 1
-    return {name: statistics.median(ts) for name, ts in times.items()}, rep
+    return {name: (statistics.median(ts), min(ts), max(ts)) for name, ts in times.items()}, rep
 
 
 def pays_from(rows, passes, path):
@@ -542,10 +542,13 @@ def run(sizes=DEFAULT_SIZES, costs=DEFAULT_PASSES, n_engines=None, profile=None,
             a = rng.random(size // 8)
             for passes in costs:
                 t, runs = _measure(ways, a, passes, reps)
-                row = dict(size=size, passes=passes, ns_per_element=t["serial"] / a.size * 1e9,
-                           serial_s=t["serial"], arena_s=t["arena"], socket_s=t["socket"],
-                           arena_speedup=t["serial"] / t["arena"], socket_speedup=t["serial"] / t["socket"],
+                med = {way: t[way][0] for way in t}
+                row = dict(size=size, passes=passes, ns_per_element=med["serial"] / a.size * 1e9,
+                           serial_s=med["serial"], arena_s=med["arena"], socket_s=med["socket"],
+                           arena_speedup=med["serial"] / med["arena"], socket_speedup=med["serial"] / med["socket"],
                            engines=n_engines, reps=runs)
+                for way in t:  # the spread, for judging the noise
+                    row[f"{way}_min_s"], row[f"{way}_max_s"] = t[way][1], t[way][2]
                 rows.append(row)
                 print(kv_line(row), file=out, flush=True)
             del a

@@ -107,7 +107,7 @@ def check_rows(rows, sizes, passes):
     assert sorted((r["size"], r["passes"]) for r in rows) == sorted((s, p) for s in sizes for p in passes)
     for r in rows:
         for way in ("serial", "arena", "socket"):
-            assert r[f"{way}_s"] > 0, r
+            assert 0 < r[f"{way}_min_s"] <= r[f"{way}_s"] <= r[f"{way}_max_s"], r
         for path in ("arena", "socket"):
             assert math.isclose(r[f"{path}_speedup"], r["serial_s"] / r[f"{path}_s"], rel_tol=1e-4), r
         assert math.isclose(r["ns_per_element"], r["serial_s"] / (r["size"] // 8) * 1e9, rel_tol=1e-4), r
