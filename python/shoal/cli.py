@@ -1,6 +1,7 @@
 """The `shoal` command: start, stop and look at a cluster.
 
     shoal start -n 4 [--daemonize] [--profile NAME] [--ip ADDR] [--arena-size BYTES] [--prefault BYTES]
+                [--retain BYTES]
     shoal stop [--profile NAME]
     shoal status [--profile NAME]
     shoal bench tradeoff [-n N] [--sizes 1K,1M,...] [--costs 0,1,4,16] [--reps R] [--png PATH | --no-png]
@@ -85,6 +86,8 @@ def start(args):
         cmd += ["--arena-size", str(args.arena_size)]
     if args.prefault is not None:
         cmd += ["--prefault", str(args.prefault)]
+    if args.retain is not None:
+        cmd += ["--retain", str(args.retain)]
     agent = subprocess.Popen(cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
     rc = Client(profile=args.profile)
     try:
@@ -246,6 +249,9 @@ def main(argv=None):
     s.add_argument("--prefault", type=int, default=None,
                    help="bytes of fresh shared memory kept faulted in ahead of use "
                         "(default: an eighth of the arena, at most 1 GiB; 0 for none)")
+    s.add_argument("--retain", type=int, default=None,
+                   help="bytes of freed arena memory kept for reuse before larger frees go back to the "
+                        "system (default: half of the arena; 0 for none)")
     s.add_argument("--timeout", type=float, default=60, help="seconds to wait for the engines")
     s.add_argument("--restart-engines", action="store_true",
                    help="start a new engine (with a new id) in place of one that dies")

@@ -91,3 +91,24 @@ def test_usage_errors(env):
     assert shoal_cmd(env, "start", "-n", "0").returncode == 2
     p = shoal_cmd(env, "status")
     assert p.returncode == 1 and "no connection file" in p.stderr
+
+
+def test_start_passes_the_arena_options_to_the_agent(env):
+    """--retain 0: a large free goes back to the system at once (the
+    default keeps up to half the arena, tests/python/test_agent.py)."""
+    p = shoal_cmd(env, "start", "-n", "1", "--daemonize", "--arena-size", str(256 << 20), "--prefault", "0",
+                  "--retain", "0")
+    assert p.returncode == 0, p.stderr
+    try:
+        os.environ["SHOAL_DIR"] = env["SHOAL_DIR"]
+        try:
+            with shoal.Client() as rc:
+                x = rc.arena.empty(100 << 20, dtype="u1")
+                x[:] = 1
+                del x
+                st = rc.arena.stats()
+        finally:
+            del os.environ["SHOAL_DIR"]
+        assert st["heap_size"] == 256 << 20 and st["released_bytes"] >= 96 << 20
+    finally:
+        assert shoal_cmd(env, "stop").returncode == 0
