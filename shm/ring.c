@@ -20,8 +20,6 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <sched.h>
-#include <stdbool.h>
 #include <stddef.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
@@ -288,34 +286,16 @@ void shoal_ring_awake(shoal_ring *r)
     atomic_store_explicit(&r->db->sleeping, 0, memory_order_relaxed);
 }
 
-/*
- * One turn of a waiter's spin, taken every 64 polls: false once spin_ns have
- * passed since start. Otherwise it yields the core, which returns at once
- * when nothing else wants it. When more processes wait than there are cores
- * (8 engines on 2, each spinning after its answer), a spinner so steps
- * aside for the engine that still has work: measured on this 2-core VM,
- * a push to 8 engines went from 0.85-0.99 ms to 0.65-0.79 ms (p50), and a
- * no-op round trip to one engine stayed at 60 us.
- */
-static bool spin_turn(int64_t start, int64_t spin_ns)
-{
-    if (now_ns() - start >= spin_ns)
-        return false;
-    sched_yield();
-    return true;
-}
-
 int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns)
 {
     struct shoal_ring_shared *s = r->shared;
     int64_t start = now_ns();
     /* Spin first: a round trip through the kernel costs 17-28 us here, a
-     * spinning hand-off about 0.1 us. Every 64 turns, look at the clock and
-     * yield (spin_turn). */
+     * spinning hand-off about 0.1 us. Look at the clock every 64 turns. */
     for (uint32_t i = 0; spin_ns > 0; i++) {
         if (ready(s))
             goto done;
-        if ((i & 63) == 63 && !spin_turn(start, spin_ns))
+        if ((i & 63) == 63 && now_ns() - start >= spin_ns)
             break;
         cpu_relax();
     }
@@ -357,7 +337,7 @@ int shoal_doorbell_wait(void *dbp, shoal_ring *const *rings, size_t n, int64_t s
     for (uint32_t i = 0; spin_ns > 0; i++) {
         if (any_ready(rings, n))
             return 0;
-        if ((i & 63) == 63 && !spin_turn(start, spin_ns))
+        if ((i & 63) == 63 && now_ns() - start >= spin_ns)
             break;
         cpu_relax();
     }
