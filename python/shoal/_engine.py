@@ -163,14 +163,22 @@ class Engine:
         self.ns.setdefault("__builtins__", builtins)
 
     def loop(self):
+        spin = self.spin
         while True:
             # Spin for a while after each batch before sleeping: waking a
             # sleeping engine costs ~20-50 us on these VMs, and the next task of
             # a busy client usually comes sooner. Measured (2 cores): 50 us keeps
-            # a no-op round trip at its best (35 us) at 2 and 8 engines; 1 ms
-            # made an 8 MiB push to 8 engines twice as slow (they spun on each
-            # other's cores). SHOAL_ENGINE_SPIN (seconds) sets it.
-            self.bell.wait(self.waited(), spin=self.spin)
+            # a no-op round trip at its best; 1 ms made an 8 MiB push to 8
+            # engines twice as slow (they spun on each other's cores).
+            # SHOAL_ENGINE_SPIN (seconds) sets it. Adaptive: the engine spins
+            # only if its last wait was shorter than the spin, so that it
+            # would have paid. Tasks that come one after another (a client's
+            # round trips) keep it spinning; tasks that come far apart (a
+            # push to every engine, now and then) do not, and the engines
+            # that still work keep the cores.
+            started = time.monotonic()
+            self.bell.wait(self.waited(), spin=spin)
+            spin = self.spin if time.monotonic() - started < self.spin else 0
             try:
                 slots = self.sq.pop(64)
             except BrokenPipeError:
