@@ -33,7 +33,10 @@ pkg=build/asan/pkg/shoal
 mkdir -p "$pkg"
 for f in python/shoal/*.py; do ln -sf "$root/$f" "$pkg/"; done
 ln -sf "$root"/build/asan/python/shoal/_core*.so "$pkg/"
-LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+# libstdc++ preloaded too: ASan looks up the real __cxa_throw when it starts,
+# and a C++ extension loaded later (matplotlib's, for shoal bench tradeoff)
+# would otherwise abort it ("real___cxa_throw != 0" CHECK failed).
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$root/build/asan/pkg" \
   SHOAL_BIN_DIR="$root/build/asan/controller:$root/build/asan/node_agent:$root/build/asan/engine" \
   python -m pytest -q -p no:cacheprovider tests/python
