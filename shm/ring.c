@@ -170,9 +170,16 @@ int shoal_ring_closed(const shoal_ring *r)
  * tail after that, so a producer that finds it cleared is still seen. */
 static int claim_sleeper(shoal_doorbell *db)
 {
-    uint32_t one = 1;
-    return atomic_compare_exchange_strong_explicit(&db->sleeping, &one, 0, memory_order_seq_cst,
-                                                   memory_order_seq_cst);
+    /* `sleeping` is how many more pushes the consumer waits for (usually
+     * 1; see shoal_doorbell_wait_n): count ours, and wake it if ours was the
+     * last it wanted. */
+    uint32_t want = atomic_load_explicit(&db->sleeping, memory_order_seq_cst);
+    while (want != 0) {
+        if (atomic_compare_exchange_weak_explicit(&db->sleeping, &want, want - 1, memory_order_seq_cst,
+                                                  memory_order_seq_cst))
+            return want == 1;
+    }
+    return 0;
 }
 
 static void ring_bell(shoal_ring *r)
@@ -332,7 +339,15 @@ static int any_ready(shoal_ring *const *rings, size_t n)
 
 int shoal_doorbell_wait(void *dbp, shoal_ring *const *rings, size_t n, int64_t spin_ns, int64_t timeout_ns)
 {
+    return shoal_doorbell_wait_n(dbp, rings, n, 1, spin_ns, timeout_ns);
+}
+
+int shoal_doorbell_wait_n(void *dbp, shoal_ring *const *rings, size_t n, uint32_t want, int64_t spin_ns,
+                          int64_t timeout_ns)
+{
     shoal_doorbell *db = dbp;
+    if (want == 0)
+        want = 1;
     int64_t start = now_ns();
     for (uint32_t i = 0; spin_ns > 0; i++) {
         if (any_ready(rings, n))
@@ -344,9 +359,11 @@ int shoal_doorbell_wait(void *dbp, shoal_ring *const *rings, size_t n, int64_t s
     for (;;) {
         uint32_t bell = atomic_load_explicit(&db->bell, memory_order_acquire);
         /* The consumer half of the handshake, once for all the rings: store
-         * sleeping, then load every tail (ready() loads with acquire; the
-         * fence makes the store-then-loads sequentially consistent). */
-        atomic_store_explicit(&db->sleeping, 1, memory_order_seq_cst);
+         * sleeping (the pushes we wait for), then load every tail (ready()
+         * loads with acquire; the fence makes the store-then-loads
+         * sequentially consistent). A push before the store is seen here;
+         * each push after it counts down, and the want-th wakes us. */
+        atomic_store_explicit(&db->sleeping, want, memory_order_seq_cst);
         atomic_thread_fence(memory_order_seq_cst);
         if (any_ready(rings, n))
             break;

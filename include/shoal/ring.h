@@ -125,6 +125,16 @@ void shoal_ring_set_doorbell(shoal_ring *r, void *db);
  */
 int shoal_doorbell_wait(void *db, shoal_ring *const *rings, size_t n, int64_t spin_ns, int64_t timeout_ns);
 
+/*
+ * shoal_doorbell_wait, but once asleep, woken only by the want-th push into
+ * the rings (or a close, or the timeout): a consumer that knows it waits for
+ * k replies from k producers sleeps through the first k - 1 instead of
+ * waking for each. The spin still returns as soon as one ring is ready, and
+ * so does the wait when one is ready before it sleeps; want 0 counts as 1.
+ */
+int shoal_doorbell_wait_n(void *db, shoal_ring *const *rings, size_t n, uint32_t want, int64_t spin_ns,
+                          int64_t timeout_ns);
+
 /* Whether the ring was closed (by either side). */
 int shoal_ring_closed(const shoal_ring *r);
 

@@ -382,11 +382,16 @@ static void doorbell_dealloc(DoorbellObject *self)
  * must all use this doorbell) has something, or is closed; False on timeout. */
 static PyObject *doorbell_wait(DoorbellObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"rings", "timeout", "spin", NULL};
+    static char *kwlist[] = {"rings", "timeout", "spin", "want", NULL};
     PyObject *seq;
     double timeout = -1, spin = 50e-6;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|dd:wait", kwlist, &seq, &timeout, &spin))
+    Py_ssize_t want = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|ddn:wait", kwlist, &seq, &timeout, &spin, &want))
         return NULL;
+    if (want < 1 || want > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "want is how many pushes wake the wait: 1 or more");
+        return NULL;
+    }
     PyObject *fast = PySequence_Fast(seq, "wait takes a sequence of Rings");
     if (!fast)
         return NULL;
@@ -410,7 +415,7 @@ static PyObject *doorbell_wait(DoorbellObject *self, PyObject *args, PyObject *k
     int64_t t = timeout < 0 ? -1 : (int64_t)(timeout * 1e9), s = (int64_t)(spin * 1e9);
     /* The list keeps the Rings (and their memory) alive while we wait. */
     Py_BEGIN_ALLOW_THREADS
-    rc = shoal_doorbell_wait(self->db, rings, (size_t)n, s, t);
+    rc = shoal_doorbell_wait_n(self->db, rings, (size_t)n, (uint32_t)want, s, t);
     Py_END_ALLOW_THREADS
     PyMem_Free(rings);
     Py_DECREF(fast);
@@ -423,8 +428,8 @@ static PyObject *doorbell_wait(DoorbellObject *self, PyObject *args, PyObject *k
 
 static PyMethodDef doorbell_methods[] = {
     {"wait", (PyCFunction)(void (*)(void))doorbell_wait, METH_VARARGS | METH_KEYWORDS,
-     "wait(rings, timeout=-1, spin=50e-6) -> True when one of the rings has something or is closed, False on "
-     "timeout"},
+     "wait(rings, timeout=-1, spin=50e-6, want=1) -> True when one of the rings has something or is closed, "
+     "False on timeout; once asleep, only the want-th push wakes it"},
     {NULL, NULL, 0, NULL},
 };
 

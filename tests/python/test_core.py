@@ -405,6 +405,49 @@ def test_rings_in_an_arena_block_across_processes(arena):
         shoal.Ring(arena.alloc(100), 64)  # too small for 64 slots
 
 
+def test_doorbell_wait_sleeps_until_the_wanted_push(arena):
+    """Doorbell.wait(want=k) (a client waiting for k engines) is woken by the
+    k-th push into its rings, not by each one."""
+    import threading
+    import time
+    from shoal._core import Doorbell
+    size = shoal.Ring.size(64)
+    block = arena.alloc(64 + 2 * size)
+    bell = Doorbell(block, 0, clear=True)
+    rings = [shoal.Ring(block, 64, offset=64), shoal.Ring(block, 64, offset=64 + size)]
+    for r in rings:
+        r.set_doorbell(block, 0)
+
+    def push_later(*delays):
+        def run():
+            for i, d in enumerate(delays):
+                time.sleep(d)
+                assert rings[i].push(bytes([i]) * 64) == 1
+        t = threading.Thread(target=run)
+        t.start()
+        return t
+
+    t0 = time.monotonic()
+    pusher = push_later(0.05, 0.15)
+    assert bell.wait(rings, timeout=5, spin=0, want=2)
+    took = time.monotonic() - t0
+    pusher.join()
+    assert took >= 0.19, "woken by the first push"
+    assert [len(r) for r in rings] == [1, 1]
+    for r in rings:
+        r.pop()
+    # Wanting one more than comes: asleep until the timeout, then it says
+    # something is there.
+    t0 = time.monotonic()
+    pusher = push_later(0.02)
+    assert bell.wait(rings, timeout=0.3, spin=0, want=2)
+    assert time.monotonic() - t0 >= 0.29
+    pusher.join()
+    assert len(rings[0]) == 1
+    with pytest.raises(ValueError, match="want"):
+        bell.wait(rings, timeout=0, want=0)
+
+
 def test_copy_splits_between_threads_and_checks_lengths():
     src = np.random.default_rng(1).integers(0, 255, (48 << 20) + 12345, dtype=np.uint8)
     for threads in (0, 1, 2, 3, 64):

@@ -375,6 +375,74 @@ Test(ring, doorbell_wait_times_out_and_wakes_on_close)
     shoal_arena_close(p.arena);
 }
 
+/* A child that pushes one slot into each of the first k rings, pause_ms apart. */
+static pid_t push_later(struct many *p, int k, long pause_ms)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (int i = 0; i < k; i++) {
+            struct timespec ts = {pause_ms / 1000, (pause_ms % 1000) * 1000 * 1000};
+            nanosleep(&ts, NULL);
+            struct slot s = mk((uint64_t)i);
+            if (shoal_ring_push(&p->in[i], &s, 1) != 1)
+                _exit(20);
+        }
+        _exit(0);
+    }
+    return pid;
+}
+
+Test(ring, doorbell_wait_n_sleeps_until_the_wanted_push)
+{
+    struct many p;
+    make_many(&p);
+    uint8_t *m = many_mem(p.arena, p.block);
+    shoal_ring *set[NMANY] = {&p.in[0], &p.in[1], &p.in[2]};
+    const int64_t ms = 1000 * 1000;
+    /* Three pushes 60 ms apart: a wait for 3 sleeps through the first two. */
+    int64_t t = now_ns();
+    pid_t pid = push_later(&p, 3, 60);
+    cr_assert_eq(shoal_doorbell_wait_n(m, set, NMANY, 3, 0, 5000 * ms), 0);
+    int64_t took = now_ns() - t;
+    cr_assert_geq(took, 180 * ms, "woken after %lld ms, before the third push", (long long)(took / ms));
+    cr_assert_lt(took, 4000 * ms, "the third push did not wake it");
+    for (int i = 0; i < NMANY; i++)
+        cr_assert_eq(shoal_ring_count(&p.in[i]), 1u);
+    int st;
+    waitpid(pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    /* Something already there: no sleep, whatever it waits for. */
+    t = now_ns();
+    cr_assert_eq(shoal_doorbell_wait_n(m, set, NMANY, 5, 0, 5000 * ms), 0);
+    cr_assert_lt(now_ns() - t, 1000 * ms);
+    struct slot s;
+    for (int i = 0; i < NMANY; i++)
+        cr_assert_eq(shoal_ring_pop(&p.in[i], &s, 1), 1);
+    /* One push of the two it waits for: it sleeps to the timeout, then says
+     * there is something (the push was counted, not lost). */
+    t = now_ns();
+    pid = push_later(&p, 1, 20);
+    cr_assert_eq(shoal_doorbell_wait_n(m, set, NMANY, 2, 0, 300 * ms), 0);
+    cr_assert_geq(now_ns() - t, 300 * ms);
+    cr_assert_eq(shoal_ring_pop(&p.in[0], &s, 1), 1);
+    waitpid(pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    /* A close wakes it, however many pushes it waits for. */
+    pid = fork();
+    if (pid == 0) {
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        shoal_ring_close(&p.in[2]);
+        _exit(0);
+    }
+    t = now_ns();
+    cr_assert_eq(shoal_doorbell_wait_n(m, set, NMANY, 7, 0, 5000 * ms), 0);
+    cr_assert_lt(now_ns() - t, 4000 * ms, "the close did not wake it");
+    cr_assert(shoal_ring_closed(&p.in[2]));
+    waitpid(pid, NULL, 0);
+    shoal_arena_close(p.arena);
+}
+
 Test(ring, push_without_waking_then_wake)
 {
     shoal_ring r;
