@@ -42,6 +42,8 @@ class AsyncResult:
         return f"<{type(self).__name__}: {'finished' if self._done() else self._fname}>"
 
     def _add(self, hdr, payload, buffers):
+        """Takes an engine's reply; True if its value holds arena buffers
+        (which the engine keeps a reference to until it hears RELEASE)."""
         meta = json.loads(bytes(payload[0]))
         engine = hdr["sender"]
         self.task_id = hdr["task_id"]
@@ -69,6 +71,7 @@ class AsyncResult:
                                                         hdr["task_id"]))
         if self._done():
             self._finished()
+        return bool(where)
 
     def _fail(self, engine, exc):
         self._results[engine] = (False, exc)
@@ -133,7 +136,11 @@ class AsyncResult:
             left = 3600 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 return False
-            self._client._receive(min(left, 3600))
+            # How many of our engines' replies by lane are still to come (a
+            # result of another kind, as a load-balanced map's: wake for each).
+            zmq = getattr(self, "_zmq_targets", None)
+            want = 1 if zmq is None else sum(1 for e in self._targets if e not in self._results and e not in zmq)
+            self._client._receive(min(left, 3600), want)
         return True
 
     def successful(self):

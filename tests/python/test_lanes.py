@@ -215,8 +215,35 @@ def test_submissions_wait_for_room_and_lose_nothing(rc, monkeypatch):
     assert [ar.get(30) for ar in ars] == [i if i % 2 else [i, i] for i in range(400)]
 
 
+def test_replies_are_let_go_small_ones_with_the_next_task_large_ones_at_once(rc):
+    """A small reply stays with its engine until the engine's next task
+    carries the RELEASE (waking a sleeping engine only for that cost a
+    context switch per task); a reply whose value holds arena buffers is
+    released at once, so that dropping the value frees them with no next
+    task."""
+    rc[:].apply_sync(abs, 1)
+    base = rc.arena.stats()["used_blocks"]
+    base_bytes = rc.arena.stats()["used_bytes"]
+    ar = rc[0].apply_async(np.ones, 1 << 20)  # 8 MiB, in an arena block of engine 0's
+    time.sleep(0.2)  # taken once the engine sleeps: only a wake-up lets it see the RELEASE
+    x = ar.get(10)
+    del ar
+    assert x.sum() == 1 << 20
+    assert rc.arena.stats()["used_bytes"] > base_bytes + (7 << 20)
+    del x
+    gc.collect()
+    assert wait_for(lambda: rc.arena.stats()["used_bytes"] < base_bytes + (1 << 20)), (base, rc.arena.stats())
+    assert wait_for(lambda: rc.arena.stats()["used_blocks"] <= base), (base, rc.arena.stats())
+    # Small replies: one each, kept until the next task, never piling up.
+    for _ in range(50):
+        rc[:].apply_sync(abs, -1)
+    assert rc.arena.stats()["used_blocks"] <= base
+
+
 def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
-    rc[0].apply_sync(abs, 1)
+    # Each engine keeps our last small reply until its next task says it may
+    # let go (client.RELEASE_WAKE_BYTES): the same one block each here and below.
+    rc[:].apply_sync(abs, 1)
     base = rc.arena.stats()["used_blocks"]
     script = textwrap.dedent(f"""
         import sys, time, numpy as np, shoal
