@@ -161,3 +161,16 @@ def test_another_process_rebuilds_without_copying(arena):
     assert float(total) == float(x.sum())
     assert int(grew) < 16 * MiB, f"the child's private memory grew by {grew} bytes for a 64 MiB array"
     assert writeable == "False"
+
+
+def test_plain_values_skip_cloudpickle_and_read_back_the_same():
+    import cloudpickle
+    for v in (None, True, False, 0, -7, 2**100, 1.5, float("inf"), 2j, "", "é" * 100):
+        s = serialize.dumps(v)
+        assert s.payload == cloudpickle.dumps(v, protocol=5) and not s.buffers
+        assert serialize.loads(s.payload) == v and type(serialize.loads(s.payload)) is type(v)
+
+    class Count(int):  # not plain: by value, through cloudpickle
+        pass
+    back = serialize.loads(serialize.dumps(Count(3)).payload)
+    assert back == 3 and type(back).__name__ == "Count"
