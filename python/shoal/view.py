@@ -157,7 +157,7 @@ class DirectView:
         view = self._view(targets)
         _check_dist(dist)
         ar = self.client._submit(view._targets, {"kind": "pull", "names": [key], "single": True}, None,
-                                 make=lambda c, mid, t, k: AsyncMapResult(c, mid, t, k, lambda v: _join(v, dist)))
+                                 make=lambda c, mid, t, k: AsyncMapResult(c, mid, t, k, lambda v: _join(v, dist, c.arena)))
         ar._fname = "gather"
         return ar.get() if self._block(block) else ar
 
@@ -178,7 +178,8 @@ class DirectView:
         if not work:
             return [] if self._block(block) else _done_map(self.client)
         each = [(runner, (f, *c), {}) for _, c in work]
-        join = _flatten if runner is _map_chunk else (lambda values: _join(values, "b"))
+        arena = self.client.arena
+        join = _flatten if runner is _map_chunk else (lambda values: _join(values, "b", arena))
         ar = self.client._submit([e for e, _ in work], {"kind": "apply"}, None, each=each,
                                  make=lambda c, mid, t, k: AsyncMapResult(c, mid, t, k, join))
         ar._fname = getattr(f, "__name__", what)
@@ -264,18 +265,51 @@ def _partition(seq, p, q, dist):
         return list(itertools.islice(seq, low, high))
 
 
-def _join(parts, dist):
+def _join(parts, dist, arena=None):
     """ipyparallel's joinPartitions: arrays concatenated, lists and tuples
-    joined (ranges too: ipyparallel would return the parts)."""
+    joined (ranges too: ipyparallel would return the parts). A large joined
+    array goes into arena when there is one (see _concatenate)."""
     first = parts[0] if parts else None
     if dist == "r" and isinstance(first, (list, tuple, range, np.ndarray)):
         out = [p[i] for i in range(max(len(p) for p in parts)) for p in parts if len(p) > i]
         return np.array(out) if isinstance(first, np.ndarray) else out
     if isinstance(first, np.ndarray):
-        return np.concatenate(parts)
+        return _concatenate(parts, arena)
     if isinstance(first, (list, tuple, range)):
         return _flatten(parts)
     return parts
+
+
+def _concatenate(parts, arena):
+    """np.concatenate(parts), into a new block of the node's arena if the
+    result is large (serialize.THRESHOLD) and arena is not None.
+
+    The agent keeps freed arena memory committed (--retain), so a gather
+    into the arena writes pages that are already there, where a fresh
+    private array of 1 GiB faults in new ones: 0.1 s on pages the host backs,
+    2.4 s on pages it took back (docs/arena.md, "Fresh memory on a VM"). The
+    result is also in the arena already when it is pushed or scattered
+    again. The parts are copied in threads. Falls back to np.concatenate
+    when the arena is full or the parts are not plain arrays of one shape."""
+    if arena is not None and len(parts) > 1 and all(type(p) is np.ndarray and p.ndim >= 1 for p in parts) \
+            and all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        dtype = np.result_type(*parts)
+        rows = sum(len(p) for p in parts)
+        if not dtype.hasobject and rows * int(np.prod(parts[0].shape[1:])) * dtype.itemsize >= serialize.THRESHOLD:
+            try:
+                out = arena.empty((rows,) + parts[0].shape[1:], dtype=dtype)
+            except (MemoryError, OSError):
+                return np.concatenate(parts)  # the arena is full: private memory will do
+            lo = 0
+            for p in parts:
+                hi = lo + len(p)
+                if p.dtype == dtype and p.flags.c_contiguous:
+                    _core.copy(out[lo:hi], p)
+                else:
+                    out[lo:hi] = p
+                lo = hi
+            return out
+    return np.concatenate(parts)
 
 
 _flatten = _flat  # a map's parts joined; AsyncMapResult yields them as they arrive

@@ -96,6 +96,33 @@ def test_an_array_is_scattered_as_views_of_one_arena_block(dv, rc):
     assert np.array_equal(dv.gather("b", block=True), b)
 
 
+def test_a_large_gather_lands_in_the_arena_a_small_one_does_not(dv, rc):
+    from shoal import serialize
+    a = np.arange(3 * MiB // 8 * 2, dtype=np.float64).reshape(-1, 2)  # 6 MiB, 2 columns
+    dv.scatter("a", a, block=True)
+    back = dv.gather("a", block=True)
+    assert back.shape == a.shape and back.dtype == a.dtype and np.array_equal(back, a)
+    in_arena = serialize._owner_block(back) is not None
+    assert in_arena == (rc.arena is not None), "joined into an arena block when the client has an arena"
+    back[0, 0] = -1.0  # the caller's own array: writable, and no engine sees the write
+    assert dv.execute("float(a[0, 0])", targets=0, block=True) == 0.0
+    # Parts of different dtypes join as np.concatenate would.
+    kinds = ["int32", "float32", "int32"]
+    dv.scatter("kind", kinds, flatten=True, block=True)
+    dv.execute("import numpy as np\npart = np.arange(40000, dtype=kind)", block=True)
+    want = np.concatenate([np.arange(40000, dtype=k) for k in kinds])
+    got = dv.gather("part", block=True)
+    assert got.dtype == want.dtype == np.float64 and np.array_equal(got, want)
+    dv.scatter("s", np.arange(30), block=True)
+    s = dv.gather("s", block=True)
+    assert np.array_equal(s, np.arange(30)) and serialize._owner_block(s) is None, "small: plain memory"
+    # A parallel function's array results join the same way.
+    @dv.parallel(block=True)
+    def doubled(x):
+        return x * 2
+    assert np.array_equal(doubled(np.arange(MiB)), np.arange(MiB) * 2)
+
+
 def test_map_splits_between_engines_and_keeps_order(dv):
     assert dv.map_sync(lambda x: x * x, range(10)) == [x * x for x in range(10)]
     assert dv.map_sync(lambda x, y: x + y, [1, 2, 3, 4], [10, 20, 30, 40]) == [11, 22, 33, 44]
