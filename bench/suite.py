@@ -4,14 +4,17 @@ Dask distributed, joblib (loky) and multiprocessing.Pool.
 Each system gets the same number of workers, started (and warmed up) before
 any timing. Each figure is the median of --reps runs, with min and max.
 Workloads (issue 5):
-  rtt        round trip of a no-op task on one worker: p50 and p99 over 300 calls
+  rtt        round trip of a no-op task on one worker: p50 and p99 over 1000 calls,
+             after a second of them
   tiny-map   tiny tasks through the system's load-balanced map, one result per
              item: tasks/s (count scaled down for slow systems, see below)
   tiny-async the same tasks submitted one by one, then all results gathered
   broadcast  one array of each --sizes-mib to every worker (on 8 workers):
-             seconds until every worker holds it (or, for joblib and
-             multiprocessing, which have no such thing, has run a task
-             given it), and the node's peak memory growth meanwhile
+             seconds until every worker holds it, in one round: a call on
+             each worker that keeps it and answers (Ray: an actor per
+             worker; joblib and multiprocessing, which have no such thing:
+             a task per worker given it), and the node's peak memory
+             growth meanwhile
   resident   an array that already lives in the shared store (shoal: made by
              an engine, so in the arena; Ray: put once) to every worker:
              seconds, for each --sizes-mib (systems without a store: skipped)
@@ -21,6 +24,12 @@ Workloads (issue 5):
              against the ideal max(sum / workers, longest)
   reduce     the sum of one array split across all the workers: time to the
              answer, splitting included
+Memory on these virtual machines: a page of guest memory that the host
+does not back yet costs ~2.3 s per GiB to touch, one it backs ~0.05 s, and
+memory freed for more than a few seconds goes back to the host
+(virtio-balloon free page reporting: 3 GiB freed for 10 s took 2.2 s to
+touch again, for 30 s 7.2 s). So a run that allocates fresh memory is slow
+or fast by luck; touching the node's memory once beforehand does not last.
 One "key=value" line per (system, workload, size); a JSON file of them;
 bench/plots.py draws the PNGs. Run through bench/run_suite.sh, which makes
 the benchmark's own venv.
@@ -37,6 +46,7 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -79,6 +89,16 @@ def identity(a):
 def make_ones(n):
     import numpy
     return numpy.ones(n)
+
+
+def hold(a):
+    """Keeps a in the worker's namespace as bench_a (shoal and ipyparallel
+    send it decorated with their `interactive`, so that its globals are the
+    engine's) and answers with what last_of does: one round, as Ray's
+    Holder.hold."""
+    global bench_a
+    bench_a = a
+    return float(a[-1]) + len(a)
 
 
 # ---- the node ---------------------------------------------------------------------
@@ -151,9 +171,8 @@ class IppLike:
         return [ar.get() for ar in ars]
 
     def broadcast(self, a):
-        dv = self.rc[:]
-        dv.push({"bench_a": a}, block=True)
-        return dv.apply_sync(last_of, self.mod.Reference("bench_a"))
+        # One round, as Ray's: the array goes with the call that keeps it.
+        return self.rc[:].apply_sync(self.mod.interactive(hold), a)
 
     def release(self):
         self.rc[:].execute("bench_a = None; bench_x = None", block=True)
@@ -431,11 +450,18 @@ def timed(fn, reps, check=None, before=None):
     return took
 
 
+RTT_CALLS = 1000
+
+
 def w_rtt(sys_, args, out, workers):
-    for _ in range(20):
+    # Warmed up for a second first: right after a start, processes are
+    # still settling (shoal's agent prefaults its arena in the background).
+    t = time.perf_counter()
+    while time.perf_counter() - t < 1.0:
         sys_.rtt()
-    lat = sorted(timed(sys_.rtt, 300))
-    out(workload="rtt", p50_us=statistics.median(lat) * 1e6, p99_us=lat[int(len(lat) * 0.99)] * 1e6, calls=300)
+    lat = sorted(timed(sys_.rtt, RTT_CALLS))
+    out(workload="rtt", p50_us=statistics.median(lat) * 1e6, p99_us=lat[int(len(lat) * 0.99)] * 1e6,
+        calls=RTT_CALLS)
 
 
 def w_tiny(sys_, args, out, workers):
@@ -602,6 +628,8 @@ def main():
     results = []
     print(f"# {os.uname().release}, {os.cpu_count()} cores, {meminfo()['MemTotal'] / GiB:.1f} GiB; "
           f"workers={args.workers} broadcast_workers={args.broadcast_workers} reps={args.reps}", flush=True)
+    # SIGTERM ends the run as Ctrl-C does: through each system's stop().
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     for name in args.systems.split(","):
         run_system(name, args, results)
         if args.json:  # after each system: a run cut short keeps what it measured
