@@ -447,6 +447,7 @@ def timed(fn, reps, check=None, before=None):
         took.append(time.perf_counter() - t)
         if check:
             check(got)
+        del got  # the next run starts without this one's result held (a 1 GiB array, say)
     return took
 
 

@@ -27,6 +27,22 @@ int shoal_profile_dir(const char *profile, char *out, size_t len)
     return n < 0 || (size_t)n >= len - used ? -ENAMETOOLONG : 0;
 }
 
+int shoal_parse_u64(const char *s, uint64_t max, uint64_t *out)
+{
+    /* strtoull alone takes "abc" for 0, "-1" for 2^64-1 and "12x" for 12. */
+    if (!s || *s < '0' || *s > '9')
+        return -EINVAL;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (*end)
+        return -EINVAL;
+    if (errno == ERANGE || v > max)
+        return -ERANGE;
+    *out = v;
+    return 0;
+}
+
 int64_t shoal_now_ns(void)
 {
     struct timespec t;

@@ -845,9 +845,16 @@ int main(int argc, char **argv)
         case 'i':
             ip = optarg;
             break;
-        case 'b':
-            hb_ms = strtol(optarg, NULL, 10);
+        case 'b': {
+            uint64_t v;
+            if (shoal_parse_u64(optarg, 600000, &v) < 0) {
+                fprintf(stderr, "shoal-controller: --heartbeat-ms wants a number of milliseconds (10 to 600000), "
+                                "not '%s'\n", optarg);
+                return 2;
+            }
+            hb_ms = (long)v;
             break;
+        }
         case 'h':
             usage(stdout);
             return 0;

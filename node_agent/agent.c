@@ -1222,11 +1222,21 @@ static void usage(FILE *f)
                "  before larger frees go back to the system (default half of the arena; 0 for none).\n");
 }
 
+/* The number an option was given, or a message and exit status 2. */
+static int option_number(const char *name, const char *arg, uint64_t max, uint64_t *out)
+{
+    int rc = shoal_parse_u64(arg, max, out);
+    if (rc < 0)
+        fprintf(stderr, "shoal-agent: --%s wants %s, not '%s'\n", name,
+                rc == -ERANGE ? "a smaller number" : "a number (decimal digits)", arg);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     const char *profile = "default";
-    unsigned long long arena_size = 0, prefault = ~0ull, retain = ~0ull;
-    long nengines = 0;
+    uint64_t arena_size = 0, prefault = ~0ull, retain = ~0ull, n;
+    int nengines = 0;
     int restart = 0;
     static const struct option opts[] = {{"profile", required_argument, NULL, 'p'},
                                          {"restart-engines", no_argument, NULL, 'r'},
@@ -1239,7 +1249,9 @@ int main(int argc, char **argv)
     for (int o; (o = getopt_long(argc, argv, "p:s:n:h", opts, NULL)) != -1;) {
         switch (o) {
         case 'n':
-            nengines = strtol(optarg, NULL, 10);
+            if (option_number("engines", optarg, MAX_LOCAL_ENGINES, &n) < 0)
+                return 2;
+            nengines = (int)n;
             break;
         case 'r':
             restart = 1;
@@ -1248,13 +1260,16 @@ int main(int argc, char **argv)
             profile = optarg;
             break;
         case 's':
-            arena_size = strtoull(optarg, NULL, 10);
+            if (option_number("arena-size", optarg, UINT64_MAX, &arena_size) < 0)
+                return 2;
             break;
         case 'f':
-            prefault = strtoull(optarg, NULL, 10);
+            if (option_number("prefault", optarg, UINT64_MAX, &prefault) < 0)
+                return 2;
             break;
         case 'k':
-            retain = strtoull(optarg, NULL, 10);
+            if (option_number("retain", optarg, UINT64_MAX, &retain) < 0)
+                return 2;
             break;
         case 'h':
             usage(stdout);
@@ -1264,7 +1279,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (strchr(profile, '/') || !*profile || nengines < 0 || nengines > MAX_LOCAL_ENGINES) {
+    if (strchr(profile, '/') || !*profile) {
         usage(stderr);
         return 2;
     }

@@ -11,8 +11,10 @@ never meets another cluster.
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 
@@ -44,7 +46,13 @@ class Cluster:
         args = ["start", "-n", str(n or self.n), "--daemonize", "--timeout", str(self.timeout)]
         if self.arena_size:
             args += ["--arena-size", str(self.arena_size)]
-        p = self._shoal(*args, timeout=self.timeout + 30)
+        try:
+            p = self._shoal(*args, timeout=self.timeout + 30)
+        except BaseException:
+            # Ctrl-C (or our timeout) while `shoal start` waited for the
+            # engines: what it started runs on in a session of its own.
+            _stop_profile(self.profile, remove=self._own_profile)
+            raise
         if p.returncode != 0:
             raise RuntimeError(f"the cluster did not start: {(p.stderr or p.stdout).strip()}")
         self._running = True
@@ -83,3 +91,70 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.stop_cluster_sync()
+
+
+def _profile_processes(profile):
+    """The pids of the processes started for profile: those whose command
+    line says ``--profile <profile>`` (the controller, the agent) and their
+    descendants (the engines)."""
+    argv, parent = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv[int(entry)] = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    want = ["--profile".encode(), profile.encode()]
+    mine, pid = set(), os.getpid()  # never ourselves, nor what started us
+    while pid > 1 and pid not in mine:
+        mine.add(pid)
+        pid = parent.get(pid, 0)
+    found = {pid for pid, args in argv.items()
+             if pid not in mine and any(args[i:i + 2] == want for i in range(len(args) - 1))}
+    grew = True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return sorted(found)
+
+
+def _stop_profile(profile, remove=True):
+    """Stops whatever still runs for profile and (remove=True) removes its
+    directory.
+
+    For a start that was cut short (Ctrl-C while ``shoal start`` waited for
+    the engines), which leaves the controller and the agent running in a
+    session of their own, and for a stop that failed: ``shoal stop`` if the
+    controller wrote its connection file, then SIGTERM (and SIGKILL after
+    10 s) to any process of the profile but this one and its ancestors.
+    Returns the pids that could not be stopped (none, unless SIGKILL
+    failed)."""
+    from .cli import _alive
+    from .client import _connection_file, _profile_dir
+    if os.path.exists(_connection_file(profile, None)):
+        try:
+            subprocess.run([sys.executable, "-m", "shoal", "stop", "--profile", profile],
+                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            pass  # the signals below
+    pids = _profile_processes(profile)
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            time.sleep(0.05)
+        if not pids:
+            break
+    if remove:
+        shutil.rmtree(_profile_dir(profile), ignore_errors=True)
+    return pids

@@ -31,7 +31,6 @@ import os
 import pickle
 import platform
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -294,67 +293,6 @@ class ClusterError(RuntimeError):
     """The cluster to measure on could not be started or reached."""
 
 
-def _profile_processes(profile):
-    """The pids of the processes started for profile: those whose command
-    line says ``--profile <profile>`` (the controller, the agent) and their
-    descendants (the engines)."""
-    argv, parent = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv[int(entry)] = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as f:
-                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    want = ["--profile".encode(), profile.encode()]
-    found = {pid for pid, args in argv.items()
-             if any(args[i:i + 2] == want for i in range(len(args) - 1))}
-    grew = True
-    while grew:
-        more = {pid for pid, ppid in parent.items() if ppid in found} - found
-        found |= more
-        grew = bool(more)
-    return sorted(found)
-
-
-def _stop_profile(profile):
-    """Stops whatever still runs for profile and removes its directory.
-
-    For a start that was cut short (Ctrl-C while ``shoal start`` waited for
-    the engines), which leaves the controller and the agent running in a
-    session of their own, unknown to the Cluster, and for a stop that
-    failed: ``shoal stop`` if the controller wrote its connection file,
-    then SIGTERM (and SIGKILL after 10 s) to any process of the profile.
-    The profile's name is ours alone, so nothing else is touched. Returns
-    the pids that could not be stopped (none, unless SIGKILL failed)."""
-    from .cli import _alive
-    from .client import _connection_file, _profile_dir
-    if os.path.exists(_connection_file(profile, None)):
-        try:
-            subprocess.run([sys.executable, "-m", "shoal", "stop", "--profile", profile],
-                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            pass  # the signals below
-    pids = _profile_processes(profile)
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
-            time.sleep(0.05)
-        if not pids:
-            break
-    shutil.rmtree(_profile_dir(profile), ignore_errors=True)
-    return pids
-
-
 def _cluster_pids(rc, profile):
     from .client import _connection_file
     with open(_connection_file(profile, None)) as f:
@@ -570,7 +508,8 @@ def run(sizes=DEFAULT_SIZES, costs=DEFAULT_PASSES, n_engines=None, profile=None,
                     if cluster is not None:
                         cluster.stop_cluster_sync()  # nothing to do if it never started
                 finally:
-                    left = _stop_profile(profile)  # a start cut short, or a stop that failed
+                    from .cluster import _stop_profile
+                    left = _stop_profile(profile)  # a stop that failed (Cluster stops a start cut short)
                     print(f"# cluster '{profile}' stopped" if not left else
                           f"# warning: processes {left} of cluster '{profile}' could not be stopped",
                           file=out, flush=True)

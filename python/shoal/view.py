@@ -467,7 +467,7 @@ class LoadBalancedView:
     def _map(self, runner, f, sequences, block=None, chunksize=None, ordered=True, return_exceptions=False):
         if not sequences:
             raise ValueError("map needs at least one sequence")
-        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+        if chunksize is not None and (not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1):
             raise ValueError(f"chunksize must be an int of at least 1 (or None: sized as the map goes), "
                              f"not {chunksize!r}")
         if runner is _call_chunk and chunksize is None:

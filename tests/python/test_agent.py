@@ -230,3 +230,24 @@ def test_a_short_drop_is_survived(cluster):
     assert agent.proc.poll() is None
     with LocalArena(agent.node["socket"]) as local:
         local.arena.check()
+
+
+@pytest.mark.parametrize("args", [["--retain", "abc"], ["--prefault", "12x"], ["--arena-size", "-1"],
+                                  ["--arena-size", ""], ["--engines", "99999"], ["--engines", "two"],
+                                  ["--retain", "99999999999999999999999"]])
+def test_the_agent_refuses_numbers_it_cannot_read(args, tmp_path):
+    """A number that does not parse is an error, not 0 (which means "none"
+    for --retain and --prefault, and "the default" for --arena-size)."""
+    from shoal import _bin
+    p = subprocess.run([_bin.find("shoal-agent"), "--profile", "nosuch", *args], capture_output=True, text=True,
+                       timeout=10, env=dict(os.environ, SHOAL_DIR=str(tmp_path)))
+    assert p.returncode == 2, p
+    assert f"--{args[0][2:]} wants" in p.stderr and repr(args[1]) in p.stderr.replace('"', "'"), p.stderr
+
+
+@pytest.mark.parametrize("args", [["--heartbeat-ms", "abc"], ["--heartbeat-ms", "10s"], ["--heartbeat-ms", "5"]])
+def test_the_controller_refuses_a_heartbeat_it_cannot_read(args, tmp_path):
+    from shoal import _bin
+    p = subprocess.run([_bin.find("shoal-controller"), "--profile", "nosuch", *args], capture_output=True,
+                       text=True, timeout=10, env=dict(os.environ, SHOAL_DIR=str(tmp_path)))
+    assert p.returncode == 2, p

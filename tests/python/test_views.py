@@ -270,7 +270,7 @@ def test_a_map_takes_any_iterables_and_stops_at_the_shortest(rc):
     assert lview.map_sync(lambda x: int(x) % 7, a) == [x % 7 for x in range(5000)]
     got = lview.map_async(lambda x: -x, range(4000), ordered=False).get(30)
     assert sorted(got) == sorted(-x for x in range(4000))
-    for bad in (0, -1, 1.5, "2"):
+    for bad in (0, -1, 1.5, "2", True):
         with pytest.raises(ValueError, match="chunksize must be an int"):
             lview.map(abs, [1], chunksize=bad)
 
@@ -473,6 +473,53 @@ def test_cluster_starts_connects_and_leaves_nothing(tmp_path, monkeypatch):
         except OSError:
             continue  # gone meanwhile
         assert cluster.profile.encode() not in args, f"a process of the cluster remains: {args}"
+
+
+def test_a_cluster_start_cut_short_by_ctrl_c_leaves_nothing(tmp_path):
+    """Ctrl-C while Cluster.start_cluster_sync waits for the engines: the
+    controller and the agent that `shoal start` had already started (in a
+    session of their own) are stopped too, and the profile removed."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+    home = tmp_path / "home"
+    code = ("import shoal\nc = shoal.Cluster(n=4)\nprint(c.profile, flush=True)\n"
+            "c.start_cluster_sync()\nprint('started', flush=True)\nc.stop_cluster_sync()\n")
+    env = dict(os.environ, SHOAL_DIR=str(home))
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        profile = p.stdout.readline().strip()
+        conn = home / f"profile_{profile}" / "connection.json"
+        deadline = time.monotonic() + 30
+        while not conn.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert conn.exists(), "the controller never started"
+        p.send_signal(signal.SIGINT)  # the controller is up; the engines are still starting
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if "started" in out:
+        pytest.skip("the cluster was up before the Ctrl-C arrived")
+    assert "KeyboardInterrupt" in err, err
+
+    def left():
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if profile.encode() in cmdline.read_bytes().split(b"\0"):
+                    found.append(cmdline.parent.name)
+            except OSError:
+                continue
+        return found
+    deadline = time.monotonic() + 10
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left(), "a process of the cluster outlived the interrupted start"
+    assert not (home / f"profile_{profile}").exists()
 
 
 def test_direct_view_decorators_interactive_reference_and_return_exceptions(rc):

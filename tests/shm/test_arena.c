@@ -214,6 +214,34 @@ Test(arena, freed_neighbours_coalesce)
     shoal_arena_close(a);
 }
 
+Test(arena, small_blocks_leave_a_freed_large_block_whole)
+{
+    /* A freed 64 MiB block below a live one, the rest of the heap above: the
+     * small blocks that come and go meanwhile (messages, replies) must not
+     * split the freed block, or the next 64 MiB array would not fit there. */
+    shoal_arena *a = make(256 * MiB);
+    shoal_handle big = alloc(a, 64 * MiB), keep = alloc(a, 64 * MiB);
+    release(a, big);
+    enum { N = 8 };
+    shoal_handle small[N];
+    for (int i = 0; i < N; i++) {
+        small[i] = alloc(a, 200 + 700 * (uint64_t)i);
+        cr_assert_gt(small[i].offset, keep.offset, "small block %d was split off the freed large one", i);
+    }
+    shoal_handle again = alloc(a, 64 * MiB);
+    cr_assert_eq(again.offset, big.offset, "the next block of that size goes where the freed one was");
+    /* A request of a chunk or more still takes the smallest free block that holds it. */
+    release(a, again);
+    shoal_handle mid = alloc(a, 4 * MiB);
+    cr_assert_eq(mid.offset, big.offset);
+    release(a, mid);
+    for (int i = 0; i < N; i++)
+        release(a, small[i]);
+    release(a, keep);
+    assert_empty(a);
+    shoal_arena_close(a);
+}
+
 Test(arena, fragmentation_and_recovery)
 {
     shoal_arena *a = make(8 * MiB);
