@@ -12,7 +12,6 @@ docs/engine.md describes the formats.
 import argparse
 import ast
 import builtins
-import contextlib
 import io
 import json
 import os
@@ -66,6 +65,10 @@ class _Stream(io.TextIOBase):
 
     def __init__(self, engine, name):
         self.engine, self.name = engine, name
+        self.reset()
+
+    def reset(self):
+        """Empty, for the next task (one pair of streams serves every task)."""
         self.whole, self.pending = [], []
         self.npending, self.last = 0, 0.0
 
@@ -154,6 +157,8 @@ class Engine:
         self.lanes = []  # _LaneSink of each local client's lane
         self.sink = self.agent  # where the running task's output goes
         self.spin = float(os.environ.get("SHOAL_ENGINE_SPIN", "5e-5"))
+        self.out, self.err = _Stream(self, "stdout"), _Stream(self, "stderr")
+        self._waited = None  # the rings waited on, rebuilt when lanes or pools come or go
         self.execution_count = 0  # execute tasks run, as IPython numbers cells
         self.stopping = False  # a shutdown task asked it to exit
         self.outputs = []  # output blocks of the running task
@@ -209,7 +214,9 @@ class Engine:
 
     def waited(self):
         """Every ring the engine waits on: the agent's, each lane's, each pool's."""
-        return [self.sq] + [s.lane.sq for s in self.lanes] + [p for s in self.lanes for p in s.pools]
+        if self._waited is None:
+            self._waited = [self.sq] + [s.lane.sq for s in self.lanes] + [p for s in self.lanes for p in s.pools]
+        return self._waited
 
     def take_from_pools(self):
         """Runs one task from the first of our pools that has one (the
@@ -222,6 +229,7 @@ class Engine:
                     got = pool.take(self.id)
                 except OSError:  # closed by its client (or broken): drop it
                     sink.pools.remove(pool)
+                    self._waited = None
                     continue
                 if got is None:
                     continue
@@ -255,6 +263,7 @@ class Engine:
     def open_lane(self, handle):
         try:
             self.lanes.append(_LaneSink(Lane(self.arena, handle)))
+            self._waited = None
         except (OSError, ValueError) as e:
             print(f"shoal-engine {self.id}: a lane the agent gave could not be opened: {e}", file=sys.__stderr__)
 
@@ -265,6 +274,7 @@ class Engine:
         except (BrokenPipeError, OSError):
             # Closed (its client is gone) or broken: its replies and pools go with it.
             self.lanes.remove(sink)
+            self._waited = None
             return
         for i in range(0, len(slots), SLOT.size):
             task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
@@ -287,6 +297,7 @@ class Engine:
             print(f"shoal-engine {self.id}: a pool its client gave could not be opened: {e}", file=sys.__stderr__)
             return
         sink.pools.append(pool)
+        self._waited = None
 
     def send_output(self, name, text):
         """Sends a piece of a running task's stdout or stderr to its client
@@ -302,7 +313,9 @@ class Engine:
 
     def run_task(self, task_id, handle, sink):
         self.task_id, self.sink = task_id, sink
-        out, err = _Stream(self, "stdout"), _Stream(self, "stderr")
+        out, err = self.out, self.err
+        out.reset()
+        err.reset()
         meta = {"status": "ok", "engine_id": self.id, "started": time.time()}
         outputs = []
         _display.collect(outputs)  # what display() shows during the task
@@ -317,12 +330,15 @@ class Engine:
                 # Counted as IPython counts cells: only code that is run.
                 self.execution_count += 1
                 meta["execution_count"] = self.execution_count
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                self.running = True
-                try:
-                    value = self.execute(request, payload, buffers)
-                finally:
-                    self.running = False
+            # As contextlib's redirect_stdout and redirect_stderr, without their objects.
+            saved = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = out, err
+            self.running = True
+            try:
+                value = self.execute(request, payload, buffers)
+            finally:
+                self.running = False
+                sys.stdout, sys.stderr = saved
             del msg, payload, buffers
             if request.get("kind") == "execute" and value is not None:
                 meta["execute_result"] = {"text/plain": _pretty(value)}
