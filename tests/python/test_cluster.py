@@ -67,6 +67,20 @@ def test_stdout_is_captured(rc):
     assert ar.stdout[0] == "hello from the engine\n"
 
 
+def test_a_stream_kept_by_user_code_writes_into_the_task_that_runs(rc):
+    """A logging handler made in one task keeps the engine's sys.stderr; what
+    it writes in a later task is that later task's stderr, as with
+    ipyparallel, not lost."""
+    rc[0].execute("import logging, sys\nlog = logging.getLogger('kept')\nlog.propagate = False\n"
+                  "log.handlers[:] = [logging.StreamHandler()]", block=True)
+    ar = rc[0].execute("log.warning('from a later task')")
+    ar.get(10)
+    assert ar.stderr[0] == "from a later task\n"
+    ar = rc[0].execute("print('next')")
+    ar.get(10)
+    assert ar.stdout[0] == "next\n" and ar.stderr[0] == "", "each task starts with empty streams"
+
+
 def test_push_pull_objects(rc):
     dv = rc[:]
     dv.block = True
