@@ -7,7 +7,8 @@ Workloads (issue 5):
   rtt        round trip of a no-op task on one worker: p50 and p99 over 1000 calls,
              after a second of them
   tiny-map   tiny tasks through the system's load-balanced map, one result per
-             item: tasks/s (count scaled down for slow systems, see below)
+             item: tasks/s (count scaled down for slow systems, see below;
+             as many runs as fill ~3 s, at least --reps, at most 51)
   tiny-async the same tasks submitted one by one, then all results gathered
   broadcast  one array of each --sizes-mib to every worker (on 8 workers):
              seconds until every worker holds it, in one round: a call on
@@ -477,7 +478,13 @@ def w_tiny(sys_, args, out, workers):
         n = args.tiny_tasks
         if probe / 500 * n > args.tiny_budget:
             n = max(500, int(500 * args.tiny_budget / probe))
-        took = timed(lambda: fn(n), args.reps, check=lambda got: len(got) == n or sys.exit("lost results"))
+        # A fast system's run of 100,000 lasts ~20 ms here, where one hiccup of
+        # the machine halves it: as many runs as fill ~3 s (at least --reps, at
+        # most 51) for the median.
+        t = time.perf_counter()
+        fn(n)
+        reps = max(args.reps, min(51, int(3.0 / max(time.perf_counter() - t, 1e-3))))
+        took = timed(lambda: fn(n), reps, check=lambda got: len(got) == n or sys.exit("lost results"))
         s = summary([n / x for x in took])
         out(workload=mode, tasks=n, tasks_per_s=s["median"], min=s["min"], max=s["max"], reps=s["reps"])
 
