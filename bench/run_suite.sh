@@ -6,7 +6,7 @@
 # Prints one key=value line per (system, workload, size), then writes
 # bench/results/suite-STAMP.{txt,json} and the plots suite-STAMP-*.png.
 # Arguments go to bench/suite.py (--help lists them; --systems, --workloads
-# and the sizes pick a part of it). A full run takes about 40 minutes here.
+# and the sizes pick a part of it). A full run takes about half an hour here.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
