@@ -553,7 +553,8 @@ static int populate(shoal_arena *a, uint64_t lo, uint64_t hi)
 /* ---- alloc and free, under the lock --------------------------------------- */
 
 /* Finds a free block of at least need bytes: the best fit in need's own
- * class (looking at 16 blocks at most once one holds it: under the lock),
+ * class (of the first 16 blocks looked at, or more until one holds it:
+ * the list is walked under the lock),
  * else a block of a higher class (which always fits): for a request of a
  * chunk or more, the first of the next non-empty class; for a smaller one,
  * the largest of the highest class, the top of the heap as a rule. Small

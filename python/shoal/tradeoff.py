@@ -422,7 +422,7 @@ def run(sizes=DEFAULT_SIZES, costs=DEFAULT_PASSES, n_engines=None, profile=None,
     if matplotlib is missing (checked before measuring).
     """
     from .client import Client
-    from .cluster import Cluster
+    from .cluster import Cluster, _stop_profile
     sizes, costs = sorted({s - s % 8 for s in sizes}), sorted(set(costs) | {0})
     if reps < 3:
         raise ValueError(f"reps must be at least 3 (medians), not {reps}")
@@ -508,7 +508,6 @@ def run(sizes=DEFAULT_SIZES, costs=DEFAULT_PASSES, n_engines=None, profile=None,
                     if cluster is not None:
                         cluster.stop_cluster_sync()  # nothing to do if it never started
                 finally:
-                    from .cluster import _stop_profile
                     left = _stop_profile(profile)  # a stop that failed (Cluster stops a start cut short)
                     print(f"# cluster '{profile}' stopped" if not left else
                           f"# warning: processes {left} of cluster '{profile}' could not be stopped",

@@ -251,3 +251,5 @@ def test_the_controller_refuses_a_heartbeat_it_cannot_read(args, tmp_path):
     p = subprocess.run([_bin.find("shoal-controller"), "--profile", "nosuch", *args], capture_output=True,
                        text=True, timeout=10, env=dict(os.environ, SHOAL_DIR=str(tmp_path)))
     assert p.returncode == 2, p
+    if not args[1].isdigit():  # not a number at all: said so, not taken for 0 (or 10 for "10s")
+        assert "--heartbeat-ms wants a number" in p.stderr and repr(args[1]) in p.stderr, p.stderr

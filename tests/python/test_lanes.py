@@ -222,6 +222,7 @@ def test_replies_are_let_go_small_ones_with_the_next_task_large_ones_at_once(rc,
     next task carries the RELEASE (waking a sleeping engine only for that
     cost a context switch per engine)."""
     rc[:].apply_sync(abs, 1)
+    time.sleep(0.1)  # the RELEASEs of that reach the engines
     base = rc.arena.stats()["used_blocks"]
     base_bytes = rc.arena.stats()["used_bytes"]
     ar = rc[0].apply_async(np.ones, 1 << 20)  # 8 MiB, in an arena block of engine 0's
@@ -244,6 +245,16 @@ def test_replies_are_let_go_small_ones_with_the_next_task_large_ones_at_once(rc,
     for _ in range(50):
         rc[:].apply_sync(abs, -1)
     assert rc.arena.stats()["used_blocks"] <= base + len(rc.ids)
+    # Taken once the engines sleep: each keeps its reply, not woken for it...
+    ar = rc[:].apply_async(abs, -1)
+    time.sleep(0.2)
+    assert ar.get(10) == [1] * len(rc.ids)
+    time.sleep(0.1)
+    assert rc.arena.stats()["used_blocks"] == base + len(rc.ids), (base, rc.arena.stats())
+    # ...until its next task brings the RELEASE.
+    monkeypatch.setattr(client_mod, "_CORES", len(rc.ids))
+    rc[:].apply_sync(abs, -1)
+    assert wait_for(lambda: rc.arena.stats()["used_blocks"] <= base), (base, rc.arena.stats())
 
 
 def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
