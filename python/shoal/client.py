@@ -189,6 +189,11 @@ class Client:
         self._lb_load = {}  # engine id -> load-balanced tasks of ours it has
         self._driven = []  # load-balanced maps with tasks still to hand out
         self._driver = None  # the thread that hands them out while nobody waits
+        # Threads other than the driver inside _receive: while there are
+        # any, they receive (and so hand out) for everybody, and the driver
+        # keeps out of their way (see _drive_loop).
+        self._waiters = 0
+        self._waiters_left = threading.Condition(threading.Lock())
         self.history = []  # msg_ids of the tasks sent, in order
         self.metadata = _Metadata()  # msg_id -> metadata of each finished task, until purge_results
         # msg_id -> AsyncResult, while the user keeps it: a result whose
@@ -273,6 +278,11 @@ class Client:
                 self._driver.start()
 
     def _drive_loop(self):
+        """While another thread waits for results, it receives, and so
+        hands out the maps' tasks (from the callbacks of those that
+        finish): the driver then only ticks every 5 ms, and does not take
+        the lock from the waiter (a waiter kept from the lock is a map's
+        tasks left unanswered meanwhile)."""
         try:
             while True:
                 with self._lock:
@@ -285,7 +295,12 @@ class Client:
                     for w in list(self._driven):
                         if hasattr(w, "_tick"):
                             w._tick()  # a task waiting for its dependencies, or its timeout
-                    self._receive(0.005)
+                    if not self._waiters:
+                        self._receive(0.005)
+                        continue
+                with self._waiters_left:
+                    if self._waiters:
+                        self._waiters_left.wait(0.005)
         except BaseException:
             with self._lock:
                 self._driver = None  # so that the next _drive() starts another
@@ -667,6 +682,19 @@ class Client:
         """Receives what arrives within timeout seconds, then runs the
         callbacks of the results it completed; True if anything came.
         want: how many lane replies the caller waits for (see _receive_some)."""
+        if threading.current_thread() is not self._driver:
+            with self._waiters_left:
+                self._waiters += 1
+            try:
+                return self._receive_locked(timeout, want)
+            finally:
+                with self._waiters_left:
+                    self._waiters -= 1
+                    if not self._waiters:
+                        self._waiters_left.notify_all()
+        return self._receive_locked(timeout, want)
+
+    def _receive_locked(self, timeout, want):
         with self._lock:
             self._receiving += 1
             try:

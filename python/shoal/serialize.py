@@ -104,6 +104,33 @@ def dumps(obj, arena=None, threshold=THRESHOLD):
     return out
 
 
+class Pickled:
+    """obj pickled once, to be sent many times (a map's function, in each
+    of its tasks): pickling it again for each would cost as much (a
+    function of ``__main__`` travels by value) and give the same bytes.
+    The receiver gets obj itself."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return pickle.loads, (self.data,)
+
+
+def pickled_once(obj):
+    """A :class:`Pickled` of obj; obj itself if it cannot be pickled, or
+    holds buffers that would leave the pickle (they would need a place of
+    their own in each message)."""
+    out = []
+    try:
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out.append)
+    except Exception:
+        return obj  # each task then fails with the error, as it would have
+    return obj if out else Pickled(data)
+
+
 def loads(payload, buffers=(), frames=(), arena=None, readonly=True):
     """Rebuilds an object from :func:`dumps`'s output.
 
@@ -127,4 +154,4 @@ def loads(payload, buffers=(), frames=(), arena=None, readonly=True):
     return pickle.loads(payload, buffers=bufs)
 
 
-__all__ = ["THRESHOLD", "Serialized", "dumps", "loads", "Arena"]
+__all__ = ["THRESHOLD", "Serialized", "Pickled", "dumps", "loads", "pickled_once", "Arena"]

@@ -360,6 +360,7 @@ class LoadBalancedView:
     POOL_DEPTH = 4
     TARGET_TASK_SECONDS = 0.01  # a map's tasks, when it sizes them (chunksize=None)
     MAX_CHUNK = 1 << 16  # items in one such task, at most
+    GROWTH = 8  # such a task has at most this many times the items of the largest finished one
     _flag_names = ("targets", "block", "retries", "timeout", "after", "follow")
 
     def __init__(self, client, targets=None, block=False):
@@ -459,8 +460,14 @@ class LoadBalancedView:
         chunksize items go in one task. Unlike ipyparallel (default 1), the
         default None sizes tasks as the map goes: one item each at first,
         then as many as take about TARGET_TASK_SECONDS of an engine's time,
-        judged from the map's own throughput, so that tiny items are not
-        each a task of their own while long ones stay one per task."""
+        judged from the engines' own time per item on the tasks that came
+        back, and never more than GROWTH times the largest of those, so
+        that tiny items are not each a task of their own while long ones
+        stay one per task.
+
+        A blocking map hands its tasks out from the waiting thread; one
+        that is not (or whose wait is cut short, as by Ctrl-C) from a
+        thread of the client's, so that it goes on while nobody waits."""
         return self._map(_star_chunk, f, sequences, block=block, chunksize=chunksize, ordered=ordered,
                          return_exceptions=return_exceptions)
 
@@ -474,8 +481,19 @@ class LoadBalancedView:
             chunksize = 1  # f sees the parts: their size is not ours to choose
         columns = [s if isinstance(s, (list, tuple, range, np.ndarray)) else list(s) for s in sequences]
         result = LoadBalancedMapResult(self, f, columns, ordered, runner, return_exceptions, chunksize)
-        result._start()
-        return result.get() if (self.block if block is None else block) else result
+        if not (self.block if block is None else block):
+            result._start(drive=True)
+            return result
+        # The caller waits, and so hands out the tasks as earlier ones
+        # finish: no thread of the client's to do it (it would only take
+        # the lock from the caller), unless the wait is cut short.
+        result._start(drive=False)
+        try:
+            return result.get()
+        except BaseException:
+            if result._has_work():
+                self.client._drive(result)  # the map goes on, as it does in ipyparallel
+            raise
 
     def map_sync(self, f, *sequences, **kw):
         return self.map(f, *sequences, block=True, **kw)
@@ -518,6 +536,7 @@ class LoadBalancedMapResult:
     def __init__(self, view, f, columns, ordered, runner=None, return_exceptions=False, chunksize=None):
         self._view, self._client = view, view.client
         self._f, self._ordered = f, ordered
+        self._f_sent = serialize.pickled_once(f)  # the same bytes in every task
         self._columns = columns  # one per sequence, each sliceable
         self._n = min(len(c) for c in columns)  # items: as zip, the shortest sequence's length
         self._chunksize = chunksize
@@ -532,36 +551,47 @@ class LoadBalancedMapResult:
         self._inflight = {}  # engine id -> chunks of this map it has (handed to it)
         self._pooled = 0  # chunks of this map in the client's pool, taken or not
         self._attempts = {}  # chunk index -> its AsyncResult while it runs
-        self._meta = {}  # chunk index -> its task's metadata
+        self._ran = {}  # chunk index -> (its finished AsyncResult, the engine it ran on): its metadata
+        self._busy = 0.0  # seconds the engines spent on the chunks finished so far (their own clocks)
+        self._items_timed = 0  # items of those chunks
+        self._largest_timed = 0  # items of the largest of them
+        self._ramping = False  # the last chunk was kept smaller by GROWTH than its items' cost would make it
         self._submitted = time.time()
-        self._started = time.monotonic()
 
     def __repr__(self):
         return f"<AsyncMapResult: {'finished' if self._done() else self._fname}>"
 
-    def _start(self):
+    def _start(self, drive):
+        """Hands out the first chunks; drive: the rest from the client's
+        thread, as earlier ones finish, even while nobody waits."""
         with self._client._lock:
             self._fill()
-        if self._has_work():
+        if drive and self._has_work():
             self._client._drive(self)
 
     def _chunk_size(self, engines):
         """Items in the next chunk. Fixed with a chunksize. Without: one
-        until an item has finished; then as many as take the engines about
-        TARGET_TASK_SECONDS, where an item is taken to cost the engine time
-        spent so far per item finished (an over-estimate while the map
-        starts up, so chunks grow from small ones). Towards the end, no
-        more than half an engine's share of what is left (but not under an
-        eighth of that size), so that the last chunks are short and no
-        engine works on alone while the others wait."""
+        until a chunk has finished; then as many as take an engine about
+        TARGET_TASK_SECONDS, where an item is taken to cost what the
+        engines spent on the finished chunks per item, by their own clocks
+        (from the start of each task to its end, a task's fixed cost
+        included: an over-estimate for small chunks, so chunks grow from
+        small ones). Never more than GROWTH times the largest chunk that
+        has finished: the evidence for the items' cost is that many items.
+        Towards the end, no more than half an engine's share of what is
+        left (but not under an eighth of the size wanted, nor over half an
+        engine's share of the whole map), so that the last chunks are short
+        and no engine works on alone while the others wait."""
         left = self._n - self._next
         if self._chunksize is not None:
             return min(self._chunksize, left)
-        if not self._items_done:
+        if not self._items_timed:
             return 1
-        per_item = (time.monotonic() - self._started) * len(engines) / self._items_done
+        per_item = self._busy / self._items_timed
         want = int(LoadBalancedView.TARGET_TASK_SECONDS / per_item) if per_item > 0 else left
-        share = max(-(-left // (2 * len(engines))), want // 8)
+        self._ramping = want > LoadBalancedView.GROWTH * self._largest_timed
+        want = min(want, LoadBalancedView.GROWTH * self._largest_timed)
+        share = min(max(-(-left // (2 * len(engines))), want // 8), -(-self._n // (2 * len(engines))))
         return max(1, min(want, share, left, LoadBalancedView.MAX_CHUNK))
 
     def _fill(self):
@@ -577,18 +607,25 @@ class LoadBalancedMapResult:
             # Engines take from the pool when idle: keep enough there that
             # none waits for the client, and no more (an abort, or a new
             # engine, still finds the rest here).
-            while self._has_work() and self._pooled < LoadBalancedView.POOL_DEPTH * len(engines):
+            while self._has_work() and self._pooled < self._depth(LoadBalancedView.POOL_DEPTH) * len(engines):
                 if not self._hand_out(None, engines, pool):
                     break  # full: the rest goes one engine each
             else:
                 return
         while self._has_work():
             left = self._n - self._next
-            limit = LoadBalancedView.IN_FLIGHT if left > len(engines) else 1
+            limit = self._depth(LoadBalancedView.IN_FLIGHT) if left > len(engines) else 1
             engine = min(engines, key=lambda e: self._inflight.get(e, 0))
             if self._inflight.get(engine, 0) >= limit:
                 return
             self._hand_out(engine, engines)
+
+    def _depth(self, depth):
+        """Tasks an engine may have waiting for it: depth; one while chunks
+        are smaller than their items' cost calls for (nothing known yet, or
+        growing from what is), as more would only be more of those."""
+        sized = self._chunksize is not None or (self._items_timed and not self._ramping)
+        return depth if sized else 1
 
     def _hand_out(self, engine, engines, pool=None):
         """Sends the next chunk to engine, or into pool; False if the pool was full."""
@@ -597,7 +634,7 @@ class LoadBalancedMapResult:
         parts = [c[low:high] for c in self._columns]
         if self._runner is _call_chunk:
             parts = [list(p) for p in parts]  # f(seq) gets lists, as in ipyparallel
-        args = (self._f, *parts)
+        args = (self._f_sent, *parts)
         i = len(self._chunks)
         try:
             if pool is not None:
@@ -651,7 +688,14 @@ class LoadBalancedMapResult:
         else:
             self._inflight[engine] -= 1
             result = ar._results[engine]
-        self._meta[i] = ar.metadata
+        target = engine if engine is not None else ar._targets[0]
+        self._ran[i] = (ar, target)
+        raw = ar._meta.get(target, {})
+        if raw.get("started") and raw.get("completed"):
+            items = self._chunks[i][1] - self._chunks[i][0]
+            self._busy += max(raw["completed"] - raw["started"], 0.0)
+            self._items_timed += items
+            self._largest_timed = max(self._largest_timed, items)
         self._finished(i, result)
         self._fill()
 
@@ -661,20 +705,20 @@ class LoadBalancedMapResult:
     @property
     def metadata(self):
         """Each finished task's metadata, in chunk order."""
-        return [self._meta[i] for i in sorted(self._meta)]
+        return [ar._metadata_of(target) for ar, target in (self._ran[i] for i in sorted(self._ran))]
 
     @property
     def wall_time(self):
         if not self.ready():
             raise AssertionError(f"the result of {self._fname} is not ready yet")
-        received = [m["received"].timestamp() for m in self._meta.values() if m.get("received")]
+        received = [ar._meta[t]["received"] for ar, t in self._ran.values() if ar._meta.get(t, {}).get("received")]
         return max(received, default=self._submitted) - self._submitted
 
     @property
     def serial_time(self):
         if not self.ready():
             raise AssertionError(f"the result of {self._fname} is not ready yet")
-        return sum((m["completed"] - m["started"]).total_seconds() for m in self._meta.values()
+        return sum(m["completed"] - m["started"] for m in (ar._meta.get(t, {}) for ar, t in self._ran.values())
                    if m.get("completed") and m.get("started"))
 
     @property
@@ -701,7 +745,22 @@ class LoadBalancedMapResult:
         if not self.wait(timeout):
             raise TimeoutError(f"map of {self._fname} did not finish within {timeout} s "
                                f"({self._items_done} of {self._n} items done)")
-        return list(self)
+        out = []
+        for i in (range(len(self._chunks)) if self._ordered else self._finish_order):
+            out.extend(self._values(i))  # a chunk at a time: not an item at a time through __iter__
+        return out
+
+    def _values(self, i):
+        """The values of finished chunk i, one per item (raises its error)."""
+        ok, value = self._results[i]
+        if not ok and not self._return_exceptions:
+            raise value
+        if not ok:
+            low, high = self._chunks[i]
+            return [value] * (high - low)
+        if self._runner is _call_chunk and not isinstance(value, (list, tuple)):
+            return [value]  # f(part) gave one value: joined as a list of them
+        return value
 
     def __iter__(self):
         """The results, one per item: in order, or as they finish (ordered=False)."""
@@ -709,17 +768,7 @@ class LoadBalancedMapResult:
         while True:
             order = range(len(self._chunks)) if self._ordered else self._finish_order
             while k < len(order) and order[k] in self._results:
-                i = order[k]
-                ok, value = self._results[i]
-                if not ok and not self._return_exceptions:
-                    raise value
-                if not ok:
-                    low, high = self._chunks[i]
-                    yield from [value] * (high - low)
-                elif self._runner is _call_chunk and not isinstance(value, (list, tuple)):
-                    yield value  # f(part) gave one value: joined as a list of them
-                else:
-                    yield from value
+                yield from self._values(order[k])
                 k += 1
             if self._done() and k >= len(self._results):
                 return

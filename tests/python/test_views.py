@@ -239,6 +239,18 @@ def test_idle_engines_take_tasks_from_the_pool(rc):
         assert len({ar.get(10) for ar in short} | {long.get(10)}) == 3
 
 
+def _assert_grown_from_evidence(ar):
+    """Each task of map ar has at most GROWTH times the items of the
+    largest task that had come back when it was sent (one item while none
+    had)."""
+    sizes = [high - low for low, high in ar._chunks]
+    meta = ar.metadata  # in chunk order
+    for k, md in enumerate(meta):
+        known = [sizes[j] for j in range(k) if meta[j]["received"] <= md["submitted"]]
+        limit = shoal.LoadBalancedView.GROWTH * max(known) if known else 1
+        assert sizes[k] <= limit, f"task {k} of {sizes[k]} items, sent when the largest back had {known}: {sizes}"
+
+
 def test_a_map_of_tiny_items_puts_many_in_a_task(rc):
     lview = rc.load_balanced_view()
     n = 20_000
@@ -246,9 +258,14 @@ def test_a_map_of_tiny_items_puts_many_in_a_task(rc):
     assert ar.get(60) == list(range(1, n + 1))
     assert ar.progress == n, "progress counts items"
     sizes = [high - low for low, high in ar._chunks]
-    assert sum(sizes) == n and sizes[0] == 1, "one item first, while nothing is known of their cost"
+    assert sum(sizes) == n and sizes[:len(rc.ids)] == [1] * len(rc.ids), \
+        "one item a task, one task an engine, while nothing is known of their cost"
     assert len(ar.metadata) == len(sizes) < n // 20, f"tiny items share tasks: {len(sizes)} tasks"
     assert max(sizes) <= -(-n // (2 * len(rc.ids))), "never more than half an engine's share"
+    _assert_grown_from_evidence(ar)
+    # Engines measure an item's cost: a map that has known it from its own
+    # tasks does not take several rounds to reach large ones.
+    assert len(sizes) <= 40, sizes
     # Given, the size holds: one item per task as in ipyparallel.
     one = lview.map_async(lambda x: x, range(50), chunksize=1)
     assert one.get(30) == list(range(50)) and len(one.metadata) == 50
@@ -260,6 +277,58 @@ def test_a_map_of_long_items_keeps_one_per_task(rc):
     ar = lview.map_async(lambda x: (time.sleep(0.05), x)[1], range(24))
     assert ar.get(30) == list(range(24))
     assert len(ar.metadata) == 24, "an item of 50 ms is a task of its own"
+
+
+def test_a_map_of_cheap_items_then_dear_ones_grows_its_tasks_from_evidence(rc):
+    import time
+    lview = rc.load_balanced_view()
+    # The first items cost nothing, the rest 5 ms each. Judged from the
+    # first tasks alone, the items would go a hundred or more a task; but a
+    # task is never more than GROWTH (8) times the largest that had
+    # finished when it was handed out: 1, 8, 64, and by then the dear items
+    # are measured. No engine gets hundreds of them in one task.
+    n = 1000
+    t0 = time.monotonic()
+    ar = lview.map_async(lambda x: (x >= 40 and time.sleep(0.005), x)[1], range(n))
+    assert ar.get(120) == list(range(n))
+    sizes = [high - low for low, high in ar._chunks]
+    _assert_grown_from_evidence(ar)
+    assert max(sizes) <= 8 * 64, sizes
+    # The dear items once measured: the last tasks are of one item each.
+    assert sizes[-len(rc.ids):] == [1] * len(rc.ids), sizes
+    assert time.monotonic() - t0 < 0.005 * (n - 40) / len(rc.ids) * 1.6 + 2
+
+
+def test_a_blocking_map_hands_out_from_the_waiting_thread_and_goes_on_if_cut_short(rc):
+    import sys
+    import time
+    lview = rc.load_balanced_view()
+    assert lview.map_sync(lambda x: -x, range(5000)) == [-x for x in range(5000)]
+    assert rc._driver is None, "nobody but the caller handed out a blocking map's tasks"
+
+    class Cut(Exception):
+        pass
+
+    cut_at = time.monotonic() + 0.3
+
+    def cut(frame, event, _):
+        # As a Ctrl-C would, 0.3 s in; but only in the wait, between two
+        # receivings (not in the middle of taking a reply, which is not what
+        # this test is about): when the wait asks whether the map is done.
+        if event == "call" and frame.f_code.co_name == "_done" and frame.f_back is not None \
+                and frame.f_back.f_code is shoal.AsyncResult.wait.__code__ and time.monotonic() > cut_at:
+            raise Cut()
+
+    sys.settrace(cut)  # a trace function's exception is raised where it was called, and ends the tracing
+    try:
+        with pytest.raises(Cut):
+            lview.map_sync(lambda x: (time.sleep(0.01), x)[1], range(200), chunksize=1)
+    finally:
+        sys.settrace(None)
+    driven = [w for w in rc._driven if isinstance(w, shoal.view.LoadBalancedMapResult)]
+    assert len(driven) == 1, "the map cut short is still being handed out"
+    ar = driven[0]
+    assert ar.get(60) == list(range(200)), "and every item of it ran"
 
 
 def test_a_map_takes_any_iterables_and_stops_at_the_shortest(rc):
