@@ -267,13 +267,15 @@ class Client:
         """A LoadBalancedView over targets (None: every engine, as they come and go)."""
         return LoadBalancedView(self, targets)
 
-    def _drive(self, work):
+    def _drive(self, work, thread=True):
         """Hands out work's tasks from a thread of ours until none is left, so
-        that a load-balanced map goes on while nobody waits for it."""
+        that a load-balanced map goes on while nobody waits for it.
+        thread=False: only registers it (its caller waits, and so hands
+        them out; close() and abort() still reach it)."""
         with self._lock:
             if work not in self._driven:
                 self._driven.append(work)
-            if self._driver is None:
+            if thread and self._driver is None:
                 self._driver = threading.Thread(target=self._drive_loop, name="shoal-load-balancer", daemon=True)
                 self._driver.start()
 
@@ -286,7 +288,9 @@ class Client:
         try:
             while True:
                 with self._lock:
-                    self._driven = [w for w in self._driven if w._has_work()]
+                    # A map cut short keeps being driven while it has tasks out
+                    # (its _tick takes what their lost callbacks did not).
+                    self._driven = [w for w in self._driven if w._has_work() or getattr(w, "_attempts", None)]
                     if not self._driven or self._sock is None:
                         # Under the same hold of the lock as the decision: a
                         # _drive() after it starts a new thread.
@@ -715,15 +719,18 @@ class Client:
                 self._receive(0.01)
 
     def _run_due(self):
-        """Runs the callbacks of the results that have finished."""
+        """Runs the callbacks of the results that have finished, one at a
+        time: one cut short (a Ctrl-C) leaves the others for the next
+        receiving, not lost."""
         while self._due:
-            ar = self._due.pop(0)
-            callbacks, ar._callbacks = ar._callbacks, []
-            for fn in callbacks:
+            ar = self._due[0]
+            while ar._callbacks:
+                fn = ar._callbacks.pop(0)
                 try:
                     fn(ar)
                 except Exception:  # one callback's failure must not stop the others, nor receiving
                     traceback.print_exc()
+            self._due.pop(0)
 
     def _receive_some(self, timeout, want=1):
         """Receives what arrives within timeout seconds; True if anything did.

@@ -491,7 +491,7 @@ class LoadBalancedView:
         try:
             return result.get()
         except BaseException:
-            if result._has_work():
+            if not result._done():
                 self.client._drive(result)  # the map goes on, as it does in ipyparallel
             raise
 
@@ -550,7 +550,7 @@ class LoadBalancedMapResult:
         self._finish_order = []
         self._inflight = {}  # engine id -> chunks of this map it has (handed to it)
         self._pooled = 0  # chunks of this map in the client's pool, taken or not
-        self._attempts = {}  # chunk index -> its AsyncResult while it runs
+        self._attempts = {}  # chunk index -> (its AsyncResult, its engine or None: the pool) while it runs
         self._ran = {}  # chunk index -> (its finished AsyncResult, the engine it ran on): its metadata
         self._busy = 0.0  # seconds the engines spent on the chunks finished so far (their own clocks)
         self._items_timed = 0  # items of those chunks
@@ -563,11 +563,12 @@ class LoadBalancedMapResult:
 
     def _start(self, drive):
         """Hands out the first chunks; drive: the rest from the client's
-        thread, as earlier ones finish, even while nobody waits."""
+        thread, as earlier ones finish, even while nobody waits. Either
+        way the client knows of the map (close() and abort() reach it)."""
         with self._client._lock:
             self._fill()
-        if drive and self._has_work():
-            self._client._drive(self)
+            if self._has_work():
+                self._client._drive(self, thread=drive)
 
     def _chunk_size(self, engines):
         """Items in the next chunk. Fixed with a chunksize. Without: one
@@ -654,9 +655,16 @@ class LoadBalancedMapResult:
             self._pooled += 1
         else:
             self._inflight[engine] = self._inflight.get(engine, 0) + 1
-        self._attempts[i] = ar
+        self._attempts[i] = (ar, engine)
+        if not self._has_work():
+            self._handed_all()
         ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
         return True
+
+    def _handed_all(self):
+        """Every item is handed out: the client need not drive this map."""
+        with contextlib.suppress(ValueError):
+            self._client._driven.remove(self)
 
     def _finished(self, i, result):
         low, high = self._chunks[i]
@@ -673,30 +681,44 @@ class LoadBalancedMapResult:
                 self._next = self._n
                 self._finished(len(self._chunks) - 1,
                                (False, TaskAborted(f"a task of map {self._fname} was aborted")))
+                self._handed_all()
             # A copy: an abort through the controller receives, and a chunk
             # that finishes meanwhile leaves _attempts.
-            for ar in list(self._attempts.values()):
+            for ar, _ in list(self._attempts.values()):
                 self._client._abort_sent(ar)
 
     _abort = abort
 
     def _chunk_done(self, i, engine, ar):
-        self._attempts.pop(i, None)
-        if engine is None:  # from the pool: it ran where it was taken
-            self._pooled -= 1
-            result = ar._results[ar._targets[0]]
-        else:
-            self._inflight[engine] -= 1
-            result = ar._results[engine]
-        target = engine if engine is not None else ar._targets[0]
-        self._ran[i] = (ar, target)
-        raw = ar._meta.get(target, {})
-        if raw.get("started") and raw.get("completed"):
-            items = self._chunks[i][1] - self._chunks[i][0]
-            self._busy += max(raw["completed"] - raw["started"], 0.0)
-            self._items_timed += items
-            self._largest_timed = max(self._largest_timed, items)
-        self._finished(i, result)
+        """Chunk i's task has finished. Its result is taken first, and only
+        once: cut short (a Ctrl-C in the waiting thread), this is called
+        again by _tick, and the map still ends."""
+        if i not in self._results:
+            target = engine if engine is not None else ar._targets[0]  # a pool task: where it ran
+            self._finished(i, ar._results[target])
+            self._ran[i] = (ar, target)
+            raw = ar._meta.get(target, {})
+            # Only a task that ran its items tells what they cost (an
+            # aborted one, or one that failed early, ran few or none).
+            if raw.get("status") == "ok" and raw.get("started") and raw.get("completed"):
+                items = self._chunks[i][1] - self._chunks[i][0]
+                self._busy += max(raw["completed"] - raw["started"], 0.0)
+                self._items_timed += items
+                self._largest_timed = max(self._largest_timed, items)
+        if self._attempts.pop(i, None) is not None:
+            if engine is None:
+                self._pooled -= 1
+            else:
+                self._inflight[engine] -= 1
+        self._fill()
+
+    def _tick(self):
+        """From the client's thread (under its lock): takes the results of
+        chunks whose callback never ran (cut short by a Ctrl-C), and hands
+        out what it can."""
+        for i, (ar, engine) in list(self._attempts.items()):
+            if ar._done() and not ar._callbacks and ar not in self._client._due:
+                self._chunk_done(i, engine, ar)
         self._fill()
 
     def _has_work(self):
