@@ -153,6 +153,35 @@ static PyObject *ring_pop(RingObject *self, PyObject *args)
     return out;
 }
 
+/* pop_into(list, max=64) -> how many slots were popped (up to max), appended
+ * to list as one bytes object (nothing appended when none). The slots are in
+ * the caller's list before control returns to Python: an exception raised
+ * as the call returns (a Ctrl-C) cannot lose them, as it could pop()'s. */
+static PyObject *ring_pop_into(RingObject *self, PyObject *args)
+{
+    PyObject *dst;
+    unsigned int max = 64;
+    if (!PyArg_ParseTuple(args, "O!|I:pop_into", &PyList_Type, &dst, &max))
+        return NULL;
+    if (max == 0 || max > 4096)
+        max = 64;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)max * SHOAL_RING_SLOT);
+    if (!out)
+        return NULL;
+    int rc = shoal_ring_pop(&self->ring, PyBytes_AS_STRING(out), max);
+    if (rc <= 0) {
+        Py_DECREF(out);
+        return rc < 0 ? ring_errno(rc, "pop failed") : PyLong_FromLong(0);
+    }
+    if (_PyBytes_Resize(&out, (Py_ssize_t)rc * SHOAL_RING_SLOT) < 0)
+        return NULL;
+    int failed = PyList_Append(dst, out);
+    Py_DECREF(out);
+    if (failed)
+        return NULL;
+    return PyLong_FromLong(rc);
+}
+
 /* wait(timeout=-1, spin=50e-6) -> True when something can be popped, False on
  * timeout. Raises BrokenPipeError when the ring is closed and empty. */
 static PyObject *ring_wait(RingObject *self, PyObject *args, PyObject *kw)
@@ -318,6 +347,8 @@ static PyMethodDef ring_methods[] = {
      "pool: owner(pos) -> the taker's id, POOL_WAITING, or POOL_GONE (withdrawn, retired, not there)"},
     {"retire", (PyCFunction)ring_retire, METH_O, "pool: retire(pos): its task is done with; the slot may be reused"},
     {"pop", (PyCFunction)ring_pop, METH_VARARGS, "pop(max=64) -> up to max slots, as one bytes object"},
+    {"pop_into", (PyCFunction)ring_pop_into, METH_VARARGS,
+     "pop_into(list, max=64) -> slots popped (up to max), appended to list as one bytes object"},
     {"wait", (PyCFunction)(void (*)(void))ring_wait, METH_VARARGS | METH_KEYWORDS,
      "wait(timeout=-1, spin=50e-6) -> True when a slot can be popped, False on timeout"},
     {"set_notify_fd", (PyCFunction)ring_set_notify_fd, METH_O,

@@ -382,6 +382,7 @@ class Client:
                         raise ValueError(f"the agent gave engine {lane.engine_id}'s lane for engine {eid}")
                     lane.pending = set()  # our task ids the engine has yet to answer
                     lane.backlog = []  # slots waiting for room in its task ring
+                    lane.inbox = []  # slots popped from its completion ring, not taken yet (see _drain_lanes)
                     if self._bell is None:
                         self._bell = _core.Doorbell(lane.client_bell)
             except (OSError, ValueError):
@@ -410,29 +411,43 @@ class Client:
             del lane.backlog[:n]
 
     def _drain_lanes(self):
-        """Takes what the engines put on our lanes; True if anything came."""
+        """Takes what the engines put on our lanes; True if anything came.
+
+        A Ctrl-C can land anywhere in here. Slots are popped into the
+        lane's inbox in C (pop_into), so none is lost on the way; each is
+        taken off the inbox in one step, inside the try of its handling
+        (_lane_slot), so none is handled twice (a RELEASE sent twice would
+        free a block twice), and a reply whose handling was cut short fails
+        its task, so that nothing waits for it for ever. What is still in
+        the inbox is taken at the next receiving."""
         got = False
         for eid, lane in list(self._lanes.items()):
             if lane is None:
                 continue
             self._lane_flush(lane)
+            inbox = lane.inbox
             while True:
-                try:
-                    slots = lane.cq.pop(64)
-                except OSError:  # closed (the engine is gone) or broken
-                    self._lane_gone(eid, lane)
-                    got = True
-                    break
-                if not slots:
-                    break
+                if not inbox:
+                    try:
+                        if not lane.cq.pop_into(inbox, 64):
+                            break
+                    except OSError:  # closed (the engine is gone) or broken
+                        self._lane_gone(eid, lane)
+                        got = True
+                        break
                 got = True
-                for i in range(0, len(slots), SLOT.size):
-                    self._lane_slot(eid, lane, SLOT.unpack_from(slots, i))
+                while inbox:
+                    if inbox[0]:
+                        self._lane_slot(eid, lane, inbox)
+                    else:
+                        del inbox[0]
             self._lane_flush(lane)
         return got
 
-    def _lane_slot(self, eid, lane, slot):
-        task_id, kind, _, off, length, gen, _ = slot
+    def _lane_slot(self, eid, lane, inbox):
+        """Takes the first slot of inbox[0] (see _drain_lanes) and handles it."""
+        slots = inbox[0]
+        task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots)
         ar = (self._lane_tasks.get(task_id) or self._pool_tasks.get(task_id) or (None,))[0]
         hdr = {"sender": eid, "task_id": task_id}
         if kind == KIND_RESULT and task_id in self._pool_tasks:
@@ -448,6 +463,7 @@ class Client:
             # (a push to 8 engines on 2 cores: 16 wake-ups instead of 8).
             wake = True
             try:
+                inbox[0] = slots[SLOT.size:]  # taken, in one store: whatever comes next, handled once
                 # Our own reference: the values may be views of this block.
                 block = self.arena.acquire_bytes((off, length, gen), 0, length)
                 payload, buffers = unpack_frames(block)
@@ -458,11 +474,23 @@ class Client:
                 if ar is not None:
                     ar._fail(eid, EngineError(f"engine {eid} sent a reply to task {task_id} that could not be "
                                               f"read: {e}", eid, task_id))
+            except BaseException:
+                # Cut short (a Ctrl-C): the reply is gone from the ring, so
+                # the task must end here, or its waiters would wait for ever.
+                if ar is not None:
+                    if eid not in ar._results:
+                        ar._fail(eid, EngineError(f"engine {eid} answered task {task_id}, but taking the reply "
+                                                  f"was interrupted", eid, task_id))
+                    elif ar._done():
+                        ar._finished()  # again, if it was cut short: clearing and callbacks bear it
+                raise
             finally:
                 # Now the engine can let go of it, whatever became of it here.
                 self._lane_send(eid, lane, SLOT.pack(0, KIND_RELEASE, 0, off, length, gen, 0), wake)
                 self._lane_answered(eid, lane, task_id)
-        elif kind == KIND_OUTPUT and ar is not None:
+            return
+        inbox[0] = slots[SLOT.size:]
+        if kind == KIND_OUTPUT and ar is not None:
             try:
                 payload, _ = unpack_frames(self.arena.acquire_bytes((off, length, gen), 0, length))
                 ar._output(hdr, payload)

@@ -405,6 +405,23 @@ def test_rings_in_an_arena_block_across_processes(arena):
         shoal.Ring(arena.alloc(100), 64)  # too small for 64 slots
 
 
+def test_pop_into_keeps_the_slots_in_the_callers_list(arena):
+    r = shoal.Ring(arena.alloc(shoal.Ring.size(64)), 64)
+    inbox = []
+    assert r.pop_into(inbox) == 0 and inbox == [], "nothing popped, nothing appended"
+    slots = [bytes([i]) * 64 for i in range(5)]
+    for slot in slots:
+        assert r.push(slot) == 1
+    assert r.pop_into(inbox, 3) == 3 and inbox == [b"".join(slots[:3])]
+    assert r.pop_into(inbox) == 2 and inbox == [b"".join(slots[:3]), b"".join(slots[3:])]
+    with pytest.raises(TypeError):
+        r.pop_into((), 1)  # a list, to append to
+    r.close()
+    with pytest.raises(OSError):
+        r.pop_into(inbox)  # closed and empty
+    assert len(inbox) == 2
+
+
 def test_doorbell_wait_sleeps_until_the_wanted_push(arena):
     """Doorbell.wait(want=k) (a client waiting for k engines) is woken by the
     k-th push into its rings, not by each one."""

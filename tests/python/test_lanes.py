@@ -367,3 +367,44 @@ def test_shutdown_of_some_engines(tmp_path, lanes):
         c.close()
         agent.stop()
         ctl.stop()
+
+
+@pytest.mark.parametrize("where", ["_lane_slot", "_add"])
+def test_a_ctrl_c_while_taking_replies_loses_none_and_hangs_nothing(rc, where):
+    # Every engine's reply waits in its ring; the client is cut (as by a
+    # Ctrl-C) as it starts on the first of them: before taking it off its
+    # inbox (_lane_slot), or after, while reading it (AsyncResult._add).
+    dv = rc[:]
+    ar = dv.apply_async(time.sleep, 0.2)
+    time.sleep(1.0)
+
+    class Cut(BaseException):
+        pass
+
+    code = shoal.AsyncResult._add.__code__ if where == "_add" else shoal.Client._lane_slot.__code__
+    armed = [True]
+
+    def cut(frame, event, _):
+        if event == "call" and frame.f_code is code and armed[0]:
+            armed[0] = False
+            raise Cut()
+
+    sys.settrace(cut)
+    try:
+        with pytest.raises(Cut):
+            ar.wait(10)
+    finally:
+        sys.settrace(None)
+    assert not armed[0], "cut where asked"
+    assert ar.wait(10), "every reply was taken, the one cut short included: nothing waits for ever"
+    failed = [v for ok, v in ar._results.values() if not ok]
+    if where == "_lane_slot":
+        assert not failed, "a reply not yet taken off the inbox is taken at the next receiving"
+        assert ar.get() == [None] * len(rc.ids)
+    else:
+        assert len(failed) == 1 and isinstance(failed[0], shoal.EngineError)
+        assert "taking the reply was interrupted" in str(failed[0])
+        assert sum(ok for ok, _ in ar._results.values()) == len(rc.ids) - 1
+    # Each reply's block was released once: the engines go on as before.
+    for _ in range(3):
+        assert dv.apply_sync(abs, -3) == [3] * len(rc.ids)
