@@ -131,13 +131,10 @@ static PyObject *ring_push(RingObject *self, PyObject *args, PyObject *kw)
     return PyLong_FromLong(rc);
 }
 
-/* pop(max=64) -> bytes of 64 * n bytes (b"" when empty). Raises BrokenPipeError
- * when the ring is closed and empty. */
-static PyObject *ring_pop(RingObject *self, PyObject *args)
+/* Up to max slots (0 or over 4096: 64) as bytes of 64 * n bytes (b"" when
+ * empty); NULL with BrokenPipeError when the ring is closed and empty. */
+static PyObject *pop_slots(RingObject *self, unsigned int max)
 {
-    unsigned int max = 64;
-    if (!PyArg_ParseTuple(args, "|I:pop", &max))
-        return NULL;
     if (max == 0 || max > 4096)
         max = 64;
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)max * SHOAL_RING_SLOT);
@@ -153,6 +150,16 @@ static PyObject *ring_pop(RingObject *self, PyObject *args)
     return out;
 }
 
+/* pop(max=64) -> bytes of 64 * n bytes (b"" when empty). Raises BrokenPipeError
+ * when the ring is closed and empty. */
+static PyObject *ring_pop(RingObject *self, PyObject *args)
+{
+    unsigned int max = 64;
+    if (!PyArg_ParseTuple(args, "|I:pop", &max))
+        return NULL;
+    return pop_slots(self, max);
+}
+
 /* pop_into(list, max=64) -> how many slots were popped (up to max), appended
  * to list as one bytes object (nothing appended when none). The slots are in
  * the caller's list before control returns to Python: an exception raised
@@ -163,23 +170,15 @@ static PyObject *ring_pop_into(RingObject *self, PyObject *args)
     unsigned int max = 64;
     if (!PyArg_ParseTuple(args, "O!|I:pop_into", &PyList_Type, &dst, &max))
         return NULL;
-    if (max == 0 || max > 4096)
-        max = 64;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)max * SHOAL_RING_SLOT);
+    PyObject *out = pop_slots(self, max);
     if (!out)
         return NULL;
-    int rc = shoal_ring_pop(&self->ring, PyBytes_AS_STRING(out), max);
-    if (rc <= 0) {
-        Py_DECREF(out);
-        return rc < 0 ? ring_errno(rc, "pop failed") : PyLong_FromLong(0);
-    }
-    if (_PyBytes_Resize(&out, (Py_ssize_t)rc * SHOAL_RING_SLOT) < 0)
-        return NULL;
-    int failed = PyList_Append(dst, out);
+    Py_ssize_t n = PyBytes_GET_SIZE(out) / SHOAL_RING_SLOT;
+    int failed = n > 0 && PyList_Append(dst, out) < 0;
     Py_DECREF(out);
     if (failed)
         return NULL;
-    return PyLong_FromLong(rc);
+    return PyLong_FromSsize_t(n);
 }
 
 /* wait(timeout=-1, spin=50e-6) -> True when something can be popped, False on
