@@ -14,13 +14,15 @@ from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
 from .cluster import Cluster
 from .dependency import Dependency, depend
+from .serialize import use_cloudpickle, use_dill, use_pickle
 from .error import (CompositeError, EngineError, ImpossibleDependency, RemoteError, ShoalError, TaskAborted,
                     TaskTimeout, TimeoutError, UnmetDependency)
 from .view import DirectView, LoadBalancedView, Reference, interactive, require
 
 __all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "interactive", "Reference", "AsyncResult", "AsyncMapResult", "RemoteError",
            "CompositeError", "EngineError", "ShoalError", "TimeoutError", "TaskAborted", "TaskTimeout",
-           "UnmetDependency", "ImpossibleDependency", "Dependency", "depend", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK"]
+           "UnmetDependency", "ImpossibleDependency", "Dependency", "depend", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK",
+           "use_cloudpickle", "use_dill", "use_pickle"]
 __version__ = "0.1.0"
 
 

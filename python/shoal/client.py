@@ -50,6 +50,10 @@ MAX_LANE_TASKS = 4096
 # more engines than cores, waits for the engine's next task. Either way the
 # engine lets go of it before it exits.
 RELEASE_WAKE_BYTES = 64 << 10
+# How old (seconds) the client's copy of the registry may be when
+# Client.ids is read: engines that stop leave ids, and engines that join
+# enter it, within this (ipyparallel's client hears of them by notification).
+REGISTRY_TTL = 0.5
 # Pools a client keeps at once (one per set of engines a load-balanced view
 # spans; usually one).
 MAX_POOLS = 8
@@ -202,8 +206,10 @@ class Client:
         self._ended = {}  # msg_id -> (succeeded, engines) of each finished task, for dependencies
         self._last_submit = 0.0
         self._receiving = 0  # depth of _receive calls in this thread's stack (callbacks run inside)
+        self._leaving = set()  # engines this client stopped, until the registry no longer has them
         registry = self._control(_core.MSG_REGISTER, timeout=timeout)
         self._engines = registry["engines"]
+        self._registry_at = time.monotonic()
         host = socket.gethostname()
         for node in registry["nodes"]:
             if node["alive"] and node["host"] == host and node.get("socket") and os.path.exists(node["socket"]):
@@ -226,34 +232,61 @@ class Client:
 
     @property
     def ids(self):
-        """The ids of the live engines."""
+        """The ids of the live engines, as the controller knows them: read
+        again if the copy here is older than REGISTRY_TTL, or while an
+        engine this client stopped has yet to leave. Not from inside a
+        callback (which the receiving runs): the copy is used there."""
+        stale = time.monotonic() - self._registry_at > REGISTRY_TTL or (self._leaving & set(self._live_ids()))
+        if stale and not self._receiving and self._sock is not None:
+            try:
+                self.refresh()
+            except TimeoutError:
+                pass  # the controller does not answer: what we knew
+        return self._live_ids()
+
+    def _live_ids(self):
         return [e["id"] for e in self._engines if e["alive"]]
 
     def refresh(self):
+        """Reads the registry (engines, nodes) from the controller again."""
         self._engines = self._control(_core.MSG_REGISTER)["engines"]
+        self._registry_at = time.monotonic()
+        self._leaving &= set(self._live_ids())
         with self._lock:  # engines that had no lane may have one now (a new engine of this node)
             self._lanes = {e: lane for e, lane in self._lanes.items() if lane is not None}
 
     def __len__(self):
         return len(self.ids)
 
-    def __getitem__(self, key):
+    def _engine_ids(self, key):
+        """Engine ids for key, as ipyparallel reads targets: an id (a
+        negative one counts from the end of ids, as in Python), a slice of
+        ids, or a list of ids. Raises IndexError naming what is missing."""
         ids = self.ids
-        if isinstance(key, int):
+        if isinstance(key, int) and not isinstance(key, bool):
+            if key < 0:
+                if -key > len(ids):
+                    raise IndexError(f"no engine {key}: there are {len(ids)} engines ({ids})")
+                return ids[key]
             if key not in ids:
                 raise IndexError(f"no engine {key} (engines: {ids})")
-            return DirectView(self, key)
+            return key
         if isinstance(key, slice):
-            return DirectView(self, ids[key])
+            return ids[key]
         if isinstance(key, (list, tuple, range)):
             missing = [k for k in key if k not in ids]
             if missing:
                 raise IndexError(f"no engines {missing} (engines: {ids})")
-            return DirectView(self, list(key))
+            return list(key)
         raise TypeError(f"engines are chosen by int, slice or list, not {type(key).__name__}")
 
+    def __getitem__(self, key):
+        return DirectView(self, self._engine_ids(key))
+
     def direct_view(self, targets="all"):
-        return DirectView(self, self.ids if targets in ("all", None) else targets)
+        """A DirectView of targets; "all" (the default) is every engine at
+        the time of each call, engines that join included, as in ipyparallel."""
+        return DirectView(self, "all" if targets in ("all", None) else self._engine_ids(targets))
 
     def activate(self, targets="all", suffix=""):
         """Registers the %px magics for a blocking view of targets in the
@@ -263,9 +296,21 @@ class Client:
         view.activate(suffix)
         return view
 
+    def use_pickle(self):
+        """DirectView.use_pickle on every engine (see shoal.serialize)."""
+        return self.direct_view().use_pickle()
+
+    def use_cloudpickle(self):
+        """DirectView.use_cloudpickle on every engine (see shoal.serialize)."""
+        return self.direct_view().use_cloudpickle()
+
+    def use_dill(self):
+        """DirectView.use_dill on every engine (see shoal.serialize)."""
+        return self.direct_view().use_dill()
+
     def load_balanced_view(self, targets=None):
         """A LoadBalancedView over targets (None: every engine, as they come and go)."""
-        return LoadBalancedView(self, targets)
+        return LoadBalancedView(self, None if targets in (None, "all") else self._engine_ids(targets))
 
     def _drive(self, work, thread=True):
         """Hands out work's tasks from a thread of ours until none is left, so
@@ -511,6 +556,7 @@ class Client:
     def _lane_gone(self, eid, lane):
         """The agent closed the lane: the engine died or was stopped."""
         self._lanes[eid] = None
+        self._registry_at = 0.0  # ids reads the registry again: the engine has left it, or is about to
         what = "was stopped" if lane.closed_why() == LANE_ENGINE_STOPPED else "died"
         for task_id in sorted(lane.pending):
             ar = self._lane_tasks[task_id][0]
@@ -981,8 +1027,10 @@ class Client:
         if hub:
             self._control(_core.MSG_SHUTDOWN)
             return None
-        ar = self.direct_view(targets)._run({"kind": "shutdown"}, None, block=False)
+        view = self.direct_view(targets)
+        ar = view._run({"kind": "shutdown"}, None, block=False)
         ar._fname = "shutdown"
+        self._leaving.update(view._targets)  # ids follows the registry closely until they have gone
         return ar.get() if block else ar
 
     def close(self):

@@ -1,7 +1,21 @@
 """Serializing Python objects for engines: pickle protocol 5, large buffers out of band.
 
-Objects are pickled with cloudpickle (so functions and lambdas defined in
-``__main__`` travel by value) at protocol 5. Every buffer of at least
+Objects are pickled with cloudpickle at protocol 5, so that functions,
+lambdas and classes defined in ``__main__`` travel by value. Such a
+function runs on the engine with the engine's namespace as its globals, as
+in ipyparallel (see "Functions of __main__" in docs/serialization.md):
+
+- a name it uses that the client's ``__main__`` binds to a module, a
+  class or a function travels with it and is bound in the engine's
+  namespace, as if pushed (so helpers and imports need no push, and a
+  helper edited in a notebook is the edited one on the engines);
+- every other name (data) is the engine's: what push and execute put there.
+  The client's value of it is never sent (an array the client also holds
+  would otherwise travel again with every call).
+
+``use_cloudpickle()`` sends functions with their globals instead (data
+too, as ipyparallel's use_cloudpickle does), ``use_dill()`` pickles with
+dill, ``use_pickle()`` restores the default. Every buffer of at least
 ``threshold`` bytes (64 KiB by default; numpy arrays that are C- or
 Fortran-contiguous, bytes-like objects) leaves the pickle:
 
@@ -16,11 +30,16 @@ buffers are read-only unless the caller asks otherwise (see docs/arena.md,
 "Semantics of shared arrays").
 """
 
+import functools
+import io
 import pickle
+import sys
+import types
 from dataclasses import dataclass, field
 
 import cloudpickle
 import numpy as np
+from cloudpickle import cloudpickle as _cp
 
 from ._core import Arena, Block, address, copy
 
@@ -68,10 +87,106 @@ def _owner_block(obj):
 _PLAIN = frozenset((type(None), bool, int, float, complex, str))
 
 
-def dumps(obj, arena=None, threshold=THRESHOLD):
+def _engine_namespace():
+    """The namespace that functions of the sender's ``__main__`` get as
+    their globals where they are unpickled: this process's ``__main__``
+    (on an engine, the user's namespace)."""
+    return sys.modules["__main__"].__dict__
+
+
+class _EngineNamespace:
+    """Stands for the receiver's namespace in a pickle."""
+
+    def __reduce__(self):
+        return _engine_namespace, ()
+
+
+_CODE = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+         functools.partial, np.ufunc)
+
+
+def _is_interactive(func):
+    """A function of ``__main__`` (a script's, IPython's, a notebook's), or
+    one made so by @interactive: it runs in the engine's namespace."""
+    return getattr(func, "__module__", None) == "__main__"
+
+
+def _set_engine_first(func, state):
+    """cloudpickle's state setter for a function of ``__main__``: its globals
+    are the receiver's namespace (see _EngineNamespace); the names the
+    sender sent with it (modules, classes, functions) are bound there, over
+    what was there, as a push would."""
+    g = func.__globals__
+    builtins_ = g.get("__builtins__")
+    _cp._function_setstate(func, state)  # updates g with the names sent, and sets __builtins__
+    if builtins_ is not None:
+        g["__builtins__"] = builtins_  # the receiver's own, not cloudpickle's module's
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, with the rule above for functions of ``__main__``."""
+
+    _namespace = _EngineNamespace()  # one object: the pickle's memo gives each function the same dict
+
+    def _function_getnewargs(self, func):
+        code, base_globals, name, argdefs, closure = super()._function_getnewargs(func)
+        if _is_interactive(func):
+            base_globals = self._namespace
+        return code, base_globals, name, argdefs, closure
+
+    def _dynamic_function_reduce(self, func):
+        if not _is_interactive(func):
+            return super()._dynamic_function_reduce(func)
+        state, slotstate = _cp._function_getstate(func)
+        slotstate["__globals__"] = {k: v for k, v in slotstate["__globals__"].items() if isinstance(v, _CODE)}
+        return _cp._make_function, self._function_getnewargs(func), (state, slotstate), None, None, \
+            _set_engine_first
+
+
+# What pickles functions for the engines (use_cloudpickle, use_dill and
+# use_pickle choose), and the function that pickles with it.
+_pickler = _Pickler
+
+
+def _dump(obj, buffer_callback=None, pickler=None):
+    f = io.BytesIO()
+    (pickler or _pickler)(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
+
+
+def use_pickle():
+    """Functions of ``__main__`` run in the engine's namespace (the
+    default; see the module's doc). Returns None."""
+    global _pickler
+    _pickler = _Pickler
+
+
+def use_cloudpickle():
+    """Functions travel with the globals they use, data included (plain
+    cloudpickle, as ipyparallel's use_cloudpickle): they no longer see
+    the engine's namespace. Returns None."""
+    global _pickler
+    _pickler = cloudpickle.Pickler
+
+
+def use_dill():
+    """Pickles with dill (which must be installed here and on the
+    engines). Raises ImportError if it is not. Returns None."""
+    global _pickler
+    try:
+        import dill
+    except ImportError:
+        raise ImportError("use_dill() needs dill, which is not installed: pip install dill "
+                          "(on the client's and the engines' machines)") from None
+    _pickler = dill.Pickler
+
+
+def dumps(obj, arena=None, threshold=THRESHOLD, reply=False):
     """Serializes obj; large buffers go out of band (see the module's doc).
 
     arena: the node's :class:`shoal.Arena`, or None to send buffers as frames.
+    reply: obj is an engine's result. A function in it keeps the globals
+    it uses (plain cloudpickle): it is not bound into the client's namespace.
     """
     if type(obj) in _PLAIN:
         return Serialized(payload=pickle.dumps(obj, protocol=5))
@@ -100,7 +215,8 @@ def dumps(obj, arena=None, threshold=THRESHOLD):
         out.keep.append(block)
         return False
 
-    out.payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    pickler = (cloudpickle.Pickler if _pickler is _Pickler else _pickler) if reply else None
+    out.payload = _dump(obj, out_of_band, pickler)
     return out
 
 
@@ -125,7 +241,7 @@ def pickled_once(obj):
     their own in each message)."""
     out = []
     try:
-        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=out.append)
+        data = _dump(obj, out.append)
     except Exception:
         return obj  # each task then fails with the error, as it would have
     return obj if out else Pickled(data)
@@ -154,4 +270,5 @@ def loads(payload, buffers=(), frames=(), arena=None, readonly=True):
     return pickle.loads(payload, buffers=bufs)
 
 
-__all__ = ["THRESHOLD", "Serialized", "Pickled", "dumps", "loads", "pickled_once", "Arena"]
+__all__ = ["THRESHOLD", "Serialized", "Pickled", "dumps", "loads", "pickled_once", "use_pickle", "use_cloudpickle",
+           "use_dill", "Arena"]

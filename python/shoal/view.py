@@ -8,6 +8,7 @@ import importlib
 import itertools
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -16,7 +17,31 @@ from .asyncresult import AsyncMapResult, AsyncResult, _flat
 from .error import TaskAborted, TimeoutError
 
 
-class DirectView:
+class _Serializers:
+    """How a view's functions are pickled (see shoal.serialize): each
+    use_* sets it in this process and on the view's engines, and returns
+    what apply of it on those engines returns (an AsyncResult, or None
+    when blocking), as ipyparallel's views do."""
+
+    def _everywhere(self, choose):
+        choose()
+        return self._direct().apply(choose)
+
+    def use_pickle(self):
+        """Functions of __main__ run in the engine's namespace (the default)."""
+        return self._everywhere(serialize.use_pickle)
+
+    def use_cloudpickle(self):
+        """Functions travel with the globals they use, data included (plain cloudpickle)."""
+        return self._everywhere(serialize.use_cloudpickle)
+
+    def use_dill(self):
+        """Pickles with dill (ImportError if it is not installed here; the
+        engines' errors if it is not installed there)."""
+        return self._everywhere(serialize.use_dill)
+
+
+class DirectView(_Serializers):
     """Runs work on a fixed set of engines, as ipyparallel's DirectView does.
 
     ``block`` (default False) makes apply/execute/push/pull wait for their
@@ -33,13 +58,21 @@ class DirectView:
 
     @property
     def targets(self):
-        return self._targets[0] if self._single else list(self._targets)
+        if self._chosen is None:
+            return "all"
+        return self._chosen[0] if self._single else list(self._chosen)
 
     @targets.setter
     def targets(self, targets):
         self._single = isinstance(targets, int)
-        # Each engine once, in the order given.
-        self._targets = [targets] if self._single else list(dict.fromkeys(targets))
+        # "all" (or None): every engine at the time of each call. Else each engine once, in the order given.
+        self._chosen = None if targets in ("all", None) else \
+            [targets] if self._single else list(dict.fromkeys(targets))
+
+    @property
+    def _targets(self):
+        """The engines a call goes to now."""
+        return self.client.ids if self._chosen is None else self._chosen
 
     def __repr__(self):
         return f"<DirectView {self.targets}>"
@@ -49,6 +82,9 @@ class DirectView:
 
     def _view(self, targets):
         return self if targets is None else self.client[targets]
+
+    def _direct(self):
+        return self
 
     def _block(self, block):
         return self.block if block is None else block
@@ -339,7 +375,7 @@ def _done_map(client):
 
 # ---- load balancing -------------------------------------------------------------------
 
-class LoadBalancedView:
+class LoadBalancedView(_Serializers):
     """Runs each task on whichever engine is free, as ipyparallel's
     LoadBalancedView does, without a round trip to the controller per task.
 
@@ -384,6 +420,10 @@ class LoadBalancedView:
             return ids
         chosen = [self.targets] if isinstance(self.targets, int) else list(self.targets)
         return [e for e in chosen if e in ids]
+
+    def _direct(self):
+        """A DirectView of this view's engines, blocking as this one does."""
+        return DirectView(self.client, self._engines(), block=self.block)
 
     def _least_loaded(self):
         engines = self._engines()
@@ -874,22 +914,17 @@ class _Required:
 def interactive(f):
     """Decorator: f, sent to an engine, finds its globals in the engine's
     namespace (what execute and push put there), not in the ones it was
-    defined with."""
-    return _Interactive(f)
-
-
-class _Interactive:
-    def __init__(self, f):
-        self.func = f
-        functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
-
-    def __call__(self, *args, **kwargs):
-        import types
-        f = self.func
+    defined with: f is made a function of ``__main__``, as ipyparallel's
+    interactive does (see shoal.serialize: functions of ``__main__`` get
+    this on their own)."""
+    if isinstance(f, types.FunctionType):
         g = types.FunctionType(f.__code__, sys.modules["__main__"].__dict__, f.__name__, f.__defaults__,
                                f.__closure__)
-        g.__kwdefaults__ = f.__kwdefaults__
-        return g(*args, **kwargs)
+        g.__kwdefaults__, g.__doc__, g.__qualname__ = f.__kwdefaults__, f.__doc__, f.__qualname__
+        g.__dict__.update(f.__dict__)
+        f = g
+    f.__module__ = "__main__"
+    return f
 
 
 class Reference:
