@@ -46,7 +46,12 @@ def _shell():
     if not InteractiveShell.initialized():
         config = Config()
         config.HistoryManager.enabled = False  # an engine keeps no IPython history
-        shell = InteractiveShell.instance(config=config)
+        # The engine's namespace is the shell's: with a user module of its
+        # own, IPython would put that one in sys.modules["__main__"], and
+        # functions of the client's __main__ (whose globals are the
+        # engine's __main__ there) would stop seeing what execute and push
+        # put in the engine's namespace.
+        shell = InteractiveShell.instance(config=config, user_module=sys.modules["__main__"])
         shell.display_pub = _Publisher()
     return InteractiveShell.instance()
 
