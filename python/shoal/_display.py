@@ -1,18 +1,31 @@
-"""Rich display output on an engine: what IPython's display() shows there is
-kept with the task's reply (AsyncResult.outputs), as ipyparallel's engines,
-which are IPython kernels, publish it.
+"""IPython on an engine: one shell, made the first time a task needs it.
 
-An engine does not start IPython for every task: the first time the user's
-code imports IPython.core.display_functions (which IPython.display does),
-display() is wrapped so that its first call sets up an InteractiveShell
-whose display publisher hands each output to the engine.
+ipyparallel's engines are IPython kernels. A shoal engine starts IPython
+only when user code needs it, so that plain Python and `apply` pay nothing
+for it:
+
+- the first time the user's code imports IPython.core.display_functions
+  (which IPython.display does), display() is wrapped so that its first call
+  makes the shell, whose display publisher keeps each output with the
+  running task's reply (AsyncResult.outputs);
+- a cell of `execute` that is not plain Python (`%magic`, `!cmd`, `x?`)
+  makes it to translate the cell (see _engine.run_cell).
+
+There is one shell, and its user_ns IS the engine's namespace: the module
+that is `sys.modules["__main__"]` when it is made (IPython's own would put
+a new `__main__` in sys.modules, and functions of the client's `__main__`,
+whose globals are `sys.modules["__main__"].__dict__` on the engine, would
+no longer see what execute and push put in the engine's namespace).
 """
 
+import functools
 import importlib.abc
 import importlib.util
+import os
 import sys
 
 _sink = None  # where outputs go: a list of {"data", "metadata"} of the running task
+_shell = None  # the engine's InteractiveShell, once made
 
 
 class _Publisher:
@@ -40,30 +53,102 @@ def _jsonable(d):
     return json.loads(json.dumps(d, default=default))
 
 
-def _shell():
+def _print_page(data, start=0, screen_lines=0, pager_cmd=None):
+    """IPython's pager on an engine (`x?`, `%pinfo`): the text goes to the
+    task's stdout; a terminal pager there would wait for a key nobody presses."""
+    if isinstance(data, dict):
+        data = data.get("text/plain", "")
+    print("\n".join(str(data).splitlines()[start:]))
+
+
+def _engine_shell_class():
+    from IPython.core import pylabtools
+    from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-    if not InteractiveShell.initialized():
-        config = Config()
-        config.HistoryManager.enabled = False  # an engine keeps no IPython history
-        # The engine's namespace is the shell's: with a user module of its
-        # own, IPython would put that one in sys.modules["__main__"], and
-        # functions of the client's __main__ (whose globals are the
-        # engine's __main__ there) would stop seeing what execute and push
-        # put in the engine's namespace.
-        shell = InteractiveShell.instance(config=config, user_module=sys.modules["__main__"])
-        shell.display_pub = _Publisher()
-    return InteractiveShell.instance()
+
+    class EngineShell(InteractiveShell):
+        """InteractiveShell as an engine needs it: no GUI event loop (an
+        engine has none to run), matplotlib inline by default (as on an
+        IPython kernel), and no virtualenv guessing (the engine already runs
+        its environment's Python)."""
+
+        def init_virtualenv(self):
+            pass
+
+        def init_magics(self):
+            super().init_magics()
+            # IPython's %gui logs enable_gui's error and succeeds; on an engine
+            # the task fails with it instead.
+            self.register_magic_function(lambda line: self.enable_gui(line.strip() or None), "line", "gui")
+
+        def enable_gui(self, gui=None):
+            if gui is not None:
+                raise UsageError(f"%gui {gui}: a shoal engine has no GUI event loop to run; "
+                                 "use %matplotlib inline, whose figures come back as display outputs")
+
+        def enable_matplotlib(self, gui=None):
+            if gui is None and not os.environ.get("MPLBACKEND"):
+                gui = "inline"  # an IPython kernel's default, so an ipyparallel engine's
+            loop, backend = pylabtools.find_gui_and_backend(gui, self.pylab_gui_select)
+            if loop is not None:
+                raise UsageError(f"%matplotlib {gui}: backend {backend!r} needs a GUI event loop, which a "
+                                 "shoal engine does not have; use %matplotlib inline, whose figures come back "
+                                 "as display outputs")
+            return super().enable_matplotlib(gui)
+
+    return EngineShell
+
+
+def shell():
+    """The engine's InteractiveShell, made on the first call; None if
+    IPython is not installed. Its user_ns is `sys.modules["__main__"].__dict__`,
+    the engine's namespace, and stays so (the module is not replaced)."""
+    global _shell
+    if _shell is not None:
+        return _shell
+    try:
+        from IPython.core import page
+        from IPython.core.interactiveshell import InteractiveShell
+        from traitlets.config import Config
+    except ImportError:
+        return None
+    if InteractiveShell.initialized():  # user code made one: use it, as display() does
+        _shell = InteractiveShell.instance()
+        return _shell
+    config = Config()
+    config.HistoryManager.enabled = False  # an engine keeps no IPython history
+    config.InteractiveShell.colors = "nocolor"  # tracebacks and %whos go to a task's stdout as plain text
+    main = sys.modules["__main__"]
+    made = _engine_shell_class().instance(config=config, user_module=main)
+    made.display_pub = _Publisher()
+    made.set_hook("show_in_pager", page.as_hook(_print_page))
+    _shell = made
+    return made
+
+
+def current():
+    """The engine's shell if one has been made, else None (it makes none)."""
+    return _shell
+
+
+def execution_info(code, silent):
+    """IPython's ExecutionInfo of an execute task's cell (IPython imported)."""
+    from IPython.core.interactiveshell import ExecutionInfo
+    return ExecutionInfo(code, store_history=False, silent=silent, shell_futures=True, cell_id=None)
+
+
+def execution_result(info):
+    from IPython.core.interactiveshell import ExecutionResult
+    return ExecutionResult(info)
 
 
 def _wrap(module):
     real = module.display
 
+    @functools.wraps(real)  # IPython's name and doc (%whos, help() show them)
     def display(*objs, **kwargs):
-        _shell()
+        shell()
         return real(*objs, **kwargs)
-    display.__wrapped__ = real
-    display.__doc__ = real.__doc__
     module.display = display
 
 
