@@ -1,0 +1,1 @@
+"""ipyparallel.client: shoal's client side (see the submodules)."""

@@ -1,0 +1,3 @@
+"""ipyparallel.client.magics: shoal's %px magics."""
+
+from shoal.magics import *  # noqa: F401,F403
