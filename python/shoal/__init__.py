@@ -9,6 +9,8 @@ owning the node's shared-memory :class:`Arena`), ``shoal-engine`` processes,
 and :class:`Client` with its views, as in ipyparallel.
 """
 
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
+
 from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
 from .asyncresult import AsyncMapResult, AsyncResult
 from .client import Client
@@ -22,7 +24,8 @@ from .view import DirectView, LoadBalancedView, Reference, interactive, require
 __all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "interactive", "Reference", "AsyncResult", "AsyncMapResult", "RemoteError",
            "CompositeError", "EngineError", "ShoalError", "TimeoutError", "TaskAborted", "TaskTimeout",
            "UnmetDependency", "ImpossibleDependency", "Dependency", "depend", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK",
-           "use_cloudpickle", "use_dill", "use_pickle"]
+           "use_cloudpickle", "use_dill", "use_pickle",
+           "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
 __version__ = "0.1.0"
 
 

@@ -381,7 +381,7 @@ class Engine:
             # blocks (or stay where they are, if they live there already),
             # which it views without a copy; for the agent, into the reply.
             try:
-                s = serialize.dumps(value, arena=self.arena if sink.in_arena else None)
+                s = serialize.dumps(value, arena=self.arena if sink.in_arena else None, reply=True)
             except Exception:
                 if request.get("kind") != "execute":
                     raise

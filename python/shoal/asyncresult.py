@@ -1,15 +1,125 @@
-"""AsyncResult and AsyncMapResult: what a non-blocking call returns."""
+"""AsyncResult and AsyncMapResult: what a non-blocking call returns.
 
+Each is a concurrent.futures.Future, as ipyparallel's are: ``result()``
+is ``get()``, ``exception()`` the error ``get()`` would raise, and
+``concurrent.futures.wait`` / ``as_completed``, ``add_done_callback``,
+``asyncio.wrap_future`` and ``await`` work. A result is received by
+whoever waits for it through the client (get, wait, ready); a Future's
+waiters (wait, as_completed, a callback, an awaiting event loop) are not
+such a thread, so while one of them waits the client's own thread receives
+for it (Client._drive).
+"""
+
+import asyncio
+import concurrent.futures
 import datetime
 import json
 import sys
 import time
+from concurrent.futures._base import FINISHED
 
 from . import serialize
 from .error import CompositeError, EngineError, RemoteError, TaskAborted, TimeoutError
 
 
-class AsyncResult:
+class _Waiters(list):
+    """A Future's list of waiters (concurrent.futures.wait and
+    as_completed add theirs to it): one added sets the client's thread
+    receiving for the result, which nobody else may be doing."""
+
+    __slots__ = ("ar",)
+
+    def __init__(self, ar):
+        super().__init__()
+        self.ar = ar
+
+    def append(self, waiter):
+        super().append(waiter)
+        self.ar._client._want(self.ar)
+
+
+class _Future(concurrent.futures.Future):
+    """What every result of shoal's is, besides its own API: a Future whose
+    state follows the task's (see the module's doc). Subclasses define
+    _done() (every answer is in), _error() (what get() raises, or None)
+    and get(timeout), and call _resolve() once _done() holds."""
+
+    def __init__(self, client):
+        super().__init__()
+        self._client = client
+        self._state = "RUNNING"  # sent (or held until its dependencies are met): it cannot be cancelled
+        self._waiters = _Waiters(self)
+
+    def _resolve(self):
+        """Marks the Future finished, once, and tells its waiters (not its
+        callbacks: those run as the client receives, see add_done_callback).
+        The value is not stored: result() joins it when asked, as get() does."""
+        with self._condition:
+            if self._state == FINISHED:
+                return
+            self._exception = error = self._error()
+            self._state = FINISHED
+            for waiter in self._waiters:
+                if error is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
+
+    # Whether a Future's waiter or a callback waits for it: then the
+    # client's thread receives while it is pending (Client._drive_loop).
+    _wanted = False
+
+    def _has_work(self):
+        """Whether it has tasks to hand out (see LoadBalancedView): none."""
+        return False
+
+    def add_done_callback(self, fn):
+        """Calls fn(self) once the result is complete (at once if it is),
+        from the thread that receives it; the client's thread receives
+        while it is pending."""
+        with self._client._lock:  # the client's thread may be completing it right now
+            if not self._done():
+                self._callbacks.append(fn)
+                self._client._want(self)
+                return
+        fn(self)
+
+    def _on_done(self, fn):
+        """add_done_callback for shoal's own bookkeeping, which whoever
+        waits for the result receives: no thread of the client's is set
+        going for it."""
+        with self._client._lock:
+            if not self._done():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def done(self):
+        """Whether the result is complete (ready(): never blocks)."""
+        return self.ready()
+
+    def cancel(self):
+        """False: a task that was sent is not cancelled (abort() stops one
+        that has not started)."""
+        return False
+
+    def result(self, timeout=None):
+        """get(timeout): the value, or raises the task's error."""
+        return self.get(-1 if timeout is None else timeout)
+
+    def exception(self, timeout=None):
+        """The error get() would raise (None if it succeeded), once ready;
+        raises TimeoutError if it is not within timeout."""
+        if not self.wait(-1 if timeout is None else timeout):
+            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
+        return self._error()
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+
+class AsyncResult(_Future):
     """The pending result of a task on one or more engines.
 
     ``get`` gives one value for a single engine's task, else a list in target
@@ -17,15 +127,15 @@ class AsyncResult:
     """
 
     def __init__(self, client, msg_id, targets, kind, keep=()):
-        self._client = client
+        super().__init__(client)
         self.msg_id = msg_id
         self._targets = list(targets)
         self._kind = kind
         self._fname = kind  # what ipyparallel's repr calls it: apply, execute, scatter...
         self._keep = list(keep)  # arena blocks of the arguments, until every engine has answered
         self._results = {}  # engine id -> (ok, value or exception)
-        self.stdout = {}
-        self.stderr = {}
+        self._stdout = {}  # engine id -> what it printed (so far, while it runs)
+        self._stderr = {}
         self.task_id = None
         self._single = False
         self._callbacks = []  # called (with self) once every engine has answered, after the receiving
@@ -36,6 +146,7 @@ class AsyncResult:
         self._mids = {}  # our messages to the controller -> their targets
         self._submitted = time.time()
         self._meta = {}  # engine id -> what its reply said about the task, and when it arrived
+        self._parts = None  # engine id -> its part (split()), once asked for
 
     def __repr__(self):
         # As ipyparallel shows it: what it does while pending, "finished" once done.
@@ -47,8 +158,8 @@ class AsyncResult:
         meta = json.loads(bytes(payload[0]))
         engine = hdr["sender"]
         self.task_id = hdr["task_id"]
-        self.stdout[engine] = meta.get("stdout", "")
-        self.stderr[engine] = meta.get("stderr", "")
+        self._stdout[engine] = meta.get("stdout", "")
+        self._stderr[engine] = meta.get("stderr", "")
         meta["received"] = time.time()
         where = meta.pop("buffers", [])
         self._meta[engine] = meta
@@ -69,6 +180,7 @@ class AsyncResult:
             tb = "".join(meta.get("traceback", []))
             self._results[engine] = (False, RemoteError(meta.get("ename"), meta.get("evalue"), tb, engine,
                                                         hdr["task_id"]))
+        self._part_done(engine)
         if self._done():
             self._finished()
         return bool(where)
@@ -76,6 +188,7 @@ class AsyncResult:
     def _fail(self, engine, exc):
         self._results[engine] = (False, exc)
         self._meta.setdefault(engine, {"engine_id": engine, "status": "error", "received": time.time()})
+        self._part_done(engine)
         if self._done():
             self._finished()
 
@@ -83,6 +196,7 @@ class AsyncResult:
         self._keep.clear()
         self._blocks.clear()
         self._client._record(self)
+        self._resolve()
         if self._callbacks:
             # Run by the client once it has taken what arrived, never in the
             # middle of it (a callback may submit).
@@ -94,25 +208,18 @@ class AsyncResult:
             raise RuntimeError("Can't abort, I am already done!")
         self._client.abort([self])
 
-    def add_done_callback(self, fn):
-        """Calls fn(self) once the result is complete (at once if it is)."""
-        with self._client._lock:  # the client's thread may be completing it right now
-            if not self._done():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
     def _refused(self, targets, text):
         for e in targets:
             if e not in self._results:
                 self._results[e] = (False, EngineError(f"the controller refused the task: {text}", e))
+                self._part_done(e)
         if self._done():
             self._finished()
 
     def _output(self, hdr, payload):
         """A piece of stdout or stderr that an engine printed while the task runs."""
         piece = json.loads(bytes(payload[0]))
-        where = self.stdout if piece.get("name") == "stdout" else self.stderr
+        where = self._stdout if piece.get("name") == "stdout" else self._stderr
         engine = hdr["sender"]
         if engine not in self._results:  # the reply, once here, has the whole text
             where[engine] = where.get(engine, "") + piece.get("text", "")
@@ -129,8 +236,15 @@ class AsyncResult:
             pass
         return self._done()
 
-    def wait(self, timeout=-1):
-        """Waits up to timeout seconds (-1 or None: for ever); True if ready."""
+    def wait(self, timeout=-1, return_when=None):
+        """Waits up to timeout seconds (-1 or None: for ever); True if ready.
+
+        return_when (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED):
+        waits as concurrent.futures.wait does on split()'s parts, one per
+        engine, and returns its (done, not_done) sets of them."""
+        if return_when is not None:
+            return concurrent.futures.wait(self.split(), None if timeout is None or timeout < 0 else timeout,
+                                           return_when)
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while not self._done():
             left = 3600 if deadline is None else deadline - time.monotonic()
@@ -146,30 +260,55 @@ class AsyncResult:
     def successful(self):
         """True if every engine succeeded; raises if not ready yet."""
         if not self.ready():
-            raise AssertionError("the result is not ready yet")
+            raise RuntimeError("cannot check successful() before the result is ready")
         return all(ok for ok, _ in self._results.values())
 
-    def get(self, timeout=-1):
+    def get(self, timeout=-1, return_exceptions=None, return_when=None):
         """The result: one value for one engine, a list in target order for several.
 
         Raises TimeoutError if not ready within timeout. A task of one engine
         (a view of an int) raises that engine's error (RemoteError with the
         remote traceback, or EngineError); a task of a list of engines raises
         a CompositeError of every engine's error, as ipyparallel does.
+        return_exceptions=True puts each error in place of its value
+        instead (default: as the call that made it was told).
+        return_when=FIRST_EXCEPTION raises the first error as soon as it
+        arrives, without waiting for the other engines.
         """
+        if return_when == concurrent.futures.FIRST_EXCEPTION and not self._single:
+            done, _ = self.wait(timeout, return_when=return_when)
+            failed = [part for part in done if part._error() is not None]
+            if failed and not self._done():
+                return failed[0].get(0, return_exceptions=return_exceptions)
         if not self.wait(timeout):
             raise TimeoutError(f"task {self.task_id or '(not yet started)'} on engines {self._targets} "
                                f"did not finish within {timeout} s")
-        errors = [v for ok, v in (self._results[e] for e in self._targets) if not ok]
-        if errors and self._return_exceptions:
-            return self._join([self._results[e][1] if self._results[e][0] else
-                               [self._results[e][1]] * self._part_lens.get(e, 1) for e in self._targets])
-        if errors:
-            # One engine's task raises its error; a list of engines', a
-            # CompositeError of all of them, as in ipyparallel.
-            raise errors[0] if self._single else CompositeError(self._fname, errors, self._kind)
+        if return_exceptions is not None and return_exceptions != self._return_exceptions:
+            saved, self._return_exceptions = self._return_exceptions, return_exceptions
+            try:
+                return self.get(0)
+            finally:
+                self._return_exceptions = saved
+        if self._return_exceptions:
+            # A map's failed part: its error for each of its items.
+            return self._join([v if ok or e not in self._part_lens else [v] * self._part_lens[e]
+                               for e, (ok, v) in ((e, self._results[e]) for e in self._targets)])
+        error = self._error()
+        if error is not None:
+            raise error
         values = [self._results[e][1] for e in self._targets]
         return self._join(values)
+
+    def _error(self):
+        """What get() raises once ready, or None: one engine's task, its
+        error; a list of engines', a CompositeError of every one's, as in
+        ipyparallel."""
+        if self._return_exceptions:
+            return None
+        errors = [v for ok, v in (self._results[e] for e in self._targets) if not ok]
+        if not errors:
+            return None
+        return errors[0] if self._single else CompositeError(self._fname, errors, self._kind)
 
     def _join(self, values):
         """The value get() returns, from the engines' values in target order."""
@@ -183,7 +322,7 @@ class AsyncResult:
               "started": _when(m.get("started")), "completed": _when(m.get("completed")),
               "received": _when(m.get("received")), "status": m.get("status"),
               "execution_count": m.get("execution_count"), "execute_result": m.get("execute_result"),
-              "stdout": self.stdout.get(engine, ""), "stderr": self.stderr.get(engine, ""),
+              "stdout": self._stdout.get(engine, ""), "stderr": self._stderr.get(engine, ""),
               "outputs": m.get("outputs", [])}
         if m.get("status") == "error":
             md.update(ename=m.get("ename"), evalue=m.get("evalue"))
@@ -197,6 +336,19 @@ class AsyncResult:
         execution_count and execute_result (execute), stdout, stderr."""
         mds = [self._metadata_of(e) for e in self._targets]
         return mds[0] if self._single else mds
+
+    @property
+    def stdout(self):
+        """What the task printed (so far, while it runs): one engine's text,
+        or a list of them in target order, as ipyparallel gives it."""
+        outs = [self._stdout.get(e, "") for e in self._targets]
+        return outs[0] if self._single else outs
+
+    @property
+    def stderr(self):
+        """As stdout, for stderr."""
+        outs = [self._stderr.get(e, "") for e in self._targets]
+        return outs[0] if self._single else outs
 
     @property
     def outputs(self):
@@ -236,7 +388,7 @@ class AsyncResult:
 
     def _require_ready(self):
         if not self.ready():
-            raise AssertionError(f"the result of {self._fname} is not ready yet")
+            raise TimeoutError(f"the result of {self._fname} is not ready yet")
 
     def display_outputs(self, groupby="type"):
         """Prints each engine's stdout, stderr and cell value as %px does
@@ -260,8 +412,220 @@ class AsyncResult:
                 return done
 
     def get_dict(self, timeout=-1):
+        """{engine id: its value}; raises as get() does."""
         self.get(timeout)
         return {e: self._results[e][1] for e in self._targets}
+
+    @property
+    def result_dict(self):
+        return self.get_dict()
+
+    @property
+    def r(self):
+        """get(), as a property."""
+        return self.get()
+
+    # ---- ipyparallel's surface: parts, ids, metadata as items -------------------------
+
+    def _part_done(self, engine):
+        """Engine's answer is in: its part (split()) is complete."""
+        part = self._parts.get(engine) if self._parts else None
+        if part is not None:
+            part._finished()
+
+    def split(self):
+        """One AsyncResult per engine (a Future each, for
+        concurrent.futures.wait and friends), sharing this one's answers;
+        (self,) for a task of one engine."""
+        if len(self._targets) <= 1:
+            return (self,)
+        with self._client._lock:
+            if self._parts is None:
+                self._parts = {e: _Part(self, e) for e in self._targets}
+            return tuple(self._parts[e] for e in self._targets)
+
+    @classmethod
+    def join(cls, *results):
+        """One result of several (the inverse of split()): get() gives
+        their values in order, a list (each part's values in it)."""
+        if not results:
+            raise ValueError("join needs at least one AsyncResult")
+        if len(results) == 1:
+            return results[0]
+        return _Joined(results)
+
+    @property
+    def msg_ids(self):
+        """The ids of the task's messages: one, for every engine of it
+        (ipyparallel sends one per engine)."""
+        return [self.msg_id]
+
+    @property
+    def engine_id(self):
+        return self["engine_id"]
+
+    def __getitem__(self, key):
+        """An int or a slice: those values of get() (ready only; a
+        TimeoutError if not); a str: that field of the metadata (of each
+        engine, for several), as ipyparallel has it."""
+        if isinstance(key, (int, slice)) and not isinstance(key, bool):
+            if not self.ready():
+                raise TimeoutError("the result is not ready")
+            values = self.get(0, return_exceptions=True)
+            values = [values] if self._single else values
+            chosen = values[key]
+            errors = [v for v in (chosen if isinstance(key, slice) else [chosen]) if isinstance(v, BaseException)]
+            if errors and not self._return_exceptions:
+                raise CompositeError(self._fname, errors, self._kind)
+            return chosen
+        if isinstance(key, str):
+            self.ready()
+            values = [m[key] for m in (self._metadata_of(e) for e in self._targets)]
+            return values[0] if self._single else values
+        raise TypeError(f"an AsyncResult is read by int, slice or str, not {type(key).__name__}")
+
+    def __getattr__(self, key):
+        # Only for names that are not attributes: metadata fields (ar.started, ar.status...).
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except (KeyError, TimeoutError):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}") from None
+
+    def __iter__(self):
+        """Each engine's value as it arrives, in target order (a task of one
+        engine is not iterable). An engine's error is raised when reached."""
+        if self._single:
+            raise TypeError("an AsyncResult of one engine's task is not iterable")
+        return self._each()
+
+    def _each(self):
+        for e in self._targets:
+            while e not in self._results:
+                self._client._receive(0.1)
+            ok, value = self._results[e]
+            if not ok and not self._return_exceptions:
+                raise CompositeError(self._fname, [value], self._kind)
+            yield value
+
+    def __len__(self):
+        """How many results: 1 for one engine's task, else one per engine
+        (a map: one per item)."""
+        if self._single:
+            return 1
+        if self._part_lens:
+            return sum(self._part_lens.get(e, 1) for e in self._targets)
+        return len(self._targets)
+
+    def wait_for_output(self, timeout=-1):
+        """Waits for the task's output: it arrives whole with each
+        engine's answer, so as wait()."""
+        return self.wait(timeout)
+
+    @property
+    def sent(self):
+        """True: a task is in its ring (or sent) once the call returns; an
+        arena buffer needs no tracking."""
+        return True
+
+    def wait_for_send(self, timeout=-1):
+        """Nothing to wait for (see sent)."""
+        return None
+
+    def timedelta(self, start, end, start_key=min, end_key=max):
+        """Seconds between two metadata times (fields "submitted",
+        "started", "completed", "received"), of each engine (lists are
+        reduced with start_key and end_key)."""
+        s, e = self[start] if isinstance(start, str) else start, self[end] if isinstance(end, str) else end
+        if isinstance(s, list):
+            s = start_key(x for x in s if x)
+        if isinstance(e, list):
+            e = end_key(x for x in e if x)
+        return (e - s).total_seconds()
+
+
+class _Part(AsyncResult):
+    """One engine's part of a task for several (AsyncResult.split): it
+    shares the whole's answers, and completes with its engine's."""
+
+    def __init__(self, whole, engine):
+        _Future.__init__(self, whole._client)
+        self.msg_id, self.task_id = whole.msg_id, whole.task_id
+        self._targets, self._single = [engine], True
+        self._kind, self._fname = whole._kind, whole._fname
+        self._results, self._meta = whole._results, whole._meta  # the same dicts: answers land in both
+        self._stdout, self._stderr = whole._stdout, whole._stderr
+        self._callbacks, self._keep, self._blocks, self._mids = [], [], [], {}
+        self._return_exceptions, self._part_lens = whole._return_exceptions, {}
+        self._zmq_targets = [engine] if engine in whole._zmq_targets else []
+        self._submitted, self._parts = whole._submitted, None
+        if engine in self._results:
+            self._finished()
+
+    def _finished(self):
+        self._resolve()
+        if self._callbacks:
+            self._client._due.append(self)
+
+    def abort(self):
+        raise RuntimeError("a part of a task is aborted with the whole task (abort() on it)")
+
+
+class _Joined(_Future):
+    """Several results as one (AsyncResult.join)."""
+
+    def __init__(self, results):
+        super().__init__(results[0]._client)
+        self._children = list(results)
+        self._callbacks = []
+        self._fname = self._children[0]._fname
+        self.msg_id = self._children[0].msg_id
+        for child in self._children:
+            child._on_done(self._child_done)
+
+    def _child_done(self, _):
+        if self._done():
+            self._resolve()
+            if self._callbacks:
+                self._client._due.append(self)
+
+    def _done(self):
+        return all(c._done() for c in self._children)
+
+    def ready(self):
+        return all(c.ready() for c in self._children)
+
+    def wait(self, timeout=-1):
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        return all(c.wait(-1 if deadline is None else max(deadline - time.monotonic(), 0))
+                   for c in self._children)
+
+    def _values(self):
+        out = []
+        for c in self._children:
+            v = c.get(0, return_exceptions=True)
+            out += [v] if c._single else list(v)
+        return out
+
+    def _error(self):
+        errors = [v for v in self._values() if isinstance(v, BaseException)]
+        return CompositeError(self._fname, errors) if errors else None
+
+    def get(self, timeout=-1):
+        if not self.wait(timeout):
+            raise TimeoutError(f"the joined results did not finish within {timeout} s")
+        error = self._error()
+        if error is not None:
+            raise error
+        return self._values()
+
+    @property
+    def msg_ids(self):
+        return [m for c in self._children for m in c.msg_ids]
+
+    def __len__(self):
+        return sum(len(c) for c in self._children)
 
 
 def _when(t):

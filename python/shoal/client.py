@@ -13,6 +13,7 @@ zero-copy views of the blocks the engine wrote.
 """
 
 import builtins
+import collections
 import collections.abc
 import itertools
 import json
@@ -90,7 +91,7 @@ class _Ended:
     """What a finished task leaves for Client.metadata: its AsyncResult's
     records, not its values (which may hold arena memory)."""
 
-    __slots__ = ("msg_id", "_meta", "_submitted", "stdout", "stderr", "_targets", "_single")
+    __slots__ = ("msg_id", "_meta", "_submitted", "_stdout", "_stderr", "_targets", "_single")
 
     def __init__(self, ar):
         for name in self.__slots__:
@@ -193,6 +194,8 @@ class Client:
         self._lb_load = {}  # engine id -> load-balanced tasks of ours it has
         self._driven = []  # load-balanced maps with tasks still to hand out
         self._driver = None  # the thread that hands them out while nobody waits
+        self._driver_lock = threading.Lock()  # guards _driver alone; taken under _lock, never the reverse
+        self._wanted = collections.deque()  # results a Future's waiter waits for, for the driver to take
         # Threads other than the driver inside _receive: while there are
         # any, they receive (and so hand out) for everybody, and the driver
         # keeps out of their way (see _drive_loop).
@@ -320,7 +323,21 @@ class Client:
         with self._lock:
             if work not in self._driven:
                 self._driven.append(work)
-            if thread and self._driver is None:
+            if thread:
+                self._start_driver()
+
+    def _want(self, ar):
+        """A Future's waiter or callback waits for ar: the client's thread
+        receives while it is pending. Takes no lock but the driver's: the
+        caller may hold ar's condition (concurrent.futures.wait does),
+        which whoever completes ar takes under the client's lock."""
+        ar._wanted = True
+        self._wanted.append(ar)  # a deque: safe without the lock; the driver moves it to _driven
+        self._start_driver()
+
+    def _start_driver(self):
+        with self._driver_lock:
+            if self._driver is None:
                 self._driver = threading.Thread(target=self._drive_loop, name="shoal-load-balancer", daemon=True)
                 self._driver.start()
 
@@ -333,13 +350,22 @@ class Client:
         try:
             while True:
                 with self._lock:
+                    while self._wanted:
+                        w = self._wanted.popleft()
+                        if w not in self._driven:
+                            self._driven.append(w)
                     # A map cut short keeps being driven while it has tasks out
-                    # (its _tick takes what their lost callbacks did not).
-                    self._driven = [w for w in self._driven if w._has_work() or getattr(w, "_attempts", None)]
+                    # (its _tick takes what their lost callbacks did not);
+                    # a result a Future's waiter waits for, while it is pending.
+                    self._driven = [w for w in self._driven if w._has_work() or getattr(w, "_attempts", None)
+                                    or (w._wanted and not w._done())]
                     if not self._driven or self._sock is None:
-                        # Under the same hold of the lock as the decision: a
-                        # _drive() after it starts a new thread.
-                        self._driver = None
+                        with self._driver_lock:
+                            if self._wanted and self._sock is not None:
+                                continue  # wanted since we looked
+                            # Under the same hold of the driver's lock as the
+                            # decision: a _drive() or _want() after it starts a new thread.
+                            self._driver = None
                         return
                     for w in list(self._driven):
                         if hasattr(w, "_tick"):
@@ -351,7 +377,7 @@ class Client:
                     if self._waiters:
                         self._waiters_left.wait(0.005)
         except BaseException:
-            with self._lock:
+            with self._driver_lock:
                 self._driver = None  # so that the next _drive() starts another
             raise
 

@@ -154,7 +154,7 @@ class TaskResult(AsyncResult):
             if ar is not None:
                 self._forget_attempt(ar)
                 self._attempt = ar
-                ar.add_done_callback(lambda ar: self._attempt_done(ar._targets[0], ar))
+                ar._on_done(lambda ar: self._attempt_done(ar._targets[0], ar))
                 return
         if self._follow:
             where = self._follow.engines(client)
@@ -168,7 +168,7 @@ class TaskResult(AsyncResult):
         f, args, kwargs = self._call
         self._attempt = self._view._apply_on(engine, f, args, kwargs)
         self._forget_attempt(self._attempt)
-        self._attempt.add_done_callback(lambda ar, e=engine: self._attempt_done(e, ar))
+        self._attempt._on_done(lambda ar, e=engine: self._attempt_done(e, ar))
 
     def _forget_attempt(self, ar):
         """The client's history lists this task once, by its own msg_id,

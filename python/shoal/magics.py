@@ -62,15 +62,15 @@ def display_outputs(ar, groupby="type"):
     engines = [e for e in ar._targets if e in ar._meta]
     if groupby == "engine":
         for e in engines:
-            _print_stream(ar, "stdout", e, ar.stdout.get(e, ""), sys.stdout)
-            _print_stream(ar, "stderr", e, ar.stderr.get(e, ""), sys.stderr)
+            _print_stream(ar, "stdout", e, ar._stdout.get(e, ""), sys.stdout)
+            _print_stream(ar, "stderr", e, ar._stderr.get(e, ""), sys.stderr)
             _print_outputs(ar, e)
             _print_result(ar, e)
         return
     for e in engines:
-        _print_stream(ar, "stdout", e, ar.stdout.get(e, ""), sys.stdout)
+        _print_stream(ar, "stdout", e, ar._stdout.get(e, ""), sys.stdout)
     for e in engines:
-        _print_stream(ar, "stderr", e, ar.stderr.get(e, ""), sys.stderr)
+        _print_stream(ar, "stderr", e, ar._stderr.get(e, ""), sys.stderr)
     for e in engines:
         _print_outputs(ar, e)
     for e in engines:
@@ -96,7 +96,7 @@ def stream_outputs(ar):
 
     def catch_up():
         for e in ar._targets:
-            for name, store, file in (("stdout", ar.stdout, sys.stdout), ("stderr", ar.stderr, sys.stderr)):
+            for name, store, file in (("stdout", ar._stdout, sys.stdout), ("stderr", ar._stderr, sys.stderr)):
                 text = store.get(e, "")
                 if len(text) > shown.get((name, e), 0):
                     emit(name, e, text[shown.get((name, e), 0):], file)

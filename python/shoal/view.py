@@ -2,6 +2,7 @@
 names and behaviour, and the decorators that go with them."""
 
 import builtins
+import concurrent.futures
 import contextlib
 import functools
 import importlib
@@ -13,7 +14,7 @@ import types
 import numpy as np
 
 from . import _core, serialize
-from .asyncresult import AsyncMapResult, AsyncResult, _flat
+from .asyncresult import AsyncMapResult, AsyncResult, _flat, _Future
 from .error import TaskAborted, TimeoutError
 
 
@@ -208,6 +209,8 @@ class DirectView(_Serializers):
         """runner(f, *chunks) on each engine with its block of the sequences."""
         if not sequences:
             raise ValueError(f"{what} needs at least one sequence")
+        # An iterator or a generator is taken whole first, as ipyparallel does.
+        sequences = [s if hasattr(s, "__len__") and hasattr(s, "__getitem__") else list(s) for s in sequences]
         n = len(self._targets)
         chunks = [[_partition(s, i, n, "b") for s in sequences] for i in range(n)]
         work = [(e, c) for e, c in zip(self._targets, chunks) if len(c[0])]
@@ -454,7 +457,7 @@ class LoadBalancedView(_Serializers):
 
         def unload(_):
             load[engine] -= 1
-        ar.add_done_callback(unload)
+        ar._on_done(unload)
         return ar
 
     def apply(self, f, *args, **kwargs):
@@ -565,8 +568,9 @@ def _star_chunk(f, *columns):
     return list(map(f, *columns))
 
 
-class LoadBalancedMapResult:
-    """The pending result of LoadBalancedView.map.
+class LoadBalancedMapResult(AsyncMapResult):
+    """The pending result of LoadBalancedView.map: an AsyncMapResult (and
+    so a concurrent.futures.Future) over the map's tasks.
 
     The items are handed out in order, in chunks: chunk i covers items
     self._chunks[i] = (low, high). With a chunksize, every chunk has that
@@ -574,7 +578,13 @@ class LoadBalancedMapResult:
     """
 
     def __init__(self, view, f, columns, ordered, runner=None, return_exceptions=False, chunksize=None):
-        self._view, self._client = view, view.client
+        _Future.__init__(self, view.client)  # not AsyncResult's: the map's own record, below
+        self._view = view
+        self.msg_id = next(self._client._lane_ids)  # the map's own id (each task has its own too)
+        self.task_id = None
+        self._single = False
+        self._kind = "map"
+        self._callbacks = []
         self._f, self._ordered = f, ordered
         self._f_sent = serialize.pickled_once(f)  # the same bytes in every task
         self._columns = columns  # one per sequence, each sliceable
@@ -609,6 +619,8 @@ class LoadBalancedMapResult:
             self._fill()
             if self._has_work():
                 self._client._drive(self, thread=drive)
+            elif self._done():
+                self._resolve()  # no items
 
     def _chunk_size(self, engines):
         """Items in the next chunk. Fixed with a chunksize. Without: one
@@ -687,7 +699,7 @@ class LoadBalancedMapResult:
         except Exception as e:  # e.g. an item that cannot be pickled: that task fails, the map goes on
             self._chunks.append((low, high))
             self._next = high
-            self._finished(i, (False, e))
+            self._chunk_finished(i, (False, e))
             return True
         self._chunks.append((low, high))
         self._next = high
@@ -698,19 +710,25 @@ class LoadBalancedMapResult:
         self._attempts[i] = (ar, engine)
         if not self._has_work():
             self._handed_all()
-        ar.add_done_callback(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
+        ar._on_done(lambda ar, i=i, engine=engine: self._chunk_done(i, engine, ar))
         return True
 
     def _handed_all(self):
-        """Every item is handed out: the client need not drive this map."""
-        with contextlib.suppress(ValueError):
-            self._client._driven.remove(self)
+        """Every item is handed out: the client need not drive this map
+        (unless a Future's waiter waits for it)."""
+        if not self._wanted:
+            with contextlib.suppress(ValueError):
+                self._client._driven.remove(self)
 
-    def _finished(self, i, result):
+    def _chunk_finished(self, i, result):
         low, high = self._chunks[i]
         self._results[i] = result
         self._items_done += high - low
         self._finish_order.append(i)
+        if self._done():
+            self._resolve()
+            if self._callbacks:
+                self._client._due.append(self)  # run by the client once it has taken what arrived
 
     def abort(self):
         """Aborts the chunks that have not started: those still held by the
@@ -719,8 +737,8 @@ class LoadBalancedMapResult:
             if self._has_work():
                 self._chunks.append((self._next, self._n))
                 self._next = self._n
-                self._finished(len(self._chunks) - 1,
-                               (False, TaskAborted(f"a task of map {self._fname} was aborted")))
+                self._chunk_finished(len(self._chunks) - 1,
+                                     (False, TaskAborted(f"a task of map {self._fname} was aborted")))
                 self._handed_all()
             # A copy: an abort through the controller receives, and a chunk
             # that finishes meanwhile leaves _attempts.
@@ -735,7 +753,7 @@ class LoadBalancedMapResult:
         again by _tick, and the map still ends."""
         if i not in self._results:
             target = engine if engine is not None else ar._targets[0]  # a pool task: where it ran
-            self._finished(i, ar._results[target])
+            self._chunk_finished(i, ar._results[target])
             self._ran[i] = (ar, target)
             raw = ar._meta.get(target, {})
             # Only a task that ran its items tells what they cost (an
@@ -772,14 +790,14 @@ class LoadBalancedMapResult:
     @property
     def wall_time(self):
         if not self.ready():
-            raise AssertionError(f"the result of {self._fname} is not ready yet")
+            raise TimeoutError(f"the result of {self._fname} is not ready yet")
         received = [ar._meta[t]["received"] for ar, t in self._ran.values() if ar._meta.get(t, {}).get("received")]
         return max(received, default=self._submitted) - self._submitted
 
     @property
     def serial_time(self):
         if not self.ready():
-            raise AssertionError(f"the result of {self._fname} is not ready yet")
+            raise TimeoutError(f"the result of {self._fname} is not ready yet")
         return sum(m["completed"] - m["started"] for m in (ar._meta.get(t, {}) for ar, t in self._ran.values())
                    if m.get("completed") and m.get("started"))
 
@@ -796,20 +814,98 @@ class LoadBalancedMapResult:
     def _done(self):
         return self._next >= self._n and len(self._results) >= len(self._chunks)
 
-    # As an AsyncResult's, over this map's tasks.
-    elapsed = AsyncResult.elapsed
-    ready = AsyncResult.ready
-    wait = AsyncResult.wait
-    successful = AsyncResult.successful
-    wait_interactive = AsyncResult.wait_interactive
+    def __len__(self):
+        """The number of items."""
+        return self._n
 
-    def get(self, timeout=-1):
+    def get(self, timeout=-1, return_exceptions=None, return_when=None):
+        """The results, one per item (see map). return_exceptions: as the
+        map was told, unless given; return_when=FIRST_EXCEPTION raises a
+        task's error as soon as it has arrived."""
+        if return_when == concurrent.futures.FIRST_EXCEPTION and not self._return_exceptions:
+            deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+            while not self._done() and self._error() is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                self._client._receive(0.1 if deadline is None else max(min(deadline - time.monotonic(), 0.1), 0))
+            if self._error() is not None:
+                raise self._error()
         if not self.wait(timeout):
             raise TimeoutError(f"map of {self._fname} did not finish within {timeout} s "
                                f"({self._items_done} of {self._n} items done)")
+        if return_exceptions is not None and return_exceptions != self._return_exceptions:
+            saved, self._return_exceptions = self._return_exceptions, return_exceptions
+            try:
+                return self.get(0)
+            finally:
+                self._return_exceptions = saved
         out = []
         for i in (range(len(self._chunks)) if self._ordered else self._finish_order):
             out.extend(self._values(i))  # a chunk at a time: not an item at a time through __iter__
+        return out
+
+    def _error(self):
+        """The first failed task's error (in item order) among those that
+        have finished, as get() raises it."""
+        if self._return_exceptions:
+            return None
+        return next((v for ok, v in (self._results[i] for i in sorted(self._results)) if not ok), None)
+
+    def split(self):
+        """(self,): a map's tasks are made as it goes, so it is waited for whole."""
+        return (self,)
+
+    def __getitem__(self, key):
+        """An int or a slice: those items of get() (once ready); a str:
+        that field of each task's metadata."""
+        if isinstance(key, str):
+            self.ready()
+            return [m[key] for m in self.metadata]
+        if isinstance(key, (int, slice)) and not isinstance(key, bool):
+            if not self.ready():
+                raise TimeoutError("the result is not ready")
+            return self.get(0)[key]
+        raise TypeError(f"a map's result is read by int, slice or str, not {type(key).__name__}")
+
+    def _tasks(self):
+        """(AsyncResult, engine) of each task that ran, in item order."""
+        return [self._ran[i] for i in sorted(self._ran)]
+
+    @property
+    def msg_ids(self):
+        """The msg_ids of the map's tasks, in item order."""
+        return [ar.msg_id for ar, _ in self._tasks()]
+
+    @property
+    def engine_id(self):
+        """The engine of each task, in item order."""
+        return [engine for _, engine in self._tasks()]
+
+    @property
+    def stdout(self):
+        return [ar._stdout.get(e, "") for ar, e in self._tasks()]
+
+    @property
+    def stderr(self):
+        return [ar._stderr.get(e, "") for ar, e in self._tasks()]
+
+    @property
+    def outputs(self):
+        return [ar._meta.get(e, {}).get("outputs", []) for ar, e in self._tasks()]
+
+    def get_dict(self, timeout=-1):
+        """{engine id: its task's result}, as ipyparallel's: only when no
+        engine ran more than one of the map's tasks (ValueError if one
+        did). A task of one item gives that item; of several, their list."""
+        self.get(timeout)
+        out = {}
+        for i in sorted(self._ran):
+            engine = self._ran[i][1]
+            if engine in out:
+                raise ValueError(f"cannot build a dict of engine ids: engine {engine} ran more than one "
+                                 f"of this map's {len(self._ran)} tasks")
+            values = self._values(i)
+            out[engine] = values[0] if len(values) == 1 else values
         return out
 
     def _values(self, i):

@@ -64,7 +64,7 @@ def test_apply_async_and_async_result(rc):
 def test_stdout_is_captured(rc):
     ar = rc[0].execute("print('hello from the engine')")
     ar.get(10)
-    assert ar.stdout[0] == "hello from the engine\n"
+    assert ar.stdout == "hello from the engine\n"
 
 
 def test_a_stream_kept_by_user_code_writes_into_the_task_that_runs(rc):
@@ -75,10 +75,10 @@ def test_a_stream_kept_by_user_code_writes_into_the_task_that_runs(rc):
                   "log.handlers[:] = [logging.StreamHandler()]", block=True)
     ar = rc[0].execute("log.warning('from a later task')")
     ar.get(10)
-    assert ar.stderr[0] == "from a later task\n"
+    assert ar.stderr == "from a later task\n"
     ar = rc[0].execute("print('next')")
     ar.get(10)
-    assert ar.stdout[0] == "next\n" and ar.stderr[0] == "", "each task starts with empty streams"
+    assert ar.stdout == "next\n" and ar.stderr == "", "each task starts with empty streams"
 
 
 def test_push_pull_objects(rc):
@@ -242,17 +242,17 @@ def test_output_is_streamed_while_the_task_runs(rc):
                        "time.sleep(2)\n"
                        "print('last')")
     deadline = time.monotonic() + 5
-    while "first" not in ar.stdout.get(0, "") and time.monotonic() < deadline:
+    while "first" not in ar.stdout and time.monotonic() < deadline:
         ar.ready()
         time.sleep(0.02)
-    assert ar.stdout.get(0, "") .startswith("first\n"), "stdout arrives while the task runs"
+    assert ar.stdout .startswith("first\n"), "stdout arrives while the task runs"
     assert not ar.ready()
-    while "second" not in ar.stderr.get(0, "") and time.monotonic() < deadline:
+    while "second" not in ar.stderr and time.monotonic() < deadline:
         ar.ready()
         time.sleep(0.02)
-    assert "second" in ar.stderr.get(0, "")
+    assert "second" in ar.stderr
     ar.get(10)
-    assert ar.stdout[0] == "first\nlast\n" and ar.stderr[0] == "second\n"
+    assert ar.stdout == "first\nlast\n" and ar.stderr == "second\n"
 
 
 # ---- found in review ------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_a_flood_of_flushed_output_neither_breaks_the_engine_nor_leaks(rc):
     base = rc.arena.stats()["used_blocks"] if rc.arena else None
     ar = rc[1].execute("for i in range(3000):\n    print(i, flush=True)")
     ar.get(60)
-    assert ar.stdout[1].splitlines() == [str(i) for i in range(3000)]
+    assert ar.stdout.splitlines() == [str(i) for i in range(3000)]
     assert rc[1].apply_sync(abs, -5) == 5
     if base is not None:
         rc[1].apply_sync(abs, 1)

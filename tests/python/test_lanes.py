@@ -70,7 +70,7 @@ def test_lane_tasks_do_not_touch_the_controller(rc, cluster):
         assert dv.execute("float(b.sum())") == [float(1 << 17)] * 2
         ar = rc[0].execute("print('on the lane')")
         ar.get(10)
-        assert ar.stdout[0] == "on the lane\n"
+        assert ar.stdout == "on the lane\n"
         with pytest.raises(shoal.RemoteError, match="ZeroDivisionError"):
             rc[1].apply_sync(lambda: 1 / 0)
     finally:
@@ -115,6 +115,7 @@ def test_an_engine_killed_mid_task_fails_it_within_a_second(tmp_path):
         victim, survivor = [e["id"] for e in agent.engines]
         pid = c[victim].apply_sync(os.getpid)
         assert c._lanes[victim] is not None
+        held = c[victim]  # a view made while it ran
         ar = c[victim].apply_async(time.sleep, 60)
         queued = c[victim].apply_async(abs, -1)  # waits behind it in the lane
         both = c[[victim, survivor]].apply_async(time.sleep, 0.5)
@@ -133,7 +134,9 @@ def test_an_engine_killed_mid_task_fails_it_within_a_second(tmp_path):
         assert both._results[survivor] == (True, None), "the other engine finished its part"
         assert c[survivor].apply_sync(lambda: 1 + 1) == 2, "the other engines keep working"
         with pytest.raises(shoal.EngineError, match="is not running"):
-            c[victim].apply_sync(abs, 1)  # the lane is gone; the controller answers
+            held.apply_sync(abs, 1)  # the lane is gone; the controller answers
+        with pytest.raises(IndexError, match=f"no engine {victim}"):
+            c[victim]  # gone from the registry, as ipyparallel's client says
     finally:
         c.close()
         agent.stop()

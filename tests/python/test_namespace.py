@@ -141,8 +141,9 @@ def test_functions_of_a_script_see_the_engine_namespace(cluster, tmp_path, path)
 
 @pytest.fixture(scope="module")
 def ip():
+    import IPython
     from IPython.testing.globalipapp import start_ipython
-    shell = start_ipython()
+    shell = start_ipython() or IPython.get_ipython()  # None if another module of the run started it
     shell.colors = "nocolor"
     return shell
 

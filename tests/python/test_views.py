@@ -505,7 +505,7 @@ def test_async_result_metadata_and_timings(rc, capsys):
     dv = rc[:]
     ar = dv.execute("import time; time.sleep(0.2); print('out'); 6 * 7", silent=False)
     assert ar.progress == 0 and ar.elapsed >= 0
-    with pytest.raises(AssertionError, match="not ready"):
+    with pytest.raises(shoal.TimeoutError, match="not ready"):
         ar.serial_time
     assert ar.get(10) == [42, 42, 42] and ar.progress == 3
     md = ar.metadata
