@@ -12,7 +12,7 @@ and :class:`Client` with its views, as in ipyparallel.
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION
 
 from ._core import ALIGN, CHUNK, Arena, Block, Ring, Socket, WireError, keygen
-from .asyncresult import AsyncMapResult, AsyncResult
+from .asyncresult import AsyncMapResult, AsyncResult, ExecuteReply
 from .client import Client
 from .cluster import Cluster
 from .dependency import Dependency, depend
@@ -21,12 +21,19 @@ from .error import (CompositeError, EngineError, ImpossibleDependency, RemoteErr
                     TaskTimeout, TimeoutError, UnmetDependency)
 from .view import DirectView, LoadBalancedView, Reference, interactive, require
 
-__all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "interactive", "Reference", "AsyncResult", "AsyncMapResult", "RemoteError",
+__all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "interactive", "Reference", "AsyncResult", "AsyncMapResult", "ExecuteReply", "RemoteError",
            "CompositeError", "EngineError", "ShoalError", "TimeoutError", "TaskAborted", "TaskTimeout",
            "UnmetDependency", "ImpossibleDependency", "Dependency", "depend", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK",
            "use_cloudpickle", "use_dill", "use_pickle",
-           "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
+           "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "register_joblib_backend"]
 __version__ = "0.1.0"
+
+
+def register_joblib_backend(name="ipyparallel", make_default=False):
+    """Registers a joblib backend that runs on a load-balanced view of the
+    default profile's cluster (view.register_joblib_backend: of a view's)."""
+    from ._joblib import register_default
+    return register_default(name, make_default)
 
 
 def load_ipython_extension(ip):

@@ -375,18 +375,17 @@ class Engine:
                 self.running = False
                 sys.stdout, sys.stderr = saved
             del msg, payload, buffers
-            if request.get("kind") == "execute" and value is not None:
-                meta["execute_result"] = {"text/plain": _pretty(value)}
+            if request.get("kind") == "execute":
+                # A cell's value is shown, not returned, as by ipyparallel's
+                # engines (an ExecuteReply on the client): its display data,
+                # unless the cell is silent (execute's default; %px's are not).
+                if value is not None and not request.get("silent", True):
+                    meta["execute_result"] = _execute_result(value, self.execution_count)
+                value = None
             # For a local client, large buffers of the result go into arena
             # blocks (or stay where they are, if they live there already),
             # which it views without a copy; for the agent, into the reply.
-            try:
-                s = serialize.dumps(value, arena=self.arena if sink.in_arena else None, reply=True)
-            except Exception:
-                if request.get("kind") != "execute":
-                    raise
-                # A cell's last value that cannot travel is shown, not returned.
-                s = serialize.dumps(None)
+            s = serialize.dumps(value, arena=self.arena if sink.in_arena else None, reply=True)
             value_payload, value_frames, keep = s.payload, s.frames, s.keep
             meta["buffers"] = s.buffers
         except BaseException as e:  # a task's failure, SystemExit included, is its result, not our end
@@ -508,16 +507,28 @@ class Engine:
         raise ValueError(f"unknown task kind {kind!r}")
 
 
-def _pretty(value):
-    """The text IPython would show for value (its repr without IPython)."""
+_formatter = None  # IPython's DisplayFormatter, made on first use
+
+
+def _execute_result(value, count):
+    """What a cell's value shows, as an IPython kernel's execute_result:
+    {"data": {mime type: ...}, "metadata": {...}, "execution_count": n};
+    its repr alone without IPython, or if formatting fails."""
+    global _formatter
     try:
-        from IPython.lib.pretty import pretty
-    except ImportError:
-        return repr(value)
-    try:
-        return pretty(value)
-    except Exception:
-        return repr(value)
+        if _formatter is None:
+            from IPython.core.formatters import DisplayFormatter
+            _formatter = DisplayFormatter()
+        data, md = _formatter.format(value)
+        data, md = _display._jsonable(data), _display._jsonable(md)
+    except Exception:  # ImportError, or a _repr_*_ that raises
+        data, md = {}, {}
+    if "text/plain" not in data:
+        try:
+            data["text/plain"] = repr(value)
+        except Exception as e:
+            data["text/plain"] = f"<{type(value).__name__}: repr failed: {e}>"
+    return {"data": data, "metadata": md, "execution_count": count}
 
 
 def _missing(name):

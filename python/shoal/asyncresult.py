@@ -167,6 +167,8 @@ class AsyncResult(_Future):
             try:
                 value = serialize.loads(bytes(payload[1]), where, buffers, arena=self._client.arena) \
                     if len(payload) > 1 and len(payload[1]) else None
+                if self._kind == "execute":
+                    value = ExecuteReply(self.msg_id, self._metadata_of(engine))
                 self._results[engine] = (True, value)
             except Exception as e:  # e.g. a class the engine has and this process has not
                 self._results[engine] = (False, RemoteError(
@@ -543,6 +545,69 @@ class AsyncResult(_Future):
         if isinstance(e, list):
             e = end_key(x for x in e if x)
         return (e - s).total_seconds()
+
+
+class ExecuteReply:
+    """What execute's result gives for each engine, as ipyparallel's: the
+    cell's execution_count and its metadata (stdout, stderr, outputs,
+    execute_result: what its value shows, as {"data": {mime type: ...},
+    "metadata": ..., "execution_count": n}, or None for a silent cell or
+    one without a value). Metadata fields read as items and attributes;
+    IPython shows it as the value would be shown."""
+
+    def __init__(self, msg_id, metadata):
+        self.msg_id = msg_id
+        self.metadata = metadata
+        self.execution_count = metadata.get("execution_count")
+
+    @property
+    def data(self):
+        """The value's display data ({mime type: content}), {} if none."""
+        return (self.metadata.get("execute_result") or {}).get("data", {})
+
+    @property
+    def _data_metadata(self):
+        return (self.metadata.get("execute_result") or {}).get("metadata", {})
+
+    def __getitem__(self, key):
+        return self.metadata[key]
+
+    def __getattr__(self, key):
+        if key.startswith("_") and key.startswith("_repr_") and key.endswith("_"):
+            mime = _REPR_MIME.get(key)
+            if mime is not None and mime in self.data:
+                return lambda: self._repr_mime(mime)
+            raise AttributeError(key)
+        if key.startswith("_") or key not in self.metadata:
+            raise AttributeError(key)
+        return self.metadata[key]
+
+    def _repr_mime(self, mime):
+        data, md = self.data[mime], self._data_metadata.get(mime)
+        return (data, md) if md else data
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return self.data, self._data_metadata
+
+    def display(self):
+        """Shows the value in IPython, as the engine's display would."""
+        from IPython.display import publish_display_data
+        publish_display_data(self.data, self._data_metadata)
+
+    def __repr__(self):
+        text = self.data.get("text/plain", "")
+        if len(text) > 32:
+            text = text[:29] + "..."
+        return f"<ExecuteReply[{self.execution_count}]: {text}>"
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(self.data.get("text/plain", ""))
+
+
+_REPR_MIME = {"_repr_png_": "image/png", "_repr_jpeg_": "image/jpeg", "_repr_svg_": "image/svg+xml",
+              "_repr_html_": "text/html", "_repr_markdown_": "text/markdown", "_repr_latex_": "text/latex",
+              "_repr_json_": "application/json", "_repr_javascript_": "application/javascript",
+              "_repr_pdf_": "application/pdf"}
 
 
 class _Part(AsyncResult):

@@ -133,7 +133,7 @@ def cluster_demo(args):
                 lat.append(time.perf_counter() - t)
             print(f"  apply_sync of a no-op, one engine: p50 {fmt_time(statistics.median(lat))} over 200 calls")
             dv.execute("x = 6 * 7", block=True)
-            print(f"  execute('x = 6 * 7'), then execute('x'): {dv.execute('x', block=True)}")
+            print(f"  execute('x = 6 * 7'), then pull('x'): {dv.pull('x', block=True)}")
             dv.push({"greeting": "hello"}, block=True)
             print(f"  push({{'greeting': 'hello'}}), pull('greeting'): {dv.pull('greeting', block=True)}")
             dv.execute(_RSS_FN + "before = rss_anon()", block=True)
@@ -141,8 +141,8 @@ def cluster_demo(args):
             t = time.perf_counter()
             dv.push({"a": a}, block=True)
             took = time.perf_counter() - t
-            grew = dv.execute("rss_anon() - before", block=True)
-            sums = dv.execute("float(a.sum())", block=True)
+            dv.execute("grew = rss_anon() - before\nsummed = float(a.sum())", block=True)
+            grew, sums = dv.pull("grew", block=True), dv.pull("summed", block=True)
             ok = "identical" if all(x == float(a.sum()) for x in sums) else "DIFFERENT"
             print(f"  pushed a {fmt_bytes(a.nbytes)} array to {args.n} engines in {fmt_time(took)}; "
                   f"each engine's private memory grew by {', '.join(fmt_bytes(max(g, 0)) for g in grew)}; "

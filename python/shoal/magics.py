@@ -47,7 +47,7 @@ def _print_result(ar, engine):
     result = md.get("execute_result")
     if not result:
         return
-    text = result.get("text/plain", "")
+    text = result.get("data", {}).get("text/plain", "")
     if "\n" in text and not text.startswith("\n"):
         text = "\n" + text
     print(f"Out[{engine}:{md.get('execution_count')}]: {text}")

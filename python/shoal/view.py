@@ -41,6 +41,12 @@ class _Serializers:
         engines' errors if it is not installed there)."""
         return self._everywhere(serialize.use_dill)
 
+    def register_joblib_backend(self, name="ipyparallel", make_default=False):
+        """Registers a joblib backend named name that runs joblib.Parallel's
+        batches on this view's engines (make_default: joblib's default)."""
+        from . import _joblib
+        return _joblib.register(self, name, make_default)
+
 
 class DirectView(_Serializers):
     """Runs work on a fixed set of engines, as ipyparallel's DirectView does.
@@ -132,7 +138,15 @@ class DirectView(_Serializers):
         return self._run({"kind": "apply"}, (f, args, kwargs), True)
 
     def execute(self, code, silent=True, targets=None, block=None):
-        return self._view(targets)._run({"kind": "execute", "code": code, "silent": silent}, None, block)
+        """Runs code (Python, or IPython's syntax: %magics, !cmd) on the
+        engines. Returns its AsyncResult, as ipyparallel does, once it has
+        finished when blocking (raising the engines' errors); its get()
+        gives each engine's ExecuteReply. silent=False: a cell's value is
+        shown (execute_result), as %px shows it."""
+        ar = self._view(targets)._run({"kind": "execute", "code": code, "silent": silent}, None, False)
+        if self._block(block):
+            ar.get()
+        return ar
 
     def run(self, filename, targets=None, block=None):
         """Runs a Python file's code on the engines (as execute does)."""

@@ -97,3 +97,15 @@ class Agent:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def evaluate(view, code):
+    """The value of code's last line, an expression, on each engine of view
+    (one value for a view of one engine), after its other lines have run.
+    execute gives ExecuteReplies, as ipyparallel's does, not values."""
+    *before, last = code.rstrip("\n").rsplit("\n", 1)
+    view.execute("\n".join(before + [f"_shoal_test_value = {last}"]), block=True)
+    try:
+        return view.pull("_shoal_test_value", block=True)
+    finally:
+        view.execute("del _shoal_test_value", block=True)

@@ -10,7 +10,7 @@ import pytest
 import shoal
 from shoal import _core
 
-from procs import Agent, Controller
+from procs import Agent, Controller, evaluate
 
 MiB = 1 << 20
 
@@ -48,7 +48,9 @@ def test_engines_are_separate_processes_with_persistent_state(rc, cluster):
     for _ in range(3):
         rc[:].execute("counter += 1", block=True)
     assert rc[:].pull("counter", block=True) == [3, 3]
-    assert rc[0].execute("counter * 10", block=True) == 30, "execute returns the last expression's value"
+    reply = rc[0].execute("counter * 10", silent=False, block=True).get()
+    assert reply.execute_result["data"]["text/plain"] == "30", "execute shows the last expression's value"
+    assert rc[:].execute("counter * 10", block=True).execute_result == [None, None], "unless silent"
 
 
 def test_apply_async_and_async_result(rc):
@@ -159,10 +161,10 @@ def test_a_large_array_reaches_every_engine_through_the_arena(rc):
                   "            return int(line.split()[1]) * 1024\n"
                   "before = anon()", block=True)
     rc[:].push({"big": a}, block=True)
-    grew = rc[:].execute("anon() - before", block=True)
+    grew = evaluate(rc[:], "anon() - before")
     for g in grew:
         assert g < 64 * MiB, f"an engine's private memory grew by {g / MiB:.0f} MiB for a 512 MiB array"
-    sums = rc[:].execute("float(big.sum()), big.flags.writeable", block=True)
+    sums = evaluate(rc[:], "float(big.sum()), big.flags.writeable")
     assert sums == [(float(a.sum()), False)] * 2, "identical data, read-only views"
     used = rc.arena.stats()["used_bytes"]
     assert a.nbytes <= used < 2 * a.nbytes, "one copy in the arena, shared by both engines"

@@ -12,7 +12,7 @@ import pytest
 
 import shoal
 
-from procs import Agent, Controller
+from procs import Agent, Controller, evaluate
 
 # On an engine: the Engine object (its SIGINT handler is a bound method of it).
 ENGINE = "__import__('signal').getsignal(__import__('signal').SIGINT).__self__"
@@ -55,8 +55,8 @@ SHELL = "__import__('IPython').get_ipython()"
 def one_namespace(view):
     """On each engine: is there one namespace (__main__'s, the engine's,
     the shell's if any, an execute cell's globals)?"""
-    return view.execute(f"__import__('sys').modules['__main__'].__dict__ is globals() is {ENGINE}.ns and "
-                        f"({SHELL} is None or {SHELL}.user_ns is globals())", block=True)
+    return evaluate(view, f"__import__('sys').modules['__main__'].__dict__ is globals() is {ENGINE}.ns and "
+                          f"({SHELL} is None or {SHELL}.user_ns is globals())")
 
 
 # Module-level, so that their names are globals, not closures: on the
@@ -90,7 +90,7 @@ def test_display_keeps_one_namespace_for_push_execute_interactive_and_sync_impor
     with dv.sync_imports(quiet=True):
         import colorsys  # noqa: F401
     assert dv.apply_sync(uses_the_import) == [(0.0, 1.0, 1)] * 2
-    assert dv.execute("__import__('sys').modules['__main__'].colorsys.__name__", block=True) == ["colorsys"] * 2
+    assert evaluate(dv, "__import__('sys').modules['__main__'].colorsys.__name__") == ["colorsys"] * 2
     assert one_namespace(dv) == [True, True], "display() made a shell with a namespace of its own"
 
 
@@ -106,22 +106,24 @@ def test_shell_commands_print_into_the_tasks_stdout(rc):
     ar = run(rc[:], "!echo hi from the engine")
     assert all("hi from the engine" in out for out in ar.stdout), ar.stdout
     ar = run(rc[0], "x = !echo hi there\nx")
-    assert ar.get() == ["hi there"]
     assert rc[0].pull("x", block=True) == ["hi there"]
-    assert rc[0].execute("_exit_code", block=True) == 0, "!cmd keeps its exit code, as in IPython"
+    assert ar.get().execute_result["data"]["text/plain"] == "['hi there']"
+    assert rc[0].pull("x", block=True) == ["hi there"]
+    assert evaluate(rc[0], "_exit_code") == 0, "!cmd keeps its exit code, as in IPython"
     run(rc[0], "!exit 3")
-    assert rc[0].execute("_exit_code", block=True) == 3
+    assert evaluate(rc[0], "_exit_code") == 3
 
 
 def test_time_and_timeit(rc):
     ar = run(rc[0], "%time y = sum(range(10))")
     assert "Wall time" in stdout(ar) and rc[0].pull("y", block=True) == 45
     ar = run(rc[0], "%time 6 * 7")
-    assert ar.get() == 42 and ar.metadata["execute_result"] == {"text/plain": "42"}
+    assert ar.get().execute_result["data"] == {"text/plain": "42"}
+    assert ar.metadata["execute_result"]["data"] == {"text/plain": "42"}
     ar = run(rc[0], "%%timeit -n1 -r1\nz = 1")
     assert "per loop" in stdout(ar)
     ar = run(rc[0], "import math\n%time r = math.sqrt(16)\nr + 1")  # Python and magics mixed in one cell
-    assert ar.get() == 5.0
+    assert ar.get().execute_result["data"]["text/plain"] == "5.0"
 
 
 def figures(ar):
@@ -157,14 +159,14 @@ def test_magics_that_cannot_work_on_an_engine_fail_the_task(rc):
     with pytest.raises(shoal.RemoteError) as info:
         e.execute("x = = 1", block=True)
     assert info.value.ename == "SyntaxError" and "<shoal-cell>" in "".join(info.value.traceback)
-    assert e.execute("1 + 1", block=True) == 2, "the engine goes on"
+    assert evaluate(e, "1 + 1") == 2, "the engine goes on"
 
 
 def test_clear_keeps_the_shell_working(rc):
     e = rc[0]
     run(e, "%whos")
     e.clear(block=True)
-    assert e.execute("'get_ipython' in globals()", block=True) is True
+    assert evaluate(e, "'get_ipython' in globals()") is True
     ar = run(e, "after_clear = 1\n%who")
     assert stdout(ar).split() == ["after_clear"]
 
@@ -218,9 +220,9 @@ def test_apply_and_plain_python_never_make_the_shell(tmp_path):
                 e.apply_sync(lambda: None)
                 e.execute("x = 1\nx + 1", block=True)
                 e.push({"y": 2}, block=True)
-                assert e.execute(shell_made, block=True) is False
-                assert e.execute("%who_ls", block=True) == ["x", "y"], "a magic makes it"
-                assert e.execute(shell_made, block=True) is True
+                assert evaluate(e, shell_made) is False
+                assert evaluate(e, "%who_ls") == ["x", "y"], "a magic makes it"
+                assert evaluate(e, shell_made) is True
                 # Once made, its execute events fire for cells, not for apply.
                 e.execute("fired = []\nget_ipython().events.register('pre_execute', lambda: fired.append(1))",
                           block=True)

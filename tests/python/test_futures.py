@@ -233,3 +233,25 @@ def test_executor_futures_are_async_results(rc):
 def test_wait_for_output_and_sent(rc):
     ar = rc[0].execute("print('hello')", block=False)
     assert ar.wait_for_output(10) and ar.stdout == "hello\n" and ar.sent
+
+
+def test_execute_returns_its_async_result_of_execute_replies(rc):
+    e0 = rc[rc.ids[0]]
+    e0.block = True
+    ar = e0.execute("5", silent=False)
+    assert isinstance(ar, shoal.AsyncResult), "blocking execute returns the finished AsyncResult"
+    er = ar.get()
+    assert str(er) == f"<ExecuteReply[{er.execution_count}]: 5>"
+    assert er.execute_result["data"]["text/plain"] == "5" and er["execution_count"] == er.execution_count
+    e0.execute("from IPython.display import Image, HTML")
+    er = e0.execute("Image(data=b'garbage', format='png', width=10)", silent=False).get()
+    assert er._repr_png_() == ("Z2FyYmFnZQ==", {"width": 10})
+    assert e0.execute("HTML('<b>bold</b>')", silent=False).get()._repr_html_() == "<b>bold</b>"
+    assert e0.execute("print(5)", silent=False).get().stdout == "5\n"
+    view = rc[:]
+    assert [r["data"] for r in view.execute("5", silent=False, block=True).execute_result] == [{"text/plain": "5"}] * 3
+    assert view.execute("5", block=True).execute_result == [None] * 3, "silent: nothing shown"
+    with pytest.raises(shoal.CompositeError):
+        view.execute("1 / 0", block=True)
+    ar = view.execute("import time; time.sleep(0.1)", block=False)
+    assert not ar.ready() and ar.get(10) is not None

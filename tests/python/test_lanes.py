@@ -15,7 +15,7 @@ import pytest
 import shoal
 from shoal import serialize
 
-from procs import Agent, Controller
+from procs import Agent, Controller, evaluate
 
 MiB = 1 << 20
 
@@ -67,7 +67,7 @@ def test_lane_tasks_do_not_touch_the_controller(rc, cluster):
         dv.push({"a": a, "b": np.ones(1 << 17)})
         for got in dv.pull("a"):
             assert np.array_equal(got, a)
-        assert dv.execute("float(b.sum())") == [float(1 << 17)] * 2
+        assert evaluate(dv, "float(b.sum())") == [float(1 << 17)] * 2
         ar = rc[0].execute("print('on the lane')")
         ar.get(10)
         assert ar.stdout == "on the lane\n"
@@ -302,7 +302,7 @@ def test_a_view_across_two_nodes_takes_both_paths(rc, cluster, tmp_path):
         assert c._lanes[mine] is not None and c._lanes[theirs] is None, "a lane here, the controller there"
         a = np.arange(1 << 16, dtype=np.float32)
         c[[mine, theirs]].push({"a": a}, block=True)
-        assert [float(x) for x in c[[mine, theirs]].execute("a.sum()", block=True)] == [float(a.sum())] * 2
+        assert [float(x) for x in evaluate(c[[mine, theirs]], "a.sum()")] == [float(a.sum())] * 2
     finally:
         c.close()
         other.stop()

@@ -11,7 +11,7 @@ import pytest
 
 import shoal
 
-from procs import Agent, Controller
+from procs import Agent, Controller, evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def test_px_options(ip, rc, capsys):
     ar = ip.user_ns["saved"]
     assert isinstance(ar, shoal.AsyncResult) and result.result is ar
     assert out.endswith("<AsyncResult: %px>\n"), "the cell's value: the pending result"
-    assert ar.get(10) == [7, 7]
+    assert [r.execute_result["data"]["text/plain"] for r in ar.get(10)] == ["7", "7"]
     _, out, _ = run(ip, capsys, "%pxresult")
     assert out.count("]: 7\n") == 2
     _, out, _ = run(ip, capsys, "%%px --group-outputs=engine\nprint('hi')\n1")
@@ -118,8 +118,7 @@ def test_activate_with_a_suffix_and_pxconfig(ip, rc, capsys):
     assert view.block is True
     _, out, _ = run(ip, capsys, "%px_one only_one = 1")
     assert out == ""  # a statement has no value to show
-    assert rc[1].execute("'only_one' in globals()", block=True) and not rc[0].execute("'only_one' in globals()",
-                                                                                      block=True)
+    assert evaluate(rc[1], "'only_one' in globals()") and not evaluate(rc[0], "'only_one' in globals()")
     _, out, _ = run(ip, capsys, "%%px_one\n'one'")
     assert out.startswith("Out[1:") and out.endswith("]: 'one'\n")
     run(ip, capsys, "%pxconfig --targets 0")

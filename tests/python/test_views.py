@@ -10,7 +10,7 @@ import pytest
 
 import shoal
 
-from procs import Agent, Controller
+from procs import Agent, Controller, evaluate
 
 MiB = 1 << 20
 
@@ -60,7 +60,7 @@ def test_scatter_is_asynchronous_and_reads_like_ipyparallel(dv):
     assert repr(ar) == "<AsyncResult: scatter>"
     assert ar.get(10) == [None, None, None]
     assert repr(ar) == "<AsyncResult: finished>"
-    assert dv.execute("len(user_id_chunk), max(user_id_chunk)", block=True) == [(334, 333), (333, 666), (333, 999)]
+    assert evaluate(dv, "len(user_id_chunk), max(user_id_chunk)") == [(334, 333), (333, 666), (333, 999)]
     ar = dv.gather("user_id_chunk")
     assert isinstance(ar, shoal.AsyncMapResult) and ar.get(10) == list(range(1000))
 
@@ -78,9 +78,9 @@ def test_an_array_is_scattered_as_views_of_one_arena_block(dv, rc):
     gc.collect()  # what earlier tests' clients still held goes back first
     used = rc.arena.stats()["used_bytes"] if rc.arena else None
     dv.scatter("a", a, block=True)
-    got = dv.execute("import shoal.serialize as s\n"
-                     "o = s._owner_block(a)\n"
-                     "(a.shape, float(a.sum()), a.flags.writeable, o and o.handle)", block=True)
+    got = evaluate(dv, "import shoal.serialize as s\n"
+                       "o = s._owner_block(a)\n"
+                       "(a.shape, float(a.sum()), a.flags.writeable, o and o.handle)")
     rows = [len(p) for p in np.array_split(np.arange(len(a)), 3)]
     assert [g[0] for g in got] == [(r, 8) for r in rows]
     assert sum(g[1] for g in got) == float(a.sum())
@@ -105,7 +105,7 @@ def test_a_large_gather_lands_in_the_arena_a_small_one_does_not(dv, rc):
     in_arena = serialize._owner_block(back) is not None
     assert in_arena == (rc.arena is not None), "joined into an arena block when the client has an arena"
     back[0, 0] = -1.0  # the caller's own array: writable, and no engine sees the write
-    assert dv.execute("float(a[0, 0])", targets=0, block=True) == 0.0
+    assert evaluate(dv.client[0], "float(a[0, 0])") == 0.0
     # Parts of different dtypes join as np.concatenate would.
     kinds = ["int32", "float32", "int32"]
     dv.scatter("kind", kinds, flatten=True, block=True)
@@ -175,7 +175,7 @@ def test_sync_imports(dv, capsys):
     with dv.sync_imports(local=False, quiet=True):
         import wave  # noqa: F401
     assert capsys.readouterr().out == ""
-    assert dv.execute("wave.__name__", block=True) == ["wave"] * 3
+    assert evaluate(dv, "wave.__name__") == ["wave"] * 3
 
 
 # ---- LoadBalancedView ---------------------------------------------------------------
@@ -507,17 +507,17 @@ def test_async_result_metadata_and_timings(rc, capsys):
     assert ar.progress == 0 and ar.elapsed >= 0
     with pytest.raises(shoal.TimeoutError, match="not ready"):
         ar.serial_time
-    assert ar.get(10) == [42, 42, 42] and ar.progress == 3
+    assert [r.execute_result["data"]["text/plain"] for r in ar.get(10)] == ["42"] * 3 and ar.progress == 3
     md = ar.metadata
     assert [m["engine_id"] for m in md] == [0, 1, 2] and all(m["status"] == "ok" for m in md)
     for m in md:
         assert m["submitted"] <= m["started"] <= m["completed"] <= m["received"]
         assert isinstance(m["started"], datetime.datetime)
-        assert m["execute_result"] == {"text/plain": "42"} and m["stdout"] == "out\n"
+        assert m["execute_result"]["data"] == {"text/plain": "42"} and m["stdout"] == "out\n"
         assert m["execution_count"] >= 1
     assert ar.serial_time >= 3 * 0.2 * 0.9, "the engines' times added up"
     assert ar.wall_time >= 0.2 and ar.elapsed == ar.wall_time
-    assert ar.get_dict() == {0: 42, 1: 42, 2: 42}
+    assert {e: r.execution_count for e, r in ar.get_dict().items()} == {m["engine_id"]: m["execution_count"] for m in md}
     ar.display_outputs()
     assert capsys.readouterr().out.splitlines() == ["[stdout:0] ", "out", "[stdout:1] ", "out", "[stdout:2] ",
                                                     "out"] + [f"Out[{e}:{md[e]['execution_count']}]: 42"
