@@ -123,3 +123,20 @@ class UnmetDependency(ShoalError):
 class ImpossibleDependency(UnmetDependency):
     """A task's dependencies can never be met: a task it follows failed, or
     no engine satisfies its condition."""
+
+
+class DependencyTimeout(ImpossibleDependency):
+    """A task's dependencies were not met in time (ipyparallel's name;
+    shoal raises TaskTimeout for that)."""
+
+
+class InvalidDependency(ImpossibleDependency):
+    """A dependency that can never be checked: a msg_id the client never
+    sent, or that was purged."""
+
+
+class NoEnginesRegistered(ShoalError):
+    """An operation that needs engines, with none registered."""
+
+    def __str__(self):
+        return "this operation needs engines: Client.wait_for_engines(n) waits for n to register"
