@@ -99,6 +99,33 @@ class CompositeError(RemoteError):
         raise self.elist[excid]
 
 
+class AlreadyDisplayedError(RemoteError):
+    """The errors of a cell whose engines' tracebacks were already shown
+    (``%%px --stream`` prints each as it arrives), as ipyparallel raises it:
+    IPython then shows only "N errors" instead of the tracebacks again.
+
+    ``original_error`` is the CompositeError that get() raised; ``n``, how
+    many engines failed.
+    """
+
+    def __init__(self, original_error):
+        self.original_error = original_error
+        self.n = len(getattr(original_error, "elist", [original_error]))
+        super().__init__(_ename(original_error), _evalue(original_error),
+                         getattr(original_error, "traceback", ""), getattr(original_error, "engine_id", None),
+                         getattr(original_error, "task_id", None))
+
+    def __repr__(self):
+        return f"<{type(self).__name__}({self.n} errors)>"
+
+    def __str__(self):
+        return f"{self.n} errors"
+
+    def render_traceback(self):
+        """One line, "N errors": the tracebacks were shown already."""
+        return [str(self)]
+
+
 def _ename(e):
     return getattr(e, "ename", type(e).__name__)
 

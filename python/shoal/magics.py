@@ -7,9 +7,25 @@ Output is printed as ipyparallel prints it: ``[stdout:0]`` blocks of text,
 then ``Out[0:1]: value`` for each engine's cell value (engine 0, its cell 1).
 """
 
+import ast
 import sys
 
+from .error import AlreadyDisplayedError, CompositeError
+
 GROUPBY = ("type", "engine", "order")
+
+
+def _publisher():
+    """IPython's publish_display_data while an IPython runs, else None
+    (display outputs are then printed as text)."""
+    try:
+        from IPython import get_ipython
+        if get_ipython() is not None:
+            from IPython.display import publish_display_data
+            return publish_display_data
+    except ImportError:
+        pass
+    return None
 
 
 def _print_stream(ar, name, engine, text, file):
@@ -21,101 +37,170 @@ def _print_stream(ar, name, engine, text, file):
     print(prefix + text, end="" if text.endswith("\n") else "\n", file=file)
 
 
-def _print_outputs(ar, engine):
-    """What display() showed on the engine, under "[output:0]": shown
-    richly in IPython, as text elsewhere."""
-    outputs = ar._meta.get(engine, {}).get("outputs", [])
-    if not outputs:
-        return
-    print(f"[output:{engine}]")
-    publish = None
-    try:
-        from IPython import get_ipython
-        if get_ipython() is not None:
-            from IPython.display import publish_display_data as publish
-    except ImportError:
-        pass
-    for out in outputs:
-        if publish is not None:
-            publish(data=out["data"], metadata=out.get("metadata") or {})
-        else:
-            print(out["data"].get("text/plain", ""))
+def _print_output(output, engine, label=True):
+    """One display() output of an engine, under "[output:0]" (label=False:
+    without): shown richly in IPython, as text elsewhere."""
+    if label:
+        print(f"[output:{engine}]")
+    publish = _publisher()
+    if publish is not None:
+        publish(data=output["data"], metadata=dict(output.get("metadata") or {}, engine=engine))
+    else:
+        print(output["data"].get("text/plain", ""))
+
+
+def _outputs(ar, engine):
+    return ar._meta.get(engine, {}).get("outputs") or []
+
+
+def _result(ar, engine):
+    return ar._meta.get(engine, {}).get("execute_result")
 
 
 def _print_result(ar, engine):
+    """The engine's cell value as "Out[0:1]: value" (engine 0, its cell 1);
+    in IPython, with the value's other representations (HTML, ...) beside
+    that text, as ipyparallel displays it."""
     md = ar._meta.get(engine, {})
     result = md.get("execute_result")
     if not result:
         return
-    text = result.get("data", {}).get("text/plain", "")
+    data = dict(result.get("data") or {})
+    text = data.get("text/plain", "")
     if "\n" in text and not text.startswith("\n"):
         text = "\n" + text
-    print(f"Out[{engine}:{md.get('execution_count')}]: {text}")
+    data["text/plain"] = f"Out[{engine}:{md.get('execution_count')}]: {text}"
+    publish = _publisher()
+    if publish is not None:
+        publish(data=data, metadata=result.get("metadata") or {})
+    else:
+        print(data["text/plain"])
 
 
 def display_outputs(ar, groupby="type"):
     """Prints what a finished (or failed) execute printed, displayed and
-    returned, per engine: grouped by type (all stdout, all stderr, all
-    display outputs, then the values), by engine, or in order (as by type)."""
+    returned, per engine, as ipyparallel's AsyncResult.display_outputs:
+
+    - "type": every engine's stdout, then every stderr, then each engine's
+      display outputs under one "[output:0]", then the values;
+    - "engine": all of engine 0's (its "[output:0]" before its display
+      outputs and its value), then engine 1's, ...;
+    - "order": as "type", but the display outputs collated: the first of
+      each engine (each under its "[output:N]"), then the second of each...
+
+    A view of one engine shows its outputs without the "[stdout:0]" /
+    "[output:0]" labels."""
     if groupby not in GROUPBY:
         raise ValueError(f"groupby must be one of {', '.join(map(repr, GROUPBY))}, not {groupby!r}")
     engines = [e for e in ar._targets if e in ar._meta]
+    label = not ar._single
     if groupby == "engine":
         for e in engines:
             _print_stream(ar, "stdout", e, ar._stdout.get(e, ""), sys.stdout)
             _print_stream(ar, "stderr", e, ar._stderr.get(e, ""), sys.stderr)
-            _print_outputs(ar, e)
+            if label and (_outputs(ar, e) or _result(ar, e)):
+                print(f"[output:{e}]")
+            for out in _outputs(ar, e):
+                _print_output(out, e, label=False)
             _print_result(ar, e)
         return
     for e in engines:
         _print_stream(ar, "stdout", e, ar._stdout.get(e, ""), sys.stdout)
     for e in engines:
         _print_stream(ar, "stderr", e, ar._stderr.get(e, ""), sys.stderr)
-    for e in engines:
-        _print_outputs(ar, e)
+    if groupby == "order":
+        for i in range(max((len(_outputs(ar, e)) for e in engines), default=0)):
+            for e in engines:
+                if i < len(_outputs(ar, e)):
+                    _print_output(_outputs(ar, e)[i], e, label)
+    else:
+        for e in engines:
+            if label and _outputs(ar, e):
+                print(f"[output:{e}]")
+            for out in _outputs(ar, e):
+                _print_output(out, e, label=False)
     for e in engines:
         _print_result(ar, e)
 
 
 def stream_outputs(ar):
-    """Prints the engines' stdout and stderr while ar runs, as it arrives
-    (each piece under its engine's "[stdout:0] " line, repeated when the
-    engine changes), then the cell values once all have finished."""
+    """Prints what the engines print while ar runs, as it arrives (each
+    piece under its engine's "[stdout:0] " line, repeated when the engine
+    changes); as each engine finishes, its display outputs (each under
+    "[output:0]") and its value, or its error's traceback on stderr (the
+    first CompositeError.tb_limit in full, the others in one line each),
+    as ipyparallel streams them."""
     shown = {}
-    state = {"prefix": None, "newline": True}
+    finished = set()
+    # The last prefix shown (on either stream), and whether each stream's
+    # last line is complete.
+    state = {"prefix": None, "errors": 0}
+    complete = {"stdout": True, "stderr": True}
+    files = {"stdout": sys.stdout, "stderr": sys.stderr}
 
-    def emit(name, engine, text, file):
+    def end_line(name):
+        if not complete[name]:
+            print(file=files[name])
+            complete[name] = True
+
+    def emit(name, engine, text):
         prefix = f"[{name}:{engine}] "
         if state["prefix"] != prefix:
-            if not state["newline"]:
-                print(file=file)
-            print(prefix, file=file)
+            end_line(name)
+            print(prefix, file=files[name])
             state["prefix"] = prefix
-        print(text, end="", file=file, flush=True)
-        state["newline"] = text.endswith("\n")
+        print(text, end="", file=files[name], flush=True)
+        complete[name] = text.endswith("\n")
+
+    def show_error(engine, err):
+        end_line("stderr")
+        state["prefix"] = None
+        state["errors"] += 1
+        if state["errors"] <= CompositeError.tb_limit and hasattr(err, "render_traceback"):
+            print("\n".join([f"[{engine}:execute]"] + err.render_traceback()), file=sys.stderr)
+        else:
+            print(err, file=sys.stderr)
 
     def catch_up():
         for e in ar._targets:
-            for name, store, file in (("stdout", ar._stdout, sys.stdout), ("stderr", ar._stderr, sys.stderr)):
+            for name, store in (("stdout", ar._stdout), ("stderr", ar._stderr)):
                 text = store.get(e, "")
                 if len(text) > shown.get((name, e), 0):
-                    emit(name, e, text[shown.get((name, e), 0):], file)
+                    emit(name, e, text[shown.get((name, e), 0):])
                     shown[(name, e)] = len(text)
+            if e in ar._results and e not in finished:
+                finished.add(e)
+                ok, value = ar._results[e]
+                outputs, result = _outputs(ar, e), _result(ar, e)
+                if outputs or result:
+                    end_line("stdout")
+                    state["prefix"] = None
+                for out in outputs:
+                    _print_output(out, e)
+                if result:
+                    _print_result(ar, e)
+                if not ok:
+                    show_error(e, value)
 
     while not ar.wait(0.05):
         catch_up()
     catch_up()
-    if not state["newline"]:
-        print()
-    for e in ar._targets:
-        _print_result(ar, e)
+    end_line("stdout")
+    end_line("stderr")
+
+
+def _target_text(targets):
+    """targets as the verbose line shows them: a long list abbreviated."""
+    if isinstance(targets, list) and len(targets) > 10:
+        return str(targets[:4])[:-1] + ", ..., " + str(targets[-4:])[1:]
+    return str(targets)
 
 
 def _magics_class():
     # IPython is only needed once magics are asked for.
     from IPython.core import magic_arguments
     from IPython.core.error import UsageError
-    from IPython.core.magic import Magics
+    from IPython.core.magic import Magics, no_var_expand
 
     def output_args(f):
         f = magic_arguments.argument("-o", "--out", dest="save_name", default=None,
@@ -138,7 +223,8 @@ def _magics_class():
         f = magic_arguments.argument("--no-verbose", dest="set_verbose", action="store_const", const=False,
                                      help="do not")(f)
         f = magic_arguments.argument("-t", "--targets", default=None,
-                                     help="the engines: an id, a list ([0, 2]), a slice (1:3) or 'all'")(f)
+                                     help="the engines: an id, a list ([0, 2]), a slice of the ids (1:3, ::2) "
+                                          "or 'all'")(f)
         f = magic_arguments.argument("-a", "--noblock", dest="block", action="store_const", const=False,
                                      help="return an AsyncResult at once")(f)
         f = magic_arguments.argument("-b", "--block", dest="block", action="store_const", const=True,
@@ -149,7 +235,7 @@ def _magics_class():
         f = magic_arguments.argument("--signal-on-interrupt", dest="signal_on_interrupt", default=None,
                                      help="the signal Ctrl-C sends the engines while a blocking cell runs: "
                                           "a name or number (default SIGINT, which interrupts their code; "
-                                          "0 sends none)")(f)
+                                          "0 interrupts none, as kill -0)")(f)
         return f
 
     class ParallelMagics(Magics):
@@ -169,6 +255,8 @@ def _magics_class():
             # The magics' names carry the suffix: %px_even for activate("_even").
             for kind in ("line", "cell"):
                 self.magics[kind] = {n + suffix: meth for n, meth in self.magics[kind].items()}
+            if not suffix:
+                self.magics["line"]["result"] = self.pxresult  # ipyparallel keeps %result, the old name
 
         @property
         def view(self):
@@ -177,19 +265,30 @@ def _magics_class():
             return self._view
 
         def _targets(self, text):
-            ids = self.view.client.ids
-            if "all" in text:
-                return ids
+            """A --targets argument as ipyparallel reads it: a slice of the
+            client's ids ("1:3", "::2") as the list it gives, "all" as "all"
+            (every engine, at each call), else an id or a list of them."""
             if ":" in text:
-                lo, _, hi = text.partition(":")
-                return ids[slice(int(lo) if lo else None, int(hi) if hi else None)]
-            import ast
-            return ast.literal_eval(text)
+                try:
+                    parts = [int(p) if p.strip() else None for p in text.strip().strip("[]").split(":")]
+                    if len(parts) > 3:
+                        raise ValueError(text)
+                    return self.view.client.ids[slice(*parts)]
+                except ValueError:
+                    raise UsageError(f"--targets {text}: not a slice of the engine ids (such as 1:3 or ::2)") \
+                        from None
+            if "all" in text:
+                return "all"
+            try:
+                return ast.literal_eval(text.strip())
+            except (ValueError, SyntaxError):
+                raise UsageError(f"--targets {text}: not an engine id, a list of them, a slice or 'all'") from None
 
         @magic_arguments.magic_arguments()
         @exec_args
         def pxconfig(self, line):
-            """Sets the defaults of %px: --targets, --block/--noblock, --verbose."""
+            """Sets the defaults of %px: --targets, --block/--noblock, --verbose, --stream,
+            --progress-after, --signal-on-interrupt."""
             args = magic_arguments.parse_argstring(self.pxconfig, line)
             if args.targets:
                 self.view.targets = self._targets(args.targets)
@@ -224,7 +323,9 @@ def _magics_class():
         @output_args
         @magic_arguments.argument("--local", action="store_true", help="also run the cell here")
         def cell_px(self, line="", cell=None):
-            """Runs the cell on the engines (%%px [options])."""
+            """Runs the cell on the engines (%%px [options]). The options'
+            line expands {x} and $x from this namespace, as any magic's
+            does; the cell is code for the engines, and is sent as written."""
             args = magic_arguments.parse_argstring(self.cell_px, line)
             verbose = self.verbose if args.set_verbose is None else args.set_verbose
             waiting = dict(progress_after=args.progress_after, signal_on_interrupt=args.signal_on_interrupt)
@@ -241,11 +342,12 @@ def _magics_class():
                                          verbose=verbose, save_name=args.save_name,
                                          stream=self.stream if args.stream is None else args.stream, **waiting)
 
-        def px(self, line="", cell=None):
-            """%px CODE runs CODE on the engines; %%px [options] runs the cell."""
-            if cell is not None:
-                return self.cell_px(line, cell)
-            return self.parallel_execute(line)
+        @no_var_expand
+        def px(self, line=""):
+            """%px CODE runs CODE on the engines, with the defaults %pxconfig
+            set. CODE is sent as written: {x} and $x are the engines' to
+            read (in an f-string, say), not expanded from this namespace."""
+            return self.parallel_execute(line, verbose=self.verbose)
 
         def parallel_execute(self, cell, block=None, groupby="type", targets=None, verbose=False,
                              save_name=None, stream=None, progress_after=None, signal_on_interrupt=None):
@@ -256,7 +358,8 @@ def _magics_class():
                 if targets:
                     view.targets = self._targets(targets)
                 if verbose:
-                    print(f"{'P' if block else 'Async p'}arallel execution on engine(s): {view.targets}")
+                    print(f"{'P' if block else 'Async p'}arallel execution on engine(s): "
+                          f"{_target_text(view.targets)}")
                 ar = view.execute(cell, silent=False, block=False)
             finally:
                 view.targets = saved
@@ -273,8 +376,11 @@ def _magics_class():
         def _block_on(self, ar, groupby, stream, progress_after=None, signal_on_interrupt=None):
             """Waits for a blocking cell and prints its outputs (or streams
             them). A progress bar after progress_after seconds; on Ctrl-C,
-            signal_on_interrupt goes to the engines, which interrupts their
-            code, and what they printed is shown."""
+            signal_on_interrupt goes to the engines still running the cell
+            (SIGINT interrupts their code; 0 is a signal that none receives,
+            and the cell's engines run on), and what has arrived is shown.
+            When streaming, the tracebacks are shown as they arrive: the
+            CompositeError is raised as an AlreadyDisplayedError ("N errors")."""
             after = self.progress_after if progress_after is None else progress_after
             sig = self.signal_on_interrupt if signal_on_interrupt is None else signal_on_interrupt
             try:
@@ -282,10 +388,13 @@ def _magics_class():
                     stream_outputs(ar)
                 elif after >= 0 and not ar.wait(after):
                     ar.wait_interactive()
-                ar.get()
-            except KeyboardInterrupt:
-                if str(sig) in ("0", "None", "none", ""):
+                try:
+                    ar.get()
+                except CompositeError as e:
+                    if stream:
+                        raise AlreadyDisplayedError(e) from None
                     raise
+            except KeyboardInterrupt:
                 print(f"Received Keyboard Interrupt. Sending signal {sig} to engines...", file=sys.stderr)
                 self.view.client.send_signal(sig, targets=[e for e in ar._targets if e not in ar._results])
                 ar.wait(1)  # what the interrupted code printed comes with its reply
@@ -317,7 +426,7 @@ def _magics_class():
     # What @magics_class would record, by hand: the suffix is added per instance.
     ParallelMagics.magics = {"line": {"px": "px", "pxresult": "pxresult", "pxconfig": "pxconfig",
                                       "autopx": "autopx"},
-                             "cell": {"px": "px"}}
+                             "cell": {"px": "cell_px"}}
     ParallelMagics.registered = True
     return ParallelMagics
 

@@ -79,7 +79,9 @@ def test_px_options(ip, rc, capsys):
     _, out, _ = run(ip, capsys, "%pxresult")
     assert out.count("]: 7\n") == 2
     _, out, _ = run(ip, capsys, "%%px --group-outputs=engine\nprint('hi')\n1")
-    assert re.fullmatch(r"\[stdout:0\] \nhi\nOut\[0:\d+\]: 1\n\[stdout:1\] \nhi\nOut\[1:\d+\]: 1\n", out), out
+    # ipyparallel's: each engine's "[output:N]" stands before its value (and its display outputs)
+    assert re.fullmatch(r"\[stdout:0\] \nhi\n\[output:0\]\nOut\[0:\d+\]: 1\n"
+                        r"\[stdout:1\] \nhi\n\[output:1\]\nOut\[1:\d+\]: 1\n", out), out
     _, out, _ = run(ip, capsys, "%%px --local\nshared_here = 11\nshared_here")
     assert ip.user_ns["shared_here"] == 11, "--local also runs the cell here"
     assert rc[:].pull("shared_here", block=True) == [11, 11]
@@ -246,13 +248,15 @@ def test_ctrl_c_in_a_blocking_cell_interrupts_the_engines(ip, rc, capsys):
     assert out == "[stdout:0] \nstarted\n[stdout:1] \nstarted\n", "what they printed is shown"
     assert result.error_in_exec is None
     assert rc[:].apply_sync(lambda: 1) == [1, 1], "the engines go on"
-    # With no signal to send, Ctrl-C stops the waiting only; the engines finish.
+    # Signal 0 (as kill -0) reaches no code: Ctrl-C stops the waiting only, and the engines
+    # finish, as in ipyparallel (which says it sends signal 0, and raises nothing).
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
-    result, out, err = run(ip, capsys, "%%px --signal-on-interrupt 0\nimport time\ntime.sleep(1.5)\n'slept'")
+    result, out, err = run(ip, capsys, "%%px --signal-on-interrupt 0\nimport time\ntime.sleep(3)\n'slept'")
     timer.join()
-    assert isinstance(result.error_in_exec, KeyboardInterrupt)
-    assert "Sending signal" not in err
+    assert result.error_in_exec is None
+    assert "Received Keyboard Interrupt. Sending signal 0 to engines..." in err
+    assert "'slept'" not in out, "the cell had not finished"
     assert ip.run_line_magic("pxresult", "") is None
     assert capsys.readouterr().out.count("'slept'") == 2, "the engines were not interrupted"
 
@@ -269,3 +273,111 @@ def test_progress_after(ip, rc, capsys):
         assert "tasks finished" in out
     finally:
         ip.run_line_magic("pxconfig", "--progress-after -1")
+
+
+def test_px_does_not_expand_the_clients_variables(ip, rc, capsys):
+    # %px is ipyparallel's @no_var_expand: {x} and $x are the engines' code.
+    ip.user_ns["x"] = "client"
+    rc[:].push({"x": "engine"}, block=True)
+    run(ip, capsys, '%px y = f"{x}"')
+    assert rc[:].pull("y", block=True) == ["engine", "engine"]
+    run(ip, capsys, "%px z = '$x'")
+    assert rc[:].pull("z", block=True) == ["$x", "$x"]
+    # %%px's options line is expanded as any magic's is; the cell is not.
+    ip.user_ns["out_name"] = "the_output"
+    run(ip, capsys, '%%px -o {out_name}\ny = f"{x}!"')
+    assert isinstance(ip.user_ns["the_output"], shoal.AsyncResult)
+    assert rc[:].pull("y", block=True) == ["engine!", "engine!"]
+
+
+def test_group_outputs_order_collates_display_outputs(ip, rc, capsys):
+    cell = ("from IPython.display import display\nprint('hi')\ndisplay('first')\ndisplay('second')\n1")
+    _, out, _ = run(ip, capsys, "%%px --group-outputs=order\n" + cell)
+    # stdout of every engine, then the first display output of each engine, then the second of each
+    assert re.fullmatch(r"\[stdout:0\] \nhi\n\[stdout:1\] \nhi\n"
+                        r"\[output:0\]\n'first'\n\[output:1\]\n'first'\n"
+                        r"\[output:0\]\n'second'\n\[output:1\]\n'second'\n"
+                        r"Out\[0:\d+\]: 1\nOut\[1:\d+\]: 1\n", out), out
+    _, again, _ = run(ip, capsys, "%%px -r\n" + cell)
+    assert re.sub(r"Out\[(\d):\d+\]", "", again) == re.sub(r"Out\[(\d):\d+\]", "", out), "-r is the same"
+    _, out, _ = run(ip, capsys, "%%px --group-outputs=type\n" + cell)
+    assert re.fullmatch(r"\[stdout:0\] \nhi\n\[stdout:1\] \nhi\n"
+                        r"\[output:0\]\n'first'\n'second'\n\[output:1\]\n'first'\n'second'\n"
+                        r"Out\[0:\d+\]: 1\nOut\[1:\d+\]: 1\n", out), out
+
+
+def test_one_engines_view_shows_its_outputs_without_labels(ip, rc, capsys):
+    _, out, _ = run(ip, capsys, "%%px --targets 0\nprint('hi')\ndisplay('shown')\n5")
+    assert re.fullmatch(r"hi\n'shown'\nOut\[0:\d+\]: 5\n", out), out
+
+
+def test_a_rich_value_is_displayed_with_its_label(ip, rc, capsys):
+    from IPython.utils.capture import capture_output
+    with capture_output() as io:
+        ip.run_cell_magic("px", "", "from IPython.display import HTML\nHTML('<b>rich</b>')")
+    values = [o.data for o in io.outputs if "text/html" in o.data]
+    assert len(values) == 2, io.outputs
+    for e, data in enumerate(values):
+        assert data["text/html"] == "<b>rich</b>"
+        assert re.fullmatch(rf"Out\[{e}:\d+\]: <IPython.core.display.HTML object>", data["text/plain"])
+
+
+def test_nonblocking_px_prints_only_what_ipyparallel_prints(ip, rc, capsys):
+    ip.run_line_magic("pxconfig", "--noblock --verbose")
+    try:
+        result, out, _ = run(ip, capsys, "%px print('quiet')")
+        ar = result.result
+        assert isinstance(ar, shoal.AsyncResult)
+        assert out.startswith("Async parallel execution on engine(s): all\n"), out
+        assert "[stdout:" not in out and "quiet" not in out
+        ar.get(10)
+        assert ar.stdout == ["quiet\n", "quiet\n"]
+    finally:
+        ip.run_line_magic("pxconfig", "--block --no-verbose")
+    _, out, _ = run(ip, capsys, "%px 3")
+    assert re.fullmatch(r"Out\[0:\d+\]: 3\nOut\[1:\d+\]: 3\n", out), out
+
+
+def test_stream_errors_are_shown_once_then_raised_as_already_displayed(ip, rc, capsys, monkeypatch):
+    result, out, err = run(ip, capsys, "%%px --stream\nraise RuntimeError(f'oops {2 * 21}')")
+    e = result.error_in_exec
+    assert isinstance(e, shoal.error.AlreadyDisplayedError) and isinstance(e, shoal.RemoteError)
+    assert isinstance(e.original_error, shoal.CompositeError) and e.n == 2 and len(e.original_error.elist) == 2
+    assert str(e) == "2 errors" and e.render_traceback() == ["2 errors"] and repr(e) == "<AlreadyDisplayedError(2 errors)>"
+    assert "[0:execute]" in err and "[1:execute]" in err, "each engine's traceback, as it arrived"
+    assert err.count("RuntimeError: oops 42") == 2
+    assert "2 errors" in out + err, "IPython shows only the count"
+    # After CompositeError.tb_limit tracebacks, one line per error.
+    monkeypatch.setattr(shoal.CompositeError, "tb_limit", 1)
+    with pytest.raises(shoal.error.AlreadyDisplayedError):
+        ip.run_cell_magic("px", "--stream", "1 / 0")
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 1 and err.count("ZeroDivisionError") == 2, err
+    # Without streaming, the CompositeError itself.
+    with pytest.raises(shoal.CompositeError) as info:
+        ip.run_cell_magic("px", "--no-stream", "1 / 0")
+    assert not isinstance(info.value, shoal.error.AlreadyDisplayedError)
+    capsys.readouterr()
+
+
+def test_targets_as_ipyparallel_reads_them(ip, rc, capsys):
+    view = rc.activate(targets=[1], suffix="_t")
+    ids = rc.ids
+    for text, want in ((":", ids), ("::2", ids[::2]), ("1::2", ids[1::2]), (":1", ids[:1]), ("-1:", ids[-1:]),
+                       ("1", 1), ("[0,1]", [0, 1]), ("all", "all")):
+        ip.run_line_magic("pxconfig_t", f"--targets={text}")
+        assert view.targets == want, text
+    ip.run_line_magic("pxconfig_t", "--targets 0 --verbose")
+    _, out, _ = run(ip, capsys, "%%px_t --targets all\n4")
+    assert re.fullmatch(r"Parallel execution on engine\(s\): all\nOut\[0:\d+\]: 4\nOut\[1:\d+\]: 4\n", out), out
+    assert view.targets == 0, "--targets of one cell leaves the default alone"
+    _, out, _ = run(ip, capsys, "%%px_t --targets ::-1\n4")
+    assert out.startswith("Parallel execution on engine(s): [1, 0]\nOut[1:")
+    _, out, _ = run(ip, capsys, "%px_t 5")
+    assert re.fullmatch(r"Parallel execution on engine\(s\): 0\nOut\[0:\d+\]: 5\n", out), out
+    result, _, _ = run(ip, capsys, "%pxconfig_t -t 1:2:3:4")
+    assert "not a slice" in str(result.error_in_exec)
+    # %result: ipyparallel's old name of %pxresult (of the magics without a suffix)
+    run(ip, capsys, "%px 6")
+    _, out, _ = run(ip, capsys, "%result")
+    assert re.fullmatch(r"Out\[0:\d+\]: 6\nOut\[1:\d+\]: 6\n", out), out
