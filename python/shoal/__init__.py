@@ -17,12 +17,13 @@ from .client import Client
 from .cluster import Cluster
 from .dependency import Dependency, depend
 from .serialize import use_cloudpickle, use_dill, use_pickle
-from .error import (CompositeError, EngineError, ImpossibleDependency, RemoteError, ShoalError, TaskAborted,
+from .error import (AlreadyDisplayedError, CompositeError, EngineError, ImpossibleDependency, RemoteError, ShoalError, TaskAborted,
                     TaskTimeout, TimeoutError, UnmetDependency)
-from .view import DirectView, LoadBalancedView, Reference, interactive, require
+from .view import BroadcastView, DirectView, LoadBalancedView, Reference, interactive, parallel, remote, require
 
-__all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "require", "interactive", "Reference", "AsyncResult", "AsyncMapResult", "ExecuteReply", "RemoteError",
-           "CompositeError", "EngineError", "ShoalError", "TimeoutError", "TaskAborted", "TaskTimeout",
+__all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "BroadcastView", "require", "interactive", "remote",
+           "parallel", "Reference", "AsyncResult", "AsyncMapResult", "ExecuteReply", "RemoteError",
+           "CompositeError", "AlreadyDisplayedError", "EngineError", "ShoalError", "TimeoutError", "TaskAborted", "TaskTimeout",
            "UnmetDependency", "ImpossibleDependency", "Dependency", "depend", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK",
            "use_cloudpickle", "use_dill", "use_pickle",
            "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "register_joblib_backend"]

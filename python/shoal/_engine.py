@@ -11,6 +11,7 @@ docs/engine.md describes the formats.
 
 import argparse
 import ast
+import base64
 import builtins
 import io
 import json
@@ -346,8 +347,19 @@ class Engine:
         except Exception:
             pass  # best effort (no arena memory, its client gone): the reply has it all
 
+    def publish_data(self, data):
+        """datapub.publish_data: merges data (a dict) into the running
+        task's published data, and sends what it is now to the client, as
+        output is sent (best effort: the reply carries the last of it)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"publish_data takes a dict, not {type(data).__name__}")
+        self.data.update(data)
+        pickled = base64.b64encode(serialize.dumps(self.data, reply=True).payload).decode()
+        self.send_output("data", pickled)
+
     def run_task(self, task_id, handle, sink):
         self.task_id, self.sink = task_id, sink
+        self.data = {}  # what the task published (datapub.publish_data)
         out, err = self.out, self.err
         out.reset()
         err.reset()
@@ -402,6 +414,12 @@ class Engine:
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
         if outputs:
             meta["outputs"] = outputs
+        if self.data:
+            try:
+                meta["data"] = base64.b64encode(serialize.dumps(self.data, reply=True).payload).decode()
+            except Exception as e:
+                print(f"shoal-engine {self.id}: the data task {task_id} published cannot be pickled: {e}",
+                      file=sys.__stderr__)
         meta["completed"] = time.time()
         try:
             block = pack_frames(self.arena, [json.dumps(meta, default=str).encode(), value_payload], value_frames)
@@ -426,12 +444,6 @@ class Engine:
         engine goes on. Between tasks it does nothing."""
         if self.running:
             raise KeyboardInterrupt
-
-    def _deref(self, arg):
-        """A Reference argument: the value of that name here."""
-        if type(arg).__name__ == "Reference" and type(arg).__module__ == "shoal.view":
-            return self.ns[arg.name] if arg.name in self.ns else _missing(arg.name)
-        return arg
 
     def run_code(self, code, silent):
         """An execute task's cell. Once the engine has its IPython shell (a
@@ -482,11 +494,17 @@ class Engine:
             return self.run_code(request["code"], request.get("silent", True))
         if kind == "apply":
             f, fargs, fkwargs = args
-            fargs = [self._deref(a) for a in fargs]
-            fkwargs = {k: self._deref(v) for k, v in fkwargs.items()}
-            return f(*fargs, **fkwargs)
+            return f(*fargs, **fkwargs)  # a Reference among them was its value once unpickled here
         if kind == "push":
-            self.ns.update(args)
+            for name, value in args.items():
+                if name.isidentifier():
+                    self.ns[name] = value
+                else:  # an attribute or an item ("a.b", "a[0]"), as ipyparallel's push assigns it
+                    self.ns["_shoal_push_value"] = value
+                    try:
+                        exec(f"{name} = _shoal_push_value", self.ns)
+                    finally:
+                        del self.ns["_shoal_push_value"]
             return None
         if kind == "shutdown":
             self.stopping = True  # once this reply is sent
@@ -502,7 +520,9 @@ class Engine:
             return None
         if kind == "pull":
             names = request["names"]
-            values = [self.ns[n] if n in self.ns else _missing(n) for n in names]
+            # A name, or any expression ("a.b", "a[0]"), as ipyparallel's pull evaluates it.
+            values = [self.ns[n] if n in self.ns else _missing(n) if n.isidentifier() else eval(n, self.ns)
+                      for n in names]
             return values[0] if request.get("single") else values
         raise ValueError(f"unknown task kind {kind!r}")
 
@@ -550,4 +570,9 @@ def main():
         print(f"shoal-engine {args.index}: {e}", file=sys.stderr)
         return 1
     signal.signal(signal.SIGINT, engine.on_sigint)
+    global current
+    current = engine
     return engine.loop()
+
+
+current = None  # this process's Engine, once it is up (datapub finds it here)

@@ -11,6 +11,7 @@ for it (Client._drive).
 """
 
 import asyncio
+import base64
 import concurrent.futures
 import datetime
 import json
@@ -136,6 +137,7 @@ class AsyncResult(_Future):
         self._results = {}  # engine id -> (ok, value or exception)
         self._stdout = {}  # engine id -> what it printed (so far, while it runs)
         self._stderr = {}
+        self._data = {}  # engine id -> what it published (so far)
         self.task_id = None
         self._single = False
         self._callbacks = []  # called (with self) once every engine has answered, after the receiving
@@ -162,6 +164,8 @@ class AsyncResult(_Future):
         self._stderr[engine] = meta.get("stderr", "")
         meta["received"] = time.time()
         where = meta.pop("buffers", [])
+        if "data" in meta:
+            self._take_data(engine, meta.pop("data"))
         self._meta[engine] = meta
         if meta.get("status") == "ok":
             try:
@@ -219,12 +223,31 @@ class AsyncResult(_Future):
             self._finished()
 
     def _output(self, hdr, payload):
-        """A piece of stdout or stderr that an engine printed while the task runs."""
+        """A piece of stdout or stderr that an engine printed while the task
+        runs, or what it has published so far (datapub)."""
         piece = json.loads(bytes(payload[0]))
-        where = self._stdout if piece.get("name") == "stdout" else self._stderr
         engine = hdr["sender"]
-        if engine not in self._results:  # the reply, once here, has the whole text
-            where[engine] = where.get(engine, "") + piece.get("text", "")
+        if engine in self._results:  # the reply, once here, has the whole of it
+            return
+        if piece.get("name") == "data":
+            self._take_data(engine, piece.get("text", ""))
+            return
+        where = self._stdout if piece.get("name") == "stdout" else self._stderr
+        where[engine] = where.get(engine, "") + piece.get("text", "")
+
+    def _take_data(self, engine, pickled):
+        try:
+            self._data[engine] = serialize.loads(base64.b64decode(pickled))
+        except Exception as e:  # a class this process lacks, say: said where the data would be
+            self._data[engine] = {"error": f"the published data cannot be rebuilt here: {e}"}
+
+    @property
+    def data(self):
+        """What the task published (shoal.datapub.publish_data) so far: a
+        dict, or a list of them for several engines. Takes what has arrived."""
+        self.ready()
+        values = [self._data.get(e, {}) for e in self._targets]
+        return values[0] if self._single else values
 
     def _done(self):
         return all(e in self._results for e in self._targets)
@@ -620,7 +643,7 @@ class _Part(AsyncResult):
         self._targets, self._single = [engine], True
         self._kind, self._fname = whole._kind, whole._fname
         self._results, self._meta = whole._results, whole._meta  # the same dicts: answers land in both
-        self._stdout, self._stderr = whole._stdout, whole._stderr
+        self._stdout, self._stderr, self._data = whole._stdout, whole._stderr, whole._data
         self._callbacks, self._keep, self._blocks, self._mids = [], [], [], {}
         self._return_exceptions, self._part_lens = whole._return_exceptions, {}
         self._zmq_targets = [engine] if engine in whole._zmq_targets else []

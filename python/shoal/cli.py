@@ -158,7 +158,7 @@ def status(args):
         print(f"shoal: {e}", file=sys.stderr)
         return 1
     with rc:
-        st = rc.queue_status()
+        st = rc.cluster_status()
         print(f"cluster '{args.profile}': {sum(n['alive'] for n in st['nodes'])} node(s), "
               f"{sum(e['alive'] for e in st['engines'])} engine(s), {st['tasks_pending']} task(s) pending")
         for n in st["nodes"]:

@@ -14,6 +14,7 @@ zero-copy views of the blocks the engine wrote.
 
 import builtins
 import collections
+import concurrent.futures
 import collections.abc
 import itertools
 import json
@@ -87,48 +88,12 @@ class _Pool:
         self.turn += 1
 
 
-class _Ended:
-    """What a finished task leaves for Client.metadata: its AsyncResult's
-    records, not its values (which may hold arena memory)."""
-
-    __slots__ = ("msg_id", "_meta", "_submitted", "_stdout", "_stderr", "_targets", "_single")
-
-    def __init__(self, ar):
-        for name in self.__slots__:
-            setattr(self, name, getattr(ar, name))
-
-    _metadata_of = AsyncResult._metadata_of
-    metadata = AsyncResult.metadata
-
-
-class _Metadata(collections.abc.MutableMapping):
-    """Client.metadata: msg_id -> a finished task's metadata, built when
-    asked for (keeping it costs a task a few references, not a dict of
-    datetimes)."""
-
-    def __init__(self):
-        self._ended = {}
-
-    def _keep(self, ar):
-        self._ended[ar.msg_id] = _Ended(ar)
-
-    def __getitem__(self, msg_id):
-        return self._ended[msg_id].metadata
-
-    def __setitem__(self, msg_id, value):
-        raise TypeError("the client's metadata is read-only")
-
-    def __delitem__(self, msg_id):
-        del self._ended[msg_id]
-
-    def __contains__(self, msg_id):
-        return msg_id in self._ended
-
-    def __iter__(self):
-        return iter(self._ended)
-
-    def __len__(self):
-        return len(self._ended)
+def _blank_metadata():
+    """What Client.metadata gives for a msg_id it does not hold, as
+    ipyparallel's does."""
+    return {key: None for key in ("msg_id", "engine_id", "submitted", "started", "completed", "received",
+                                  "status", "execution_count", "execute_result")} | \
+        {"stdout": "", "stderr": "", "outputs": []}
 
 
 def _signal_number(sig):
@@ -202,7 +167,11 @@ class Client:
         self._waiters = 0
         self._waiters_left = threading.Condition(threading.Lock())
         self.history = []  # msg_ids of the tasks sent, in order
-        self.metadata = _Metadata()  # msg_id -> metadata of each finished task, until purge_results
+        # As ipyparallel 9's: a task's AsyncResult holds its results and
+        # metadata; the client's dicts hold only what was put there.
+        self.results = {}
+        self.metadata = collections.defaultdict(_blank_metadata)
+        self._completed = collections.Counter()  # engine id -> tasks of ours it finished
         # msg_id -> AsyncResult, while the user keeps it: a result whose
         # AsyncResult is gone is not kept (its arrays would pin the arena).
         self._by_id = weakref.WeakValueDictionary()
@@ -313,7 +282,10 @@ class Client:
 
     def load_balanced_view(self, targets=None):
         """A LoadBalancedView over targets (None: every engine, as they come and go)."""
-        return LoadBalancedView(self, None if targets in (None, "all") else self._engine_ids(targets))
+        if targets in (None, "all"):
+            return LoadBalancedView(self, None)
+        ids = self._engine_ids(targets)
+        return LoadBalancedView(self, [ids] if isinstance(ids, int) else ids)  # a list, as ipyparallel's
 
     def _drive(self, work, thread=True):
         """Hands out work's tasks from a thread of ours until none is left, so
@@ -407,10 +379,62 @@ class Client:
             raise RuntimeError(f"the controller refused: {body.get('error')}")
         return body
 
-    def queue_status(self):
-        """The controller's registry and queues, with this client's lane tasks
-        added: ``queue[e]`` unanswered tasks of engine e, ``tasks_pending``
-        unfinished tasks, of which ``lane_tasks_pending`` on lanes.
+    def queue_status(self, targets="all", verbose=False):
+        """Each engine's queue, as ipyparallel gives it: {engine id:
+        {"queue": its direct tasks not finished, "tasks": its load-balanced
+        tasks not finished, "completed": tasks it finished}, "unassigned":
+        load-balanced tasks no engine has taken}; for an int target, that
+        engine's dict. verbose: lists of msg_ids in place of the counts.
+
+        **Differs:** tasks on lanes and in pools reach no other process
+        than the engine, so they, "tasks" and "completed" are this client's
+        own; "queue" counts every client's tasks through the controller
+        (verbose lists this client's)."""
+        status = self._control(_core.MSG_QUERY, {"what": "status"})
+        queue, tasks = collections.defaultdict(list), collections.defaultdict(list)
+        unassigned = []
+        with self._lock:
+            self._drain_lanes()
+            for mid, ar in self._pending.items():
+                for e in ar._mids.get(mid, ()):
+                    if e not in ar._results:
+                        queue[e].append(ar.msg_id)
+            for ar, engines in self._lane_tasks.values():
+                for e in engines:
+                    queue[e].append(ar.msg_id)
+            for task_id, (ar, pool) in self._pool_tasks.items():
+                owner = pool.ring.owner(pool.tasks[task_id])
+                (tasks[owner] if owner >= 0 else unassigned).append(ar.msg_id)
+            done = dict(self._completed)
+            if verbose:
+                done = {e: [m for m, (_, engines) in self._ended.items() if e in engines] for e in done}
+        out = {}
+        for e in self._live_ids():
+            if verbose:
+                out[e] = {"queue": queue[e], "tasks": tasks[e], "completed": done.get(e, [])}
+            else:
+                # The controller's count has every client's tasks through it, ours among them.
+                through = status["queue"][e] if e < len(status["queue"]) else 0
+                ours_through = sum(1 for mid, ar in self._pending.items()
+                                   if e in ar._mids.get(mid, ()) and e not in ar._results)
+                lanes = len(queue[e]) - ours_through
+                out[e] = {"queue": max(through, ours_through) + lanes, "tasks": len(tasks[e]),
+                          "completed": done.get(e, 0)}
+        out["unassigned"] = unassigned if verbose else len(unassigned)
+        if isinstance(targets, int) and not isinstance(targets, bool):
+            return out[self._engine_ids(targets)]
+        if targets not in ("all", None):
+            keep = set(self._engine_ids(targets))
+            out = {k: v for k, v in out.items() if k == "unassigned" or k in keep}
+        return out
+
+    def cluster_status(self):
+        """shoal's own view of the cluster (`shoal status` prints it): the
+        controller's registry (``nodes``, ``engines``) and queues
+        (``queue[e]``: unanswered tasks of engine e), with this client's
+        lane and pool tasks added; ``tasks_pending`` unfinished tasks, of
+        which ``lane_tasks_pending`` on lanes and in pools, ``unassigned``
+        load-balanced tasks no engine has taken.
 
         The controller never sees lane tasks, so the figures for them are
         this client's own: other clients' lane tasks are not counted."""
@@ -920,7 +944,11 @@ class Client:
         jobs = [j for j in jobs if j is not None]
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         for ar in jobs:
-            if not ar.wait(None if deadline is None else max(deadline - time.monotonic(), 0)):
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if hasattr(ar, "wait"):
+                if not ar.wait(-1 if left is None else left):
+                    return False
+            elif not concurrent.futures.wait([ar], left).done:  # any other Future
                 return False
         return True
 
@@ -989,7 +1017,21 @@ class Client:
 
     def wait_for_engines(self, n, timeout=-1, block=True):
         """Waits until at least n engines are running; raises TimeoutError
-        if they are not within timeout seconds (-1: for ever)."""
+        if they are not within timeout seconds (-1: for ever). block=False:
+        returns a concurrent.futures.Future of it at once (a thread waits)."""
+        if not block:
+            future = concurrent.futures.Future()
+
+            def wait():
+                try:
+                    future.set_result(self.wait_for_engines(n, timeout))
+                except BaseException as e:
+                    future.set_exception(e)
+            if len(self.ids) >= n:
+                future.set_result(None)
+            else:
+                threading.Thread(target=wait, name="shoal-wait-for-engines", daemon=True).start()
+            return future
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
             self.refresh()
@@ -1002,40 +1044,122 @@ class Client:
     # ---- what ran: ipyparallel's history ------------------------------------------
 
     def _record(self, ar):
-        """Notes how a task ended (for metadata and dependencies)."""
+        """Notes how a task ended (for dependencies and queue_status)."""
         if ar.msg_id is None:
             return
-        self.metadata._keep(ar)
         self._ended[ar.msg_id] = (all(ok for ok, _ in ar._results.values()), set(ar._results))
+        self._completed.update(e for e in ar._results if e is not None)
 
     @property
-    def results(self):
-        """msg_id -> each engine's value (or error), in target order, of the
-        finished tasks whose AsyncResults are still held (ipyparallel keeps
-        every result until purged; shoal lets one go with its AsyncResult,
-        since its arrays may hold arena memory)."""
-        out = {}
-        for mid, ar in list(self._by_id.items()):
-            if ar._done() and mid in self.metadata:
-                values = [ar._results[e][1] for e in ar._targets]  # not joined: a gather's would be a copy
-                out[mid] = values[0] if ar._single else values
-        return out
+    def outstanding(self):
+        """The msg_ids of this client's tasks that have not finished."""
+        return {ar.msg_id for ar in self._outstanding()} | \
+            {w.msg_id for w in self._driven if hasattr(w, "msg_id") and not w._done()}
 
-    def purge_results(self, jobs=(), targets=()):
-        """Forgets finished results (which hold their arrays): those of jobs
-        (AsyncResults or msg_ids, or "all"), and those of tasks on targets."""
+    def _jobs(self, jobs):
+        """msg_ids of jobs: an AsyncResult, a msg_id, an index into history, or a list of them."""
+        if jobs is None:
+            return []
+        if isinstance(jobs, (AsyncResult, int, str)) or hasattr(jobs, "msg_ids"):
+            jobs = [jobs]
+        ids = []
+        for j in jobs:
+            if hasattr(j, "msg_ids"):
+                ids += j.msg_ids
+            elif isinstance(j, int) and j < 0:
+                ids.append(self.history[j])  # counted from the end of history (shoal's msg_ids are ints > 0)
+            else:
+                ids.append(j)
+        return ids
+
+    def get_result(self, indices_or_msg_ids=None, block=None, owner=True):
+        """The AsyncResult of this client's task(s): msg_ids, AsyncResults,
+        or indices into history (default: the last task); one for a single
+        one. **Differs:** shoal keeps no task record in the controller
+        (ipyparallel's Hub database): a task is found while it runs or
+        while its AsyncResult is held; another's is KeyError."""
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        single = not isinstance(indices_or_msg_ids, (list, tuple))
+        ars = []
+        for mid in self._jobs(indices_or_msg_ids):
+            ar = self._by_id.get(mid)
+            if ar is None:
+                raise KeyError(f"task {mid!r} is not this client's, or its AsyncResult was let go: shoal keeps "
+                               f"no record of finished tasks (ipyparallel's Hub database); keep the AsyncResult")
+            ars.append(ar)
+        if not ars:
+            raise ValueError("get_result needs at least one task")
+        ar = ars[0] if single or len(ars) == 1 else AsyncResult.join(*ars)
+        if block:
+            ar.wait()
+        return ar
+
+    def purge_local_results(self, jobs=(), targets=()):
+        """Forgets what results and metadata hold for jobs (msg_ids,
+        AsyncResults, or "all") and for tasks that ran on targets. Raises
+        RuntimeError if one of them has not finished."""
+        outstanding = self.outstanding
         if jobs == "all":
-            ids = list(self.metadata)
-        else:
-            jobs = [jobs] if isinstance(jobs, (AsyncResult, int)) else list(jobs)
-            ids = [j.msg_id if isinstance(j, AsyncResult) else j for j in jobs]
+            if outstanding:
+                raise RuntimeError(f"cannot purge every result while tasks are outstanding: {sorted(outstanding)}")
+            self.results.clear()
+            self.metadata.clear()
+            return
+        ids = self._jobs(jobs)
+        pending = [m for m in ids if m in outstanding]
+        if pending:
+            raise RuntimeError(f"cannot purge the results of tasks that have not finished: {pending}")
         targets = {targets} if isinstance(targets, int) else set(targets)
         if targets:
             ids += [m for m, (_, engines) in self._ended.items() if targets & engines]
         for m in ids:
+            self.results.pop(m, None)
             self.metadata.pop(m, None)
+
+    def purge_results(self, jobs=(), targets=()):
+        """purge_local_results, and forgets how the tasks ended (which
+        `after` and `follow` dependencies read: a purged task is an
+        InvalidDependency)."""
+        self.purge_local_results(jobs, targets)
+        if jobs == "all":
+            self._ended.clear()
+            return
+        ids = self._jobs(jobs)
+        targets = {targets} if isinstance(targets, int) else set(targets)
+        if targets:
+            ids += [m for m, (_, engines) in self._ended.items() if targets & engines]
+        for m in ids:
             self._ended.pop(m, None)
-            self._by_id.pop(m, None)
+
+    def clear(self, targets=None, block=None):
+        """Empties the namespaces of targets' engines (default: every one)."""
+        return self.direct_view("all" if targets is None else targets).clear(block=block)
+
+    def broadcast_view(self, targets="all", is_coalescing=False, **kwargs):
+        """A view that sends each task to all its engines at once.
+        **Differs:** shoal sends any task for several engines as one
+        message per node, fanned out by the node's agent, so this is a
+        DirectView (ipyparallel's broadcast scheduler does the same
+        in the controller); is_coalescing is accepted."""
+        from .view import BroadcastView
+        view = BroadcastView(self, "all" if targets in ("all", None) else self._engine_ids(targets), **kwargs)
+        view.is_coalescing = is_coalescing
+        return view
+
+    def wait_interactive(self, jobs=None, interval=1.0, timeout=-1, file=None):
+        """wait(jobs), drawing a progress bar of the tasks that have finished."""
+        ars = self._outstanding() if jobs is None else [self.get_result(j) for j in self._jobs(jobs)]
+        file = file or sys.stdout
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            left = interval if deadline is None else max(min(interval, deadline - time.monotonic()), 0)
+            done = self.wait(ars, left)
+            k, n = sum(1 for ar in ars if ar._done()), len(ars)
+            print(f"\r[{'#' * (30 * k // n if n else 30):<30}] {k}/{n} tasks finished", end="", file=file, flush=True)
+            if done or (deadline is not None and time.monotonic() >= deadline):
+                print(file=file)
+                return done
 
     def executor(self, targets=None):
         """A concurrent.futures.Executor that runs on a LoadBalancedView."""

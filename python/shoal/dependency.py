@@ -8,7 +8,7 @@ import functools
 import time
 
 from .asyncresult import AsyncResult
-from .error import ImpossibleDependency, TaskAborted, TaskTimeout, UnmetDependency
+from .error import ImpossibleDependency, InvalidDependency, TaskAborted, TaskTimeout, UnmetDependency
 
 
 class Dependency(set):
@@ -37,7 +37,7 @@ class Dependency(set):
             elif mid in client._by_id:
                 continue  # still running
             else:
-                raise ValueError(f"this client sent no task with msg_id {mid}")
+                raise InvalidDependency(f"this client sent no task with msg_id {mid} (or purged it)")
             if (ok and self.success) or (not ok and self.failure):
                 met += 1
             else:
@@ -45,6 +45,28 @@ class Dependency(set):
         if self.all:
             return False if unmet else (True if met == len(self) else None)
         return True if met else (False if unmet == len(self) else None)
+
+    def check(self, completed, failed=None):
+        """Whether the dependency is met, given the msg_ids that completed
+        (succeeded) and failed, as ipyparallel's scheduler checks it."""
+        if not self:
+            return True
+        against = set(completed) if self.success else set()
+        if failed is not None and self.failure:
+            against |= set(failed)
+        return self.issubset(against) if self.all else not self.isdisjoint(against)
+
+    def unreachable(self, completed, failed=None):
+        """Whether it can no longer be met, given those msg_ids."""
+        if not self:
+            return False
+        against = set() if self.success else set(completed)
+        if failed is not None and not self.failure:
+            against |= set(failed)
+        return not self.isdisjoint(against) if self.all else self.issubset(against)
+
+    def as_dict(self):
+        return dict(dependencies=list(self), all=self.all, success=self.success, failure=self.failure)
 
     def engines(self, client):
         """Where the tasks ran: every one (all) or any one of them."""

@@ -297,7 +297,7 @@ def _cluster_pids(rc, profile):
     from .client import _connection_file
     with open(_connection_file(profile, None)) as f:
         ctl = json.load(f)["pid"]
-    st = rc.queue_status()
+    st = rc.cluster_status()
     return ctl, [n["pid"] for n in st["nodes"] if n["alive"]], [e["pid"] for e in st["engines"] if e["alive"]]
 
 

@@ -2,6 +2,7 @@
 names and behaviour, and the decorators that go with them."""
 
 import builtins
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -18,11 +19,46 @@ from .asyncresult import AsyncMapResult, AsyncResult, _flat, _Future
 from .error import TaskAborted, TimeoutError
 
 
-class _Serializers:
-    """How a view's functions are pickled (see shoal.serialize): each
-    use_* sets it in this process and on the view's engines, and returns
-    what apply of it on those engines returns (an AsyncResult, or None
-    when blocking), as ipyparallel's views do."""
+class _View:
+    """What both kinds of view have, as ipyparallel's View: the tasks this
+    view sent (history, outstanding), abort, wait and get_result over
+    them, and the choice of serializer.
+
+    use_*: how functions are pickled (see shoal.serialize), set in this
+    process and on the view's engines; each returns what apply of it on
+    those engines returns (an AsyncResult, or None when blocking)."""
+
+    def _sent(self, ar):
+        """Notes a task of this view's; returns it."""
+        self.history.append(ar.msg_id)
+        return ar
+
+    @property
+    def outstanding(self):
+        """The msg_ids of this view's tasks that have not finished."""
+        pending = self.client.outstanding
+        return {m for m in self.history if m in pending}
+
+    def abort(self, jobs=None, targets=None, block=None):
+        """Aborts jobs (default: this view's outstanding tasks) that have not
+        started, on targets (default: the view's engines). See Client.abort."""
+        if jobs is None:
+            jobs = list(self.outstanding)
+        block = self.block if block is None else block
+        return self.client.abort(jobs, targets=targets, block=block)
+
+    def wait(self, jobs=None, timeout=-1):
+        """Waits for jobs (default: this view's outstanding tasks); True if
+        all finished within timeout."""
+        return self.client.wait(list(self.outstanding) if jobs is None else jobs, timeout)
+
+    def get_result(self, indices_or_msg_ids=None, block=None, owner=False):
+        """Client.get_result, of this view's history by default (-1: its last task)."""
+        if indices_or_msg_ids is None:
+            indices_or_msg_ids = -1
+        if isinstance(indices_or_msg_ids, int) and indices_or_msg_ids < 0:
+            indices_or_msg_ids = self.history[indices_or_msg_ids]
+        return self.client.get_result(indices_or_msg_ids, block=block, owner=owner)
 
     def _everywhere(self, choose):
         choose()
@@ -48,7 +84,7 @@ class _Serializers:
         return _joblib.register(self, name, make_default)
 
 
-class DirectView(_Serializers):
+class DirectView(_View):
     """Runs work on a fixed set of engines, as ipyparallel's DirectView does.
 
     ``block`` (default False) makes apply/execute/push/pull wait for their
@@ -62,6 +98,7 @@ class DirectView(_Serializers):
         self.targets = targets
         self.block = block
         self.track = False  # accepted for ipyparallel's sake: arena buffers need no tracking
+        self.history = []  # msg_ids of the tasks this view sent
 
     @property
     def targets(self):
@@ -97,7 +134,7 @@ class DirectView(_Serializers):
         return self.block if block is None else block
 
     def _run(self, meta, obj, block, each=None):
-        ar = self.client._submit(self._targets, meta, obj, each=each)
+        ar = self._sent(self.client._submit(self._targets, meta, obj, each=each))
         ar._single = self._single
         return ar.get() if self._block(block) else ar
 
@@ -128,13 +165,13 @@ class DirectView(_Serializers):
         finally:
             self.set_flags(**saved)
 
-    def apply(self, f, *args, **kwargs):
+    def apply(self, f, /, *args, **kwargs):
         return self._run({"kind": "apply"}, (f, args, kwargs), None)
 
-    def apply_async(self, f, *args, **kwargs):
+    def apply_async(self, f, /, *args, **kwargs):
         return self._run({"kind": "apply"}, (f, args, kwargs), False)
 
-    def apply_sync(self, f, *args, **kwargs):
+    def apply_sync(self, f, /, *args, **kwargs):
         return self._run({"kind": "apply"}, (f, args, kwargs), True)
 
     def execute(self, code, silent=True, targets=None, block=None):
@@ -289,10 +326,17 @@ class DirectView(_Serializers):
         finally:
             builtins.__import__ = real_import
 
+    @property
+    def importer(self):
+        """sync_imports(local=True), as a property: `with view.importer: import numpy`."""
+        return self.sync_imports(True)
+
     def __setitem__(self, name, value):
+        """view['x'] = value: push (a name, or an attribute or item: 'a.b', 'a[0]')."""
         self.push({name: value}, block=True)
 
     def __getitem__(self, name):
+        """view['x']: pull (a name, or any expression: 'a.b')."""
         return self.pull(name, block=True)
 
 
@@ -392,7 +436,7 @@ def _done_map(client):
 
 # ---- load balancing -------------------------------------------------------------------
 
-class LoadBalancedView(_Serializers):
+class LoadBalancedView(_View):
     """Runs each task on whichever engine is free, as ipyparallel's
     LoadBalancedView does, without a round trip to the controller per task.
 
@@ -424,6 +468,17 @@ class LoadBalancedView(_Serializers):
         self.timeout = None  # seconds a task may wait for its dependencies (TaskTimeout after)
         self.after = None  # tasks that must finish first (Dependency, AsyncResults, msg_ids)
         self.follow = None  # tasks whose engines it must run on
+        self.history = []  # msg_ids of the tasks this view sent
+
+    def __len__(self):
+        """How many engines it may run on."""
+        return len(self._engines())
+
+    @property
+    def executor(self):
+        """A concurrent.futures.Executor on this view (Client.executor)."""
+        from .futures import ViewExecutor
+        return ViewExecutor(self)
 
     def __repr__(self):
         return f"<LoadBalancedView {self.targets}>"
@@ -474,7 +529,7 @@ class LoadBalancedView(_Serializers):
         ar._on_done(unload)
         return ar
 
-    def apply(self, f, *args, **kwargs):
+    def apply(self, f, /, *args, **kwargs):
         """Runs f(*args, **kwargs) on the least loaded engine, once its
         dependencies (after, follow) are met: a TaskResult, or its value
         when blocking."""
@@ -490,6 +545,7 @@ class LoadBalancedView(_Serializers):
                 with self.client._lock:
                     ar = self._apply_pooled(pool, f, args, kwargs)
                 if ar is not None:
+                    self._sent(ar)
                     return ar.get() if self.block else ar
         with self.client._lock:
             ar = TaskResult(self, f, args, kwargs, after=self.after, follow=self.follow, timeout=self.timeout,
@@ -497,13 +553,14 @@ class LoadBalancedView(_Serializers):
             ar._tick()
             if ar._has_work():
                 self.client._drive(ar)
+        self._sent(ar)
         return ar.get() if self.block else ar
 
-    def apply_async(self, f, *args, **kwargs):
+    def apply_async(self, f, /, *args, **kwargs):
         with self.temp_flags(block=False):
             return self.apply(f, *args, **kwargs)
 
-    def apply_sync(self, f, *args, **kwargs):
+    def apply_sync(self, f, /, *args, **kwargs):
         with self.temp_flags(block=True):
             return self.apply(f, *args, **kwargs)
 
@@ -537,7 +594,7 @@ class LoadBalancedView(_Serializers):
         if runner is _call_chunk and chunksize is None:
             chunksize = 1  # f sees the parts: their size is not ours to choose
         columns = [s if isinstance(s, (list, tuple, range, np.ndarray)) else list(s) for s in sequences]
-        result = LoadBalancedMapResult(self, f, columns, ordered, runner, return_exceptions, chunksize)
+        result = self._sent(LoadBalancedMapResult(self, f, columns, ordered, runner, return_exceptions, chunksize))
         if not (self.block if block is None else block):
             result._start(drive=True)
             return result
@@ -558,9 +615,26 @@ class LoadBalancedView(_Serializers):
     def map_async(self, f, *sequences, **kw):
         return self.map(f, *sequences, block=False, **kw)
 
-    def imap(self, f, *sequences, ordered=True, chunksize=None):
-        """Iterates over the results of map as they become available."""
-        return iter(self.map(f, *sequences, block=False, ordered=ordered, chunksize=chunksize))
+    def imap(self, f, *sequences, ordered=True, max_outstanding="auto", return_exceptions=False, chunksize=None):
+        """Iterates over f's results on the sequences' items as they become
+        available (in order, or as they finish with ordered=False).
+
+        Sequences whose length is known, with max_outstanding "auto", go
+        as one map (its tasks sized as map sizes them). Otherwise, as
+        ipyparallel's imap: the sequences (iterators, generators, endless
+        ones) are read as results are taken, one task per item, with
+        max_outstanding tasks out at most ("auto": one per engine; 0: read
+        them all at once). return_exceptions=True yields a task's error in
+        place of its result. The iterator's cancel() stops submitting."""
+        if not sequences:
+            raise ValueError("imap needs at least one sequence")
+        sized = all(isinstance(s, (list, tuple, range, np.ndarray)) for s in sequences)
+        if sized and max_outstanding == "auto":
+            return _Iterated(self.map(f, *sequences, block=False, ordered=ordered, chunksize=chunksize,
+                                      return_exceptions=return_exceptions))
+        if max_outstanding == "auto":
+            max_outstanding = max(len(self), 1)
+        return _LazyMap(self, f, zip(*sequences), ordered, max_outstanding, return_exceptions)
 
     def parallel(self, block=None, chunksize=None, ordered=True):
         """Decorator: f.map(seq) (or f(seq)) maps f over seq on this view.
@@ -595,6 +669,7 @@ class LoadBalancedMapResult(AsyncMapResult):
         _Future.__init__(self, view.client)  # not AsyncResult's: the map's own record, below
         self._view = view
         self.msg_id = next(self._client._lane_ids)  # the map's own id (each task has its own too)
+        self._client._by_id[self.msg_id] = self  # found by it (wait, abort, get_result) while held
         self.task_id = None
         self._single = False
         self._kind = "map"
@@ -947,15 +1022,91 @@ class LoadBalancedMapResult(AsyncMapResult):
             self._client._receive(0.1)
 
 
+class _Iterated:
+    """A map's results as an iterator with ipyparallel's imap's cancel()."""
+
+    def __init__(self, result):
+        self.result, self._it = result, iter(result)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def cancel(self):
+        """Aborts what of the map has not started."""
+        if not self.result._done():
+            self.result.abort()
+
+
+class _LazyMap:
+    """LoadBalancedView.imap over sequences read as it goes: one task per
+    item, at most max_outstanding out (0: no limit), submitted as results
+    are taken."""
+
+    def __init__(self, view, f, items, ordered, max_outstanding, return_exceptions):
+        self.view, self.items = view, items
+        self.f = serialize.pickled_once(f)  # the same bytes in every task
+        self.ordered, self.limit = ordered, max_outstanding
+        self.return_exceptions = return_exceptions
+        self.out = collections.deque()  # AsyncResults submitted, not yet yielded
+        self.exhausted = False
+
+    def __iter__(self):
+        return self
+
+    def _top_up(self):
+        while not self.exhausted and (self.limit <= 0 or len(self.out) < self.limit):
+            try:
+                args = next(self.items)
+            except StopIteration:
+                self.exhausted = True
+                break
+            self.out.append(self.view.apply_async(_star_call, self.f, *args))
+
+    def __next__(self):
+        self._top_up()
+        if not self.out:
+            raise StopIteration
+        if self.ordered:
+            ar = self.out.popleft()
+        else:
+            done, _ = concurrent.futures.wait(list(self.out), return_when=concurrent.futures.FIRST_COMPLETED)
+            ar = next(a for a in self.out if a in done)
+            self.out.remove(ar)
+        try:
+            value = ar.get()
+        except Exception as e:
+            if not self.return_exceptions:
+                raise
+            value = e
+        self._top_up()  # the next items go out before the caller works on this one
+        return value
+
+    def cancel(self):
+        """Submits nothing more; aborts what was submitted and has not started."""
+        self.exhausted = True
+        pending = [ar for ar in self.out if not ar._done()]
+        if pending:
+            self.view.client.abort(pending)
+
+
+def _star_call(f, *args):
+    """Runs on an engine: one item of a lazy imap."""
+    return f(*args)
+
+
 class ParallelFunction:
     """What @view.parallel() makes, as in ipyparallel: f(seq) calls f with
     parts of seq (a DirectView: one block per engine; a LoadBalancedView:
     chunksize items a task) and joins what the calls return; f.map(seq)
     maps f over seq's items."""
 
-    def __init__(self, view, f, block=None, chunksize=None, ordered=True):
+    def __init__(self, view, f, block=None, chunksize=None, ordered=True, **flags):
         self.view, self.func, self.block = view, f, block
         self.chunksize, self.ordered = chunksize, ordered
+        self.flags = flags  # view flags (targets, after, retries...) for each call
         functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
 
     def _kw(self):
@@ -964,12 +1115,14 @@ class ParallelFunction:
         return {"block": self.block, "chunksize": self.chunksize, "ordered": self.ordered}
 
     def map(self, *sequences):
-        return self.view.map(self.func, *sequences, **self._kw())
+        with self.view.temp_flags(**self.flags):
+            return self.view.map(self.func, *sequences, **self._kw())
 
     def __call__(self, *sequences):
-        if isinstance(self.view, DirectView):
-            return self.view._chunked(_call_chunk, self.func, sequences, self.block, "parallel")
-        return self.view._map(_call_chunk, self.func, sequences, **self._kw())
+        with self.view.temp_flags(**self.flags):
+            if isinstance(self.view, DirectView):
+                return self.view._chunked(_call_chunk, self.func, sequences, self.block, "parallel")
+            return self.view._map(_call_chunk, self.func, sequences, **self._kw())
 
 
 def _call_chunk(f, *chunks):
@@ -980,32 +1133,33 @@ def _call_chunk(f, *chunks):
 class RemoteFunction:
     """What @view.remote() makes: calling it runs f on the view's engines."""
 
-    def __init__(self, view, f, block=None):
+    def __init__(self, view, f, block=None, **flags):
         self.view, self.func, self.block = view, f, block
+        self.flags = flags  # view flags (targets, after, retries...) for each call
         functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
 
     def __call__(self, *args, **kwargs):
         block = self.view.block if self.block is None else self.block
-        with self.view.temp_flags(block=block):
+        with self.view.temp_flags(block=block, **self.flags):
             return self.view.apply(self.func, *args, **kwargs)
 
 
-def require(*mods):
-    """Decorator: the modules (names, imported on the engine) and objects
-    (functions, classes: made available under their names) that f needs,
-    put into f's namespace on the engine before each call."""
-    for m in mods:
+def require(*objects, **mapping):
+    """Decorator: what f needs on the engine, put into f's namespace there
+    before each call: modules by name (imported), named objects
+    (functions, classes: under their names), and name=object pairs."""
+    for m in objects:
         if not isinstance(m, str) and not hasattr(m, "__name__"):
             raise TypeError(f"require takes module names and named objects, not {m!r}")
 
     def deco(f):
-        return _Required(f, mods)
+        return _Required(f, objects, mapping)
     return deco
 
 
 class _Required:
-    def __init__(self, f, mods):
-        self.func, self.mods = f, mods
+    def __init__(self, f, mods, mapping=None):
+        self.func, self.mods, self.mapping = f, mods, dict(mapping or {})
         functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
 
     def __call__(self, *args, **kwargs):
@@ -1018,6 +1172,7 @@ class _Required:
                 importlib.import_module(m)
             else:
                 g[m.__name__] = m
+        g.update(self.mapping)
         return self.func(*args, **kwargs)
 
 
@@ -1038,14 +1193,57 @@ def interactive(f):
 
 
 class Reference:
-    """A name in the engine's namespace, given as an argument to apply: the
-    engine passes its value. rc[:].apply_sync(len, Reference('a')) gives each
-    engine's len(a)."""
+    """A name (or any expression) in the engine's namespace, in place of a
+    value: an argument of apply (at any depth: in a list, a dict...), the
+    function itself, a pushed value, a map's items. The engine uses its
+    value there. rc[:].apply_sync(len, Reference('a')) gives each engine's
+    len(a); Reference('g[0]') its g[0]."""
 
     def __init__(self, name):
-        if not isinstance(name, str) or not name.isidentifier():
-            raise TypeError(f"a Reference names a variable, not {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"a Reference names a variable or an expression, not {name!r}")
+        compile(name, "<Reference>", "eval")  # SyntaxError now, not on every engine
         self.name = name
 
     def __repr__(self):
         return f"<Reference: {self.name!r}>"
+
+    def __reduce__(self):
+        # Unpickled where it runs: the value there.
+        return _dereference, (self.name,)
+
+
+def _dereference(name):
+    """The value of name (an expression) in this process's namespace: on an
+    engine, the user's (what push and execute put there)."""
+    return eval(name, sys.modules["__main__"].__dict__)
+
+
+def remote(view, block=None, **flags):
+    """Decorator, as ipyparallel's: calling f runs it on view (view.remote)."""
+    def deco(f):
+        return RemoteFunction(view, f, block=block, **flags)
+    return deco
+
+
+def parallel(view, dist="b", block=None, ordered=True, **flags):
+    """Decorator, as ipyparallel's: f.map(seq) and f(seq) on view (view.parallel)."""
+    def deco(f):
+        if isinstance(view, DirectView):
+            if dist != "b":
+                raise ValueError("a DirectView's parallel functions split sequences in blocks (dist='b')")
+            return ParallelFunction(view, f, block=block, **flags)
+        return ParallelFunction(view, f, block=block, ordered=ordered, **flags)
+    return deco
+
+
+class BroadcastView(DirectView):
+    """Client.broadcast_view(): a DirectView whose tasks go to all its
+    engines at once. shoal sends every task for several engines that way
+    (one message per node, fanned out by the node's agent), so it differs
+    from a DirectView only by name and is_coalescing (accepted, no effect)."""
+
+    is_coalescing = False
+
+    def __repr__(self):
+        return f"<BroadcastView {self.targets}>"

@@ -31,7 +31,7 @@ def cluster_pids(env):
     os.environ["SHOAL_DIR"] = env["SHOAL_DIR"]
     try:
         with shoal.Client() as rc:
-            st = rc.queue_status()
+            st = rc.cluster_status()
     finally:
         del os.environ["SHOAL_DIR"]
     return [ctl] + [n["pid"] for n in st["nodes"]] + [e["pid"] for e in st["engines"]], st

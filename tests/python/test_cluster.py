@@ -200,16 +200,16 @@ def test_sigkill_of_an_engine_fails_its_task_quickly_and_others_go_on(cluster, t
         agent.stop()
 
 
-def test_queue_status_and_registry(rc):
-    status = rc.queue_status()
+def test_cluster_status_and_registry(rc):
+    status = rc.cluster_status()
     assert status["tasks_pending"] == 0
     assert len(status["queue"]) >= 2
     slow = [rc[0].apply_async(time.sleep, 0.3) for _ in range(3)]
-    status = rc.queue_status()
+    status = rc.cluster_status()
     assert status["queue"][0] == 3 and status["queue"][1] == 0 and status["tasks_pending"] == 3
     for ar in slow:
         ar.get(10)
-    status = rc.queue_status()
+    status = rc.cluster_status()
     assert status["tasks_pending"] == 0 and status["queue"][0] == 0
 
 

@@ -255,3 +255,22 @@ def test_execute_returns_its_async_result_of_execute_replies(rc):
         view.execute("1 / 0", block=True)
     ar = view.execute("import time; time.sleep(0.1)", block=False)
     assert not ar.ready() and ar.get(10) is not None
+
+
+def test_published_data_reaches_the_client_while_the_task_runs(rc):
+    ar = rc[0].execute("import time\nfrom shoal.datapub import publish_data\nfor i in range(5):\n"
+                       "    publish_data(dict(i=i))\n    time.sleep(0.1)", block=False)
+    seen = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and 4 not in seen:
+        if ar.data:
+            seen.add(ar.data["i"])
+        time.sleep(0.03)
+    ar.get(10)
+    assert 4 in seen and len(seen) > 1, f"seen only {seen}: not while it ran"
+    assert ar.data == {"i": 4}
+    many = rc[:].apply_async(shoal.interactive(lambda: __import__("shoal.datapub").datapub.publish_data({"x": 1})))
+    many.get(10)
+    assert many.data == [{"x": 1}] * 3
+    with pytest.raises(RuntimeError, match="on an engine"):
+        __import__("shoal.datapub").datapub.publish_data({"x": 1})

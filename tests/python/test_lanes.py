@@ -155,7 +155,7 @@ def test_an_engine_killed_while_it_holds_a_pool_task(tmp_path):
         long = lview.apply_async(lambda: (__import__("time").sleep(60), __import__("os").getpid())[1])
         assert c._pools, "both engines are on this node: the view has a pool"
         rest = [lview.apply_async(lambda x: (__import__("time").sleep(0.05), x)[1], i) for i in range(20)]
-        assert wait_for(lambda: c.queue_status()["unassigned"] < 20, 5)
+        assert wait_for(lambda: c.cluster_status()["unassigned"] < 20, 5)
         pool = next(iter(c._pools.values()))
         task_id = long.task_id  # no dependencies: the task went into the pool as it is
         taker = pool.ring.owner(pool.tasks[task_id])

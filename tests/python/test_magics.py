@@ -28,8 +28,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ip():
+    import IPython
     from IPython.testing.globalipapp import start_ipython
-    shell = start_ipython()
+    shell = start_ipython() or IPython.get_ipython()  # None if another module of the run started it
     shell.colors = "nocolor"
     return shell
 

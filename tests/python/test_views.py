@@ -220,7 +220,7 @@ def test_idle_engines_take_tasks_from_the_pool(rc):
     short = [lview.apply_async(lambda: (time.sleep(0.02), os.getpid())[1]) for _ in range(30)]
     if rc._lanes.get(0) is not None:
         assert rc._pools, "the view's engines are all on this node: it has a pool"
-        status = rc.queue_status()
+        status = rc.cluster_status()
         assert status["unassigned"] + sum(status["queue"]) >= 1
         done = [ar.get(10) for ar in short]
         assert not long.ready(), "every short task finished while the long one ran"
@@ -539,25 +539,18 @@ def test_history_results_and_purge(rc):
     one = rc[0].apply_async(lambda: 1 / 0)
     assert rc.wait([ar, one.msg_id], timeout=10)
     assert rc.history[-2:] == [ar.msg_id, one.msg_id]
-    assert rc.results[ar.msg_id] == [5, 5, 5]
-    assert isinstance(rc.results[one.msg_id], shoal.RemoteError)
-    assert [m["status"] for m in rc.metadata[ar.msg_id]] == ["ok"] * 3
+    # As ipyparallel 9: the AsyncResults hold results and metadata, not the client.
+    assert ar.msg_id not in rc.results and ar.msg_id not in rc.metadata
+    assert [m["status"] for m in ar.metadata] == ["ok"] * 3
     slow = [rc[e].apply_async(__import__("time").sleep, 0.2) for e in rc.ids]
     assert rc.wait(timeout=10) and all(s.ready() for s in slow), "wait() waits for every outstanding task"
+    rc.results[ar.msg_id] = "kept by hand"
     rc.purge_results(jobs=[ar])
-    assert ar.msg_id not in rc.results and one.msg_id in rc.results
+    assert ar.msg_id not in rc.results and ar.msg_id not in rc._ended
     rc.purge_results(targets=[0])
-    assert one.msg_id not in rc.results
+    assert one.msg_id not in rc._ended, "a purged task no longer counts for dependencies"
     rc.purge_results("all")
-    assert rc.results == {} and rc.metadata == {}
-    again = rc[1].apply_async(lambda: "kept")
-    again.get(10)
-    mid = again.msg_id
-    assert rc.results[mid] == "kept"
-    del again
-    import gc
-    gc.collect()
-    assert mid not in rc.results and mid in rc.metadata, "a result goes with its AsyncResult; metadata stays"
+    assert rc.results == {} and rc.metadata == {} and rc._ended == {}
 
 
 def test_wait_for_engines(rc):
@@ -589,7 +582,7 @@ def test_cluster_starts_connects_and_leaves_nothing(tmp_path, monkeypatch):
     with cluster as c:
         assert c.ids == [0, 1] and "running" in repr(cluster)
         pids = c[:].apply_sync(os.getpid)
-        agent = c.queue_status()["nodes"][0]["pid"]
+        agent = c.cluster_status()["nodes"][0]["pid"]
     assert "stopped" in repr(cluster)
     for pid in pids + [agent]:
         assert not os.path.exists(f"/proc/{pid}") or \
@@ -681,9 +674,9 @@ def test_direct_view_decorators_interactive_reference_and_return_exceptions(rc):
     dv.execute("data = list(range(5))", block=True)
     assert dv.apply_sync(len, shoal.Reference("data")) == [5, 5, 5]
     assert rc[0].apply_sync(lambda n=None: n, n=shoal.Reference("scale")) == 10
-    with pytest.raises(shoal.RemoteError, match="not defined on this engine"):
+    with pytest.raises(shoal.RemoteError, match="NameError: name 'missing' is not defined"):
         rc[0].apply_sync(len, shoal.Reference("missing"))
-    with pytest.raises(TypeError):
+    with pytest.raises(SyntaxError):
         shoal.Reference("not a name")
 
     got = dv.map_sync(lambda x: 1 / x, [1, 0, 2, 4, 5, 8], return_exceptions=True)
