@@ -174,12 +174,23 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install():
-    """Makes display() on this engine publish into the running task's outputs."""
+    """Makes display() on this engine publish into the running task's
+    outputs, and a builtin, as in IPython (and so on ipyparallel's engines)."""
     mod = sys.modules.get(_Finder.NAME)
     if mod is not None:
         _wrap(mod)
     else:
         sys.meta_path.insert(0, _Finder())
+    import builtins
+    if not hasattr(builtins, "display"):
+        builtins.display = _builtin_display
+
+
+def _builtin_display(*objs, **kwargs):
+    """display() without an import: IPython's (through our wrapper).
+    Imported on first use, so an engine that never displays never imports IPython."""
+    from IPython.display import display
+    return display(*objs, **kwargs)
 
 
 def collect(outputs):

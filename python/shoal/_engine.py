@@ -196,6 +196,8 @@ class Engine:
         self.stopping = False  # a shutdown task asked it to exit
         self.outputs = []  # output blocks of the running task
         self.running = False  # user code is running (a SIGINT interrupts it)
+        self.tasks_run = 0
+        self.abort_queued = False  # a non-silent execute failed: tasks already queued are aborted
         # The engine's one namespace: __main__'s dict, which execute, push and
         # pull use, functions of the client's __main__ get as their globals,
         # and the IPython shell, once made, has as its user_ns (_display).
@@ -218,7 +220,9 @@ class Engine:
             # push to every engine, now and then) do not, and the engines
             # that still work keep the cores.
             started = time.monotonic()
-            self.bell.wait(self.waited(), spin=spin)
+            aborting, ran = self.abort_queued, self.tasks_run
+            if not aborting:  # aborting: only what is queued now, so no waiting
+                self.bell.wait(self.waited(), spin=spin)
             spin = self.spin if time.monotonic() - started < self.spin else 0
             try:
                 slots = self.sq.pop(64)
@@ -242,6 +246,10 @@ class Engine:
                 self.serve_lane(sink)
                 if self.stopping:
                     return self.finish()
+            if aborting:
+                if self.tasks_run == ran:
+                    self.abort_queued = False  # what was queued behind the failed cell is answered
+                continue
             # One task from a pool at a time, and only once the rings above
             # are served: the rest of the pool is for whichever engine is idle.
             self.take_from_pools()
@@ -359,6 +367,8 @@ class Engine:
 
     def run_task(self, task_id, handle, sink):
         self.task_id, self.sink = task_id, sink
+        self.tasks_run += 1
+        aborting = self.abort_queued
         self.data = {}  # what the task published (datapub.publish_data)
         out, err = self.out, self.err
         out.reset()
@@ -367,12 +377,15 @@ class Engine:
         outputs = []
         _display.collect(outputs)  # what display() shows during the task
         value_payload, value_frames, keep = b"", [], []
+        request = {}
         try:
             msg = self.arena.acquire_bytes(handle, 0, handle[1])
             payload, buffers = unpack_frames(msg)
             if block_flags(msg) & ABORTED:
                 raise TaskAborted(f"task {task_id} was aborted before it started")
             request = json.loads(bytes(payload[0]))
+            if aborting:
+                raise TaskAborted(f"task {task_id} was aborted: a cell before it failed (as a kernel stops on error)")
             if request.get("kind") == "execute":
                 # Counted as IPython counts cells: only code that is run.
                 self.execution_count += 1
@@ -410,6 +423,11 @@ class Engine:
                 # Drop the engine's own frames: the user's code starts at the cell or the function.
                 tb = [line for line in tb if "shoal/_engine.py" not in line and "shoal/_display.py" not in line]
             meta.update(status="error", ename=type(e).__name__, evalue=str(e), traceback=tb)
+            # A cell that fails (not silent: %px's) aborts what is queued behind
+            # it on this engine, as an IPython kernel's stop_on_error does.
+            if not isinstance(e, TaskAborted) and request.get("kind") == "execute" and \
+                    not request.get("silent", True):
+                self.abort_queued = True
         _display.collect(None)
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
         if outputs:

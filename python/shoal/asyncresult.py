@@ -385,8 +385,11 @@ class AsyncResult(_Future):
 
     @property
     def progress(self):
-        """How many engines have answered."""
+        """How many results have come, as len() counts them: engines that
+        have answered (a map's: the items of their parts)."""
         self.ready()
+        if self._part_lens:
+            return sum(self._part_lens.get(e, 1) for e in self._results)
         return len(self._results)
 
     @property
@@ -421,18 +424,24 @@ class AsyncResult(_Future):
         from . import magics
         magics.display_outputs(self, groupby)
 
-    def wait_interactive(self, interval=0.1, timeout=-1, file=None):
-        """Waits, drawing a progress bar of the engines that have answered."""
+    def wait_interactive(self, interval=0.1, timeout=-1, file=None, return_when=None):
+        """Waits, drawing a progress bar of the results that have come.
+        return_when=FIRST_EXCEPTION stops at the first error,
+        FIRST_COMPLETED at the first result."""
         file = file or sys.stdout
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        n = len(self._targets)
+        n = len(self)
         while True:
-            done = self.wait(interval)
+            left = interval if deadline is None else max(min(interval, deadline - time.monotonic()), 0)
+            done = self.wait(left)
             k = self.progress
             bar = "#" * (30 * k // n if n else 30)
             print(f"\r{self._fname}: [{bar:<30}] {k}/{n} tasks finished after {self.elapsed:4.0f} s",
                   end="", file=file, flush=True)
-            if done or (deadline is not None and time.monotonic() >= deadline):
+            stop = (return_when == concurrent.futures.FIRST_EXCEPTION and
+                    any(not ok for ok, _ in list(self._results.values()))) or \
+                (return_when == concurrent.futures.FIRST_COMPLETED and self._results)
+            if done or stop or (deadline is not None and time.monotonic() >= deadline):
                 print(file=file)
                 return done
 

@@ -130,6 +130,12 @@ class Client:
     engines of this node.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Defined so that patching Client.__new__ (as ipyparallel's tests
+        # do with mock) and restoring it leaves a Client that still takes
+        # arguments.
+        return super().__new__(cls)
+
     def __init__(self, url_file=None, profile="default", timeout=10, lanes=True):
         path = _connection_file(profile, url_file)
         try:
@@ -253,7 +259,7 @@ class Client:
         raise TypeError(f"engines are chosen by int, slice or list, not {type(key).__name__}")
 
     def __getitem__(self, key):
-        return DirectView(self, self._engine_ids(key))
+        return self.direct_view(self._engine_ids(key))
 
     def direct_view(self, targets="all"):
         """A DirectView of targets; "all" (the default) is every engine at

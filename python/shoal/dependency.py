@@ -184,9 +184,20 @@ class TaskResult(AsyncResult):
         if not engines:
             return self._fail_here(ImpossibleDependency(
                 f"task {self.msg_id}: no engine can run it (tried {sorted(self._tried)})"))
-        fresh = engines - self._failed_on  # a retry goes elsewhere if it can
+        fresh = engines - self._failed_on  # a retry goes to an engine where it has not failed, as in ipyparallel
+        if not fresh:
+            # Failed everywhere: it waits for an engine to join until its
+            # timeout, as ipyparallel's scheduler holds it; without one, it
+            # ends with its last error rather than wait for ever.
+            if self._deadline is None:
+                return self._end(*self._last_failure)
+            if time.monotonic() >= self._deadline:
+                return self._fail_here(TaskTimeout(
+                    f"task {self.msg_id}: it failed on every engine ({sorted(self._failed_on)}) and no other "
+                    f"came within {self._timeout} s"))
+            return
         load = client._lb_load
-        engine = min(fresh or engines, key=lambda e: load.get(e, 0))
+        engine = min(fresh, key=lambda e: load.get(e, 0))
         f, args, kwargs = self._call
         self._attempt = self._view._apply_on(engine, f, args, kwargs)
         self._forget_attempt(self._attempt)
@@ -208,6 +219,7 @@ class TaskResult(AsyncResult):
         elif not ok and self._retries > 0 and not isinstance(value, TaskAborted):
             self._retries -= 1
             self._failed_on.add(engine)
+            self._last_failure = (engine, ok, value, meta)
         else:
             return self._end(engine, ok, value, meta)
         self._tick()

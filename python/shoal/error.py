@@ -31,6 +31,10 @@ class RemoteError(ShoalError):
         # IPython shows this instead of the local traceback.
         return self.render_traceback()
 
+    def print_traceback(self, excid=None):
+        """Prints the remote traceback."""
+        print("\n".join(self.render_traceback()))
+
 
 class EngineError(RemoteError):
     """The engine could not run the task: it died, or it is not running."""
@@ -92,6 +96,17 @@ class CompositeError(RemoteError):
     def _render_traceback_(self):
         return self.render_traceback()
 
+    def print_traceback(self, excid=None):
+        """Prints every engine's traceback (the first four), or engine
+        error excid's alone."""
+        if excid is None:
+            print("\n".join(self.render_traceback()))
+        else:
+            if not -len(self.elist) <= excid < len(self.elist):
+                raise IndexError(f"an engine error with id {excid} does not exist (there are {len(self.elist)})")
+            e = self.elist[excid]
+            print("\n".join(e.render_traceback() if hasattr(e, "render_traceback") else [str(e)]))
+
     def raise_exception(self, excid=0):
         """Raises the excid-th engine's error."""
         if not -len(self.elist) <= excid < len(self.elist):
@@ -138,11 +153,25 @@ class TaskAborted(ShoalError):
     """The task was aborted before it started."""
 
 
-class TaskTimeout(ShoalError):
-    """The task's dependencies were not met within its timeout."""
+class SchedulerError(RemoteError):
+    """A task's end that the scheduler decided (no engine ran it to an
+    error of its own): a RemoteError whose ename is the class's name, as
+    ipyparallel's scheduler, in another process, reports it. So both
+    ``except TaskTimeout`` and ``except RemoteError`` catch it."""
+
+    def __init__(self, message="", engine_id=None, task_id=None):
+        super().__init__(type(self).__name__, message, "", engine_id, task_id)
+
+    def __reduce__(self):
+        return type(self), (self.evalue, self.engine_id, self.task_id)
 
 
-class UnmetDependency(ShoalError):
+class TaskTimeout(SchedulerError):
+    """The task's dependencies were not met within its timeout (or no engine
+    was left to retry it on within it)."""
+
+
+class UnmetDependency(SchedulerError):
     """Raised on an engine where a task's @depend condition does not hold:
     the load balancer tries another engine."""
 

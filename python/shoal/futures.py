@@ -2,6 +2,7 @@
 concurrent.futures.Executor over a LoadBalancedView."""
 
 import concurrent.futures
+import time
 import weakref
 
 
@@ -23,6 +24,17 @@ class ViewExecutor(concurrent.futures.Executor):
         self._submitted.add(ar)
         return ar
 
+    def map(self, fn, *iterables, timeout=None, chunksize=None):
+        """view.imap(fn, *iterables): its results in order, as they come
+        (a LazyMapIterator, as ipyparallel's executor returns; timeout: for
+        each result, as concurrent.futures' map has it)."""
+        if self._shut:
+            raise RuntimeError("cannot map after shutdown")
+        results = self.view.imap(fn, *iterables, chunksize=chunksize)
+        if timeout is None:
+            return results
+        return _Timed(results, timeout)
+
     def shutdown(self, wait=True, *, cancel_futures=False):
         """No submit() after this; wait: until what was submitted has
         finished. cancel_futures: aborts what has not started."""
@@ -32,3 +44,24 @@ class ViewExecutor(concurrent.futures.Executor):
             self.view.client.abort(pending)
         if wait:
             self.view.client.wait(pending)
+
+
+class _Timed:
+    """Results of map that must each come within timeout seconds of the
+    call, as concurrent.futures.Executor.map has it."""
+
+    def __init__(self, results, timeout):
+        self.results = results
+        self.deadline = time.monotonic() + timeout
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if time.monotonic() > self.deadline:
+            self.results.cancel()
+            raise TimeoutError("the map's results did not come within its timeout")
+        return next(self.results)
+
+    def cancel(self):
+        self.results.cancel()

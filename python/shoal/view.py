@@ -1022,14 +1022,22 @@ class LoadBalancedMapResult(AsyncMapResult):
             self._client._receive(0.1)
 
 
-class _Iterated:
-    """A map's results as an iterator with ipyparallel's imap's cancel()."""
-
-    def __init__(self, result):
-        self.result, self._it = result, iter(result)
+class LazyMapIterator:
+    """What LoadBalancedView.imap (and its executor's map) returns, as
+    ipyparallel's: an iterator over the results, whose cancel() stops it."""
 
     def __iter__(self):
         return self
+
+    def cancel(self):
+        raise NotImplementedError
+
+
+class _Iterated(LazyMapIterator):
+    """A map's results, as a LazyMapIterator."""
+
+    def __init__(self, result):
+        self.result, self._it = result, iter(result)
 
     def __next__(self):
         return next(self._it)
@@ -1040,7 +1048,7 @@ class _Iterated:
             self.result.abort()
 
 
-class _LazyMap:
+class _LazyMap(LazyMapIterator):
     """LoadBalancedView.imap over sequences read as it goes: one task per
     item, at most max_outstanding out (0: no limit), submitted as results
     are taken."""
@@ -1052,9 +1060,6 @@ class _LazyMap:
         self.return_exceptions = return_exceptions
         self.out = collections.deque()  # AsyncResults submitted, not yet yielded
         self.exhausted = False
-
-    def __iter__(self):
-        return self
 
     def _top_up(self):
         while not self.exhausted and (self.limit <= 0 or len(self.out) < self.limit):
@@ -1108,6 +1113,7 @@ class ParallelFunction:
         self.chunksize, self.ordered = chunksize, ordered
         self.flags = flags  # view flags (targets, after, retries...) for each call
         functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
+        self.__doc__ = _wrapping_doc(self, f)
 
     def _kw(self):
         if isinstance(self.view, DirectView):
@@ -1137,11 +1143,17 @@ class RemoteFunction:
         self.view, self.func, self.block = view, f, block
         self.flags = flags  # view flags (targets, after, retries...) for each call
         functools.update_wrapper(self, f, updated=())  # not f.__dict__: it would overwrite ours
+        self.__doc__ = _wrapping_doc(self, f)
 
     def __call__(self, *args, **kwargs):
         block = self.view.block if self.block is None else self.block
         with self.view.temp_flags(block=block, **self.flags):
             return self.view.apply(self.func, *args, **kwargs)
+
+
+def _wrapping_doc(wrapper, f):
+    """The doc of a RemoteFunction or ParallelFunction: what it is, then f's, as ipyparallel's reads."""
+    return f"{type(wrapper).__name__} wrapping {getattr(f, '__name__', f)!s}:\n\n{f.__doc__ or ''}"
 
 
 def require(*objects, **mapping):

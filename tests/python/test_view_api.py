@@ -224,3 +224,91 @@ def test_broadcast_view_and_waiting_for_engines(rc):
     started = time.monotonic()
     rc.wait_interactive(timeout=10, file=open(os.devnull, "w"))
     assert time.monotonic() - started < 10 and not rc.outstanding
+
+
+def test_a_failed_cell_aborts_what_is_queued_behind_it(rc):
+    v = rc[-1]
+    cells = ["a = 5\nb = 10\nc = 0", "import time; time.sleep(0.2)", "b / c", "b *= 2"]
+    ars = [v.execute(cell, silent=False) for cell in cells]
+    ars[1].get(10)
+    with pytest.raises(shoal.RemoteError, match="ZeroDivisionError"):
+        ars[2].get(10)
+    with pytest.raises(shoal.TaskAborted, match="a cell before it failed"):
+        ars[3].get(10)
+    assert v["b"] == 10, "the cell behind the failed one did not run"
+    assert v.execute("b *= 3", silent=False, block=True) and v["b"] == 30, "what comes later runs"
+    quiet = [v.execute("1 / 0"), v.execute("b += 1")]  # silent (execute's default): nothing is aborted
+    with pytest.raises(shoal.RemoteError):
+        quiet[0].get(10)
+    quiet[1].get(10)
+    assert v["b"] == 31
+
+
+def test_retries_go_to_other_engines_and_scheduler_errors_are_remote_errors(rc):
+    lview = rc.load_balanced_view()
+
+    @shoal.interactive
+    def fail():
+        import os
+        raise ValueError(f"failed on {os.getpid()}")
+    with lview.temp_flags(retries=2):
+        with pytest.raises(shoal.RemoteError, match="ValueError") as e:
+            lview.apply_sync(fail)
+    with lview.temp_flags(retries=3, timeout=0.2):  # three engines failed it: none is left in time
+        with pytest.raises(shoal.TaskTimeout) as e:
+            lview.apply_sync(fail)
+    assert isinstance(e.value, shoal.RemoteError) and e.value.ename == "TaskTimeout"
+    assert "failed on every engine" in str(e.value)
+    with lview.temp_flags(retries=5):  # without a timeout: its last error, not a wait for ever
+        with pytest.raises(shoal.RemoteError, match="ValueError"):
+            lview.apply_sync(fail)
+    with lview.temp_flags(after=["no such task"]):
+        with pytest.raises(shoal.RemoteError) as e:
+            lview.apply_sync(lambda: 1)
+    assert e.value.ename == "InvalidDependency" and isinstance(e.value, shoal.error.InvalidDependency)
+
+
+def test_error_tracebacks_print_and_wrappers_say_what_they_are(rc, capsys):
+    with pytest.raises(shoal.CompositeError) as e:
+        rc[:].apply_sync(lambda: 1 / 0)
+    e.value.print_traceback()
+    assert capsys.readouterr().out.count("ZeroDivisionError") >= 3
+    e.value.print_traceback(1)
+    assert "ZeroDivisionError" in capsys.readouterr().out
+
+    @rc[:].remote()
+    def multiply(x, y):
+        """multiply x * y"""
+        return x * y
+    assert "RemoteFunction" in multiply.__doc__ and "multiply x" in multiply.__doc__
+    assert "ParallelFunction" in rc[:].parallel()(multiply.func).__doc__
+
+
+def test_progress_counts_items_and_wait_interactive_stops_at_the_first_error(rc):
+    amr = rc[:].map_async(nap_then, [0.1] * 6, range(6))
+    assert len(amr) == 6 and amr.progress == 0
+    amr.wait_interactive(file=open(os.devnull, "w"))
+    assert amr.progress == len(amr) == 6
+    failing = rc[:].apply_async(shoal.interactive(lambda: 1 / 0 if my_id == 0 else __import__("time").sleep(2)))  # noqa: F821
+    started = time.monotonic()
+    assert failing.wait_interactive(timeout=5, return_when=shoal.FIRST_EXCEPTION, file=open(os.devnull, "w")) \
+        is False
+    assert time.monotonic() - started < 1.5
+    failing.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def my_ids(rc):
+    rc[:].scatter("my_id", rc.ids, flatten=True, block=True)
+
+
+def test_client_new_survives_being_patched(cluster):
+    from unittest import mock
+    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10)
+    try:
+        with mock.patch.object(shoal.Client, "__new__", lambda *a, **kw: c):
+            pass
+        again = shoal.Client(url_file=str(cluster[0].conn), timeout=10)  # arguments still reach __init__
+        again.close()
+    finally:
+        c.close()

@@ -31,6 +31,5 @@ from .util import interactive  # noqa: F401
 
 __version__ = _shoal.__version__
 
-# ipyparallel's own functions: shoal has none of them (left out):
-# bind_kernel, register_joblib_backend.
-alias(globals(), _shoal, "load_ipython_extension")
+# ipyparallel's own functions; bind_kernel is left out (shoal has none).
+alias(globals(), _shoal, "load_ipython_extension", "register_joblib_backend")

@@ -10,7 +10,6 @@ NotImplementedError naming what shoal lacks, and no object of shoal's is
 ever an instance of it. They are:
 
     ipyparallel.AsyncHubResult             test_client.py, test_view.py
-    ipyparallel.client.view.LazyMapIterator  test_executor.py
     ipyparallel.serialize.can, .uncan      test_dependency.py
 """
 

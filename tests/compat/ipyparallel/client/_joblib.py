@@ -1,0 +1,3 @@
+"""ipyparallel.client._joblib: shoal's joblib backend."""
+
+from shoal._joblib import IPythonParallelBackend  # noqa: F401
