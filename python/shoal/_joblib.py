@@ -37,7 +37,6 @@ except ImportError as e:  # joblib is needed only by whoever registers a backend
                       "in the client's environment and the engines'") from e
 
 from .client import Client
-from .view import LoadBalancedView
 
 
 class IPythonParallelBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -55,9 +54,8 @@ class IPythonParallelBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def __init__(self, view=None, **kwargs):
         super().__init__(**kwargs)
-        if view is not None and not isinstance(view, LoadBalancedView):
-            targets = view.targets
-            view = view.client.load_balanced_view(None if targets == "all" else targets)
+        if view is not None:
+            view = view._load_balanced()
         self._given = view  # None: the default profile's, through a client of our own
         self._client = None  # that client, while connected
         self._connecting = threading.Lock()  # one thread connects it
@@ -88,7 +86,7 @@ class IPythonParallelBackend(AutoBatchingMixin, ParallelBackendBase):
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         view = self._view
-        n = len(view._engines())
+        n = len(view)
         if n == 0:
             raise RuntimeError(f"{view!r} has no engines to run joblib's batches on: start some "
                                f"(shoal start) or wait for them (Client.wait_for_engines)")

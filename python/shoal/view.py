@@ -130,6 +130,10 @@ class DirectView(_View):
     def _direct(self):
         return self
 
+    def _load_balanced(self):
+        """A LoadBalancedView over this view's engines."""
+        return self.client.load_balanced_view(None if self._chosen is None else self._chosen)
+
     def _block(self, block):
         return self.block if block is None else block
 
@@ -492,6 +496,9 @@ class LoadBalancedView(_View):
             return ids
         chosen = [self.targets] if isinstance(self.targets, int) else list(self.targets)
         return [e for e in chosen if e in ids]
+
+    def _load_balanced(self):
+        return self
 
     def _direct(self):
         """A DirectView of this view's engines, blocking as this one does."""
