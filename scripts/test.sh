@@ -3,7 +3,9 @@
 #   1. the C tests (Criterion, through meson test) in a build with warnings as errors,
 #   2. the same C tests in an address+undefined sanitizer build,
 #   3. the Python tests (pytest) against the package installed in .venv,
-#   4. the Python tests again with the extension and the programs from the
+#   4. ipyparallel 9.2.0's own tests against shoal (scripts/compat.sh, about
+#      two minutes; once, in the plain build),
+#   5. the Python tests again with the extension and the programs from the
 #      sanitizer build.
 # Exits non-zero if anything fails.
 set -euo pipefail
@@ -27,6 +29,9 @@ meson test -C build/asan --print-errorlogs
 
 step "Python tests against the installed package"
 python -m pytest -q -p no:cacheprovider tests/python
+
+step "ipyparallel's own tests against shoal (scripts/compat.sh)"
+./scripts/compat.sh
 
 step "Python tests with the sanitizer build of shoal._core"
 pkg=build/asan/pkg/shoal
