@@ -258,3 +258,30 @@ def test_ids_follow_engines_that_stop_and_join(own_cluster, tmp_path):
         assert len(pids) == 3 and len(set(pids)) == 3, "a view of 'all' follows engines that join"
     finally:
         c.close()
+
+
+def test_an_ipython_session_of_ipyparallel_idioms(cluster, ip):
+    """The same idioms typed in IPython: the last engine by -1, a
+    function of the session on pushed data, top-level await of a result,
+    a blocking execute's AsyncResult, a Reference, use_cloudpickle."""
+    ip.user_ns["conn"] = str(cluster[0].conn)
+    cells = [
+        "import shoal as ipp\nrc = ipp.Client(url_file=conn)\ndv = rc[:]\ndv.clear(block=True)",
+        "last = rc[-1].apply_sync(lambda: 'last')",
+        "dv.push(dict(offset=100), block=True)\ndef shifted(x):\n    return x + offset\n"
+        "lb = rc.load_balanced_view().map_sync(shifted, range(3))",
+        "awaited = await rc.load_balanced_view().apply_async(shifted, 1)",
+        "reply = dv.execute('offset * 2', silent=False, block=True)",
+        "ref = dv.apply_sync(lambda x: x, ipp.Reference('offset'))",
+        "dv.use_cloudpickle()\nhere = 7\ncarried = dv.apply_sync(lambda: here)\ndv.use_pickle()",
+    ]
+    try:
+        for cell in cells:
+            ip.run_cell(cell, store_history=False).raise_error()
+        ns = ip.user_ns
+        assert ns["last"] == "last" and ns["lb"] == [100, 101, 102] and ns["awaited"] == 101
+        assert isinstance(ns["reply"], shoal.AsyncResult)
+        assert [r.execute_result["data"]["text/plain"] for r in ns["reply"].get()] == ["200"] * 3
+        assert ns["ref"] == [100] * 3 and ns["carried"] == [7] * 3
+    finally:
+        ip.run_cell("rc.close()", store_history=False)
