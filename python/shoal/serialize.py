@@ -128,6 +128,14 @@ class _Pickler(cloudpickle.Pickler):
 
     _namespace = _EngineNamespace()  # one object: the pickle's memo gives each function the same dict
 
+    def reducer_override(self, obj):
+        # The functions every pickled function of __main__ names go by
+        # reference at once: cloudpickle's look-up of where a function
+        # lives costs ~1.5 us each, and a no-op task names four of them.
+        if type(obj) is types.FunctionType and obj in _BY_REFERENCE:
+            return NotImplemented
+        return super().reducer_override(obj)
+
     def _function_getnewargs(self, func):
         code, base_globals, name, argdefs, closure = super()._function_getnewargs(func)
         if _is_interactive(func):
@@ -142,6 +150,8 @@ class _Pickler(cloudpickle.Pickler):
         return _cp._make_function, self._function_getnewargs(func), (state, slotstate), None, None, \
             _set_engine_first
 
+
+_BY_REFERENCE = frozenset((_engine_namespace, _set_engine_first, _cp._make_function, _cp._function_setstate))
 
 # What pickles functions for the engines (use_cloudpickle, use_dill and
 # use_pickle choose), and the function that pickles with it.
