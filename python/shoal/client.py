@@ -186,8 +186,7 @@ class Client:
         self._receiving = 0  # depth of _receive calls in this thread's stack (callbacks run inside)
         self._leaving = set()  # engines this client stopped, until the registry no longer has them
         registry = self._control(_core.MSG_REGISTER, timeout=timeout)
-        self._engines = registry["engines"]
-        self._registry_at = time.monotonic()
+        self._registry(registry["engines"])
         host = socket.gethostname()
         for node in registry["nodes"]:
             if node["alive"] and node["host"] == host and node.get("socket") and os.path.exists(node["socket"]):
@@ -214,22 +213,27 @@ class Client:
         again if the copy here is older than REGISTRY_TTL, or while an
         engine this client stopped has yet to leave. Not from inside a
         callback (which the receiving runs): the copy is used there."""
-        stale = time.monotonic() - self._registry_at > REGISTRY_TTL or (self._leaving & set(self._live_ids()))
-        if stale and not self._receiving and self._sock is not None:
+        if (self._leaving or time.monotonic() - self._registry_at > REGISTRY_TTL) \
+                and not self._receiving and self._sock is not None:
             try:
                 self.refresh()
             except TimeoutError:
                 pass  # the controller does not answer: what we knew
-        return self._live_ids()
+        return list(self._alive)  # a copy: the caller's to change
 
     def _live_ids(self):
-        return [e["id"] for e in self._engines if e["alive"]]
+        return list(self._alive)
+
+    def _registry(self, engines):
+        """Takes the controller's list of engines."""
+        self._engines = engines
+        self._alive = [e["id"] for e in engines if e["alive"]]
+        self._registry_at = time.monotonic()
+        self._leaving &= set(self._alive)
 
     def refresh(self):
         """Reads the registry (engines, nodes) from the controller again."""
-        self._engines = self._control(_core.MSG_REGISTER)["engines"]
-        self._registry_at = time.monotonic()
-        self._leaving &= set(self._live_ids())
+        self._registry(self._control(_core.MSG_REGISTER)["engines"])
         with self._lock:  # engines that had no lane may have one now (a new engine of this node)
             self._lanes = {e: lane for e, lane in self._lanes.items() if lane is not None}
 
@@ -1054,7 +1058,9 @@ class Client:
         if ar.msg_id is None:
             return
         self._ended[ar.msg_id] = (all(ok for ok, _ in ar._results.values()), set(ar._results))
-        self._completed.update(e for e in ar._results if e is not None)
+        completed = self._completed
+        for e in ar._results:
+            completed[e] += 1
 
     @property
     def outstanding(self):

@@ -132,9 +132,9 @@ class _Pickler(cloudpickle.Pickler):
         # The functions every pickled function of __main__ names go by
         # reference at once: cloudpickle's look-up of where a function
         # lives costs ~1.5 us each, and a no-op task names four of them.
-        if type(obj) is types.FunctionType and obj in _BY_REFERENCE:
-            return NotImplemented
-        return super().reducer_override(obj)
+        if obj.__class__ is types.FunctionType:
+            return NotImplemented if obj in _BY_REFERENCE else self._function_reduce(obj)
+        return _reducer_override(self, obj)
 
     def _function_getnewargs(self, func):
         code, base_globals, name, argdefs, closure = super()._function_getnewargs(func)
@@ -151,6 +151,7 @@ class _Pickler(cloudpickle.Pickler):
             _set_engine_first
 
 
+_reducer_override = cloudpickle.Pickler.reducer_override
 _BY_REFERENCE = frozenset((_engine_namespace, _set_engine_first, _cp._make_function, _cp._function_setstate))
 
 # What pickles functions for the engines (use_cloudpickle, use_dill and
