@@ -24,9 +24,6 @@ from . import serialize
 from .error import CompositeError, EngineError, RemoteError, TaskAborted, TimeoutError
 
 
-_COND_LOCK = threading.Lock()  # makes a result's condition variable (see _Future._condition), once
-
-
 class _Waiters(list):
     """A Future's list of waiters (concurrent.futures.wait and
     as_completed add theirs to it): one added sets the client's thread
@@ -56,44 +53,47 @@ class _Future(concurrent.futures.Future):
         self._client = client
         self._state = "RUNNING"  # sent (or held until its dependencies are met): it cannot be cancelled
         self._result = self._exception = None
-        self._waiters = _Waiters(self)
-        self._done_callbacks = []
+
+    _done_callbacks = ()  # ours run through add_done_callback's list (Future's invoker is never called)
+
+    @property
+    def _waiters(self):
+        """Future's list of waiters, made on first use: it refers back to
+        the result, and a cycle for every result would leave them all to
+        the cyclic garbage collector."""
+        waiters = self.__dict__.get("_w")
+        return waiters if waiters is not None else self.__dict__.setdefault("_w", _Waiters(self))
 
     @property
     def _condition(self):
-        """Future's condition variable, made on first use."""
+        """Future's condition variable, made on first use (setdefault: one
+        of two threads making it at once wins, under the GIL)."""
         cond = self.__dict__.get("_cond")
-        if cond is None:
-            with _COND_LOCK:
-                cond = self.__dict__.get("_cond")
-                if cond is None:
-                    cond = self.__dict__["_cond"] = threading.Condition()
-        return cond
+        return cond if cond is not None else self.__dict__.setdefault("_cond", threading.Condition())
 
     def _resolve(self):
         """Marks the Future finished, once, and tells its waiters (not its
         callbacks: those run as the client receives, see add_done_callback).
-        The value is not stored: result() joins it when asked, as get() does."""
-        if "_cond" not in self.__dict__:
-            with _COND_LOCK:  # against a waiter making the condition right now
-                if "_cond" not in self.__dict__:
-                    # Nobody waits through it: finished. A waiter that makes
-                    # it later finds the state under it.
-                    if self._state != FINISHED:
-                        self._exception = self._error()
-                        self._state = FINISHED
-                    return
-        with self._condition:
-            if self._state == FINISHED:
-                return
-            self._exception = error = self._error()
-            self._state = FINISHED
-            for waiter in self._waiters:
+        The value is not stored: result() joins it when asked, as get() does.
+
+        The state is set before the condition variable is looked for: a
+        waiter makes the condition, then reads the state under it, and
+        either sees it finished or is waiting on it when it is notified
+        here. So a result nobody waits for through a Future costs no lock."""
+        if self._state == FINISHED:
+            return
+        self._state = FINISHED  # (exception() and result() read the error from the answers, not _exception)
+        cond = self.__dict__.get("_cond")
+        if cond is None:
+            return
+        error = self._exception = self._error()
+        with cond:
+            for waiter in self.__dict__.get("_w", ()):
                 if error is None:
                     waiter.add_result(self)
                 else:
                     waiter.add_exception(self)
-            self._condition.notify_all()
+            cond.notify_all()
 
     # Whether a Future's waiter or a callback waits for it: then the
     # client's thread receives while it is pending (Client._drive_loop).
@@ -214,7 +214,8 @@ class AsyncResult(_Future):
             tb = "".join(meta.get("traceback", []))
             self._results[engine] = (False, RemoteError(meta.get("ename"), meta.get("evalue"), tb, engine,
                                                         hdr["task_id"]))
-        self._part_done(engine)
+        if self._parts:
+            self._part_done(engine)
         if self._done():
             self._finished()
         return bool(where)

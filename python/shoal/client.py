@@ -405,10 +405,12 @@ class Client:
         unassigned = []
         with self._lock:
             self._drain_lanes()
+            through = collections.Counter()  # engine id -> our tasks on it through the controller
             for mid, ar in self._pending.items():
                 for e in ar._mids.get(mid, ()):
                     if e not in ar._results:
                         queue[e].append(ar.msg_id)
+                        through[e] += 1
             for ar, engines in self._lane_tasks.values():
                 for e in engines:
                     queue[e].append(ar.msg_id)
@@ -423,12 +425,10 @@ class Client:
             if verbose:
                 out[e] = {"queue": queue[e], "tasks": tasks[e], "completed": done.get(e, [])}
             else:
-                # The controller's count has every client's tasks through it, ours among them.
-                through = status["queue"][e] if e < len(status["queue"]) else 0
-                ours_through = sum(1 for mid, ar in self._pending.items()
-                                   if e in ar._mids.get(mid, ()) and e not in ar._results)
-                lanes = len(queue[e]) - ours_through
-                out[e] = {"queue": max(through, ours_through) + lanes, "tasks": len(tasks[e]),
+                # The controller counts every client's tasks through it, ours
+                # (through[e] of queue[e]) among them; our lane tasks it never sees.
+                counted = status["queue"][e] if e < len(status["queue"]) else 0
+                out[e] = {"queue": max(counted, through[e]) + len(queue[e]) - through[e], "tasks": len(tasks[e]),
                           "completed": done.get(e, 0)}
         out["unassigned"] = unassigned if verbose else len(unassigned)
         if isinstance(targets, int) and not isinstance(targets, bool):
@@ -1107,17 +1107,14 @@ class Client:
             ar.wait()
         return ar
 
-    def purge_local_results(self, jobs=(), targets=()):
-        """Forgets what results and metadata hold for jobs (msg_ids,
-        AsyncResults, or "all") and for tasks that ran on targets. Raises
-        RuntimeError if one of them has not finished."""
+    def _purgeable(self, jobs, targets):
+        """The msg_ids that jobs (msg_ids, AsyncResults, or "all": None here)
+        and targets name, all finished; RuntimeError naming those that are not."""
         outstanding = self.outstanding
         if jobs == "all":
             if outstanding:
                 raise RuntimeError(f"cannot purge every result while tasks are outstanding: {sorted(outstanding)}")
-            self.results.clear()
-            self.metadata.clear()
-            return
+            return None
         ids = self._jobs(jobs)
         pending = [m for m in ids if m in outstanding]
         if pending:
@@ -1125,24 +1122,28 @@ class Client:
         targets = {targets} if isinstance(targets, int) else set(targets)
         if targets:
             ids += [m for m, (_, engines) in self._ended.items() if targets & engines]
-        for m in ids:
-            self.results.pop(m, None)
-            self.metadata.pop(m, None)
+        return ids
+
+    def purge_local_results(self, jobs=(), targets=()):
+        """Forgets what results and metadata hold for jobs (msg_ids,
+        AsyncResults, or "all") and for tasks that ran on targets. Raises
+        RuntimeError if one of them has not finished."""
+        self._purge(self._purgeable(jobs, targets), (self.results, self.metadata))
 
     def purge_results(self, jobs=(), targets=()):
         """purge_local_results, and forgets how the tasks ended (which
         `after` and `follow` dependencies read: a purged task is an
         InvalidDependency)."""
-        self.purge_local_results(jobs, targets)
-        if jobs == "all":
-            self._ended.clear()
-            return
-        ids = self._jobs(jobs)
-        targets = {targets} if isinstance(targets, int) else set(targets)
-        if targets:
-            ids += [m for m, (_, engines) in self._ended.items() if targets & engines]
-        for m in ids:
-            self._ended.pop(m, None)
+        self._purge(self._purgeable(jobs, targets), (self.results, self.metadata, self._ended))
+
+    @staticmethod
+    def _purge(ids, stores):
+        for store in stores:
+            if ids is None:
+                store.clear()
+            else:
+                for m in ids:
+                    store.pop(m, None)
 
     def clear(self, targets=None, block=None):
         """Empties the namespaces of targets' engines (default: every one)."""

@@ -136,19 +136,19 @@ class _Pickler(cloudpickle.Pickler):
             return NotImplemented if obj in _BY_REFERENCE else self._function_reduce(obj)
         return _reducer_override(self, obj)
 
-    def _function_getnewargs(self, func):
-        code, base_globals, name, argdefs, closure = super()._function_getnewargs(func)
-        if _is_interactive(func):
-            base_globals = self._namespace
-        return code, base_globals, name, argdefs, closure
-
     def _dynamic_function_reduce(self, func):
         if not _is_interactive(func):
             return super()._dynamic_function_reduce(func)
         state, slotstate = _cp._function_getstate(func)
-        slotstate["__globals__"] = {k: v for k, v in slotstate["__globals__"].items() if isinstance(v, _CODE)}
-        return _cp._make_function, self._function_getnewargs(func), (state, slotstate), None, None, \
-            _set_engine_first
+        captured = slotstate["__globals__"]
+        if captured:
+            slotstate["__globals__"] = {k: v for k, v in captured.items() if isinstance(v, _CODE)}
+        # As cloudpickle's _function_getnewargs, with the receiver's
+        # namespace for globals (and empty cells, filled by the state setter).
+        closure = None if func.__closure__ is None else \
+            tuple(_cp._make_empty_cell() for _ in range(len(func.__code__.co_freevars)))
+        return _cp._make_function, (func.__code__, self._namespace, None, None, closure), (state, slotstate), \
+            None, None, _set_engine_first
 
 
 _reducer_override = cloudpickle.Pickler.reducer_override
