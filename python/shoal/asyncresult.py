@@ -337,27 +337,25 @@ class AsyncResult(_Future):
         if not self.wait(timeout):
             raise TimeoutError(f"task {self.task_id or '(not yet started)'} on engines {self._targets} "
                                f"did not finish within {timeout} s")
-        if return_exceptions is not None and return_exceptions != self._return_exceptions:
-            saved, self._return_exceptions = self._return_exceptions, return_exceptions
-            try:
-                return self.get(0)
-            finally:
-                self._return_exceptions = saved
-        if self._return_exceptions:
+        return self._value(self._return_exceptions if return_exceptions is None else return_exceptions)
+
+    def _value(self, return_exceptions):
+        """What get() gives once ready (or raises)."""
+        if return_exceptions:
             # A map's failed part: its error for each of its items.
             return self._join([v if ok or e not in self._part_lens else [v] * self._part_lens[e]
                                for e, (ok, v) in ((e, self._results[e]) for e in self._targets)])
-        error = self._error()
+        error = self._error(False)
         if error is not None:
             raise error
         values = [self._results[e][1] for e in self._targets]
         return self._join(values)
 
-    def _error(self):
+    def _error(self, return_exceptions=None):
         """What get() raises once ready, or None: one engine's task, its
         error; a list of engines', a CompositeError of every one's, as in
-        ipyparallel."""
-        if self._return_exceptions:
+        ipyparallel. return_exceptions: as the call was told, unless given."""
+        if self._return_exceptions if return_exceptions is None else return_exceptions:
             return None
         errors = [v for ok, v in (self._results[e] for e in self._targets) if not ok]
         if not errors:

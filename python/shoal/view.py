@@ -929,21 +929,18 @@ class LoadBalancedMapResult(AsyncMapResult):
         if not self.wait(timeout):
             raise TimeoutError(f"map of {self._fname} did not finish within {timeout} s "
                                f"({self._items_done} of {self._n} items done)")
-        if return_exceptions is not None and return_exceptions != self._return_exceptions:
-            saved, self._return_exceptions = self._return_exceptions, return_exceptions
-            try:
-                return self.get(0)
-            finally:
-                self._return_exceptions = saved
+        return self._value(self._return_exceptions if return_exceptions is None else return_exceptions)
+
+    def _value(self, return_exceptions):
         out = []
         for i in (range(len(self._chunks)) if self._ordered else self._finish_order):
-            out.extend(self._values(i))  # a chunk at a time: not an item at a time through __iter__
+            out.extend(self._values(i, return_exceptions))  # a chunk at a time: not an item at a time
         return out
 
-    def _error(self):
+    def _error(self, return_exceptions=None):
         """The first failed task's error (in item order) among those that
-        have finished, as get() raises it."""
-        if self._return_exceptions:
+        have finished, as get() raises it (None with return_exceptions)."""
+        if self._return_exceptions if return_exceptions is None else return_exceptions:
             return None
         return next((v for ok, v in (self._results[i] for i in sorted(self._results)) if not ok), None)
 
@@ -1004,10 +1001,11 @@ class LoadBalancedMapResult(AsyncMapResult):
             out[engine] = values[0] if len(values) == 1 else values
         return out
 
-    def _values(self, i):
-        """The values of finished chunk i, one per item (raises its error)."""
+    def _values(self, i, return_exceptions=None):
+        """The values of finished chunk i, one per item (raises its error,
+        unless return_exceptions: as the map was told, unless given)."""
         ok, value = self._results[i]
-        if not ok and not self._return_exceptions:
+        if not ok and not (self._return_exceptions if return_exceptions is None else return_exceptions):
             raise value
         if not ok:
             low, high = self._chunks[i]

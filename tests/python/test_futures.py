@@ -14,25 +14,6 @@ import pytest
 
 import shoal
 
-from procs import Agent, Controller
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("futures")
-    ctl = Controller(root / "home", heartbeat_ms=500)
-    agent = Agent(ctl, root / "run", engines=3)
-    yield ctl, agent
-    agent.stop()
-    ctl.stop()
-
-
-@pytest.fixture(params=["lanes", "controller"])
-def rc(request, cluster):
-    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10, lanes=request.param == "lanes")
-    yield c
-    c.close()
-
 
 # Functions of "__main__" (this module is not importable on the engines).
 @shoal.interactive

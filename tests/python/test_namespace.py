@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -16,25 +15,6 @@ import pytest
 import shoal
 
 from procs import Agent, Controller
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("namespace")
-    ctl = Controller(root / "home", heartbeat_ms=500)
-    agent = Agent(ctl, root / "run", engines=3)
-    yield ctl, agent
-    agent.stop()
-    ctl.stop()
-
-
-@pytest.fixture(params=["lanes", "controller"])
-def rc(request, cluster):
-    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10, lanes=request.param == "lanes")
-    c[:].clear(block=True)
-    yield c
-    shoal.use_pickle()
-    c.close()
 
 
 # A user's script, run as __main__: every function below is a function of

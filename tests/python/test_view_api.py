@@ -15,26 +15,6 @@ import pytest
 import shoal
 from shoal import Reference
 
-from procs import Agent, Controller
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("view_api")
-    ctl = Controller(root / "home", heartbeat_ms=500)
-    agent = Agent(ctl, root / "run", engines=3)
-    yield ctl, agent
-    agent.stop()
-    ctl.stop()
-
-
-@pytest.fixture(params=["lanes", "controller"])
-def rc(request, cluster):
-    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10, lanes=request.param == "lanes")
-    c.clear(block=True)
-    yield c
-    c.close()
-
 
 @shoal.interactive
 def nap_then(seconds, value):
