@@ -43,3 +43,9 @@ def rc(request, cluster):
     yield c
     shoal.use_pickle()
     c.close()
+
+
+@pytest.fixture
+def my_ids(rc):
+    """Each engine's id as `my_id` in its namespace."""
+    rc[:].scatter("my_id", rc.ids, flatten=True, block=True)

@@ -14,6 +14,8 @@ import pytest
 
 import shoal
 
+pytestmark = pytest.mark.usefixtures("my_ids")  # each engine's id as my_id (conftest)
+
 
 # Functions of "__main__" (this module is not importable on the engines).
 @shoal.interactive
@@ -126,11 +128,6 @@ def test_wait_and_get_first_exception(rc):
         m.get(10, return_when=shoal.FIRST_EXCEPTION)
     assert time.monotonic() - t < 1.5
     m.wait(10)
-
-
-@pytest.fixture(autouse=True)
-def my_ids(rc):
-    rc[:].scatter("my_id", rc.ids, flatten=True, block=True)
 
 
 def test_return_exceptions_in_get(rc):

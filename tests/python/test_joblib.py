@@ -13,27 +13,6 @@ import shoal
 joblib = pytest.importorskip("joblib", reason="joblib is not installed (requirements.txt pins it)")
 from joblib import Parallel, delayed  # noqa: E402
 
-from procs import Agent, Controller  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("joblib")
-    ctl = Controller(root / "home", heartbeat_ms=500)
-    agent = Agent(ctl, root / "run", engines=3, arena_size=1 << 30)
-    yield ctl, agent
-    agent.stop()
-    ctl.stop()
-
-
-@pytest.fixture(params=["lanes", "controller"])
-def rc(request, cluster):
-    c = shoal.Client(url_file=str(cluster[0].conn), timeout=10, lanes=request.param == "lanes")
-    c.wait_for_engines(3, timeout=10)
-    yield c
-    c.close()
-
-
 @pytest.fixture
 def pids(rc):
     """engine id -> the pid of its process."""

@@ -13,6 +13,8 @@ import time
 import pytest
 
 import shoal
+
+pytestmark = pytest.mark.usefixtures("my_ids")  # each engine's id as my_id (conftest)
 from shoal import Reference
 
 
@@ -275,11 +277,6 @@ def test_progress_counts_items_and_wait_interactive_stops_at_the_first_error(rc)
         is False
     assert time.monotonic() - started < 1.5
     failing.wait(10)
-
-
-@pytest.fixture(autouse=True)
-def my_ids(rc):
-    rc[:].scatter("my_id", rc.ids, flatten=True, block=True)
 
 
 def test_client_new_survives_being_patched(cluster):
