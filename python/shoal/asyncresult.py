@@ -18,6 +18,7 @@ import json
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures._base import FINISHED
 
 from . import serialize
@@ -33,11 +34,13 @@ class _Waiters(list):
 
     def __init__(self, ar):
         super().__init__()
-        self.ar = ar
+        self.ar = weakref.ref(ar)  # not a cycle: the result goes when its holders let it go
 
     def append(self, waiter):
         super().append(waiter)
-        self.ar._client._want(self.ar)
+        ar = self.ar()
+        if ar is not None:
+            ar._client._want(ar)
 
 
 class _Future(concurrent.futures.Future):
@@ -118,11 +121,11 @@ class _Future(concurrent.futures.Future):
         """add_done_callback for shoal's own bookkeeping, which whoever
         waits for the result receives: no thread of the client's is set
         going for it."""
-        with self._client._lock:
+        with self._client._lock:  # fn too: it must not run beside the receiving thread's call of it
             if not self._done():
                 self._callbacks.append(fn)
                 return
-        fn(self)
+            fn(self)
 
     def done(self):
         """Whether the result is complete (ready(): never blocks)."""
@@ -697,18 +700,23 @@ class _Part(AsyncResult):
 
 
 class _Joined(_Future):
-    """Several results as one (AsyncResult.join)."""
+    """Several results as one (AsyncResult.join): get() gives their values
+    in order, in one list; metadata, stdout and stderr are lists too."""
+
+    _single = False
 
     def __init__(self, results):
         super().__init__(results[0]._client)
         self._children = list(results)
         self._callbacks = []
+        self._return_exceptions = False
         self._fname = self._children[0]._fname
         self.msg_id = self._children[0].msg_id
         for child in self._children:
             child._on_done(self._child_done)
 
     def _child_done(self, _):
+        # Under the client's lock (_on_done), as the receiving thread runs it.
         if self._done():
             self._resolve()
             if self._callbacks:
@@ -720,7 +728,13 @@ class _Joined(_Future):
     def ready(self):
         return all(c.ready() for c in self._children)
 
-    def wait(self, timeout=-1):
+    def split(self):
+        return tuple(self._children)
+
+    def wait(self, timeout=-1, return_when=None):
+        if return_when is not None:
+            return concurrent.futures.wait(self._children, None if timeout is None or timeout < 0 else timeout,
+                                           return_when)
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         return all(c.wait(-1 if deadline is None else max(deadline - time.monotonic(), 0))
                    for c in self._children)
@@ -732,17 +746,43 @@ class _Joined(_Future):
             out += [v] if c._single else list(v)
         return out
 
-    def _error(self):
+    def _error(self, return_exceptions=None):
+        if self._return_exceptions if return_exceptions is None else return_exceptions:
+            return None
         errors = [v for v in self._values() if isinstance(v, BaseException)]
         return CompositeError(self._fname, errors) if errors else None
 
-    def get(self, timeout=-1):
+    def get(self, timeout=-1, return_exceptions=None, return_when=None):
+        if return_when == concurrent.futures.FIRST_EXCEPTION:
+            done, _ = self.wait(timeout, return_when=return_when)
+            failed = [c for c in done if c._error() is not None]
+            if failed and not self._done():
+                return failed[0].get(0, return_exceptions=return_exceptions)
         if not self.wait(timeout):
             raise TimeoutError(f"the joined results did not finish within {timeout} s")
-        error = self._error()
+        error = self._error(return_exceptions)
         if error is not None:
             raise error
         return self._values()
+
+    def _each(self, name):
+        out = []
+        for c in self._children:
+            v = getattr(c, name)
+            out += [v] if c._single else list(v)
+        return out
+
+    @property
+    def metadata(self):
+        return self._each("metadata")
+
+    @property
+    def stdout(self):
+        return self._each("stdout")
+
+    @property
+    def stderr(self):
+        return self._each("stderr")
 
     @property
     def msg_ids(self):

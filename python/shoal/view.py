@@ -434,7 +434,9 @@ def _shared(client, seq):
 
 
 def _done_map(client):
+    """The result of a map of nothing: finished from the start."""
     ar = AsyncMapResult(client, None, [], "map", _flatten)
+    ar._resolve()
     return ar
 
 

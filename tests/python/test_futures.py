@@ -252,3 +252,27 @@ def test_published_data_reaches_the_client_while_the_task_runs(rc):
     assert many.data == [{"x": 1}] * 3
     with pytest.raises(RuntimeError, match="on an engine"):
         __import__("shoal.datapub").datapub.publish_data({"x": 1})
+
+
+def test_review_findings_empty_map_joins_and_no_cycles(rc):
+    import gc
+    import weakref
+    empty = rc[:].map_async(lambda x: x, [])
+    assert cf.wait([empty], timeout=5).done == {empty} and not empty.running(), "a map of nothing is finished"
+    a, b = rc[0].apply_async(lambda: 1), rc[1].apply_async(lambda: 2)
+    joined = shoal.AsyncResult.join(a, b)
+    assert cf.wait([joined], timeout=10).done == {joined} and joined.get() == [1, 2]
+    assert [m["status"] for m in joined.metadata] == ["ok", "ok"] and joined.stdout == ["", ""]
+    assert shoal.AsyncResult.join(joined, rc[2].apply_async(lambda: 3)).get(10) == [1, 2, 3]
+    waited = rc[0].apply_async(lambda: 4)
+    assert cf.wait([waited], timeout=10).done == {waited}
+    gone = weakref.ref(waited)
+    del waited
+    deadline = time.monotonic() + 2
+    gc.disable()  # freed by its reference count, not left to the cyclic collector
+    try:
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the client's thread lets go of it within its next turn
+        assert gone() is None
+    finally:
+        gc.enable()
