@@ -196,8 +196,7 @@ class Engine:
         self.stopping = False  # a shutdown task asked it to exit
         self.outputs = []  # output blocks of the running task
         self.running = False  # user code is running (a SIGINT interrupts it)
-        self.tasks_run = 0
-        self.abort_queued = False  # a non-silent execute failed: tasks already queued are aborted
+        self.abort_queued = False  # a non-silent execute failed: the tasks queued behind it are aborted
         # The engine's one namespace: __main__'s dict, which execute, push and
         # pull use, functions of the client's __main__ get as their globals,
         # and the IPython shell, once made, has as its user_ns (_display).
@@ -220,9 +219,7 @@ class Engine:
             # push to every engine, now and then) do not, and the engines
             # that still work keep the cores.
             started = time.monotonic()
-            aborting, ran = self.abort_queued, self.tasks_run
-            if not aborting:  # aborting: only what is queued now, so no waiting
-                self.bell.wait(self.waited(), spin=spin)
+            self.bell.wait(self.waited(), spin=spin)
             spin = self.spin if time.monotonic() - started < self.spin else 0
             try:
                 slots = self.sq.pop(64)
@@ -240,16 +237,13 @@ class Engine:
                     self.run_task(task_id, (off, length, gen), self.agent)
                 elif kind == KIND_LANE:
                     self.open_lane((off, length, gen))
+            self.abort_queued = False  # the batch that held a failed cell is answered
             if self.stopping:
                 return self.finish()
             for sink in list(self.lanes):
                 self.serve_lane(sink)
                 if self.stopping:
                     return self.finish()
-            if aborting:
-                if self.tasks_run == ran:
-                    self.abort_queued = False  # what was queued behind the failed cell is answered
-                continue
             # One task from a pool at a time, and only once the rings above
             # are served: the rest of the pool is for whichever engine is idle.
             self.take_from_pools()
@@ -280,6 +274,7 @@ class Engine:
                 task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(got[1])
                 if kind == KIND_TASK and not sink.lane.cq.closed:
                     self.run_task(task_id, (off, length, gen), sink)
+                    self.abort_queued = False  # a task of its own: no batch behind it
                 return True
         return False
 
@@ -328,6 +323,7 @@ class Engine:
                 self.open_pool(sink, (off, length, gen))
             elif kind == KIND_TASK and not lane.cq.closed and not self.stopping:  # nobody would take the reply
                 self.run_task(task_id, (off, length, gen), sink)
+        self.abort_queued = False  # the batch that held a failed cell is answered
 
     def open_pool(self, sink, handle):
         """A client's pool of load-balanced tasks, announced on its lane."""
@@ -367,7 +363,6 @@ class Engine:
 
     def run_task(self, task_id, handle, sink):
         self.task_id, self.sink = task_id, sink
-        self.tasks_run += 1
         aborting = self.abort_queued
         self.data = {}  # what the task published (datapub.publish_data)
         out, err = self.out, self.err
@@ -377,7 +372,7 @@ class Engine:
         outputs = []
         _display.collect(outputs)  # what display() shows during the task
         value_payload, value_frames, keep = b"", [], []
-        request = {}
+        request, stop_on_error = {}, False
         try:
             msg = self.arena.acquire_bytes(handle, 0, handle[1])
             payload, buffers = unpack_frames(msg)
@@ -427,7 +422,8 @@ class Engine:
             # it on this engine, as an IPython kernel's stop_on_error does.
             if not isinstance(e, TaskAborted) and request.get("kind") == "execute" and \
                     not request.get("silent", True):
-                self.abort_queued = True
+                self.abort_queued = True  # for the rest of the batch this task came in
+                stop_on_error = True
         _display.collect(None)
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
         if outputs:
@@ -453,8 +449,38 @@ class Engine:
             keep = []
         sink.replies[block.handle[0]] = (block, self.outputs, keep)
         self.outputs = []
+        if stop_on_error:
+            # What is queued behind the failed cell is aborted before its
+            # reply goes: nothing queued yet was sent in answer to it.
+            self.abort_queued_behind(sink)
         if not sink.push(SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)):
             sink.replies.pop(block.handle[0], None)  # its client is gone
+
+    def abort_queued_behind(self, sink):
+        """Answers TaskAborted to every task waiting in sink's ring (the
+        agent's, or a client's lane), as an IPython kernel's stop_on_error
+        aborts its queue after a failed cell. Other slots are handled as
+        the loop handles them."""
+        ring = self.sq if sink is self.agent else sink.lane.sq
+        while True:
+            try:
+                slots = ring.pop(64)
+            except OSError:
+                return
+            if not slots:
+                return
+            for i in range(0, len(slots), SLOT.size):
+                task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
+                if kind == KIND_TASK:
+                    self.run_task(task_id, (off, length, gen), sink)  # abort_queued: TaskAborted
+                elif kind == KIND_RELEASE:
+                    sink.replies.pop(off, None)
+                elif kind == KIND_POOL:
+                    self.open_pool(sink, (off, length, gen))
+                elif kind == KIND_LANE:
+                    self.open_lane((off, length, gen))
+                elif kind == KIND_SHUTDOWN:
+                    self.stopping = True
 
     def on_sigint(self, signum, frame):
         """SIGINT (Client.send_signal, %%px's Ctrl-C) interrupts the user
