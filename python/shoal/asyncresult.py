@@ -562,9 +562,9 @@ class AsyncResult(_Future):
         engine is not iterable). An engine's error is raised when reached."""
         if self._single:
             raise TypeError("an AsyncResult of one engine's task is not iterable")
-        return self._each()
+        return self._as_they_come()
 
-    def _each(self):
+    def _as_they_come(self):
         for e in self._targets:
             while e not in self._results:
                 self._client._receive(0.1)
@@ -635,11 +635,11 @@ class ExecuteReply:
         return self.metadata[key]
 
     def __getattr__(self, key):
-        if key.startswith("_") and key.startswith("_repr_") and key.endswith("_"):
-            mime = _REPR_MIME.get(key)
-            if mime is not None and mime in self.data:
-                return lambda: self._repr_mime(mime)
-            raise AttributeError(key)
+        # _repr_png_ and its kind: only for the types the value has, so that
+        # IPython shows what there is; metadata fields by name.
+        mime = _REPR_MIME.get(key)
+        if mime is not None and mime in self.data:
+            return lambda: self._repr_mime(mime)
         if key.startswith("_") or key not in self.metadata:
             raise AttributeError(key)
         return self.metadata[key]

@@ -1075,7 +1075,7 @@ class _LazyMap(LazyMapIterator):
             except StopIteration:
                 self.exhausted = True
                 break
-            self.out.append(self.view.apply_async(_star_call, self.f, *args))
+            self.out.append(self.view.apply_async(self.f, *args))  # a Pickled f is f itself on the engine
 
     def __next__(self):
         self._top_up()
@@ -1102,11 +1102,6 @@ class _LazyMap(LazyMapIterator):
         pending = [ar for ar in self.out if not ar._done()]
         if pending:
             self.view.client.abort(pending)
-
-
-def _star_call(f, *args):
-    """Runs on an engine: one item of a lazy imap."""
-    return f(*args)
 
 
 class ParallelFunction:
