@@ -180,8 +180,12 @@ def test_a_cluster_that_does_not_start_or_is_not_there(env, tmp_path):
                                        (signal.SIGTERM, "# shoal bench tradeoff:"),
                                        (signal.SIGINT, "# starting a cluster")])
 def test_interrupted_run_leaves_nothing_behind(env, tmp_path, sig, when):
+    # Many runs after the line the signal waits for: the run must still be
+    # measuring when the signal comes, however late a busy machine lets this
+    # test send it (CI once saw the whole run end first, with 3 runs a case).
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "bench", "tradeoff", "-n", "2", "--sizes", "16M",
-                             "--costs", "16", "--no-png"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             "--costs", "16", "--reps", "500", "--no-png"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
     try:
