@@ -170,6 +170,10 @@ int shoal_wire_decode(const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *fram
         body += frames[i].len; /* cannot wrap: at most 4096 frames of at most max_frame */
         if (body > limits->max_body)
             return -EMSGSIZE;
+        /* The payload is what the MAC hashes: bounded before any hashing,
+         * so that no sender, key or no key, buys seconds of our time. */
+        if (i == (size_t)np && limits->max_payload && body > limits->max_payload)
+            return -EMSGSIZE;
     }
     if (get64(p + OFF_BODY_LEN) != body)
         return -EBADMSG;

@@ -230,8 +230,7 @@ int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoa
     return 0;
 }
 
-int shoal_wire_send_engine_error(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
-                                 const shoal_msg_header *h, uint32_t engine, const char *evalue)
+int shoal_wire_engine_error_meta(uint32_t engine, const char *evalue, char *out, size_t len)
 {
     /* evalue as a JSON string: quotes, backslashes and control bytes escaped. */
     char esc[512];
@@ -248,13 +247,22 @@ int shoal_wire_send_engine_error(void *sock, const uint8_t key[SHOAL_WIRE_KEY], 
         }
     }
     esc[k] = '\0';
-    char meta[768];
-    int n = snprintf(meta, sizeof meta,
+    int n = snprintf(out, len,
                      "{\"status\":\"error\",\"engine_id\":%u,\"ename\":\"EngineError\",\"evalue\":\"%s\","
                      "\"traceback\":[],\"stdout\":\"\",\"stderr\":\"\"}",
                      engine, esc);
-    if (n < 0 || (size_t)n >= sizeof meta)
+    if (n < 0 || (size_t)n >= len)
         return -EINVAL;
+    return n;
+}
+
+int shoal_wire_send_engine_error(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                                 const shoal_msg_header *h, uint32_t engine, const char *evalue)
+{
+    char meta[SHOAL_WIRE_ENGINE_ERROR_MAX];
+    int n = shoal_wire_engine_error_meta(engine, evalue, meta, sizeof meta);
+    if (n < 0)
+        return n;
     shoal_frame f[2] = {{meta, (size_t)n}, {"", 0}};
     shoal_msg_header out = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = h->msg_id,
                             .task_id = h->task_id, .sender = engine, .target = engine, .reply_to = h->reply_to};

@@ -42,6 +42,26 @@ struct route {
     size_t len;
 };
 
+/*
+ * A message that waits for its peer's ZeroMQ queue to have room. Sends
+ * never block the controller's one thread: a send that would wait
+ * (EAGAIN) leaves the message here, its frames shared with the received
+ * message by reference (zmq_msg_copy), and the loop tries again shortly.
+ * Messages to a peer leave in the order they were queued.
+ */
+struct qmsg {
+    struct qmsg *next;
+    shoal_msg_header h;
+    uint64_t bytes;
+    size_t n;
+    zmq_msg_t frames[];
+};
+
+struct outq {
+    struct qmsg *head, **tail;
+    uint64_t n, bytes;
+};
+
 struct node {
     struct route route;
     int alive;
@@ -50,6 +70,7 @@ struct node {
     char socket[108]; /* the agent's Unix socket, for local clients */
     char loop[16];    /* the agent's event-loop backend */
     int64_t last_seen_ns;
+    struct outq q;    /* tasks, aborts and signals waiting for room */
 };
 
 struct engine {
@@ -59,11 +80,35 @@ struct engine {
     int alive;
 };
 
+/* What a result dropped for a client that did not read leaves behind, so
+ * that the client is told which tasks failed, and why, once it reads. */
+struct lost {
+    uint64_t task_id, client_msg;
+    uint32_t engine;
+};
+
+/*
+ * A client with tasks in flight or messages waiting for it. Made at its
+ * first TASK, freed when nothing of it is left (no parts in flight, nothing
+ * queued, nothing lost to tell).
+ */
+struct client {
+    struct client *next; /* hash chain */
+    struct route route;
+    uint64_t parts;      /* targets of its tasks yet to answer */
+    struct outq q;
+    struct lost *lost;   /* results dropped past its backlog's limit */
+    size_t nlost, lost_cap;
+    uint64_t dropped_bytes; /* of those results, for the error that tells */
+    int gone;            /* its connection is gone: what is for it is dropped */
+    int queued;          /* counted in controller.nqueued */
+};
+
 /* A task in flight: who asked, and which engines have yet to answer. */
 struct task {
     struct task *next; /* hash chain */
     uint64_t id;
-    struct route client;
+    struct client *cl;
     uint64_t client_msg; /* the client's msg_id: results reply to it */
     uint32_t n, remaining;
     uint32_t *engines;
@@ -71,6 +116,22 @@ struct task {
 };
 
 #define TASK_BUCKETS 4096
+#define CLIENT_BUCKETS 1024
+/* Task parts (targets yet to answer) one client may have in flight; a TASK
+ * past it is refused with an ERROR. shoal's Client keeps far fewer in flight
+ * (CONTROLLER_WINDOW in client.py) and reads as it submits. */
+#define MAX_CLIENT_PARTS (1u << 20) /* the default of --max-client-parts */
+/* Messages queued for one peer at most; the bytes are --client-backlog
+ * (clients) and NODE_BACKLOG_BYTES (agents). */
+#define MAX_QUEUED_MSGS (1u << 20)
+#define NODE_BACKLOG_BYTES (4ull << 30)
+/* A drain of one socket yields to the other socket, the heartbeats and the
+ * queues after this long, whatever is still waiting. */
+#define DRAIN_SLICE_NS (20 * 1000000ll)
+/* Refused messages logged per REFUSAL_WINDOW_NS at most; the rest are
+ * counted and summed up in one line. */
+#define REFUSALS_LOGGED 10
+#define REFUSAL_WINDOW_NS (10 * 1000000000ll)
 
 struct controller {
     void *ctx, *clients, *agents;
@@ -84,10 +145,20 @@ struct controller {
     struct engine *engines;
     uint32_t nengines;
     shoal_wire_counters client_counters, agent_counters;
+    shoal_wire_limits client_limits, agent_limits;
     uint64_t next_msg_id;
     uint64_t next_task_id;
     struct task *tasks[TASK_BUCKETS];
     uint64_t ntasks;
+    struct client *clients_by_route[CLIENT_BUCKETS];
+    uint64_t nclients;
+    uint64_t client_backlog_max; /* bytes queued for one client at most */
+    uint64_t max_client_parts;   /* task parts one client may have in flight */
+    uint32_t nqueued;            /* peers with messages queued */
+    int64_t next_flush_ns, flush_backoff_ns;
+    uint64_t results_dropped;    /* past a client's backlog limit */
+    int64_t refusal_window_ns;
+    uint64_t refusals_in_window, refusals_unlogged;
     int stopping;
 };
 
@@ -135,6 +206,10 @@ static int write_connection_file(struct controller *c, const char *ip)
     cJSON_AddStringToObject(j, "agent", c->agent_ep);
     cJSON_AddStringToObject(j, "key", hex);
     cJSON_AddStringToObject(j, "signature_scheme", "hmac-sha256");
+    /* So that a client refuses what we would refuse, with a clear error,
+     * before sending it. */
+    cJSON_AddNumberToObject(j, "max_frame", (double)c->client_limits.max_frame);
+    cJSON_AddNumberToObject(j, "max_payload", (double)c->client_limits.max_payload);
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
     memset(hex, 0, sizeof hex);
@@ -166,6 +241,12 @@ out:
 
 /* ---- replies ---------------------------------------------------------------- */
 
+static struct client **client_slot(struct controller *c, const struct route *r);
+static struct client *client_of(struct controller *c, const struct route *r);
+static void client_release(struct controller *c, struct client *cl);
+static void client_send(struct controller *c, struct client *cl, const shoal_msg_header *h,
+                        const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs, size_t n_msgs);
+
 static int reply_json(struct controller *c, void *sock, const struct route *to, uint16_t type, uint64_t reply_to,
                       cJSON *body)
 {
@@ -175,7 +256,17 @@ static int reply_json(struct controller *c, void *sock, const struct route *to, 
     shoal_msg_header h = {.type = type, .n_payload = 1, .msg_id = ++c->next_msg_id, .reply_to = reply_to,
                           .target = SHOAL_WIRE_TARGET_ALL};
     shoal_frame route = {to->id, to->len}, body_f = {text, strlen(text)};
-    int rc = shoal_wire_send(sock, c->key, &route, &h, &body_f, 1);
+    int rc = 0;
+    int known = sock == c->clients && *client_slot(c, to);
+    struct client *cl = sock == c->clients ? client_of(c, to) : NULL;
+    if (cl) {
+        /* In its turn after the results queued for this client, if any. */
+        client_send(c, cl, &h, &body_f, 1, NULL, 0);
+        if (!known)
+            client_release(c, cl); /* one the caller holds is the caller's to release */
+    } else {
+        rc = shoal_wire_send(sock, c->key, &route, &h, &body_f, 1);
+    }
     free(text);
     return rc;
 }
@@ -240,6 +331,19 @@ static cJSON *status_json(struct controller *c)
 {
     cJSON *j = registry_json(c);
     cJSON_AddNumberToObject(j, "tasks_pending", (double)c->ntasks);
+    uint64_t qn = 0, qb = 0, lost = 0;
+    for (uint32_t b = 0; b < CLIENT_BUCKETS; b++)
+        for (struct client *cl = c->clients_by_route[b]; cl; cl = cl->next) {
+            qn += cl->q.n;
+            qb += cl->q.bytes;
+            lost += cl->nlost;
+        }
+    cJSON *cj = cJSON_AddObjectToObject(j, "clients");
+    cJSON_AddNumberToObject(cj, "with_tasks_or_queued", (double)c->nclients);
+    cJSON_AddNumberToObject(cj, "queued_messages", (double)qn);
+    cJSON_AddNumberToObject(cj, "queued_bytes", (double)qb);
+    cJSON_AddNumberToObject(cj, "results_dropped", (double)c->results_dropped);
+    cJSON_AddNumberToObject(cj, "dropped_to_tell", (double)lost);
     cJSON *queues = cJSON_AddArrayToObject(j, "queue");
     for (uint32_t e = 0; e < c->nengines; e++) {
         uint32_t q = 0;
@@ -278,15 +382,298 @@ static int find_node(struct controller *c, const struct route *r)
 }
 
 static void fail_engine_tasks(struct controller *c, uint32_t e, uint32_t n, const char *why);
+static void outq_init(struct outq *q);
+
+static void outq_clear(struct outq *q);
 
 static void node_lost(struct controller *c, uint32_t n, const char *why)
 {
     c->nodes[n].alive = 0;
+    outq_clear(&c->nodes[n].q); /* its tasks fail below, with the others it had */
     for (uint32_t i = 0; i < c->nengines; i++)
         if (c->engines[i].node == n)
             c->engines[i].alive = 0;
     logf_("node %u (%s, pid %d) lost: %s", n, c->nodes[n].host, c->nodes[n].pid, why);
     fail_engine_tasks(c, UINT32_MAX, n, "was lost with its node");
+}
+
+/* ---- queues: sends that never block ----------------------------------------- */
+
+static void outq_init(struct outq *q)
+{
+    q->head = NULL;
+    q->tail = &q->head;
+    q->n = q->bytes = 0;
+}
+
+static void qmsg_free(struct qmsg *m)
+{
+    for (size_t i = 0; i < m->n; i++)
+        zmq_msg_close(&m->frames[i]);
+    free(m);
+}
+
+static void outq_clear(struct outq *q)
+{
+    while (q->head) {
+        struct qmsg *m = q->head;
+        q->head = m->next;
+        qmsg_free(m);
+    }
+    outq_init(q);
+}
+
+/* Appends a message (new frames copied, received ones shared) to q, unless
+ * that would take q past max_bytes or MAX_QUEUED_MSGS. Returns 0, -ENOBUFS
+ * (over a limit: the caller decides what that means) or -ENOMEM. */
+static int outq_push(struct outq *q, uint64_t max_bytes, const shoal_msg_header *h, const shoal_frame *new_frames,
+                     size_t n_new, zmq_msg_t *msgs, size_t n_msgs)
+{
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < n_new; i++)
+        bytes += new_frames[i].len;
+    for (size_t i = 0; i < n_msgs; i++)
+        bytes += zmq_msg_size(&msgs[i]);
+    if (q->n >= MAX_QUEUED_MSGS || q->bytes + bytes > max_bytes)
+        return -ENOBUFS;
+    size_t n = n_new + n_msgs;
+    struct qmsg *m = malloc(sizeof *m + n * sizeof m->frames[0]);
+    if (!m)
+        return -ENOMEM;
+    m->next = NULL;
+    m->h = *h;
+    m->bytes = bytes;
+    m->n = 0;
+    for (size_t i = 0; i < n_new; i++, m->n++)
+        if (zmq_msg_init_size(&m->frames[i], new_frames[i].len) < 0) {
+            qmsg_free(m);
+            return -ENOMEM;
+        } else if (new_frames[i].len) {
+            memcpy(zmq_msg_data(&m->frames[i]), new_frames[i].data, new_frames[i].len);
+        }
+    for (size_t i = 0; i < n_msgs; i++, m->n++) {
+        zmq_msg_init(&m->frames[n_new + i]);
+        zmq_msg_copy(&m->frames[n_new + i], &msgs[i]);
+    }
+    *q->tail = m;
+    q->tail = &m->next;
+    q->n++;
+    q->bytes += bytes;
+    return 0;
+}
+
+/* Sends what q holds, in order, until the peer's queue is full. Returns 0
+ * when q is empty, -EAGAIN when something is left, or the send's error
+ * (-EHOSTUNREACH: the peer is gone), the failed message still queued. */
+static int outq_flush(struct controller *c, void *sock, const struct route *to, struct outq *q)
+{
+    shoal_frame route = {to->id, to->len};
+    while (q->head) {
+        struct qmsg *m = q->head;
+        int rc = shoal_wire_forward(sock, c->key, &route, &m->h, NULL, 0, m->frames, m->n);
+        if (rc < 0)
+            return rc;
+        q->head = m->next;
+        if (!q->head)
+            q->tail = &q->head;
+        q->n--;
+        q->bytes -= m->bytes;
+        qmsg_free(m);
+    }
+    return 0;
+}
+
+/*
+ * Sends a message to a peer without waiting: straight away when nothing is
+ * queued for it and its ZeroMQ queue has room, else at the end of q.
+ * Returns 0 (sent or queued), -EHOSTUNREACH (the peer is gone), -ENOBUFS
+ * (q is full) or another negative errno.
+ */
+static int peer_send(struct controller *c, void *sock, const struct route *to, struct outq *q, uint64_t max_bytes,
+                     const shoal_msg_header *h, const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs,
+                     size_t n_msgs)
+{
+    if (!q->head) {
+        shoal_frame route = {to->id, to->len};
+        int rc = shoal_wire_forward(sock, c->key, &route, h, new_frames, n_new, msgs, n_msgs);
+        if (rc != -EAGAIN)
+            return rc;
+        c->nqueued++;
+        c->flush_backoff_ns = 1000000;
+        c->next_flush_ns = now_ns() + c->flush_backoff_ns;
+    }
+    int rc = outq_push(q, max_bytes, h, new_frames, n_new, msgs, n_msgs);
+    if (rc < 0 && !q->head)
+        c->nqueued--;
+    return rc;
+}
+
+/* ---- clients ------------------------------------------------------------------ */
+
+static uint32_t route_hash(const struct route *r)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (size_t i = 0; i < r->len; i++)
+        h = (h ^ r->id[i]) * 16777619u;
+    return h % CLIENT_BUCKETS;
+}
+
+static struct client **client_slot(struct controller *c, const struct route *r)
+{
+    struct client **p = &c->clients_by_route[route_hash(r)];
+    while (*p && ((*p)->route.len != r->len || memcmp((*p)->route.id, r->id, r->len)))
+        p = &(*p)->next;
+    return p;
+}
+
+/* The client at route r, made if it is new; NULL without memory. */
+static struct client *client_of(struct controller *c, const struct route *r)
+{
+    struct client **slot = client_slot(c, r);
+    if (*slot)
+        return *slot;
+    struct client *cl = calloc(1, sizeof *cl);
+    if (!cl)
+        return NULL;
+    cl->route = *r;
+    outq_init(&cl->q);
+    *slot = cl;
+    c->nclients++;
+    return cl;
+}
+
+/* Frees cl if nothing of it is left: no parts in flight, nothing queued
+ * and nothing lost that it has yet to be told of. */
+static void client_release(struct controller *c, struct client *cl)
+{
+    if (cl->parts || cl->q.head || cl->nlost)
+        return;
+    struct client **slot = client_slot(c, &cl->route);
+    if (*slot == cl)
+        *slot = cl->next;
+    free(cl->lost);
+    free(cl);
+    c->nclients--;
+}
+
+/* cl's connection is gone (ROUTER_MANDATORY said so): what waits for it is
+ * dropped, and what comes for it later too. */
+static void client_gone(struct client *cl)
+{
+    if (cl->gone)
+        return;
+    cl->gone = 1;
+    if (cl->q.head || cl->nlost)
+        logf_("a client is gone: %" PRIu64 " message(s) for it dropped, the results of %" PRIu64
+              " task part(s) in flight will be too", cl->q.n + cl->nlost, cl->parts);
+    else if (cl->parts)
+        logf_("a client is gone: the results of its %" PRIu64 " task part(s) in flight will be dropped", cl->parts);
+    outq_clear(&cl->q);
+    cl->nlost = 0;
+}
+
+/*
+ * Sends a message to client cl, or queues it while cl's ZeroMQ queue is
+ * full. Past cl's backlog limit a RESULT is dropped and recorded as lost
+ * (cl is told which tasks failed, and why, when it reads again); an OUTPUT
+ * is dropped (its text is also in the RESULT). Nothing is dropped silently.
+ */
+static void client_send(struct controller *c, struct client *cl, const shoal_msg_header *h,
+                        const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs, size_t n_msgs)
+{
+    if (cl->gone)
+        return;
+    int rc = peer_send(c, c->clients, &cl->route, &cl->q, c->client_backlog_max, h, new_frames, n_new, msgs, n_msgs);
+    if (rc == -EHOSTUNREACH) {
+        client_gone(cl);
+    } else if (rc < 0 && h->type == SHOAL_MSG_RESULT) {
+        if (cl->nlost == cl->lost_cap) {
+            size_t cap = cl->lost_cap ? 2 * cl->lost_cap : 64;
+            struct lost *more = realloc(cl->lost, cap * sizeof *more);
+            if (!more) {
+                logf_("a result of task %" PRIu64 " is lost: no memory to queue it or to say so", h->task_id);
+                return;
+            }
+            cl->lost = more;
+            cl->lost_cap = cap;
+        }
+        if (!cl->nlost && !cl->q.head)
+            c->nqueued++; /* flushed, and told, with the queues */
+        if (!cl->nlost)
+            logf_("a client is not reading its results: %" PRIu64 " message(s), %" PRIu64 " MiB wait for it; "
+                  "results past that are dropped, and it is told", cl->q.n, cl->q.bytes >> 20);
+        cl->lost[cl->nlost++] = (struct lost){h->task_id, h->reply_to, h->sender};
+        for (size_t i = 0; i < n_msgs; i++)
+            cl->dropped_bytes += zmq_msg_size(&msgs[i]);
+        c->results_dropped++;
+    } else if (rc < 0) {
+        logf_("output of task %" PRIu64 " dropped: its client is not reading (%s)", h->task_id,
+              rc == -ENOBUFS ? "its backlog is full" : zmq_strerror(-rc));
+    }
+}
+
+/* Tells cl of the results it lost, once its queue is empty; -EAGAIN while
+ * its ZeroMQ queue is still full. */
+static int client_tell_lost(struct controller *c, struct client *cl)
+{
+    while (cl->nlost) {
+        struct lost *l = &cl->lost[cl->nlost - 1];
+        char why[256];
+        snprintf(why, sizeof why, "answered task %" PRIu64 ", but the controller dropped the result: this client "
+                 "did not read its results while %" PRIu64 " MiB of them waited (the limit is %" PRIu64 " MiB, "
+                 "shoal start --client-backlog)", l->task_id, (cl->dropped_bytes >> 20) + 1,
+                 c->client_backlog_max >> 20);
+        shoal_msg_header h = {.msg_id = ++c->next_msg_id, .task_id = l->task_id, .reply_to = l->client_msg};
+        shoal_frame route = {cl->route.id, cl->route.len};
+        int rc = shoal_wire_send_engine_error(c->clients, c->key, &route, &h, l->engine, why);
+        if (rc == -EAGAIN)
+            return rc;
+        if (rc == -EHOSTUNREACH) {
+            client_gone(cl);
+            return 0;
+        }
+        cl->nlost--;
+    }
+    cl->dropped_bytes = 0;
+    return 0;
+}
+
+/* Tries every queue again: clients', then nodes'. */
+static void flush_queues(struct controller *c)
+{
+    uint32_t before = c->nqueued, left = 0;
+    for (uint32_t b = 0; b < CLIENT_BUCKETS; b++) {
+        struct client *next;
+        for (struct client *cl = c->clients_by_route[b]; cl; cl = next) {
+            next = cl->next;
+            if (!cl->q.head && !cl->nlost)
+                continue;
+            int rc = outq_flush(c, c->clients, &cl->route, &cl->q);
+            if (rc == 0)
+                rc = client_tell_lost(c, cl);
+            if (rc == -EHOSTUNREACH)
+                client_gone(cl);
+            if (cl->q.head || cl->nlost)
+                left++;
+            else
+                client_release(c, cl);
+        }
+    }
+    for (uint32_t i = 0; i < c->nnodes; i++) {
+        struct node *nd = &c->nodes[i];
+        if (!nd->q.head)
+            continue;
+        if (outq_flush(c, c->agents, &nd->route, &nd->q) == -EHOSTUNREACH)
+            outq_clear(&nd->q); /* its tasks fail when the node is declared lost */
+        left += nd->q.head != NULL;
+    }
+    /* Soon again after progress; less often while nothing moves. */
+    if (left < before || c->flush_backoff_ns == 0)
+        c->flush_backoff_ns = 1000000;
+    else if (c->flush_backoff_ns < 64 * 1000000)
+        c->flush_backoff_ns *= 2;
+    c->nqueued = left;
+    c->next_flush_ns = now_ns() + c->flush_backoff_ns;
 }
 
 /* ---- tasks ------------------------------------------------------------------ */
@@ -309,15 +696,20 @@ static void task_free(struct controller *c, struct task **slot)
     c->ntasks--;
 }
 
-/* Tells the client that engine `engine` could not run task `t`. */
-static void fail_target(struct controller *c, const struct route *client, uint64_t client_msg, uint64_t task_id,
+/* Tells client cl that engine `engine` could not run its task: an
+ * EngineError RESULT, in its turn after what is queued for cl. */
+static void fail_target(struct controller *c, struct client *cl, uint64_t client_msg, uint64_t task_id,
                         uint32_t engine, const char *why)
 {
-    char evalue[256];
+    char evalue[256], meta[SHOAL_WIRE_ENGINE_ERROR_MAX];
     snprintf(evalue, sizeof evalue, "engine %u %s (task %" PRIu64 ")", engine, why, task_id);
-    shoal_msg_header h = {.msg_id = ++c->next_msg_id, .task_id = task_id, .reply_to = client_msg};
-    shoal_frame route = {client->id, client->len};
-    shoal_wire_send_engine_error(c->clients, c->key, &route, &h, engine, evalue);
+    int n = shoal_wire_engine_error_meta(engine, evalue, meta, sizeof meta);
+    if (n < 0)
+        return;
+    shoal_frame f[2] = {{meta, (size_t)n}, {"", 0}};
+    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++c->next_msg_id,
+                          .task_id = task_id, .sender = engine, .target = engine, .reply_to = client_msg};
+    client_send(c, cl, &h, f, 2, NULL, 0);
 }
 
 /* Marks engine e's part of task t done; frees t when nothing is left. */
@@ -328,10 +720,14 @@ static void task_target_done(struct controller *c, struct task **slot, uint32_t 
         if (t->engines[i] == e && !t->done[i]) {
             t->done[i] = 1;
             t->remaining--;
+            t->cl->parts--;
             break;
         }
-    if (t->remaining == 0)
+    if (t->remaining == 0) {
+        struct client *cl = t->cl;
         task_free(c, slot);
+        client_release(c, cl);
+    }
 }
 
 /* Fails every unanswered part of every task that engine e (or, with e ==
@@ -346,14 +742,18 @@ static void fail_engine_tasks(struct controller *c, uint32_t e, uint32_t n, cons
                 uint32_t te = t->engines[i];
                 if (t->done[i] || (e != UINT32_MAX ? te != e : c->engines[te].node != n))
                     continue;
-                fail_target(c, &t->client, t->client_msg, t->id, te, why);
+                fail_target(c, t->cl, t->client_msg, t->id, te, why);
                 t->done[i] = 1;
                 t->remaining--;
+                t->cl->parts--;
             }
-            if (t->remaining == 0)
+            if (t->remaining == 0) {
+                struct client *cl = t->cl;
                 task_free(c, p);
-            else
+                client_release(c, cl);
+            } else {
                 p = &t->next;
+            }
         }
     }
 }
@@ -375,10 +775,24 @@ static void route_task(struct controller *c, shoal_wire_msg *m, const struct rou
         reply_error(c, c->clients, from, m->hdr.msg_id, "bad target list (%zu bytes)", tf.len);
         return;
     }
-    uint32_t n = (uint32_t)(tf.len / 4);
-    uint32_t *targets = malloc((n ? n : c->nengines + 1) * sizeof *targets);
-    if (!targets)
+    struct client *cl = client_of(c, from);
+    if (!cl) {
+        reply_error(c, c->clients, from, m->hdr.msg_id, "the controller is out of memory");
         return;
+    }
+    uint32_t n = (uint32_t)(tf.len / 4);
+    if (cl->parts + (n ? n : c->nengines) > c->max_client_parts) {
+        reply_error(c, c->clients, from, m->hdr.msg_id, "this client has %" PRIu64 " task parts in flight, "
+                    "the most one client may have is %" PRIu64 ": take results before submitting more",
+                    cl->parts, c->max_client_parts);
+        client_release(c, cl);
+        return;
+    }
+    uint32_t *targets = malloc((n ? n : c->nengines + 1) * sizeof *targets);
+    if (!targets) {
+        client_release(c, cl);
+        return;
+    }
     if (n) {
         memcpy(targets, tf.data, tf.len); /* little-endian hosts only, as the arena */
         /* Each engine answers once per task: a target named twice is an error. */
@@ -389,6 +803,7 @@ static void route_task(struct controller *c, shoal_wire_msg *m, const struct rou
                 reply_error(c, c->clients, from, m->hdr.msg_id, "engine %u is named twice in the targets", e);
                 free(seen);
                 free(targets);
+                client_release(c, cl);
                 return;
             }
         }
@@ -401,29 +816,34 @@ static void route_task(struct controller *c, shoal_wire_msg *m, const struct rou
     uint64_t task_id = ++c->next_task_id;
     struct task *t = calloc(1, sizeof *t);
     uint8_t *done = calloc(n ? n : 1, 1);
-    if (!t || !done) {
+    uint32_t *mine = malloc((n ? n : 1) * sizeof *mine);
+    if (!t || !done || !mine) {
         free(targets);
         free(t);
         free(done);
+        free(mine);
+        reply_error(c, c->clients, from, m->hdr.msg_id, "the controller is out of memory");
+        client_release(c, cl);
         return;
     }
-    *t = (struct task){.id = task_id, .client = *from, .client_msg = m->hdr.msg_id, .n = n, .engines = targets,
+    *t = (struct task){.id = task_id, .cl = cl, .client_msg = m->hdr.msg_id, .n = n, .engines = targets,
                        .done = done};
-    uint32_t *mine = malloc((n ? n : 1) * sizeof *mine);
+    /* In the table first: a failure below (fail_target) may look for it. */
+    struct task **slot = task_slot(c, task_id);
+    *slot = t;
+    c->ntasks++;
     for (uint32_t i = 0; i < n; i++) {
         uint32_t e = targets[i];
-        if (!mine) {
-            fail_target(c, from, m->hdr.msg_id, task_id, e, "could not be reached (out of memory)");
-            done[i] = 1;
-        } else if (e >= c->nengines || !c->engines[e].alive) {
-            fail_target(c, from, m->hdr.msg_id, task_id, e, e >= c->nengines ? "does not exist" : "is not running");
+        if (e >= c->nengines || !c->engines[e].alive) {
+            fail_target(c, cl, m->hdr.msg_id, task_id, e, e >= c->nengines ? "does not exist" : "is not running");
             done[i] = 1;
         } else {
             t->remaining++;
+            cl->parts++;
         }
     }
     /* One message per node, carrying that node's live targets. */
-    for (uint32_t node = 0; node < c->nnodes && mine; node++) {
+    for (uint32_t node = 0; node < c->nnodes; node++) {
         uint32_t k = 0;
         for (uint32_t i = 0; i < n; i++)
             if (!done[i] && c->engines[targets[i]].node == node)
@@ -433,28 +853,28 @@ static void route_task(struct controller *c, shoal_wire_msg *m, const struct rou
         shoal_msg_header h = {.type = SHOAL_MSG_TASK, .flags = m->hdr.flags, .n_payload = m->hdr.n_payload,
                               .n_buffers = m->hdr.n_buffers, .msg_id = ++c->next_msg_id, .task_id = task_id,
                               .target = k == 1 ? mine[0] : SHOAL_WIRE_TARGET_ALL};
-        shoal_frame route = {c->nodes[node].route.id, c->nodes[node].route.len};
+        struct node *nd = &c->nodes[node];
         shoal_frame first = {mine, (size_t)k * 4};
-        int rc = shoal_wire_forward(c->agents, c->key, &route, &h, &first, 1, m->frames + 1, m->nframes - 1);
+        int rc = peer_send(c, c->agents, &nd->route, &nd->q, NODE_BACKLOG_BYTES, &h, &first, 1, m->frames + 1,
+                           m->nframes - 1);
         if (rc < 0) {
+            const char *why = rc == -ENOBUFS ? "could not be reached: its node's queue is full" :
+                              rc == -EHOSTUNREACH ? "could not be reached: its node's connection is gone" :
+                              "could not be reached";
             for (uint32_t i = 0; i < n; i++)
                 if (!done[i] && c->engines[targets[i]].node == node) {
-                    fail_target(c, from, m->hdr.msg_id, task_id, targets[i], "could not be reached");
+                    fail_target(c, cl, m->hdr.msg_id, task_id, targets[i], why);
                     done[i] = 1;
                     t->remaining--;
+                    cl->parts--;
                 }
         }
     }
     free(mine);
     if (t->remaining == 0) {
-        free(t->engines);
-        free(t->done);
-        free(t);
-        return;
+        task_free(c, slot);
+        client_release(c, cl);
     }
-    struct task **slot = task_slot(c, task_id);
-    *slot = t;
-    c->ntasks++;
 }
 
 /* An engine's RESULT (or OUTPUT) on its way to the client that asked. */
@@ -469,10 +889,7 @@ static void route_result(struct controller *c, shoal_wire_msg *m)
     shoal_msg_header h = m->hdr;
     h.msg_id = ++c->next_msg_id;
     h.reply_to = t->client_msg;
-    shoal_frame route = {t->client.id, t->client.len};
-    if (shoal_wire_forward(c->clients, c->key, &route, &h, NULL, 0, m->frames, m->nframes) < 0)
-        logf_("a result of task %" PRIu64 " could not be delivered: its client is gone or not reading",
-              m->hdr.task_id);
+    client_send(c, t->cl, &h, NULL, 0, m->frames, m->nframes);
     if (m->hdr.type == SHOAL_MSG_RESULT)
         task_target_done(c, slot, m->hdr.sender);
 }
@@ -496,7 +913,7 @@ static void abort_tasks(struct controller *c, shoal_wire_msg *m, const struct ro
     uint8_t *node_has = calloc(c->nnodes ? c->nnodes : 1, 1);
     for (uint32_t b = 0; node_has && b < TASK_BUCKETS; b++)
         for (struct task *t = c->tasks[b]; t; t = t->next) {
-            if (t->client.len != from->len || memcmp(t->client.id, from->id, from->len))
+            if (t->cl->route.len != from->len || memcmp(t->cl->route.id, from->id, from->len))
                 continue;
             int wanted = 0;
             const cJSON *id;
@@ -515,8 +932,8 @@ static void abort_tasks(struct controller *c, shoal_wire_msg *m, const struct ro
                     continue;
                 shoal_msg_header h = {.type = SHOAL_MSG_ABORT, .msg_id = ++c->next_msg_id, .task_id = t->id,
                                       .target = SHOAL_WIRE_TARGET_ALL};
-                shoal_frame route = {c->nodes[n].route.id, c->nodes[n].route.len};
-                if (shoal_wire_send(c->agents, c->key, &route, &h, NULL, 0) < 0)
+                struct node *nd = &c->nodes[n];
+                if (peer_send(c, c->agents, &nd->route, &nd->q, NODE_BACKLOG_BYTES, &h, NULL, 0, NULL, 0) < 0)
                     logf_("could not pass on the abort of task %" PRIu64 " to node %u", t->id, n);
             }
         }
@@ -585,8 +1002,9 @@ static void signal_engines(struct controller *c, shoal_wire_msg *m, const struct
         if (text) {
             shoal_msg_header h = {.type = SHOAL_MSG_SIGNAL, .n_payload = 1, .msg_id = ++c->next_msg_id,
                                   .target = SHOAL_WIRE_TARGET_ALL};
-            shoal_frame route = {c->nodes[n].route.id, c->nodes[n].route.len}, f = {text, strlen(text)};
-            if (shoal_wire_send(c->agents, c->key, &route, &h, &f, 1) < 0)
+            shoal_frame f = {text, strlen(text)};
+            struct node *nd = &c->nodes[n];
+            if (peer_send(c, c->agents, &nd->route, &nd->q, NODE_BACKLOG_BYTES, &h, &f, 1, NULL, 0) < 0)
                 logf_("could not pass a signal on to node %u", n);
             free(text);
         }
@@ -662,6 +1080,7 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
             struct node *nd = &c->nodes[n];
             nd->route = *from;
             nd->alive = 1;
+            outq_init(&nd->q);
             nd->pid = pid->valueint;
             snprintf(nd->host, sizeof nd->host, "%s", host->valuestring);
             cJSON *sock = cJSON_GetObjectItemCaseSensitive(body, "socket");
@@ -732,13 +1151,39 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
     cJSON_Delete(reply);
 }
 
-/* Receives what is waiting on sock and handles it. */
+/*
+ * Logs a refused message, at most REFUSALS_LOGGED a window: a sender of
+ * garbage must not fill the disk (90 bytes a message came to 33 GiB an hour
+ * from one sender). The rest are counted, and summed up in one line when the
+ * window ends.
+ */
+static void log_refusal(struct controller *c, int from_agents, int rc)
+{
+    int64_t now = now_ns();
+    if (now - c->refusal_window_ns > REFUSAL_WINDOW_NS) {
+        if (c->refusals_unlogged)
+            logf_("... and %" PRIu64 " more message(s) refused in %lld s (the counters in QUERY_REPLY's \"refused\" "
+                  "have them all)", c->refusals_unlogged, (long long)(REFUSAL_WINDOW_NS / 1000000000));
+        c->refusal_window_ns = now;
+        c->refusals_in_window = c->refusals_unlogged = 0;
+    }
+    if (c->refusals_in_window++ < REFUSALS_LOGGED)
+        logf_("refused a message from %s: %s", from_agents ? "an agent" : "a client", shoal_wire_strerror(rc));
+    else
+        c->refusals_unlogged++;
+}
+
+/* Receives what is waiting on sock and handles it, for DRAIN_SLICE_NS at
+ * most: one busy peer must not starve the other socket, the heartbeats or
+ * the queues. */
 static void drain_socket(struct controller *c, void *sock, int from_agents)
 {
-    for (int budget = 0; budget < 1024; budget++) {
+    int64_t until = now_ns() + DRAIN_SLICE_NS;
+    for (int budget = 0; budget < 1024 && (budget % 64 || now_ns() < until); budget++) {
         shoal_wire_msg m;
         shoal_wire_counters *k = from_agents ? &c->agent_counters : &c->client_counters;
-        int rc = shoal_wire_recv(sock, c->key, true, NULL, ZMQ_DONTWAIT, &m, k);
+        int rc = shoal_wire_recv(sock, c->key, true, from_agents ? &c->agent_limits : &c->client_limits,
+                                 ZMQ_DONTWAIT, &m, k);
         if (rc == -EAGAIN) {
             shoal_wire_msg_close(&m);
             return;
@@ -746,7 +1191,7 @@ static void drain_socket(struct controller *c, void *sock, int from_agents)
         struct route from;
         route_of(&m, &from);
         if (rc < 0) {
-            logf_("refused a message from %s: %s", from_agents ? "an agent" : "a client", shoal_wire_strerror(rc));
+            log_refusal(c, from_agents, rc);
             if (m.has_route)
                 reply_error(c, sock, &from, 0, "message refused: %s", shoal_wire_strerror(rc));
             shoal_wire_msg_close(&m);
@@ -797,24 +1242,31 @@ static void shutdown_agents(struct controller *c)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: shoal-controller [--profile NAME] [--ip ADDR] [--heartbeat-ms N]\n"
+    fprintf(f, "usage: shoal-controller [--profile NAME] [--ip ADDR] [--heartbeat-ms N] [--client-backlog BYTES]\n"
+               "                        [--max-frame BYTES] [--max-payload BYTES] [--max-client-parts N]\n"
                "  Binds on ADDR (default 127.0.0.1) and writes the connection file under\n"
-               "  $SHOAL_DIR (default ~/.shoal)/profile_NAME/connection.json (mode 0600).\n");
+               "  $SHOAL_DIR (default ~/.shoal)/profile_NAME/connection.json (mode 0600).\n"
+               "  --client-backlog: bytes of results kept for a client that does not read\n"
+               "  (default 1 GiB); --max-frame, --max-payload: the largest frame, and payload,\n"
+               "  a message may have (defaults 1 GiB and 256 MiB; see docs/protocol.md);\n"
+               "  --max-client-parts: task parts (one per target engine) one client may have\n"
+               "  in flight (default 1048576).\n");
 }
 
 /*
- * sndtimeo_ms bounds how long a send may wait for a peer whose queue is
- * full: 0 for clients (a client that stops reading loses its messages, not
- * the controller its progress), a little for agents (a task that cannot be
- * handed over fails as unreachable).
+ * Sends never wait (SNDTIMEO 0): a message for a peer whose queue is full
+ * waits in the controller's queue for it (peer_send), so that one slow
+ * peer never stops the others. max_frame also goes to ZeroMQ, which drops
+ * a connection that sends a larger frame before holding the frame.
  */
-static int bind_router(struct controller *c, void **sock, const char *ip, char *ep, size_t eplen, int sndtimeo_ms)
+static int bind_router(struct controller *c, void **sock, const char *ip, char *ep, size_t eplen,
+                       uint64_t max_frame)
 {
     *sock = zmq_socket(c->ctx, ZMQ_ROUTER);
     if (!*sock)
         return -zmq_errno();
-    int zero = 0, one = 1;
-    int64_t maxmsg = (int64_t)shoal_wire_default_limits.max_frame;
+    int zero = 0, one = 1, sndtimeo_ms = 0;
+    int64_t maxmsg = (int64_t)max_frame;
     zmq_setsockopt(*sock, ZMQ_LINGER, &zero, sizeof zero);
     zmq_setsockopt(*sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     /* Replies to a peer that has gone fail instead of vanishing silently. */
@@ -834,11 +1286,35 @@ int main(int argc, char **argv)
 {
     const char *profile = "default", *ip = "127.0.0.1";
     long hb_ms = 1000;
+    uint64_t backlog = 1ull << 30, max_frame = 1ull << 30, max_payload = 256ull << 20, parts = MAX_CLIENT_PARTS;
     static const struct option opts[] = {
         {"profile", required_argument, NULL, 'p'}, {"ip", required_argument, NULL, 'i'},
-        {"heartbeat-ms", required_argument, NULL, 'b'}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+        {"heartbeat-ms", required_argument, NULL, 'b'}, {"client-backlog", required_argument, NULL, 'B'},
+        {"max-frame", required_argument, NULL, 'F'}, {"max-payload", required_argument, NULL, 'P'},
+        {"max-client-parts", required_argument, NULL, 'T'},
+        {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     for (int o; (o = getopt_long(argc, argv, "p:i:b:h", opts, NULL)) != -1;) {
         switch (o) {
+        case 'T':
+            if (shoal_parse_u64(optarg, 1u << 30, &parts) < 0 || parts < 1) {
+                fprintf(stderr, "shoal-controller: --max-client-parts wants a number of task parts (1 to %u), "
+                                "not '%s'\n", 1u << 30, optarg);
+                return 2;
+            }
+            break;
+        case 'B':
+        case 'F':
+        case 'P': {
+            uint64_t v;
+            const char *name = o == 'B' ? "--client-backlog" : o == 'F' ? "--max-frame" : "--max-payload";
+            if (shoal_parse_u64(optarg, shoal_wire_default_limits.max_frame, &v) < 0 || v < 4096) {
+                fprintf(stderr, "shoal-controller: %s wants a number of bytes (4096 to %" PRIu64 "), not '%s'\n",
+                        name, shoal_wire_default_limits.max_frame, optarg);
+                return 2;
+            }
+            *(o == 'B' ? &backlog : o == 'F' ? &max_frame : &max_payload) = v;
+            break;
+        }
         case 'p':
             profile = optarg;
             break;
@@ -870,6 +1346,11 @@ int main(int argc, char **argv)
 
     static struct controller c;
     c.heartbeat_ns = hb_ms * 1000000;
+    c.client_backlog_max = backlog;
+    c.max_client_parts = parts;
+    c.client_limits = (shoal_wire_limits){.max_frame = max_frame, .max_body = shoal_wire_default_limits.max_body,
+                                          .max_payload = max_payload};
+    c.agent_limits = c.client_limits;
     c.engines = calloc(MAX_ENGINES, sizeof *c.engines);
     if (!c.engines || shoal_wire_keygen(c.key) < 0) {
         logf_("cannot initialise");
@@ -909,9 +1390,9 @@ int main(int argc, char **argv)
     int sfd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK);
 
     c.ctx = zmq_ctx_new();
-    int rc = bind_router(&c, &c.clients, ip, c.client_ep, sizeof c.client_ep, 0);
+    int rc = bind_router(&c, &c.clients, ip, c.client_ep, sizeof c.client_ep, max_frame);
     if (rc == 0)
-        rc = bind_router(&c, &c.agents, ip, c.agent_ep, sizeof c.agent_ep, 1000);
+        rc = bind_router(&c, &c.agents, ip, c.agent_ep, sizeof c.agent_ep, max_frame);
     if (rc < 0) {
         logf_("cannot bind on %s: %s", ip, zmq_strerror(-rc));
         return 1;
@@ -926,7 +1407,8 @@ int main(int argc, char **argv)
     while (!c.stopping) {
         zmq_pollitem_t items[3] = {
             {c.clients, 0, ZMQ_POLLIN, 0}, {c.agents, 0, ZMQ_POLLIN, 0}, {NULL, sfd, ZMQ_POLLIN, 0}};
-        int64_t wait = (c.next_beat_ns - now_ns()) / 1000000;
+        int64_t next = c.nqueued && c.next_flush_ns < c.next_beat_ns ? c.next_flush_ns : c.next_beat_ns;
+        int64_t wait = (next - now_ns() + 999999) / 1000000;
         if (wait < 0)
             wait = 0;
         int n = zmq_poll(items, 3, (long)wait);
@@ -944,6 +1426,8 @@ int main(int argc, char **argv)
             drain_socket(&c, c.clients, 0);
         if (n > 0 && (items[1].revents & ZMQ_POLLIN))
             drain_socket(&c, c.agents, 1);
+        if (c.nqueued && now_ns() >= c.next_flush_ns)
+            flush_queues(&c);
         if (now_ns() >= c.next_beat_ns)
             heartbeat(&c);
     }
@@ -952,6 +1436,19 @@ int main(int argc, char **argv)
     zmq_setsockopt(c.agents, ZMQ_LINGER, &linger, sizeof linger);
     shutdown_agents(&c);
     unlink(c.conn_path);
+    for (uint32_t b = 0; b < CLIENT_BUCKETS; b++)
+        while (c.clients_by_route[b]) {
+            struct client *cl = c.clients_by_route[b];
+            c.clients_by_route[b] = cl->next;
+            outq_clear(&cl->q);
+            free(cl->lost);
+            free(cl);
+        }
+    for (uint32_t i = 0; i < c.nnodes; i++)
+        outq_clear(&c.nodes[i].q);
+    for (uint32_t b = 0; b < TASK_BUCKETS; b++)
+        while (c.tasks[b])
+            task_free(&c, &c.tasks[b]);
     zmq_close(c.clients);
     zmq_close(c.agents);
     zmq_ctx_term(c.ctx);

@@ -80,9 +80,12 @@ typedef struct shoal_frame {
 typedef struct shoal_wire_limits {
     uint64_t max_frame; /* bytes in one payload or buffer frame */
     uint64_t max_body;  /* bytes in all of them together */
+    uint64_t max_payload; /* bytes in the payload frames together (the ones
+                           * the MAC hashes); 0: only max_body bounds them */
 } shoal_wire_limits;
 
-/* Generous defaults: 4 GiB per frame and 16 GiB per message. */
+/* Generous defaults: 4 GiB per frame and 16 GiB per message, payload
+ * unbounded but by those. */
 extern const shoal_wire_limits shoal_wire_default_limits;
 
 /* Initialises libsodium once. Returns 0 or -EIO. Safe to call repeatedly and

@@ -91,6 +91,15 @@ int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoa
 int shoal_wire_send_engine_error(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
                                  const shoal_msg_header *h, uint32_t engine, const char *evalue);
 
+/*
+ * Writes the JSON meta (payload 0) of such an EngineError RESULT into
+ * out[len]; payload 1 is an empty pickle. Returns its length, or -EINVAL if
+ * it does not fit (SHOAL_WIRE_ENGINE_ERROR_MAX always does). For a caller
+ * that queues the message instead of sending it at once.
+ */
+#define SHOAL_WIRE_ENGINE_ERROR_MAX 768
+int shoal_wire_engine_error_meta(uint32_t engine, const char *evalue, char *out, size_t len);
+
 #ifdef __cplusplus
 }
 #endif

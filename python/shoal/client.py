@@ -47,6 +47,13 @@ _CORES = os.cpu_count() or 1
 # client that submits 100,000 tasks at once would find the table full, and
 # fail results it could not read.
 MAX_LANE_TASKS = 4096
+# Task parts (one per target engine) a client has in flight through the
+# controller at most. A submission past this first takes results as they
+# come in, until there is room: the client reads while it submits, and the
+# controller's queue for it stays small (docs/controller.md, "Flow
+# control"). Without it, a client that submits 100,000 tasks before it
+# reads would have the controller hold every result for it.
+CONTROLLER_WINDOW = 2048
 # A reply block larger than this (bytes) is released at once, waking its
 # engine if it sleeps; a smaller one (without arena buffers), of a task for
 # more engines than cores, waits for the engine's next task. Either way the
@@ -146,8 +153,13 @@ class Client:
                           f"Start one with `shoal start`.") from None
         self._key = bytes.fromhex(info["key"])
         self._sock = _core.Socket("dealer", self._key, connect=info["client"])
+        # What the controller accepts at most (docs/protocol.md, "Limits"):
+        # a task past it is refused here, with a clear error, not sent.
+        self._max_frame = info.get("max_frame") or 1 << 62
+        self._max_payload = info.get("max_payload") or 1 << 62
         self._lock = threading.RLock()
         self._pending = {}  # msg_id -> AsyncResult
+        self._ctl_parts = 0  # task parts in flight through the controller (CONTROLLER_WINDOW)
         self._replies = {}  # msg_id -> (header, payload) of control replies
         self.timeout = timeout
         self.local = None
@@ -791,11 +803,15 @@ class Client:
             ar._keep.extend(s_here.keep)
         for group, s in ((here, s_here), (away, s_away)):
             if group:
+                self._check_limits(s, group)
+        for group, s in ((here, s_here), (away, s_away)):
+            if group:
                 m = dict(meta, buffers=s.buffers)
                 frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
                 mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
                 ar._mids[mid] = group
                 self._pending[mid] = ar
+                self._ctl_parts += len(group)
                 if ar.msg_id is None:
                     ar.msg_id = mid
         if not lanes:
@@ -815,6 +831,22 @@ class Client:
             lane.pending.add(task_id)
             self._lane_send(t, lane, slot, wake=False)
         return list(lanes.values())
+
+    def _check_limits(self, s, group):
+        """Raises ValueError for a task that the controller would refuse
+        (--max-payload, --max-frame): said here, before anything is sent."""
+        if len(s.payload) > self._max_payload:
+            raise ValueError(
+                f"this task's pickled payload is {len(s.payload)} bytes, more than the controller takes in one "
+                f"message ({self._max_payload} bytes, `shoal start --max-payload`); it goes to engine(s) {group} "
+                f"through the controller. Large data travels best as numpy arrays or bytes-like buffers, "
+                f"which are sent apart from the payload")
+        big = max((memoryview(f).nbytes for f in s.frames), default=0)
+        if big > self._max_frame:
+            raise ValueError(
+                f"this task has a buffer of {big} bytes, more than the controller takes in one frame "
+                f"({self._max_frame} bytes, `shoal start --max-frame`); it goes to engine(s) {group} through "
+                f"the controller")
 
     def _receive(self, timeout, want=1):
         """Receives what arrives within timeout seconds, then runs the
@@ -849,7 +881,8 @@ class Client:
         load-balanced map topping itself up), which the receiving serves."""
         with self._lock:
             while self._receiving == 0 and self._sock is not None and \
-                    len(self._lane_tasks) + len(self._pool_tasks) >= MAX_LANE_TASKS:
+                    (len(self._lane_tasks) + len(self._pool_tasks) >= MAX_LANE_TASKS or
+                     self._ctl_parts >= CONTROLLER_WINDOW):
                 self._receive(0.01)
 
     def _run_due(self):
@@ -918,11 +951,13 @@ class Client:
             if hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] in self._pending:
                 # The controller refused a task outright: every target of that message fails.
                 ar = self._pending.pop(hdr["reply_to"])
+                self._ctl_parts -= len(ar._mids.get(hdr["reply_to"], ()))
                 text = json.loads(bytes(payload[0])).get("error", "refused") if payload else "refused"
                 ar._refused(ar._mids.get(hdr["reply_to"], ()), text)
             elif hdr["type"] == _core.MSG_RESULT:
                 ar = self._pending.get(hdr["reply_to"])
                 if ar is not None:
+                    self._ctl_parts -= 1
                     ar._add(hdr, payload, buffers)
                     if ar._zmq_done():
                         for mid in ar._mids:
@@ -1212,6 +1247,7 @@ class Client:
                 if hasattr(w, "_abort"):
                     w._abort()
             self._pending.clear()
+            self._ctl_parts = 0
             self._lane_tasks.clear()
             self._pool_tasks.clear()
             if self._sock is not None:

@@ -14,7 +14,7 @@ def controller_binary():
 
 
 class Controller:
-    def __init__(self, root, profile="default", heartbeat_ms=200):
+    def __init__(self, root, profile="default", heartbeat_ms=200, extra=()):
         self.root = root
         self.profile = profile
         self.dir = root / f"profile_{profile}"
@@ -25,7 +25,7 @@ class Controller:
         self.log = root / f"controller-{profile}.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([controller_binary(), "--profile", profile, "--heartbeat-ms",
-                                          str(heartbeat_ms)], env=env, stderr=log)
+                                          str(heartbeat_ms), *extra], env=env, stderr=log)
         deadline = time.monotonic() + 10
         while not self.conn.exists():
             assert self.proc.poll() is None, self.log.read_text()
