@@ -1243,6 +1243,20 @@ int shoal_arena_reclaim(shoal_arena *a, pid_t pid)
     return busy ? -EBUSY : released;
 }
 
+int shoal_arena_holder_count(shoal_arena *a, pid_t pid)
+{
+    int rc = check_process(a);
+    if (rc < 0 || (rc = arena_lock(a)) < 0)
+        return rc;
+    int n = 0;
+    for (uint32_t i = 0; i < a->hdr->max_holders; i++) {
+        const struct holder *hd = holder_at(a, i);
+        n += atomic_load(&hd->state) == HOLDER_LIVE && hd->pid == pid;
+    }
+    arena_unlock(a);
+    return n;
+}
+
 int shoal_arena_reclaim_dead(shoal_arena *a)
 {
     int rc = check_process(a);

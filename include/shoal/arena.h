@@ -176,6 +176,15 @@ int shoal_arena_ptr(shoal_arena *a, shoal_handle h, void **out);
  */
 int shoal_arena_reclaim(shoal_arena *a, pid_t pid);
 
+/*
+ * Counts the holder records of process pid: how many times it is attached
+ * now. 0 means it holds no reference in the arena. Returns the count (>= 0),
+ * or -ECHILD, -EUCLEAN. Safe across threads and processes (it takes the
+ * lock); the answer may be stale by the time it returns, unless pid is
+ * known not to attach meanwhile.
+ */
+int shoal_arena_holder_count(shoal_arena *a, pid_t pid);
+
 /* Reclaims every holder record whose process is dead. Returns the number of
  * records reclaimed (>= 0) or a negative errno. */
 int shoal_arena_reclaim_dead(shoal_arena *a);

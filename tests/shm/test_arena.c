@@ -149,6 +149,18 @@ Test(arena, holder_table_full_is_enospc)
     shoal_arena_close(a);
 }
 
+Test(arena, holder_count_counts_the_attachments_of_a_pid)
+{
+    shoal_arena *a = make(4 * MiB), *b;
+    cr_assert_eq(shoal_arena_holder_count(a, getpid()), 1);
+    cr_assert_eq(shoal_arena_attach(shoal_arena_fd(a), &b), 0);
+    cr_assert_eq(shoal_arena_holder_count(a, getpid()), 2, "each attachment is a holder");
+    cr_assert_eq(shoal_arena_holder_count(a, getppid()), 0);
+    shoal_arena_close(b);
+    cr_assert_eq(shoal_arena_holder_count(a, getpid()), 1, "closing frees the record");
+    shoal_arena_close(a);
+}
+
 Test(arena, bad_options_are_einval)
 {
     shoal_arena_opts o = {.heap_size = 1ull << 50};
