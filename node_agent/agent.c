@@ -26,6 +26,7 @@
 #include <getopt.h>
 #include <limits.h>
 #include <poll.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -639,42 +640,157 @@ static void on_listen(shoal_loop *l, int fd, uint32_t events, void *arg)
     }
 }
 
-/* Makes the runtime directory: ours, mode 0700, not a symlink. */
+/* What to do about a runtime directory we cannot use. */
+static const char *runtime_dir_fix(void)
+{
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    return xdg && *xdg ? "or set XDG_RUNTIME_DIR to another directory of your own"
+                       : "or set XDG_RUNTIME_DIR to a directory of your own (the agent then uses "
+                         "$XDG_RUNTIME_DIR/shoal)";
+}
+
+/* "uid N (name)", or "uid N" where the name is unknown. */
+static void uid_text(uid_t uid, char *out, size_t len)
+{
+    struct passwd *pw = getpwuid(uid);
+    if (pw && pw->pw_name)
+        snprintf(out, len, "uid %d (%s)", (int)uid, pw->pw_name);
+    else
+        snprintf(out, len, "uid %d", (int)uid);
+}
+
+/* Makes the runtime directory: ours, mode 0700, not a symlink. Logs what is
+ * wrong with it, naming it and its owner and saying what to do, and returns
+ * -1; or returns 0. */
 static int runtime_dir(char *out, size_t len)
 {
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     int n = xdg && *xdg ? snprintf(out, len, "%s/shoal", xdg) : snprintf(out, len, "/tmp/shoal-%d", (int)geteuid());
-    if (n < 0 || (size_t)n >= len)
-        return -ENAMETOOLONG;
-    if (mkdir(out, 0700) < 0 && errno != EEXIST)
-        return -errno;
+    if (n < 0 || (size_t)n >= len) {
+        logf_("the runtime directory's path (%s/shoal) is too long: set XDG_RUNTIME_DIR to a shorter one", xdg);
+        return -1;
+    }
+    if (mkdir(out, 0700) < 0 && errno != EEXIST) {
+        logf_("cannot make the runtime directory %s: %s (%s)", out, strerror(errno), runtime_dir_fix());
+        return -1;
+    }
     struct stat st;
-    if (lstat(out, &st) < 0)
-        return -errno;
-    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077))
-        return -EPERM;
+    if (lstat(out, &st) < 0) {
+        logf_("cannot look at the runtime directory %s: %s (%s)", out, strerror(errno), runtime_dir_fix());
+        return -1;
+    }
+    char owner[300], me[300];
+    uid_text(st.st_uid, owner, sizeof owner);
+    uid_text(geteuid(), me, sizeof me);
+    if (S_ISLNK(st.st_mode)) {
+        logf_("the runtime directory %s is a symbolic link (owned by %s), which the agent does not follow: "
+              "remove it, %s", out, owner, runtime_dir_fix());
+        return -1;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        logf_("the runtime directory %s is not a directory (owned by %s): remove it, %s", out, owner,
+              runtime_dir_fix());
+        return -1;
+    }
+    if (st.st_uid != geteuid()) {
+        /* Someone else made it first, perhaps to catch our socket there. */
+        logf_("the runtime directory %s belongs to %s, not to this user, %s: another user made it; have it "
+              "removed (by its owner or root), %s", out, owner, me, runtime_dir_fix());
+        return -1;
+    }
+    if (st.st_mode & 077) {
+        logf_("the runtime directory %s is open to other users (mode %04o): `chmod 700 %s`, %s", out,
+              (unsigned)(st.st_mode & 07777), out, runtime_dir_fix());
+        return -1;
+    }
     return 0;
 }
 
-static int listen_unix(struct agent *a)
+/* FNV-1a of s: tells apart the sockets of same-named profiles of two
+ * $SHOAL_DIRs in one runtime directory. */
+static uint32_t name_hash(const char *s)
 {
-    char dir[sizeof a->sock_path];
-    int rc = runtime_dir(dir, sizeof dir - 32);
-    if (rc < 0)
-        return rc;
-    int n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%d.sock", dir, (int)getpid());
-    if (n < 0 || (size_t)n >= sizeof a->sock_path)
-        return -ENAMETOOLONG;
+    uint32_t h = 2166136261u;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+/* Whether an agent listens on the socket at path: 1 (and its pid in *pid),
+ * 0 if nobody does (a socket left by an agent that was killed) or there is
+ * no such file, or a negative errno (not a socket, or it cannot tell). */
+static int socket_in_use(const char *path, pid_t *pid)
+{
+    struct stat st;
+    if (lstat(path, &st) < 0)
+        return errno == ENOENT ? 0 : -errno;
+    if (!S_ISSOCK(st.st_mode))
+        return -ENOTSOCK;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
         return -errno;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    int rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+    /* A full backlog (EAGAIN) is a listener too: one that is stopped or busy. */
+    if (rc == 0 || errno == EAGAIN) {
+        struct ucred cred = {.pid = -1};
+        socklen_t len = sizeof cred;
+        if (rc < 0 || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+            cred.pid = -1;
+        *pid = cred.pid;
+        rc = 1;
+    } else {
+        rc = errno == ECONNREFUSED ? 0 : -errno;
+    }
+    close(fd);
+    return rc;
+}
+
+/* Listens on agent-<profile>-<hash of the profile directory>.sock in the
+ * runtime directory. One name per profile, so that the next agent of a
+ * profile finds the socket a killed one left and replaces it; a socket that
+ * a live agent listens on is never taken. Logs what is wrong and returns -1,
+ * or returns 0. */
+static int listen_unix(struct agent *a, const char *profile, const char *profile_dir)
+{
+    char dir[sizeof a->sock_path];
+    if (runtime_dir(dir, sizeof dir - 32) < 0)
+        return -1;
+    int n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%s-%08x.sock", dir, profile,
+                     (unsigned)name_hash(profile_dir));
+    if (n < 0 || (size_t)n >= sizeof a->sock_path) {
+        logf_("the socket's path (%s/agent-%s-....sock) is longer than a Unix socket's %zu bytes: use a shorter "
+              "profile name, %s", dir, profile, sizeof a->sock_path - 1, runtime_dir_fix());
+        return -1;
+    }
+    pid_t other = -1;
+    int rc = socket_in_use(a->sock_path, &other);
+    if (rc > 0) {
+        char pid[32] = "";
+        if (other > 0)
+            snprintf(pid, sizeof pid, " (pid %d)", (int)other);
+        logf_("another agent%s listens on %s, for profile '%s': stop it first (`shoal stop --profile %s`), or "
+              "start this one with another XDG_RUNTIME_DIR", pid, a->sock_path, profile, profile);
+        return -1;
+    }
+    if (rc < 0) {
+        logf_("%s is in the way of the agent's socket (%s): remove it", a->sock_path, strerror(-rc));
+        return -1;
+    }
+    if (unlink(a->sock_path) == 0)
+        logf_("replaced %s, which nobody listened on (left by an agent that was killed?)", a->sock_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        logf_("cannot make a Unix socket: %s", strerror(errno));
+        return -1;
+    }
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
     memcpy(sa.sun_path, a->sock_path, sizeof sa.sun_path);
-    unlink(a->sock_path);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || chmod(a->sock_path, 0600) < 0 || listen(fd, 128) < 0) {
-        rc = -errno;
+        logf_("cannot listen on %s: %s", a->sock_path, strerror(errno));
         close(fd);
-        return rc;
+        return -1;
     }
     a->listen_fd = fd;
     return 0;
@@ -1508,10 +1624,8 @@ int main(int argc, char **argv)
         logf_("cannot create the event loop: %s", strerror(-rc));
         return 1;
     }
-    if ((rc = listen_unix(&a)) < 0) {
-        logf_("cannot listen on a Unix socket: %s", strerror(-rc));
+    if (listen_unix(&a, profile, dir) < 0)
         return 1;
-    }
 
     a.sig_fd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK);
 
