@@ -1500,8 +1500,9 @@ static void usage(FILE *f)
                "                   [--prefault BYTES] [--retain BYTES]\n"
                "  Joins the cluster whose connection file is $SHOAL_DIR (default ~/.shoal)/profile_NAME/\n"
                "  connection.json with N engines (default 0) and a shared-memory arena of BYTES\n"
-               "  (default half of RAM). --restart-engines starts a new engine (with a new id) in\n"
-               "  place of one that dies. --prefault: how much fresh arena memory a background\n"
+               "  (default half of RAM, or of the memory cgroup's limit where that is lower).\n"
+               "  --restart-engines starts a new engine (with a new id) in place of one that\n"
+               "  dies. --prefault: how much fresh arena memory a background\n"
                "  thread keeps faulted in ahead of use (default an eighth of the arena, at most\n"
                "  1 GiB; 0 for none). --retain: how much freed arena memory is kept for reuse\n"
                "  before larger frees go back to the system (default half of the arena; 0 for none).\n");
@@ -1602,9 +1603,9 @@ int main(int argc, char **argv)
     /* Fresh shared pages cost ~5 us each to fault in here (0.6 s per GiB):
      * a thread keeps some ahead of use, so that a first large push finds
      * them ready (docs/arena.md). */
-    unsigned long long heap = arena_size;
-    if (!heap)
-        heap = (unsigned long long)sysconf(_SC_PHYS_PAGES) * (unsigned long long)sysconf(_SC_PAGESIZE) / 2;
+    /* By default half of the memory we may use: the host's, or our memory
+     * cgroup's limit where that is lower (a container). */
+    unsigned long long heap = arena_size ? arena_size : shoal_arena_default_heap_size();
     if (prefault == ~0ull)
         prefault = heap / 8 < (1ull << 30) ? heap / 8 : 1ull << 30;
     /* Freed memory is kept for reuse up to half of the arena: a workload that
@@ -1614,7 +1615,7 @@ int main(int argc, char **argv)
         retain = heap / 2;
     else if (retain == 0)
         retain = 1; /* none: the arena reads 0 as "its default" */
-    shoal_arena_opts ao = {.heap_size = arena_size, .flags = prefault ? SHOAL_ARENA_PREFAULT_THREAD : 0,
+    shoal_arena_opts ao = {.heap_size = heap, .flags = prefault ? SHOAL_ARENA_PREFAULT_THREAD : 0,
                            .prefault_ahead = prefault, .retain_bytes = retain};
     if ((rc = shoal_arena_create(&ao, &a.arena)) < 0) {
         logf_("cannot create the arena: %s", strerror(-rc));

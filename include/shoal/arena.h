@@ -100,6 +100,15 @@ typedef struct shoal_arena_stats {
 } shoal_arena_stats;
 
 /*
+ * The heap size an arena gets by default: half of the memory this process
+ * may use, which is the lower of the host's RAM and the limit of its memory
+ * cgroup (cgroup v2 memory.max, v1 memory.limit_in_bytes; the lowest of its
+ * cgroup and their ancestors), rounded down to 2 MiB (at least 2 MiB).
+ * Reads /proc and /sys/fs/cgroup on each call. Thread-safe.
+ */
+uint64_t shoal_arena_default_heap_size(void);
+
+/*
  * Creates an arena: a memfd of the metadata plus opts->heap_size bytes
  * (sparse: nothing is committed yet), mapped into this process, which becomes
  * its first holder. opts may be NULL for all defaults.
