@@ -26,6 +26,7 @@
 #include <getopt.h>
 #include <limits.h>
 #include <poll.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -35,6 +36,7 @@
 #include <shoal/ring.h>
 #include <spawn.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -44,7 +46,9 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Connections to our socket open at once, and processes behind them. */
 #define MAX_PEERS 4096
+#define MAX_PROCS 4096
 #define MAX_LOCAL_ENGINES 1024
 #define NSLOTS 1024
 
@@ -62,14 +66,31 @@ struct slot {
 };
 _Static_assert(sizeof(struct slot) == SHOAL_RING_SLOT, "a slot is 64 bytes");
 
+/*
+ * A connection to our socket. It lives as long as the connection: its slot,
+ * its lanes and its doorbell go when it closes.
+ */
 struct peer {
-    int fd;     /* the connection; -1 once closed */
-    int pidfd;  /* the process; its death releases what it held */
-    pid_t pid;
+    int fd;
+    pid_t pid;          /* its process (a struct proc) */
     uint64_t serial;    /* names the connection in its lanes */
     shoal_handle bell;  /* the doorbell its lanes ring (generation 0: none yet) */
     char line[512]; /* what it said so far */
     size_t linelen;
+};
+
+/*
+ * A process that connected: one per process, however many connections it
+ * opened. Its pidfd tells us when it dies, and then we release what it
+ * still held in the arena (references are per process, not per
+ * connection). We keep it while the process has a connection open or a
+ * holder record in the arena; a process with neither holds nothing that
+ * its death could leak.
+ */
+struct proc {
+    pid_t pid;
+    int pidfd;
+    int conns; /* its connections open */
 };
 
 /* A message block shared by the engines that run one task. */
@@ -147,6 +168,9 @@ struct agent {
     int64_t last_ctl_ns;
     struct peer peers[MAX_PEERS];
     int npeers;
+    struct proc procs[MAX_PROCS];
+    int nprocs;
+    int spare_fd; /* /dev/null, given up to accept and refuse a connection when out of fds */
     uint64_t next_msg_id;
     int exit_code;
     char engine_bin[PATH_MAX];
@@ -337,69 +361,109 @@ static int send_arena(struct agent *a, int fd)
     return send_line_with_fd(fd, text, (size_t)n, shoal_arena_fd(a->arena));
 }
 
-/* Forgets peer i; if its process is gone, releases what it held in the
- * arena. */
 static void close_peer_lanes(struct agent *a, struct peer *p);
 static void lane_open(struct agent *a, struct peer *p, cJSON *req);
-
-static void drop_peer(struct agent *a, int i)
-{
-    close_peer_lanes(a, &a->peers[i]);
-    struct peer p = a->peers[i];
-    if (p.fd >= 0) {
-        shoal_loop_unwatch(a->loop, p.fd);
-        close(p.fd);
-    }
-    shoal_loop_unwatch(a->loop, p.pidfd);
-    close(p.pidfd);
-    a->peers[i] = a->peers[--a->npeers];
-    for (int k = 0; k < a->nengines; k++) {
-        if (p.fd >= 0 && a->engines[k].conn == p.fd)
-            a->engines[k].conn = -1;
-        /* An engine's references are released by engine_gone, after it has
-         * taken the replies the engine finished before dying. */
-        if (a->engines[k].pid == p.pid && a->engines[k].alive)
-            return;
-    }
-    int n = shoal_arena_reclaim(a->arena, p.pid);
-    if (n > 0)
-        logf_("released %d arena references of process %d, which is gone", n, (int)p.pid);
-}
+static void engine_hello(struct agent *a, int peer, cJSON *hello);
 
 static int find_peer(struct agent *a, int fd)
 {
     for (int i = 0; i < a->npeers; i++)
-        if (a->peers[i].fd == fd || a->peers[i].pidfd == fd)
+        if (a->peers[i].fd == fd)
             return i;
     return -1;
 }
 
-/* The peer's process ended (its pidfd is readable). */
-static void engine_hello(struct agent *a, int peer, cJSON *hello);
+static int find_proc(struct agent *a, pid_t pid)
+{
+    for (int j = 0; j < a->nprocs; j++)
+        if (a->procs[j].pid == pid)
+            return j;
+    return -1;
+}
 
+/* Closes connection i and frees its slot; its lanes close and its doorbell
+ * goes back. What its process holds in the arena stays: the process may
+ * live on and use it. */
+static void drop_peer(struct agent *a, int i)
+{
+    struct peer *p = &a->peers[i];
+    close_peer_lanes(a, p);
+    shoal_loop_unwatch(a->loop, p->fd);
+    close(p->fd);
+    for (int k = 0; k < a->nengines; k++)
+        if (a->engines[k].conn == p->fd)
+            a->engines[k].conn = -1; /* never send to whatever reuses the fd number */
+    int j = find_proc(a, p->pid);
+    if (j >= 0)
+        a->procs[j].conns--;
+    a->peers[i] = a->peers[--a->npeers];
+}
+
+/* Forgets process j: closes its connections and its pidfd. If it died,
+ * releases what it still held in the arena, unless it is one of our live
+ * engines: engine_gone releases an engine's references, after it has taken
+ * the replies the engine finished before dying. */
+static void drop_proc(struct agent *a, int j, int dead)
+{
+    pid_t pid = a->procs[j].pid;
+    for (int i = a->npeers - 1; i >= 0; i--)
+        if (a->peers[i].pid == pid)
+            drop_peer(a, i);
+    shoal_loop_unwatch(a->loop, a->procs[j].pidfd);
+    close(a->procs[j].pidfd);
+    a->procs[j] = a->procs[--a->nprocs];
+    if (!dead)
+        return;
+    for (int k = 0; k < a->nengines; k++)
+        if (a->engines[k].pid == pid && a->engines[k].alive)
+            return;
+    int n = shoal_arena_reclaim(a->arena, pid);
+    if (n > 0)
+        logf_("released %d arena references of process %d, which is gone", n, (int)pid);
+}
+
+/* Forgets process j if it has no connection open and no holder record in
+ * the arena: its death would leave nothing to release, so keeping its slot
+ * and its pidfd would only use them up (a process that opens and closes a
+ * client in a loop once ran us out of both). */
+static void forget_idle_proc(struct agent *a, int j)
+{
+    if (j >= 0 && a->procs[j].conns == 0 && shoal_arena_holder_count(a->arena, a->procs[j].pid) == 0)
+        drop_proc(a, j, 0);
+}
+
+/* The process behind a pidfd ended. */
 static void on_peer_exit(shoal_loop *l, int fd, uint32_t events, void *arg)
 {
     (void)l;
     (void)events;
     struct agent *a = arg;
-    int i = find_peer(a, fd);
-    if (i >= 0)
-        drop_peer(a, i);
+    for (int j = 0; j < a->nprocs; j++)
+        if (a->procs[j].pidfd == fd) {
+            drop_proc(a, j, 1);
+            return;
+        }
 }
 
-/* The connection closed: a process may close it and live on, keeping its
- * arena references, so only its pidfd decides when to release them. */
+/* Data or the end on a connection. A process may close its connection and
+ * live on, keeping its arena references: only its pidfd decides when to
+ * release them. */
 static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
 {
+    (void)l;
     (void)events;
     struct agent *a = arg;
     char buf[256];
     ssize_t n;
     int i = find_peer(a, fd);
+    if (i < 0) {
+        shoal_loop_unwatch(a->loop, fd); /* not ours any more: never read what reuses the number */
+        return;
+    }
     while ((n = recv(fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {
-        /* Engines introduce themselves with one JSON line; others say nothing. */
-        struct peer *p = i >= 0 ? &a->peers[i] : NULL;
-        for (ssize_t k = 0; p && k < n; k++) {
+        /* Engines introduce themselves with one JSON line; clients ask for lanes. */
+        struct peer *p = &a->peers[i];
+        for (ssize_t k = 0; k < n; k++) {
             if (buf[k] != '\n') {
                 if (p->linelen < sizeof p->line - 1)
                     p->line[p->linelen++] = buf[k];
@@ -421,16 +485,113 @@ static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
         }
     }
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
-        shoal_loop_unwatch(l, fd);
-        close(fd);
-        if (i >= 0) {
-            a->peers[i].fd = -1;
-            close_peer_lanes(a, &a->peers[i]); /* its client is done with them */
-        }
-        for (int k = 0; k < a->nengines; k++)
-            if (a->engines[k].conn == fd)
-                a->engines[k].conn = -1; /* never send to whatever reuses the fd number */
+        pid_t pid = a->peers[i].pid;
+        drop_peer(a, i); /* its client is done with its lanes */
+        forget_idle_proc(a, find_proc(a, pid));
     }
+}
+
+/* Refuses connection c of process pid: logs why, tells the process in one
+ * line ({"error": why}, no fd attached), and closes the connection. */
+__attribute__((format(printf, 4, 5))) static void refuse(struct agent *a, int c, pid_t pid, const char *fmt, ...)
+{
+    (void)a;
+    char why[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    logf_("refused process %d: %s", (int)pid, why);
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "error", why);
+    char *text = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    if (text) {
+        size_t len = strlen(text);
+        text[len] = '\n'; /* over the terminating NUL, which send does not need */
+        (void)send(c, text, len + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+        free(text);
+    }
+    close(c);
+}
+
+/* Why a call that wanted an fd failed with err (EMFILE or ENFILE). */
+static const char *fd_limit_reason(int err, char *buf, size_t len)
+{
+    struct rlimit rl;
+    if (err == ENFILE)
+        snprintf(buf, len, "the system's limit of open files is reached");
+    else if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+        snprintf(buf, len, "the agent has reached its limit of %llu open files (RLIMIT_NOFILE): close clients "
+                 "of this node that are done, or start the agent with a higher `ulimit -n`",
+                 (unsigned long long)rl.rlim_cur);
+    else
+        snprintf(buf, len, "the agent has reached its limit of open files (RLIMIT_NOFILE)");
+    return buf;
+}
+
+/* The pid of the process at the other end of connection c, or -1. */
+static pid_t peer_pid(int c)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    return getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 ? cred.pid : -1;
+}
+
+/* Out of fds: gives up the spare one to accept one waiting connection and
+ * tell it why, rather than leave it in the backlog with no answer (the
+ * process would wait for its timeout, and then not know why). Returns
+ * whether a connection was taken. */
+static int refuse_for_fds(struct agent *a, int listen_fd, int err)
+{
+    if (a->spare_fd < 0)
+        return 0;
+    close(a->spare_fd);
+    int c = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (c >= 0) {
+        char why[300];
+        refuse(a, c, peer_pid(c), "%s", fd_limit_reason(err, why, sizeof why));
+    }
+    a->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    return c >= 0;
+}
+
+/* The process of a new connection: the one we know (if the process we
+ * knew by that pid is dead, it is released first), or a new entry with its
+ * pidfd watched. Returns its index, or -1 after refusing c. */
+static int proc_for(struct agent *a, int c, pid_t pid)
+{
+    int j = find_proc(a, pid);
+    if (j >= 0) {
+        /* Its pidfd may already say it died (its pid now another
+         * process's), with the event not yet taken: take it now. */
+        struct pollfd pf = {.fd = a->procs[j].pidfd, .events = POLLIN};
+        if (poll(&pf, 1, 0) == 0)
+            return j;
+        drop_proc(a, j, 1);
+    }
+    if (a->nprocs == MAX_PROCS) {
+        refuse(a, c, pid, "the agent already serves %d processes, its most", MAX_PROCS);
+        return -1;
+    }
+    int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0) {
+        char why[300];
+        int err = errno;
+        if (err == EMFILE || err == ENFILE)
+            refuse(a, c, pid, "%s", fd_limit_reason(err, why, sizeof why));
+        else
+            refuse(a, c, pid, "the agent cannot watch the process (pidfd_open: %s)", strerror(err));
+        return -1;
+    }
+    int rc = shoal_loop_watch(a->loop, pidfd, POLLIN, on_peer_exit, a);
+    if (rc < 0) {
+        close(pidfd);
+        refuse(a, c, pid, "the agent cannot watch the process (%s)", strerror(-rc));
+        return -1;
+    }
+    a->procs[a->nprocs] = (struct proc){.pid = pid, .pidfd = pidfd};
+    return a->nprocs++;
 }
 
 static void on_listen(shoal_loop *l, int fd, uint32_t events, void *arg)
@@ -439,73 +600,197 @@ static void on_listen(shoal_loop *l, int fd, uint32_t events, void *arg)
     struct agent *a = arg;
     for (;;) {
         int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-        if (c < 0)
+        if (c < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if ((errno == EMFILE || errno == ENFILE) && refuse_for_fds(a, fd, errno))
+                continue;
             return; /* EAGAIN: drained */
+        }
         struct ucred cred;
         socklen_t len = sizeof cred;
-        if (getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || cred.uid != geteuid()) {
-            logf_("refused a connection from uid %d: the arena is only for uid %d", len ? (int)cred.uid : -1,
-                  (int)geteuid());
-            close(c);
+        if (getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+            refuse(a, c, -1, "the agent cannot read the process's credentials (%s)", strerror(errno));
             continue;
         }
-        int pidfd = (int)syscall(SYS_pidfd_open, cred.pid, 0);
-        if (a->npeers == MAX_PEERS || pidfd < 0 || send_arena(a, c) < 0 ||
-            shoal_loop_watch(l, c, POLLIN, on_peer, a) < 0) {
-            logf_("could not serve process %d", (int)cred.pid);
-            if (pidfd >= 0)
-                close(pidfd);
-            shoal_loop_unwatch(l, c);
-            close(c);
+        if (cred.uid != geteuid()) {
+            refuse(a, c, cred.pid, "the agent serves the processes of uid %d only, and this one is uid %d",
+                   (int)geteuid(), (int)cred.uid);
             continue;
         }
-        if (shoal_loop_watch(l, pidfd, POLLIN, on_peer_exit, a) < 0) {
-            logf_("cannot watch process %d", (int)cred.pid);
-            close(pidfd);
-            shoal_loop_unwatch(l, c);
-            close(c);
+        if (a->npeers == MAX_PEERS) {
+            refuse(a, c, cred.pid, "the agent already has %d connections open, its most: close clients of "
+                   "this node that are done", MAX_PEERS);
             continue;
         }
-        a->peers[a->npeers++] = (struct peer){.fd = c, .pidfd = pidfd, .pid = cred.pid, .serial = ++a->next_serial};
+        int j = proc_for(a, c, cred.pid);
+        if (j < 0)
+            continue;
+        int rc = send_arena(a, c);
+        if (rc == 0)
+            rc = shoal_loop_watch(l, c, POLLIN, on_peer, a);
+        if (rc < 0) {
+            logf_("could not serve process %d: %s", (int)cred.pid, strerror(-rc));
+            close(c);
+            forget_idle_proc(a, j);
+            continue;
+        }
+        a->procs[j].conns++;
+        a->peers[a->npeers++] = (struct peer){.fd = c, .pid = cred.pid, .serial = ++a->next_serial};
     }
 }
 
-/* Makes the runtime directory: ours, mode 0700, not a symlink. */
+/* What to do about a runtime directory we cannot use. */
+static const char *runtime_dir_fix(void)
+{
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    return xdg && *xdg ? "or set XDG_RUNTIME_DIR to another directory of your own"
+                       : "or set XDG_RUNTIME_DIR to a directory of your own (the agent then uses "
+                         "$XDG_RUNTIME_DIR/shoal)";
+}
+
+/* "uid N (name)", or "uid N" where the name is unknown. */
+static void uid_text(uid_t uid, char *out, size_t len)
+{
+    struct passwd *pw = getpwuid(uid);
+    if (pw && pw->pw_name)
+        snprintf(out, len, "uid %d (%s)", (int)uid, pw->pw_name);
+    else
+        snprintf(out, len, "uid %d", (int)uid);
+}
+
+/* Makes the runtime directory: ours, mode 0700, not a symlink. Logs what is
+ * wrong with it, naming it and its owner and saying what to do, and returns
+ * -1; or returns 0. */
 static int runtime_dir(char *out, size_t len)
 {
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     int n = xdg && *xdg ? snprintf(out, len, "%s/shoal", xdg) : snprintf(out, len, "/tmp/shoal-%d", (int)geteuid());
-    if (n < 0 || (size_t)n >= len)
-        return -ENAMETOOLONG;
-    if (mkdir(out, 0700) < 0 && errno != EEXIST)
-        return -errno;
+    if (n < 0 || (size_t)n >= len) {
+        logf_("the runtime directory's path (%s/shoal) is too long: set XDG_RUNTIME_DIR to a shorter one", xdg);
+        return -1;
+    }
+    if (mkdir(out, 0700) < 0 && errno != EEXIST) {
+        logf_("cannot make the runtime directory %s: %s (%s)", out, strerror(errno), runtime_dir_fix());
+        return -1;
+    }
     struct stat st;
-    if (lstat(out, &st) < 0)
-        return -errno;
-    if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077))
-        return -EPERM;
+    if (lstat(out, &st) < 0) {
+        logf_("cannot look at the runtime directory %s: %s (%s)", out, strerror(errno), runtime_dir_fix());
+        return -1;
+    }
+    char owner[300], me[300];
+    uid_text(st.st_uid, owner, sizeof owner);
+    uid_text(geteuid(), me, sizeof me);
+    if (S_ISLNK(st.st_mode)) {
+        logf_("the runtime directory %s is a symbolic link (owned by %s), which the agent does not follow: "
+              "remove it, %s", out, owner, runtime_dir_fix());
+        return -1;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        logf_("the runtime directory %s is not a directory (owned by %s): remove it, %s", out, owner,
+              runtime_dir_fix());
+        return -1;
+    }
+    if (st.st_uid != geteuid()) {
+        /* Someone else made it first, perhaps to catch our socket there. */
+        logf_("the runtime directory %s belongs to %s, not to this user, %s: another user made it; have it "
+              "removed (by its owner or root), %s", out, owner, me, runtime_dir_fix());
+        return -1;
+    }
+    if (st.st_mode & 077) {
+        logf_("the runtime directory %s is open to other users (mode %04o): `chmod 700 %s`, %s", out,
+              (unsigned)(st.st_mode & 07777), out, runtime_dir_fix());
+        return -1;
+    }
     return 0;
 }
 
-static int listen_unix(struct agent *a)
+/* FNV-1a of s: tells apart the sockets of same-named profiles of two
+ * $SHOAL_DIRs in one runtime directory. */
+static uint32_t name_hash(const char *s)
 {
-    char dir[sizeof a->sock_path];
-    int rc = runtime_dir(dir, sizeof dir - 32);
-    if (rc < 0)
-        return rc;
-    int n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%d.sock", dir, (int)getpid());
-    if (n < 0 || (size_t)n >= sizeof a->sock_path)
-        return -ENAMETOOLONG;
+    uint32_t h = 2166136261u;
+    for (; *s; s++)
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+/* Whether an agent listens on the socket at path: 1 (and its pid in *pid),
+ * 0 if nobody does (a socket left by an agent that was killed) or there is
+ * no such file, or a negative errno (not a socket, or it cannot tell). */
+static int socket_in_use(const char *path, pid_t *pid)
+{
+    struct stat st;
+    if (lstat(path, &st) < 0)
+        return errno == ENOENT ? 0 : -errno;
+    if (!S_ISSOCK(st.st_mode))
+        return -ENOTSOCK;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
         return -errno;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    int rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+    /* A full backlog (EAGAIN) is a listener too: one that is stopped or busy. */
+    if (rc == 0 || errno == EAGAIN) {
+        struct ucred cred = {.pid = -1};
+        socklen_t len = sizeof cred;
+        if (rc < 0 || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+            cred.pid = -1;
+        *pid = cred.pid;
+        rc = 1;
+    } else {
+        rc = errno == ECONNREFUSED ? 0 : -errno;
+    }
+    close(fd);
+    return rc;
+}
+
+/* Listens on agent-<profile>-<hash of the profile directory>.sock in the
+ * runtime directory. One name per profile, so that the next agent of a
+ * profile finds the socket a killed one left and replaces it; a socket that
+ * a live agent listens on is never taken. Logs what is wrong and returns -1,
+ * or returns 0. */
+static int listen_unix(struct agent *a, const char *profile, const char *profile_dir)
+{
+    char dir[sizeof a->sock_path];
+    if (runtime_dir(dir, sizeof dir - 32) < 0)
+        return -1;
+    int n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%s-%08x.sock", dir, profile,
+                     (unsigned)name_hash(profile_dir));
+    if (n < 0 || (size_t)n >= sizeof a->sock_path) {
+        logf_("the socket's path (%s/agent-%s-....sock) is longer than a Unix socket's %zu bytes: use a shorter "
+              "profile name, %s", dir, profile, sizeof a->sock_path - 1, runtime_dir_fix());
+        return -1;
+    }
+    pid_t other = -1;
+    int rc = socket_in_use(a->sock_path, &other);
+    if (rc > 0) {
+        char pid[32] = "";
+        if (other > 0)
+            snprintf(pid, sizeof pid, " (pid %d)", (int)other);
+        logf_("another agent%s listens on %s, for profile '%s': stop it first (`shoal stop --profile %s`), or "
+              "start this one with another XDG_RUNTIME_DIR", pid, a->sock_path, profile, profile);
+        return -1;
+    }
+    if (rc < 0) {
+        logf_("%s is in the way of the agent's socket (%s): remove it", a->sock_path, strerror(-rc));
+        return -1;
+    }
+    if (unlink(a->sock_path) == 0)
+        logf_("replaced %s, which nobody listened on (left by an agent that was killed?)", a->sock_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        logf_("cannot make a Unix socket: %s", strerror(errno));
+        return -1;
+    }
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
     memcpy(sa.sun_path, a->sock_path, sizeof sa.sun_path);
-    unlink(a->sock_path);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || chmod(a->sock_path, 0600) < 0 || listen(fd, 128) < 0) {
-        rc = -errno;
+        logf_("cannot listen on %s: %s", a->sock_path, strerror(errno));
         close(fd);
-        return rc;
+        return -1;
     }
     a->listen_fd = fd;
     return 0;
@@ -1215,8 +1500,9 @@ static void usage(FILE *f)
                "                   [--prefault BYTES] [--retain BYTES]\n"
                "  Joins the cluster whose connection file is $SHOAL_DIR (default ~/.shoal)/profile_NAME/\n"
                "  connection.json with N engines (default 0) and a shared-memory arena of BYTES\n"
-               "  (default half of RAM). --restart-engines starts a new engine (with a new id) in\n"
-               "  place of one that dies. --prefault: how much fresh arena memory a background\n"
+               "  (default half of RAM, or of the memory cgroup's limit where that is lower).\n"
+               "  --restart-engines starts a new engine (with a new id) in place of one that\n"
+               "  dies. --prefault: how much fresh arena memory a background\n"
                "  thread keeps faulted in ahead of use (default an eighth of the arena, at most\n"
                "  1 GiB; 0 for none). --retain: how much freed arena memory is kept for reuse\n"
                "  before larger frees go back to the system (default half of the arena; 0 for none).\n");
@@ -1299,6 +1585,9 @@ int main(int argc, char **argv)
     a.restart = restart;
     a.heartbeat_ms = 1000;
     a.listen_fd = a.sig_fd = -1;
+    /* Kept to be given up when we run out of fds: we then still accept a
+     * connection, to tell it why we refuse it (on_listen). */
+    a.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     char dir[PATH_MAX - 32], conn[PATH_MAX], endpoint[512];
     if (shoal_profile_dir(profile, dir, sizeof dir) < 0) {
         logf_("the profile directory's path is too long");
@@ -1314,9 +1603,9 @@ int main(int argc, char **argv)
     /* Fresh shared pages cost ~5 us each to fault in here (0.6 s per GiB):
      * a thread keeps some ahead of use, so that a first large push finds
      * them ready (docs/arena.md). */
-    unsigned long long heap = arena_size;
-    if (!heap)
-        heap = (unsigned long long)sysconf(_SC_PHYS_PAGES) * (unsigned long long)sysconf(_SC_PAGESIZE) / 2;
+    /* By default half of the memory we may use: the host's, or our memory
+     * cgroup's limit where that is lower (a container). */
+    unsigned long long heap = arena_size ? arena_size : shoal_arena_default_heap_size();
     if (prefault == ~0ull)
         prefault = heap / 8 < (1ull << 30) ? heap / 8 : 1ull << 30;
     /* Freed memory is kept for reuse up to half of the arena: a workload that
@@ -1326,7 +1615,7 @@ int main(int argc, char **argv)
         retain = heap / 2;
     else if (retain == 0)
         retain = 1; /* none: the arena reads 0 as "its default" */
-    shoal_arena_opts ao = {.heap_size = arena_size, .flags = prefault ? SHOAL_ARENA_PREFAULT_THREAD : 0,
+    shoal_arena_opts ao = {.heap_size = heap, .flags = prefault ? SHOAL_ARENA_PREFAULT_THREAD : 0,
                            .prefault_ahead = prefault, .retain_bytes = retain};
     if ((rc = shoal_arena_create(&ao, &a.arena)) < 0) {
         logf_("cannot create the arena: %s", strerror(-rc));
@@ -1336,10 +1625,8 @@ int main(int argc, char **argv)
         logf_("cannot create the event loop: %s", strerror(-rc));
         return 1;
     }
-    if ((rc = listen_unix(&a)) < 0) {
-        logf_("cannot listen on a Unix socket: %s", strerror(-rc));
+    if (listen_unix(&a, profile, dir) < 0)
         return 1;
-    }
 
     a.sig_fd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK);
 
@@ -1404,8 +1691,12 @@ int main(int argc, char **argv)
         logf_("event loop failed: %s", strerror(-rc));
 
     stop_engines(&a);
+    while (a.nprocs)
+        drop_proc(&a, a.nprocs - 1, 1); /* releases only what the dead held: the arena refuses the living */
     while (a.npeers)
         drop_peer(&a, a.npeers - 1);
+    if (a.spare_fd >= 0)
+        close(a.spare_fd);
     unlink(a.sock_path);
     close(a.listen_fd);
     zmq_close(a.ctl);

@@ -22,6 +22,7 @@
 #include "arena_layout.h"
 
 #include "cpu.h"
+#include "memlimit.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -796,11 +797,15 @@ static void mark_released(shoal_arena *a, uint64_t lo, uint64_t hi)
 
 /* ---- creation and attachment ---------------------------------------------- */
 
+uint64_t shoal_arena_default_heap_size(void)
+{
+    uint64_t half = shoal__usable_memory() / 2 / SHOAL_ARENA_CHUNK * SHOAL_ARENA_CHUNK;
+    return half ? half : SHOAL_ARENA_CHUNK;
+}
+
 static uint64_t default_heap_size(void)
 {
-    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-    uint64_t ram = (pages > 0 && psz > 0) ? (uint64_t)pages * (uint64_t)psz : (1ull << 32);
-    return ram / 2;
+    return shoal_arena_default_heap_size();
 }
 
 /* Takes a free holder record for this process. Under the lock. */
@@ -1241,6 +1246,20 @@ int shoal_arena_reclaim(shoal_arena *a, pid_t pid)
     if (!found)
         return -ESRCH;
     return busy ? -EBUSY : released;
+}
+
+int shoal_arena_holder_count(shoal_arena *a, pid_t pid)
+{
+    int rc = check_process(a);
+    if (rc < 0 || (rc = arena_lock(a)) < 0)
+        return rc;
+    int n = 0;
+    for (uint32_t i = 0; i < a->hdr->max_holders; i++) {
+        const struct holder *hd = holder_at(a, i);
+        n += atomic_load(&hd->state) == HOLDER_LIVE && hd->pid == pid;
+    }
+    arena_unlock(a);
+    return n;
 }
 
 int shoal_arena_reclaim_dead(shoal_arena *a)

@@ -100,6 +100,15 @@ typedef struct shoal_arena_stats {
 } shoal_arena_stats;
 
 /*
+ * The heap size an arena gets by default: half of the memory this process
+ * may use, which is the lower of the host's RAM and the limit of its memory
+ * cgroup (cgroup v2 memory.max, v1 memory.limit_in_bytes; the lowest of its
+ * cgroup and their ancestors), rounded down to 2 MiB (at least 2 MiB).
+ * Reads /proc and /sys/fs/cgroup on each call. Thread-safe.
+ */
+uint64_t shoal_arena_default_heap_size(void);
+
+/*
  * Creates an arena: a memfd of the metadata plus opts->heap_size bytes
  * (sparse: nothing is committed yet), mapped into this process, which becomes
  * its first holder. opts may be NULL for all defaults.
@@ -175,6 +184,15 @@ int shoal_arena_ptr(shoal_arena *a, shoal_handle h, void **out);
  * for pid), -EBUSY (pid is still alive), -ECHILD.
  */
 int shoal_arena_reclaim(shoal_arena *a, pid_t pid);
+
+/*
+ * Counts the holder records of process pid: how many times it is attached
+ * now. 0 means it holds no reference in the arena. Returns the count (>= 0),
+ * or -ECHILD, -EUCLEAN. Safe across threads and processes (it takes the
+ * lock); the answer may be stale by the time it returns, unless pid is
+ * known not to attach meanwhile.
+ */
+int shoal_arena_holder_count(shoal_arena *a, pid_t pid);
 
 /* Reclaims every holder record whose process is dead. Returns the number of
  * records reclaimed (>= 0) or a negative errno. */

@@ -66,6 +66,43 @@ static PyObject *raise_errno(int neg, const char *what)
     return shoal__raise_oserror(-neg, what, strerror(-neg));
 }
 
+/* n bytes in the unit that reads best: "512 B", "3.0 MiB", "1.5 GiB". */
+static void human_size(char *out, size_t len, uint64_t n)
+{
+    if (n < 1024)
+        snprintf(out, len, "%llu B", (unsigned long long)n);
+    else if (n < (1ull << 20))
+        snprintf(out, len, "%.1f KiB", (double)n / 1024);
+    else if (n < (1ull << 30))
+        snprintf(out, len, "%.1f MiB", (double)n / (1 << 20));
+    else
+        snprintf(out, len, "%.1f GiB", (double)n / (1 << 30));
+}
+
+/* Raises the OSError of a failed allocation of n bytes: for a request that
+ * the arena cannot hold (EINVAL) or has no free block for (ENOMEM), the
+ * message gives the sizes and says how to make the arena larger. */
+static PyObject *raise_alloc_error(shoal_arena *a, int neg, uint64_t n)
+{
+    shoal_arena_stats st;
+    if ((neg != -EINVAL && neg != -ENOMEM) || shoal_arena_get_stats(a, &st) < 0)
+        return raise_errno(neg, "arena allocation failed");
+    char asked[32], heap[32], free_[32], largest[32], why[512];
+    human_size(asked, sizeof asked, n);
+    human_size(heap, sizeof heap, st.heap_size);
+    human_size(free_, sizeof free_, st.free_bytes);
+    human_size(largest, sizeof largest, st.largest_free);
+    if (neg == -ENOMEM && st.largest_free >= n)
+        snprintf(why, sizeof why, "%llu bytes (%s) asked; the arena has a free block for them, but the system "
+                 "or this process's memory cgroup cannot supply the pages", (unsigned long long)n, asked);
+    else
+        snprintf(why, sizeof why, "%llu bytes (%s) asked, and the arena %s %llu bytes (%s; %s free, the largest "
+                 "free block %s); `shoal start --arena-size BYTES` (shoal-agent --arena-size) sets its size",
+                 (unsigned long long)n, asked, neg == -EINVAL ? "holds only" : "holds", (unsigned long long)st.heap_size,
+                 heap, free_, largest);
+    return shoal__raise_oserror(-neg, "arena allocation failed", why);
+}
+
 static int arena_usable(ArenaObject *self)
 {
     if (!self->arena) {
@@ -287,7 +324,7 @@ static PyObject *arena_alloc(ArenaObject *self, PyObject *args)
     rc = shoal_arena_alloc(self->arena, n, &h);
     Py_END_ALLOW_THREADS
     if (rc < 0)
-        return raise_errno(rc, "arena allocation failed");
+        return raise_alloc_error(self->arena, rc, n);
     BlockObject *b = block_new(self, h, 0);
     if (!b) {
         shoal_arena_release(self->arena, h);
@@ -366,7 +403,7 @@ static PyObject *arena_empty(ArenaObject *self, PyObject *args, PyObject *kw)
     rc = shoal_arena_alloc(self->arena, nbytes ? (uint64_t)nbytes : 1, &h);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
-        raise_errno(rc, "arena allocation failed");
+        raise_alloc_error(self->arena, rc, nbytes ? (uint64_t)nbytes : 1);
         goto fail_descr;
     }
     BlockObject *b = block_new(self, h, 0);

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +47,37 @@ def _wait_gone(pids, timeout):
     return not any(_alive(p) for p in pids)
 
 
+def _agent_said(log_path, offset):
+    """The lines the node agent logged since offset in the cluster's log:
+    why it stopped, when it did."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if "[shoal-agent " in line]
+
+
+def _remove_stale_socket(path):
+    """Removes the Unix socket at path if nobody listens on it any more (its
+    agent was killed, and could not remove it); a socket that some process
+    still listens on is left alone."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+    except ConnectionRefusedError:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    except OSError:
+        pass  # gone already, or someone is there
+    finally:
+        s.close()
+
+
 def start(args):
     pdir = _profile_dir(args.profile)
     conn = _connection_file(args.profile, None)
@@ -70,6 +102,7 @@ def start(args):
     env = dict(os.environ, SHOAL_PYTHON=sys.executable)
     detach = {"start_new_session": True} if args.daemonize else {}
     log = open(os.path.join(pdir, "cluster.log"), "ab")
+    log_start = log.tell()
     out = log if args.daemonize else None
     ctl = subprocess.Popen([_bin.find("shoal-controller"), "--profile", args.profile, "--ip", args.ip],
                            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
@@ -94,6 +127,9 @@ def start(args):
         deadline = time.monotonic() + args.timeout
         while len(rc.ids) < args.n:
             if agent.poll() is not None or time.monotonic() > deadline:
+                if agent.poll() is not None and args.daemonize:  # its words are in the log: show them
+                    for line in _agent_said(log.name, log_start)[-3:]:
+                        print(line, file=sys.stderr)
                 print(f"shoal: only {len(rc.ids)} of {args.n} engines started (see {log.name})", file=sys.stderr)
                 rc.shutdown(hub=True)
                 return 1
@@ -134,10 +170,12 @@ def stop(args):
         print(f"shoal: no cluster is running for profile '{args.profile}'", file=sys.stderr)
         return 1
     pids = [ctl_pid]
+    sockets = []  # the agents' sockets, to remove if an agent could not
     try:
         with Client(profile=args.profile, timeout=5) as rc:
             reg = rc._control(_core.MSG_REGISTER)
             pids += [n["pid"] for n in reg["nodes"] if n["alive"]] + [e["pid"] for e in reg["engines"] if e["alive"]]
+            sockets = [n["socket"] for n in reg["nodes"] if n.get("socket")]
             rc.shutdown(hub=True)
     except Exception as e:  # the controller may be wedged: fall back to a signal
         print(f"shoal: the controller did not answer ({e}); sending SIGTERM", file=sys.stderr)
@@ -147,6 +185,9 @@ def stop(args):
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+        _wait_gone(pids, 5)
+    for path in sockets:  # a killed agent leaves its socket behind
+        _remove_stale_socket(path)
     print(f"shoal: cluster '{args.profile}' stopped")
     return 0
 
@@ -250,7 +291,8 @@ def main(argv=None):
     s.add_argument("-n", type=int, default=os.cpu_count(), help="engines (default: one per core)")
     s.add_argument("--daemonize", action="store_true", help="return once the engines are ready")
     s.add_argument("--ip", default="127.0.0.1", help="address the controller listens on (default 127.0.0.1)")
-    s.add_argument("--arena-size", type=int, default=0, help="bytes of shared memory (default: half of RAM)")
+    s.add_argument("--arena-size", type=int, default=0, help="bytes of shared memory (default: half of RAM, or of the memory cgroup's "
+                        "limit where that is lower)")
     s.add_argument("--prefault", type=int, default=None,
                    help="bytes of fresh shared memory kept faulted in ahead of use "
                         "(default: an eighth of the arena, at most 1 GiB; 0 for none)")

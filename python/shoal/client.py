@@ -203,10 +203,12 @@ class Client:
         for node in registry["nodes"]:
             if node["alive"] and node["host"] == host and node.get("socket") and os.path.exists(node["socket"]):
                 try:
-                    self.local = LocalArena(node["socket"])
+                    self.local = LocalArena(node["socket"], timeout=min(timeout, 5))
                     self._local_node = node["id"]
-                except ConnectionError:
+                except ConnectionError as e:  # the controller's path still works: go on without lanes
                     self.local = None
+                    warnings.warn(f"{e}; this client goes without the node's arena and lanes (tasks go "
+                                  f"through the controller)", RuntimeWarning, stacklevel=2)
                 break
         self._auto_activate()
 

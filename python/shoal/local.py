@@ -10,8 +10,30 @@ the agent releases whatever the process still held there.
 import json
 import os
 import socket
+import struct
 
 from ._core import Arena
+
+
+class AgentUnavailable(ConnectionError):
+    """The node's agent did not give this process its arena: it refused
+    (``reason`` says why, in the agent's words), or it did not answer in
+    time. The message names the agent (pid, socket)."""
+
+    def __init__(self, message, path, pid=None, reason=None):
+        super().__init__(message)
+        self.path = path
+        self.pid = pid
+        self.reason = reason
+
+
+def _peer_pid(sock):
+    """The pid of the process listening at the other end (SO_PEERCRED), or None."""
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return pid
+    except OSError:
+        return None
 
 
 class LocalArena:
@@ -20,6 +42,10 @@ class LocalArena:
     ``arena`` is the :class:`shoal.Arena`; ``info`` what the agent said
     (``node``, ``heap_size``). Close it when done; arrays that still use the
     arena keep it mapped.
+
+    Raises :class:`AgentUnavailable` (a ``ConnectionError``) when the agent
+    cannot be reached, refuses (its reason is in the message), or does not
+    answer within ``timeout`` seconds (stopped, or overloaded).
     """
 
     def __init__(self, path, timeout=5.0):
@@ -29,12 +55,27 @@ class LocalArena:
             self._sock.settimeout(timeout)
             try:
                 self._sock.connect(path)
+            except TimeoutError:
+                raise AgentUnavailable(f"the shoal agent at {path} did not take the connection within "
+                                       f"{timeout:g} s (is it stopped, or overloaded?)", path,
+                                       reason="no answer") from None
             except OSError as e:
-                raise ConnectionError(f"cannot reach the shoal agent at {path}: {e.strerror}") from e
-            msg, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
+                raise AgentUnavailable(f"cannot reach the shoal agent at {path}: {e.strerror}", path) from e
+            pid = _peer_pid(self._sock)
+            who = f"the shoal agent (pid {pid}, socket {path})" if pid else f"the shoal agent at {path}"
+            try:
+                msg, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
+            except TimeoutError:
+                raise AgentUnavailable(f"{who} did not answer within {timeout:g} s (is it stopped, or "
+                                       f"overloaded?)", path, pid, "no answer") from None
             if not fds:
-                raise ConnectionError(f"the shoal agent at {path} refused to share its arena "
-                                      f"(it only serves processes of its own user)")
+                try:
+                    reason = json.loads(msg.decode()).get("error")
+                except ValueError:
+                    reason = None
+                reason = reason or "it closed the connection without saying why (see its log)"
+                raise AgentUnavailable(f"{who} refused to share its arena: {reason}", path, pid, reason)
+            self.agent_pid = pid
             try:
                 self.info = json.loads(msg.decode())
                 self.arena = Arena.attach(fds[0])

@@ -64,7 +64,7 @@ class Controller:
 class Agent:
     """A shoal-agent for the profile of `ctl`, with its own runtime directory."""
 
-    def __init__(self, ctl, runtime, arena_size=256 << 20, env=None, engines=0, extra=()):
+    def __init__(self, ctl, runtime, arena_size=256 << 20, env=None, engines=0, extra=(), preexec_fn=None):
         self.ctl = ctl
         self.runtime = runtime
         runtime.mkdir(mode=0o700, exist_ok=True)
@@ -73,7 +73,7 @@ class Agent:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([_bin.find("shoal-agent"), "--profile", ctl.profile, "--engines",
                                           str(engines), "--arena-size", str(arena_size), *extra], env=e,
-                                         stderr=log)
+                                         stderr=log, preexec_fn=preexec_fn)
         self.client = ctl.socket()
         deadline = time.monotonic() + 10
         while True:

@@ -110,8 +110,10 @@ def test_another_uid_is_refused_the_arena(cluster):
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "only serves processes of its own user" in p.stdout
-    assert "refused a connection from uid 65534" in agent.log.read_text()
+    # The agent says why, and the client names the agent.
+    assert f"the shoal agent (pid {agent.proc.pid}, socket {path}) refused" in p.stdout, p.stdout
+    assert f"serves the processes of uid {os.geteuid()} only, and this one is uid 65534" in p.stdout, p.stdout
+    assert "uid 0 only, and this one is uid 65534" in agent.log.read_text()
 
 
 def test_what_a_killed_process_held_is_released(cluster):

@@ -103,7 +103,8 @@ Test(arena, create_defaults_is_sparse_and_fast)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     shoal_arena_stats s = stats(a);
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-    cr_assert_geq(s.heap_size, (uint64_t)pages * (uint64_t)psz / 2 - SHOAL_ARENA_CHUNK);
+    cr_assert_eq(s.heap_size, shoal_arena_default_heap_size());
+    cr_assert_leq(s.heap_size, (uint64_t)pages * (uint64_t)psz / 2, "at most half of RAM (less in a cgroup)");
     cr_assert_eq(s.committed_bytes, 0, "nothing is committed before use");
     cr_assert_eq(s.holders, 1);
     cr_assert_geq(shoal_arena_fd(a), 0);
@@ -146,6 +147,18 @@ Test(arena, holder_table_full_is_enospc)
     shoal_arena_close(b);
     cr_assert_eq(shoal_arena_attach(shoal_arena_fd(a), &c), 0, "a closed holder's record is reused");
     shoal_arena_close(c);
+    shoal_arena_close(a);
+}
+
+Test(arena, holder_count_counts_the_attachments_of_a_pid)
+{
+    shoal_arena *a = make(4 * MiB), *b;
+    cr_assert_eq(shoal_arena_holder_count(a, getpid()), 1);
+    cr_assert_eq(shoal_arena_attach(shoal_arena_fd(a), &b), 0);
+    cr_assert_eq(shoal_arena_holder_count(a, getpid()), 2, "each attachment is a holder");
+    cr_assert_eq(shoal_arena_holder_count(a, getppid()), 0);
+    shoal_arena_close(b);
+    cr_assert_eq(shoal_arena_holder_count(a, getpid()), 1, "closing frees the record");
     shoal_arena_close(a);
 }
 

@@ -1,0 +1,259 @@
+"""Messages that name what went wrong (issue 15, item 8), against real
+processes: a client during an agent stall, a push larger than the arena, a
+runtime directory another user made, the socket a killed agent left, and
+the default arena size inside a memory cgroup."""
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import shoal
+from shoal import _bin
+from shoal.local import LocalArena
+
+from procs import Agent, Controller
+
+
+def test_a_client_during_an_agent_stall_warns_and_goes_through_the_controller(tmp_path):
+    """It used to raise a bare socket TimeoutError."""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=5000)  # the node is not lost during the stall
+    agent = Agent(ctl, tmp_path / "run", engines=1)
+    try:
+        agent.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.warns(RuntimeWarning) as w:
+                rc = shoal.Client(url_file=str(ctl.conn), timeout=10)
+            assert time.monotonic() - t0 < 9
+        finally:
+            agent.proc.send_signal(signal.SIGCONT)
+        with rc:
+            msg = str(w[0].message)
+            assert f"pid {agent.proc.pid}" in msg and agent.node["socket"] in msg, msg
+            assert "did not answer" in msg and "through the controller" in msg, msg
+            assert rc.arena is None
+            assert rc[rc.ids[0]].apply_sync(lambda x: 2 * x, 21) == 42
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
+@pytest.fixture
+def small(tmp_path):
+    ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+    agent = Agent(ctl, tmp_path / "run", engines=1, arena_size=64 << 20)
+    yield ctl, agent
+    agent.stop()
+    ctl.stop()
+
+
+@pytest.mark.parametrize("lanes", [True, False])
+def test_a_push_larger_than_the_arena_says_the_sizes(small, lanes):
+    ctl, agent = small
+    with shoal.Client(url_file=str(ctl.conn), timeout=10, lanes=lanes) as rc:
+        with pytest.raises(OSError) as err:
+            rc[:].push({"x": np.zeros(100 << 17)}, block=True)
+        msg = str(err.value)
+        assert "104857600 bytes (100.0 MiB) asked" in msg, msg
+        assert "the arena holds only 67108864 bytes (64.0 MiB" in msg, msg
+        assert "`shoal start --arena-size BYTES`" in msg, msg
+        # Room in the arena, but not in one piece: the sizes say so too.
+        keep = rc.arena.empty(40 << 20, dtype="u1")
+        with pytest.raises(OSError) as err:
+            rc[:].push({"x": np.zeros(40 << 17)}, block=True)
+        msg = str(err.value)
+        assert "41943040 bytes (40.0 MiB) asked" in msg and "the largest free block" in msg, msg
+        del keep
+        assert rc[:].apply_sync(lambda: 1) == [1], "the cluster goes on"
+
+
+def run_shoal(env, *args, timeout=90):
+    return subprocess.run([sys.executable, "-m", "shoal", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_runtime_directory_of_another_user_is_named_with_its_owner(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    xdg = tmp_path / "xdg"
+    squat = xdg / "shoal"
+    squat.mkdir(parents=True, mode=0o700)
+    os.chown(squat, 65534, 65534)
+    env = dict(os.environ, SHOAL_DIR=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(xdg))
+    p = run_shoal(env, "start", "--daemonize", "-n", "1", "--arena-size", str(64 << 20), "--timeout", "30")
+    try:
+        assert p.returncode == 1, p.stdout + p.stderr
+        try:
+            name = f" ({pwd.getpwuid(65534).pw_name})"
+        except KeyError:
+            name = ""
+        assert f"the runtime directory {squat} belongs to uid 65534{name}, not to this user" in p.stderr, p.stderr
+        assert "have it removed" in p.stderr and "XDG_RUNTIME_DIR" in p.stderr, p.stderr
+    finally:
+        conn = tmp_path / "home" / "profile_default" / "connection.json"
+        if conn.exists():  # start stops its controller on failure; make sure
+            pid = json.loads(conn.read_text())["pid"]
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_the_next_agent_replaces_the_socket_a_killed_one_left(tmp_path):
+    ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+    try:
+        first = Agent(ctl, tmp_path / "run")
+        path = first.node["socket"]
+        first.proc.kill()
+        first.proc.wait()
+        assert os.path.exists(path), "SIGKILL leaves the socket"
+        second = Agent(ctl, tmp_path / "run")
+        try:
+            assert second.node["socket"] == path, "one name per profile"
+            assert "replaced" in second.log.read_text()
+            assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)], "nothing stale is left"
+            with LocalArena(path) as local:
+                local.arena.check()
+        finally:
+            second.stop()
+        assert not os.path.exists(path), "a clean stop removes it"
+    finally:
+        ctl.stop()
+
+
+def test_a_socket_a_live_agent_listens_on_is_not_taken(tmp_path):
+    ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+    first = Agent(ctl, tmp_path / "run")
+    try:
+        env = dict(os.environ, SHOAL_DIR=str(ctl.root), XDG_RUNTIME_DIR=str(tmp_path / "run"))
+        p = subprocess.run([_bin.find("shoal-agent"), "--profile", "default", "--arena-size", str(64 << 20)],
+                           env=env, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 1, p.stderr
+        path = first.node["socket"]
+        assert f"another agent (pid {first.proc.pid}) listens on {path}" in p.stderr, p.stderr
+        assert "shoal stop --profile default" in p.stderr, p.stderr
+        with LocalArena(path) as local:  # the first one still serves
+            local.arena.check()
+    finally:
+        first.stop()
+        ctl.stop()
+
+
+def test_shoal_stop_removes_the_socket_of_a_killed_agent(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = dict(os.environ, SHOAL_DIR=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(run))
+    p = run_shoal(env, "start", "--daemonize", "-n", "1", "--arena-size", str(64 << 20))
+    assert p.returncode == 0, p.stderr
+    try:
+        [path] = [str(run / "shoal" / f) for f in os.listdir(run / "shoal")]
+        os.environ["SHOAL_DIR"] = env["SHOAL_DIR"]
+        try:
+            with shoal.Client() as rc:
+                [node] = rc.cluster_status()["nodes"]
+        finally:
+            del os.environ["SHOAL_DIR"]
+        assert node["socket"] == path
+        os.kill(node["pid"], signal.SIGKILL)
+        time.sleep(0.2)
+        assert os.path.exists(path)
+    finally:
+        p = run_shoal(env, "stop")
+    assert p.returncode == 0, p.stderr
+    assert not os.path.exists(path), "shoal stop removed the stale socket"
+
+
+# ---- the default arena size inside a memory cgroup ------------------------------------------
+
+def _own_cgroup(v1):
+    """This process's cgroup path in the v2 hierarchy, or the v1 memory one."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hid, ctrls, path = line.rstrip("\n").split(":", 2)
+            if (v1 and "memory" in ctrls.split(",")) or (not v1 and hid == "0" and ctrls == ""):
+                return path
+    return None
+
+
+def _mount(v1):
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, post = line.split(" - ", 1)
+            fields, (fstype, _, sup) = pre.split(), post.split()[:3]
+            if (v1 and fstype == "cgroup" and "memory" in sup.split(",")) or (not v1 and fstype == "cgroup2"):
+                return fields[4], fields[3]
+    return None, None
+
+
+def make_cgroup(v1, limit):
+    """A child of our own memory cgroup with its memory limit set, or a
+    reason to skip."""
+    point, root = _mount(v1)
+    own = _own_cgroup(v1)
+    if point is None or own is None:
+        return None, f"no cgroup {'v1 memory' if v1 else 'v2'} hierarchy mounted"
+    if root != "/" and own.startswith(root):
+        own = own[len(root):]
+    parent = os.path.join(point, own.lstrip("/"))
+    if not v1:
+        try:
+            with open(os.path.join(parent, "cgroup.controllers")) as f:
+                if "memory" not in f.read().split():
+                    return None, f"cgroup v2 at {point}: no memory controller delegated to {parent}"
+        except OSError as e:
+            return None, f"cgroup v2 at {point}: {e}"
+    path = os.path.join(parent, f"shoal-test-{os.getpid()}")
+    try:
+        os.mkdir(path)
+    except OSError as e:
+        return None, f"cannot make a cgroup under {parent}: {e.strerror}"
+    try:
+        if not v1:
+            with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory")
+        with open(os.path.join(path, "memory.limit_in_bytes" if v1 else "memory.max"), "w") as f:
+            f.write(str(limit))
+    except OSError as e:
+        os.rmdir(path)
+        return None, f"cannot set a memory limit in {path}: {e.strerror}"
+    return path, None
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_the_default_arena_is_half_the_cgroup_limit(tmp_path, version):
+    limit = 512 << 20
+    cg, why = make_cgroup(version == "v1", limit)
+    if cg is None:
+        pytest.skip(why)
+    try:
+        def enter():
+            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+        try:
+            agent = Agent(ctl, tmp_path / "run", arena_size=0, preexec_fn=enter)  # 0: the default
+            try:
+                with LocalArena(agent.node["socket"]) as local:
+                    assert local.info["heap_size"] == limit // 2, "half of the cgroup's limit, not of RAM"
+            finally:
+                agent.stop()
+        finally:
+            ctl.stop()
+    finally:
+        for _ in range(50):
+            try:
+                os.rmdir(cg)
+                break
+            except OSError:
+                time.sleep(0.1)
