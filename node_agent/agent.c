@@ -716,6 +716,21 @@ static uint32_t name_hash(const char *s)
     return h;
 }
 
+/* Whether process pid lives (a zombie does not). */
+static int process_alive(pid_t pid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return kill(pid, 0) == 0 || errno == EPERM;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *paren = strrchr(buf, ')'); /* the state follows the command's name */
+    return !(paren && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X'));
+}
+
 /* Whether an agent listens on the socket at path: 1 (and its pid in *pid),
  * 0 if nobody does (a socket left by an agent that was killed) or there is
  * no such file, or a negative errno (not a socket, or it cannot tell). */
@@ -739,7 +754,10 @@ static int socket_in_use(const char *path, pid_t *pid)
         if (rc < 0 || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
             cred.pid = -1;
         *pid = cred.pid;
-        rc = 1;
+        /* A killed agent's listening socket can outlive it briefly: its
+         * io_uring, which held a pending accept, is torn down after the
+         * process is gone. A listener whose process is dead is nobody. */
+        rc = cred.pid > 0 && !process_alive(cred.pid) ? 0 : 1;
     } else {
         rc = errno == ECONNREFUSED ? 0 : -errno;
     }
