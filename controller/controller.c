@@ -139,6 +139,7 @@ struct controller {
     char client_ep[256], agent_ep[256];
     char conn_path[PATH_MAX + 32];
     int64_t heartbeat_ns;
+    int64_t node_timeout_ns; /* silence after which a node is lost (--node-timeout-ms) */
     int64_t next_beat_ns;
     struct node nodes[MAX_NODES];
     uint32_t nnodes;
@@ -210,6 +211,8 @@ static int write_connection_file(struct controller *c, const char *ip)
      * before sending it. */
     cJSON_AddNumberToObject(j, "max_frame", (double)c->client_limits.max_frame);
     cJSON_AddNumberToObject(j, "max_payload", (double)c->client_limits.max_payload);
+    /* How long a client may wait on a silent controller before giving up. */
+    cJSON_AddNumberToObject(j, "node_timeout_ms", (double)(c->node_timeout_ns / 1000000));
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
     memset(hex, 0, sizeof hex);
@@ -373,10 +376,20 @@ static void route_of(shoal_wire_msg *m, struct route *r)
     memcpy(r->id, m->has_route ? zmq_msg_data(&m->route) : "", r->len);
 }
 
+/* The live node at route r, or -1. */
 static int find_node(struct controller *c, const struct route *r)
 {
     for (uint32_t i = 0; i < c->nnodes; i++)
         if (c->nodes[i].alive && c->nodes[i].route.len == r->len && !memcmp(c->nodes[i].route.id, r->id, r->len))
+            return (int)i;
+    return -1;
+}
+
+/* The node (alive or lost) whose agent is process pid on host, or -1. */
+static int find_node_by_agent(struct controller *c, const char *host, int32_t pid)
+{
+    for (uint32_t i = 0; i < c->nnodes; i++)
+        if (c->nodes[i].pid == pid && !strncmp(c->nodes[i].host, host, sizeof c->nodes[i].host - 1))
             return (int)i;
     return -1;
 }
@@ -1057,6 +1070,54 @@ static void on_client(struct controller *c, shoal_wire_msg *m, const struct rout
     cJSON_Delete(reply);
 }
 
+/* An agent we have no live node for (we declared it lost, or it
+ * reconnected under a new identity): an ERROR that asks it to register
+ * again, with its engines. */
+static void tell_register_again(struct controller *c, const struct route *to, uint64_t reply_to)
+{
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "error", "this controller has no live node for this agent (it was declared lost, "
+                                        "or its connection changed): register again");
+    cJSON_AddBoolToObject(j, "register_again", 1);
+    reply_json(c, c->agents, to, SHOAL_MSG_ERROR, reply_to, j);
+    cJSON_Delete(j);
+}
+
+/*
+ * Node n's agent registers again (after we declared it lost, or from a new
+ * connection): the node lives again under its new route, and so do the
+ * engines it lists ({"id", "pid"}) that were its own, with their ids (and,
+ * on the engines, their namespaces). Tasks failed meanwhile stay failed.
+ */
+static void node_back(struct controller *c, int n, const struct route *from, const cJSON *engines)
+{
+    struct node *nd = &c->nodes[n];
+    if (nd->alive) /* still live under its old connection: the new one takes over */
+        outq_clear(&nd->q);
+    nd->route = *from;
+    nd->alive = 1;
+    outq_init(&nd->q);
+    nd->last_seen_ns = now_ns();
+    char ids[256] = "";
+    size_t k = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, engines) {
+        cJSON *id = cJSON_GetObjectItemCaseSensitive(e, "id");
+        cJSON *pid = cJSON_GetObjectItemCaseSensitive(e, "pid");
+        if (!cJSON_IsNumber(id) || !cJSON_IsNumber(pid) || id->valuedouble < 0 ||
+            id->valuedouble >= (double)c->nengines)
+            continue;
+        struct engine *en = &c->engines[(uint32_t)id->valuedouble];
+        if (en->node != (uint32_t)n || en->pid != pid->valueint)
+            continue;
+        en->alive = 1;
+        int w = snprintf(ids + k, sizeof ids - k, "%s%u", k ? ", " : "", (uint32_t)id->valuedouble);
+        if (w > 0 && (size_t)w < sizeof ids - k)
+            k += (size_t)w;
+    }
+    logf_("node %d (%s, agent pid %d) registered again, with engines [%s]", n, nd->host, nd->pid, ids);
+}
+
 static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route *from)
 {
     int n = find_node(c, from);
@@ -1071,7 +1132,11 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
             reply_error(c, c->agents, from, m->hdr.msg_id, "REGISTER needs {\"host\": str, \"pid\": int}");
             break;
         }
-        if (n < 0) {
+        int back = n < 0 ? find_node_by_agent(c, host->valuestring, pid->valueint) : -1;
+        if (back >= 0) {
+            node_back(c, back, from, cJSON_GetObjectItemCaseSensitive(body, "engines"));
+            n = back;
+        } else if (n < 0) {
             if (c->nnodes == MAX_NODES) {
                 reply_error(c, c->agents, from, m->hdr.msg_id, "too many nodes (%d)", MAX_NODES);
                 break;
@@ -1095,15 +1160,24 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
         reply = cJSON_CreateObject();
         cJSON_AddNumberToObject(reply, "node", n);
         cJSON_AddNumberToObject(reply, "heartbeat_ms", (double)(c->heartbeat_ns / 1000000));
+        cJSON_AddNumberToObject(reply, "node_timeout_ms", (double)(c->node_timeout_ns / 1000000));
         reply_json(c, c->agents, from, SHOAL_MSG_REGISTER_REPLY, m->hdr.msg_id, reply);
         break;
     }
+    case SHOAL_MSG_HEARTBEAT: /* an agent that has not heard from us for a while asks */
+        if (n >= 0) {
+            reply = cJSON_CreateObject();
+            reply_json(c, c->agents, from, SHOAL_MSG_HEARTBEAT_ACK, m->hdr.msg_id, reply);
+        } else {
+            tell_register_again(c, from, m->hdr.msg_id);
+        }
+        break;
     case SHOAL_MSG_ENGINE_EVENT: {
         cJSON *ev = cJSON_GetObjectItemCaseSensitive(body, "event");
         cJSON *local = cJSON_GetObjectItemCaseSensitive(body, "local");
         cJSON *pid = cJSON_GetObjectItemCaseSensitive(body, "pid");
         if (n < 0) {
-            reply_error(c, c->agents, from, m->hdr.msg_id, "register the node before its engines");
+            tell_register_again(c, from, m->hdr.msg_id);
             break;
         }
         if (!cJSON_IsString(ev) || !cJSON_IsNumber(local) || !cJSON_IsNumber(pid)) {
@@ -1134,10 +1208,17 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
         break;
     }
     case SHOAL_MSG_HEARTBEAT_ACK:
+        if (n < 0)
+            tell_register_again(c, from, m->hdr.msg_id);
         break;
     case SHOAL_MSG_RESULT:
     case SHOAL_MSG_OUTPUT:
-        if (n < 0 || m->hdr.sender >= c->nengines || c->engines[m->hdr.sender].node != (uint32_t)n) {
+        if (n < 0) {
+            /* Of a task failed when its node was lost: dropped, told. */
+            tell_register_again(c, from, m->hdr.msg_id);
+            break;
+        }
+        if (m->hdr.sender >= c->nengines || c->engines[m->hdr.sender].node != (uint32_t)n) {
             reply_error(c, c->agents, from, m->hdr.msg_id, "a result from an engine that is not yours");
             break;
         }
@@ -1214,14 +1295,22 @@ static void heartbeat(struct controller *c)
         struct node *nd = &c->nodes[i];
         if (!nd->alive)
             continue;
-        if (now - nd->last_seen_ns > 3 * c->heartbeat_ns) {
-            node_lost(c, i, "no heartbeat");
+        if (now - nd->last_seen_ns > c->node_timeout_ns) {
+            char why[128];
+            snprintf(why, sizeof why, "no word from it for %lld ms (--node-timeout-ms %lld)",
+                     (long long)((now - nd->last_seen_ns) / 1000000), (long long)(c->node_timeout_ns / 1000000));
+            node_lost(c, i, why);
             continue;
         }
         shoal_msg_header h = {.type = SHOAL_MSG_HEARTBEAT, .msg_id = ++c->next_msg_id,
                               .target = SHOAL_WIRE_TARGET_ALL};
         shoal_frame route = {nd->route.id, nd->route.len};
-        shoal_wire_send(c->agents, c->key, &route, &h, NULL, 0);
+        /* A peer whose connection is gone (ROUTER_MANDATORY: EHOSTUNREACH)
+         * died, or reconnected under a new identity, which re-registers:
+         * either way the node as we knew it is lost now, not after the
+         * timeout meant for nodes that are only silent. */
+        if (shoal_wire_send(c->agents, c->key, &route, &h, NULL, 0) == -EHOSTUNREACH)
+            node_lost(c, i, "its connection closed (its agent died, or reconnects)");
     }
     c->next_beat_ns = now + c->heartbeat_ns;
 }
@@ -1242,7 +1331,8 @@ static void shutdown_agents(struct controller *c)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: shoal-controller [--profile NAME] [--ip ADDR] [--heartbeat-ms N] [--client-backlog BYTES]\n"
+    fprintf(f, "usage: shoal-controller [--profile NAME] [--ip ADDR] [--heartbeat-ms N] [--node-timeout-ms N]\n"
+               "                        [--client-backlog BYTES]\n"
                "                        [--max-frame BYTES] [--max-payload BYTES] [--max-client-parts N]\n"
                "  Binds on ADDR (default 127.0.0.1) and writes the connection file under\n"
                "  $SHOAL_DIR (default ~/.shoal)/profile_NAME/connection.json (mode 0600).\n"
@@ -1250,7 +1340,9 @@ static void usage(FILE *f)
                "  (default 1 GiB); --max-frame, --max-payload: the largest frame, and payload,\n"
                "  a message may have (defaults 1 GiB and 256 MiB; see docs/protocol.md);\n"
                "  --max-client-parts: task parts (one per target engine) one client may have\n"
-               "  in flight (default 1048576).\n");
+               "  in flight (default 1048576). --node-timeout-ms: how long a node may be silent\n"
+               "  before it is declared lost, its tasks failed (default 30000; a node whose\n"
+               "  connection closes is lost at the next heartbeat).\n");
 }
 
 /*
@@ -1285,16 +1377,26 @@ static int bind_router(struct controller *c, void **sock, const char *ip, char *
 int main(int argc, char **argv)
 {
     const char *profile = "default", *ip = "127.0.0.1";
-    long hb_ms = 1000;
+    long hb_ms = 1000, node_timeout_ms = 30000;
     uint64_t backlog = 1ull << 30, max_frame = 1ull << 30, max_payload = 256ull << 20, parts = MAX_CLIENT_PARTS;
     static const struct option opts[] = {
         {"profile", required_argument, NULL, 'p'}, {"ip", required_argument, NULL, 'i'},
         {"heartbeat-ms", required_argument, NULL, 'b'}, {"client-backlog", required_argument, NULL, 'B'},
         {"max-frame", required_argument, NULL, 'F'}, {"max-payload", required_argument, NULL, 'P'},
-        {"max-client-parts", required_argument, NULL, 'T'},
+        {"max-client-parts", required_argument, NULL, 'T'}, {"node-timeout-ms", required_argument, NULL, 'N'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     for (int o; (o = getopt_long(argc, argv, "p:i:b:h", opts, NULL)) != -1;) {
         switch (o) {
+        case 'N': {
+            uint64_t v;
+            if (shoal_parse_u64(optarg, 3600000, &v) < 0 || v < 100) {
+                fprintf(stderr, "shoal-controller: --node-timeout-ms wants a number of milliseconds (100 to "
+                                "3600000), not '%s'\n", optarg);
+                return 2;
+            }
+            node_timeout_ms = (long)v;
+            break;
+        }
         case 'T':
             if (shoal_parse_u64(optarg, 1u << 30, &parts) < 0 || parts < 1) {
                 fprintf(stderr, "shoal-controller: --max-client-parts wants a number of task parts (1 to %u), "
@@ -1339,6 +1441,11 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (node_timeout_ms < 2 * hb_ms) {
+        fprintf(stderr, "shoal-controller: --node-timeout-ms (%ld) must be at least two heartbeats (%ld ms)\n",
+                node_timeout_ms, 2 * hb_ms);
+        return 2;
+    }
     if (hb_ms < 10 || hb_ms > 600000 || strchr(profile, '/') || !*profile) {
         usage(stderr);
         return 2;
@@ -1346,6 +1453,7 @@ int main(int argc, char **argv)
 
     static struct controller c;
     c.heartbeat_ns = hb_ms * 1000000;
+    c.node_timeout_ns = node_timeout_ms * 1000000;
     c.client_backlog_max = backlog;
     c.max_client_parts = parts;
     c.client_limits = (shoal_wire_limits){.max_frame = max_frame, .max_body = shoal_wire_default_limits.max_body,

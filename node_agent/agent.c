@@ -165,7 +165,10 @@ struct agent {
     int listen_fd, sig_fd;
     int node;
     int64_t heartbeat_ms;
+    int64_t node_timeout_ms; /* the controller's: silence after which either side gives the other up */
     int64_t last_ctl_ns;
+    int64_t last_probe_ns;   /* when we last asked a silent controller (HEARTBEAT) */
+    int64_t last_register_ns;
     struct peer peers[MAX_PEERS];
     int npeers;
     struct proc procs[MAX_PROCS];
@@ -241,6 +244,36 @@ static int send_json(struct agent *a, uint16_t type, uint64_t reply_to, cJSON *b
     return rc;
 }
 
+/*
+ * Registers the node with the controller: at the start, and again when the
+ * controller has declared it lost (a pause longer than its node timeout, or
+ * a new connection) - then with the engines it runs, which keep their ids
+ * and namespaces.
+ */
+static void send_register(struct agent *a)
+{
+    char host[64] = "";
+    gethostname(host, sizeof host - 1);
+    cJSON *reg = cJSON_CreateObject();
+    cJSON_AddStringToObject(reg, "host", host);
+    cJSON_AddNumberToObject(reg, "pid", getpid());
+    cJSON_AddStringToObject(reg, "socket", a->sock_path);
+    cJSON_AddStringToObject(reg, "loop", shoal_loop_backend(a->loop));
+    cJSON *engines = cJSON_AddArrayToObject(reg, "engines");
+    for (int i = 0; i < a->nengines; i++) {
+        const struct engine *e = &a->engines[i];
+        if (!e->alive || e->id < 0)
+            continue;
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddNumberToObject(j, "id", e->id);
+        cJSON_AddNumberToObject(j, "local", i);
+        cJSON_AddNumberToObject(j, "pid", e->pid);
+        cJSON_AddItemToArray(engines, j);
+    }
+    send_json(a, SHOAL_MSG_REGISTER, 0, reg);
+    cJSON_Delete(reg);
+}
+
 static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
 {
     a->last_ctl_ns = now_ns();
@@ -258,6 +291,9 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
             cJSON *j = cJSON_ParseWithLength(f.data, f.len);
             cJSON *node = cJSON_GetObjectItemCaseSensitive(j, "node");
             cJSON *hb = cJSON_GetObjectItemCaseSensitive(j, "heartbeat_ms");
+            cJSON *nt = cJSON_GetObjectItemCaseSensitive(j, "node_timeout_ms");
+            if (cJSON_IsNumber(nt) && nt->valueint > 0)
+                a->node_timeout_ms = nt->valueint;
             cJSON *eng = cJSON_GetObjectItemCaseSensitive(j, "engine");
             if (cJSON_IsNumber(node)) {
                 a->node = node->valueint;
@@ -282,7 +318,18 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
     case SHOAL_MSG_ERROR:
         if (m->hdr.n_payload >= 1) {
             shoal_frame f = shoal_wire_frame(m, 0);
-            logf_("the controller says: %.*s", (int)f.len, (const char *)f.data);
+            cJSON *j = cJSON_ParseWithLength(f.data, f.len);
+            if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "register_again"))) {
+                /* Once per round of them: it answers each late message so. */
+                if (now_ns() - a->last_register_ns > 1000000000ll) {
+                    logf_("the controller declared this node lost: registering again, with its engines");
+                    a->last_register_ns = now_ns();
+                    send_register(a);
+                }
+            } else {
+                logf_("the controller says: %.*s", (int)f.len, (const char *)f.data);
+            }
+            cJSON_Delete(j);
         }
         break;
     default:
@@ -317,11 +364,20 @@ static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
     (void)l;
     (void)id;
     struct agent *a = arg;
-    int64_t silent_ms = (now_ns() - a->last_ctl_ns) / 1000000;
-    if (silent_ms > 3 * a->heartbeat_ms + 2000) {
-        logf_("no word from the controller for %lld ms: it is gone; stopping", (long long)silent_ms);
+    /* What waits first: after a pause (SIGSTOP, a swap storm) the
+     * controller's heartbeats are there to be read, and the silence is ours. */
+    on_ctl_fd(l, a->ctl_fd, POLLIN, a);
+    int64_t now = now_ns(), silent_ms = (now - a->last_ctl_ns) / 1000000;
+    if (silent_ms > a->node_timeout_ms + 2 * a->heartbeat_ms + 2000) {
+        logf_("no word from the controller for %lld ms, asked or not (its node timeout is %lld ms): it is gone; "
+              "stopping", (long long)silent_ms, (long long)a->node_timeout_ms);
         a->exit_code = 3;
         a->running = 0;
+    } else if (silent_ms > 2 * a->heartbeat_ms && now - a->last_probe_ns > 1000000000ll) {
+        /* Silent for two heartbeats: ask. A controller that declared us
+         * lost answers that we should register again. */
+        a->last_probe_ns = now;
+        send_json(a, SHOAL_MSG_HEARTBEAT, 0, NULL);
     }
 }
 
@@ -1602,6 +1658,7 @@ int main(int argc, char **argv)
     a.node = -1;
     a.restart = restart;
     a.heartbeat_ms = 1000;
+    a.node_timeout_ms = 30000; /* until the controller says */
     a.listen_fd = a.sig_fd = -1;
     /* Kept to be given up when we run out of fds: we then still accept a
      * connection, to tell it why we refuse it (on_listen). */
@@ -1662,15 +1719,7 @@ int main(int argc, char **argv)
     size_t fdlen = sizeof a.ctl_fd;
     zmq_getsockopt(a.ctl, ZMQ_FD, &a.ctl_fd, &fdlen);
 
-    char host[64] = "";
-    gethostname(host, sizeof host - 1);
-    cJSON *reg = cJSON_CreateObject();
-    cJSON_AddStringToObject(reg, "host", host);
-    cJSON_AddNumberToObject(reg, "pid", getpid());
-    cJSON_AddStringToObject(reg, "socket", a.sock_path);
-    cJSON_AddStringToObject(reg, "loop", shoal_loop_backend(a.loop));
-    send_json(&a, SHOAL_MSG_REGISTER, 0, reg);
-    cJSON_Delete(reg);
+    send_register(&a);
     a.last_ctl_ns = now_ns();
 
     uint64_t tid;

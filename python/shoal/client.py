@@ -19,6 +19,7 @@ import collections.abc
 import itertools
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -125,6 +126,21 @@ def _profile_dir(profile):
     return os.path.join(root, f"profile_{profile}")
 
 
+def _alive(pid):
+    """Whether process pid runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
 def _connection_file(profile, url_file):
     return url_file or os.path.join(_profile_dir(profile), "connection.json")
 
@@ -152,6 +168,13 @@ class Client:
             raise OSError(f"no connection file at {path}: is a cluster running for profile '{profile}'? "
                           f"Start one with `shoal start`.") from None
         self._key = bytes.fromhex(info["key"])
+        self._ctl_pid, self._ctl_pidfd = self._watch_controller_process(info, path, profile)
+        self._ctl_dead = None  # why the controller is known to be gone (see _controller_gone)
+        self._last_heard = time.monotonic()  # when the controller last said anything
+        self._probe_at = 0.0  # when we last asked a silent controller (HEARTBEAT)
+        # How long a controller may be silent, asked, before its tasks fail
+        # (its own node timeout: the agents give it up then, too).
+        self._ctl_timeout = (info.get("node_timeout_ms") or 30000) / 1000 + 2
         self._sock = _core.Socket("dealer", self._key, connect=info["client"])
         # What the controller accepts at most (docs/protocol.md, "Limits"):
         # a task past it is refused here, with a clear error, not sent.
@@ -197,7 +220,15 @@ class Client:
         self._last_submit = 0.0
         self._receiving = 0  # depth of _receive calls in this thread's stack (callbacks run inside)
         self._leaving = set()  # engines this client stopped, until the registry no longer has them
-        registry = self._control(_core.MSG_REGISTER, timeout=timeout)
+        self._lost_engines = set()  # engines of a node whose agent died under us (_check_agent)
+        try:
+            registry = self._control(_core.MSG_REGISTER, timeout=timeout)
+        except BaseException:
+            self._sock.close()
+            self._sock = None
+            if self._ctl_pidfd is not None:
+                os.close(self._ctl_pidfd)
+            raise
         self._registry(registry["engines"])
         host = socket.gethostname()
         for node in registry["nodes"]:
@@ -211,6 +242,58 @@ class Client:
                                   f"through the controller)", RuntimeWarning, stacklevel=2)
                 break
         self._auto_activate()
+
+    @staticmethod
+    def _watch_controller_process(info, path, profile):
+        """(pid, pidfd) of the controller when it runs on this machine
+        (a loopback address), so that its death is seen at once; (pid,
+        None) otherwise, or where pidfds are missing. Raises OSError for a
+        connection file whose local controller no longer runs."""
+        pid, ip = info.get("pid"), info.get("ip", "")
+        if not isinstance(pid, int) or pid <= 0 or not ip.startswith("127."):
+            return pid, None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = None
+        except OSError:
+            return pid, None  # no pidfds here: the heartbeat watch still works
+        if fd is None or not _alive(pid):
+            if fd is not None:
+                os.close(fd)
+            raise OSError(f"the controller of profile '{profile}' (pid {pid}) is not running: its connection file "
+                          f"{path} is stale (left by a controller that was killed?). Start a cluster with "
+                          f"`shoal start`, or remove the file.")
+        return pid, fd
+
+    def _controller_gone(self, why):
+        """The controller is gone (its process died, or it has not answered
+        for _ctl_timeout): every task through it fails with an EngineError
+        that says so, and so does every later one. Lanes go on."""
+        if self._ctl_dead is not None:
+            return
+        self._ctl_dead = why
+        for mid, ar in list(self._pending.items()):
+            for e in ar._mids.get(mid, ()):
+                if e not in ar._results:
+                    ar._fail(e, EngineError(f"engine {e}'s result cannot come: {why}", e))
+        self._pending.clear()
+        self._ctl_parts = 0
+
+    def _watch_controller(self):
+        """While controller replies are due: has the controller died (its
+        pidfd), or been silent too long? Asks a silent one (HEARTBEAT)."""
+        if self._ctl_dead is not None or not (self._pending or self._control_waits):
+            return
+        if self._ctl_pidfd is not None and select.select([self._ctl_pidfd], [], [], 0)[0]:
+            self._controller_gone(f"the controller (pid {self._ctl_pid}) died")
+            return
+        silent = time.monotonic() - self._last_heard
+        if silent > self._ctl_timeout:
+            self._controller_gone(f"the controller did not answer for {silent:.0f} s (asked)")
+        elif silent > 2 and time.monotonic() - self._probe_at > 1:
+            self._probe_at = time.monotonic()
+            self._sock.send(_core.MSG_HEARTBEAT, [])
 
     def _auto_activate(self):
         """Inside IPython, a client registers %px for all its engines, as
@@ -231,8 +314,8 @@ class Client:
                 and not self._receiving and self._sock is not None:
             try:
                 self.refresh()
-            except TimeoutError:
-                pass  # the controller does not answer: what we knew
+            except (TimeoutError, ConnectionError):
+                pass  # the controller does not answer, or is gone: what we knew (lanes still work)
         return list(self._alive)  # a copy: the caller's to change
 
     def _live_ids(self):
@@ -241,7 +324,7 @@ class Client:
     def _registry(self, engines):
         """Takes the controller's list of engines."""
         self._engines = engines
-        self._alive = [e["id"] for e in engines if e["alive"]]
+        self._alive = [e["id"] for e in engines if e["alive"] and e["id"] not in self._lost_engines]
         self._registry_at = time.monotonic()
         self._leaving &= set(self._alive)
 
@@ -384,6 +467,8 @@ class Client:
     # ---- talking to the controller ---------------------------------------------
 
     def _control(self, kind, body=None, timeout=None):
+        if self._ctl_dead is not None:
+            raise ConnectionError(f"{self._ctl_dead}: start the cluster again (`shoal start`) and make a new Client")
         with self._lock:
             mid = self._sock.send(kind, [json.dumps(body).encode()] if body is not None else [])
             self._control_waits += 1
@@ -391,8 +476,11 @@ class Client:
             deadline = time.monotonic() + (timeout or self.timeout)
             while mid not in self._replies:
                 left = deadline - time.monotonic()
+                if self._ctl_dead is not None:
+                    raise ConnectionError(f"{self._ctl_dead}: start the cluster again (`shoal start`) and make a "
+                                          f"new Client")
                 if left <= 0:
-                    raise TimeoutError("the controller did not answer in time")
+                    raise TimeoutError(f"the controller did not answer within {timeout or self.timeout:g} s")
                 self._receive(left)
         finally:
             with self._lock:
@@ -627,11 +715,13 @@ class Client:
             if not entry[1]:
                 del self._lane_tasks[task_id]
 
-    def _lane_gone(self, eid, lane):
-        """The agent closed the lane: the engine died or was stopped."""
+    def _lane_gone(self, eid, lane, what=None):
+        """The agent closed the lane: the engine died or was stopped (or,
+        with what, the agent itself is gone)."""
         self._lanes[eid] = None
         self._registry_at = 0.0  # ids reads the registry again: the engine has left it, or is about to
-        what = "was stopped" if lane.closed_why() == LANE_ENGINE_STOPPED else "died"
+        if what is None:
+            what = "was stopped" if lane.closed_why() == LANE_ENGINE_STOPPED else "died"
         for task_id in sorted(lane.pending):
             ar = self._lane_tasks[task_id][0]
             ar._fail(eid, EngineError(f"engine {eid} (pid {lane.engine_pid}) {what} while running task {task_id}",
@@ -650,6 +740,41 @@ class Client:
                     self._pool_answered(task_id)
             if not pool.lanes:  # nobody is left to take what waits
                 self._close_pool(key, EngineError, f"every engine of its load-balanced view {what}")
+
+    def _check_agent(self):
+        """When the node's agent has died, nothing answers on our lanes any
+        more (it is the one that closes a dead engine's lane): every lane
+        and pool task fails now, naming its engine and why, and the engines
+        of the node are marked lost, so that tasks sent to them fail at
+        once. True if that happened. Called by a client that waits on lanes
+        and finds nothing (a poll that never waits)."""
+        if self.local is None or not self._lanes or not self.local.gone():
+            return False
+        pid = self.local.agent_pid
+        what = f"was lost with its node's agent (pid {pid}), which died" if pid else \
+            "was lost with its node's agent, which died"
+        node = self._local_node
+        self._lost_engines.update(e["id"] for e in self._engines if e["node"] == node)
+        self._alive = [e for e in self._alive if e not in self._lost_engines]
+        # What the engines put on their lanes before the agent died is
+        # theirs to give: a reply that made it is a result, not lost.
+        self._drain_lanes()
+        for eid, lane in list(self._lanes.items()):
+            if lane is not None:
+                self._lane_gone(eid, lane, what)
+        for key in list(self._pools):
+            self._close_pool(key, EngineError, f"every engine of its load-balanced view {what}")
+        self._use_lanes = False  # a new agent's engines are reached through the controller
+        return True
+
+    def _fail_lost(self, ar, targets):
+        """Fails targets of ar that are engines of a node whose agent died
+        (see _check_agent); the rest is theirs to send."""
+        lost = [t for t in targets if t in self._lost_engines]
+        for t in lost:
+            ar._fail(t, EngineError(f"engine {t} was lost with its node's agent, which died: the task was not "
+                                    f"sent", t))
+        return [t for t in targets if t not in self._lost_engines]
 
     # ---- pools: load-balanced tasks that idle engines take -------------------------
 
@@ -792,6 +917,10 @@ class Client:
     def _send(self, ar, targets, meta, obj):
         """Sends one task (obj, to targets) for ar, by lane or through the
         controller; returns the lanes whose engines are yet to be woken."""
+        if self._lost_engines and not self._lost_engines.isdisjoint(targets):
+            if ar.msg_id is None:
+                ar.msg_id = next(self._lane_ids)
+            targets = self._fail_lost(ar, targets)
         lanes = {t: lane for t in targets if (lane := self._lane(t)) is not None}
         here = [t for t in targets if t not in lanes and self._on_this_node(t)]
         away = [t for t in targets if t not in lanes and t not in here]
@@ -807,7 +936,12 @@ class Client:
             if group:
                 self._check_limits(s, group)
         for group, s in ((here, s_here), (away, s_away)):
-            if group:
+            if group and self._ctl_dead is not None:
+                if ar.msg_id is None:
+                    ar.msg_id = next(self._lane_ids)
+                for t in group:
+                    ar._fail(t, EngineError(f"engine {t} cannot be reached: {self._ctl_dead}", t))
+            elif group:
                 m = dict(meta, buffers=s.buffers)
                 frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
                 mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
@@ -936,7 +1070,8 @@ class Client:
                     spin = LANE_SPIN if busy < _CORES and time.monotonic() - self._last_submit < 0.01 else 0
                     want = 1 if self._pool_tasks else max(1, want)
                     self._bell.wait([lane.cq for lane in lanes], timeout=wait, spin=min(spin, wait), want=want)
-                return self._drain_lanes()
+                # Nothing came: is the agent, which closes a dead engine's lane, still there?
+                return self._drain_lanes() or self._check_agent()
             return self._socket_receive(timeout)
 
     def _socket_receive(self, timeout):
@@ -947,9 +1082,11 @@ class Client:
                 # (to submit, or to receive for itself) 5 ms at most.
                 hdr, payload, buffers, _ = self._sock.recv(timeout=min(max(timeout, 0), 0.005))
             except builtins.TimeoutError:
+                self._watch_controller()
                 return False
             except _core.WireError:
                 return True  # counted by the socket; nothing we can use
+            self._last_heard = time.monotonic()
             if hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] in self._pending:
                 # The controller refused a task outright: every target of that message fails.
                 ar = self._pending.pop(hdr["reply_to"])
@@ -964,6 +1101,8 @@ class Client:
                     if ar._zmq_done():
                         for mid in ar._mids:
                             self._pending.pop(mid, None)
+            elif hdr["type"] == _core.MSG_HEARTBEAT_ACK:
+                pass  # the answer to _watch_controller's question: that it came is the point
             elif hdr["type"] == _core.MSG_OUTPUT:
                 ar = self._pending.get(hdr["reply_to"])
                 if ar is not None:
@@ -1255,6 +1394,9 @@ class Client:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+            if self._ctl_pidfd is not None:
+                os.close(self._ctl_pidfd)
+                self._ctl_pidfd = None
             self._lanes, self._bell = {}, None
             if self.local is not None:
                 self.local.close()

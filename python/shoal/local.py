@@ -9,6 +9,7 @@ the agent releases whatever the process still held there.
 
 import json
 import os
+import select
 import socket
 import struct
 
@@ -96,6 +97,20 @@ class LocalArena:
                 raise ConnectionError(f"the shoal agent at {self.path} closed the connection")
             data += chunk
         return json.loads(data.decode())
+
+    def gone(self):
+        """Whether the agent has closed our connection (it died, or was
+        stopped): a poll that never waits, for a client that waits on lanes."""
+        try:
+            r = select.poll()
+            r.register(self._sock.fileno(), select.POLLIN)
+            if not r.poll(0):
+                return False
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True  # reset, or our socket closed
 
     def close(self):
         """Detaches. Arrays that still use the arena keep it mapped: it is

@@ -1,0 +1,208 @@
+"""Faults a cluster meets in real use: a process killed or paused at a
+chosen point, on both event-loop backends. Every task ends (a result, or an
+EngineError that names its engine and why) within the bound docs/ gives,
+and nothing is left behind (docs/controller.md, "Failures and bounds")."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import shoal
+from shoal import _core
+
+from procs import Agent, Controller
+
+LOOPS = ["io_uring", "epoll"]
+
+
+def env_for(loop):
+    return {"SHOAL_NO_URING": "1"} if loop == "epoll" else {}
+
+
+def registry(ctl):
+    s = ctl.socket()
+    try:
+        return ctl.ask(s, _core.MSG_REGISTER)[1]
+    finally:
+        s.close()
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def left_in(runtime):
+    """What an agent left in its runtime directory."""
+    d = runtime / "shoal"
+    return sorted(os.listdir(d)) if d.exists() else []
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_agent_death_fails_every_lane_and_pool_task_at_once(tmp_path, loop):
+    """SIGKILL of the agent: its engines die with it; every task in flight
+    on a lane, in a pool and through the controller fails with an
+    EngineError naming its engine, and new tasks to them fail at once.
+    (Before, lane and pool tasks waited for ever.)"""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200)
+    agent = Agent(ctl, tmp_path / "run", engines=2, env=env_for(loop))
+    ids = [e["id"] for e in agent.engines]
+    engine_pids = [e["pid"] for e in agent.engines]
+    try:
+        with shoal.Client(url_file=str(ctl.conn)) as rc, \
+                shoal.Client(url_file=str(ctl.conn), lanes=False) as through:
+            assert rc._lane(ids[0]) is not None, "this test needs lanes"
+            first = rc[ids[0]]  # a view made before, used after
+            lane = [rc[e].apply_async(time.sleep, 30) for e in ids]
+            pool = [rc.load_balanced_view().apply_async(time.sleep, 30) for _ in range(6)]
+            ctl_path = [through[e].apply_async(time.sleep, 30) for e in ids]
+            time.sleep(0.5)  # the engines have started them
+            agent.proc.kill()
+            agent.proc.wait()
+            t0 = time.monotonic()
+            for ar in lane + pool + ctl_path:
+                with pytest.raises(shoal.EngineError) as err:
+                    ar.get(10)
+                msg = str(err.value)
+                assert "engine" in msg and ("agent" in msg or "lost" in msg or "reached" in msg), msg
+            # Lane and pool tasks are failed by the client itself; the
+            # controller path within a heartbeat or two.
+            assert time.monotonic() - t0 < 5
+            assert "pid %d" % agent.proc.pid in str(lane[0].exception(0)) or "agent" in str(lane[0].exception(0))
+            t1 = time.monotonic()
+            late = first.apply_async(abs, -1)
+            with pytest.raises(shoal.EngineError, match=f"engine {ids[0]}"):
+                late.get(10)
+            assert time.monotonic() - t1 < 1, "a new task to a lost engine fails at once"
+        wait_for(lambda: not any(map(alive, engine_pids)), 5, "an engine outlived its agent")
+        wait_for(lambda: not registry(ctl)["nodes"][0]["alive"], 5, "the controller did not lose the node")
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_controller_death_fails_its_tasks_and_the_next_client_is_told(tmp_path, loop):
+    """SIGKILL of the controller: tasks through it fail with an EngineError
+    that says the controller died (before, they waited for ever); lane
+    tasks go on; the stale connection file makes the next Client() and
+    `shoal status` say that the controller's process is gone, at once."""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200, extra=("--node-timeout-ms", "1000"))
+    agent = Agent(ctl, tmp_path / "run", engines=2, env=env_for(loop))
+    ids = [e["id"] for e in agent.engines]
+    try:
+        with shoal.Client(url_file=str(ctl.conn)) as rc, \
+                shoal.Client(url_file=str(ctl.conn), lanes=False) as through:
+            slow = [through[ids[1]].apply_async(time.sleep, 30) for _ in range(3)]
+            on_lane = rc[ids[0]].apply_async(lambda: (time.sleep(0.5), 7)[1])
+            time.sleep(0.3)
+            ctl.proc.kill()
+            ctl.proc.wait()
+            t0 = time.monotonic()
+            for ar in slow:
+                with pytest.raises(shoal.EngineError, match=f"controller \\(pid {ctl.proc.pid}\\) died"):
+                    ar.get(10)
+            assert time.monotonic() - t0 < 2
+            assert on_lane.get(10) == 7, "a lane does not need the controller"
+            with pytest.raises(shoal.EngineError, match="died"):
+                through[ids[0]].apply_sync(abs, -1)
+            with pytest.raises(ConnectionError, match="died"):
+                through.cluster_status()
+        t0 = time.monotonic()
+        with pytest.raises(OSError, match=f"pid {ctl.proc.pid}\\) is not running: its connection file .* is stale"):
+            shoal.Client(url_file=str(ctl.conn))
+        assert time.monotonic() - t0 < 1
+        env = dict(os.environ, SHOAL_DIR=str(ctl.root))
+        p = subprocess.run([sys.executable, "-m", "shoal", "status"], env=env, capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode == 1 and "is not running" in p.stderr and "stale" in p.stderr, p.stderr
+        # The agent gives the controller up after its node timeout, and
+        # takes its engines and its socket with it.
+        assert agent.proc.wait(timeout=15) == 3
+        assert left_in(tmp_path / "run") == []
+    finally:
+        agent.stop()
+        if ctl.proc.poll() is None:
+            ctl.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_pause_of_3_5_s_loses_nothing_by_default(tmp_path, loop):
+    """SIGSTOP of the agent for 3.5 s under the default heartbeat policy
+    (a node silent for 30 s is lost): the node stays, and the tasks sent
+    before and during the pause all answer after it. (Before, the node was
+    lost after 3 s, its results refused, and the agent exited.)"""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=1000)  # the defaults: 1 s heartbeats, 30 s timeout
+    agent = Agent(ctl, tmp_path / "run", engines=2, env=env_for(loop))
+    ids = [e["id"] for e in agent.engines]
+    try:
+        with shoal.Client(url_file=str(ctl.conn), lanes=False) as through, \
+                shoal.Client(url_file=str(ctl.conn)) as rc:
+            before = [through[e].apply_async(lambda x: (time.sleep(0.2), x)[1], e) for e in ids]
+            agent.proc.send_signal(signal.SIGSTOP)
+            try:
+                during = [through[e].apply_async(abs, -e) for e in ids]
+                lane = rc[ids[0]].apply_async(abs, -5)
+                time.sleep(3.5)
+            finally:
+                agent.proc.send_signal(signal.SIGCONT)
+            assert [ar.get(20) for ar in before] == ids
+            assert [ar.get(20) for ar in during] == ids
+            assert lane.get(20) == 5
+            assert all(n["alive"] for n in registry(ctl)["nodes"])
+            assert through[ids].apply_sync(os.getpid) == [e["pid"] for e in agent.engines]
+        assert agent.proc.poll() is None
+        assert "lost" not in ctl.log.read_text()
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_node_declared_lost_comes_back_with_its_engines_and_namespaces(tmp_path, loop):
+    """With a short node timeout (1 s), a pause of 2.5 s loses the node:
+    tasks in flight through the controller fail with an EngineError that
+    says so. On SIGCONT the agent registers again, and its engines come
+    back with their ids and namespaces. (Before, the agent exited and took
+    its engines with it.)"""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200, extra=("--node-timeout-ms", "1000"))
+    agent = Agent(ctl, tmp_path / "run", engines=2, env=env_for(loop))
+    ids = [e["id"] for e in agent.engines]
+    try:
+        with shoal.Client(url_file=str(ctl.conn), lanes=False) as rc:
+            rc[ids].push({"kept": 42}, block=True)
+            agent.proc.send_signal(signal.SIGSTOP)
+            try:
+                inflight = rc[ids[0]].apply_async(abs, -3)
+                wait_for(lambda: not registry(ctl)["nodes"][0]["alive"], 10, "the node was not declared lost")
+                with pytest.raises(shoal.EngineError, match=f"engine {ids[0]} was lost with its node"):
+                    inflight.get(5)
+            finally:
+                agent.proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: registry(ctl)["nodes"][0]["alive"] and
+                     all(e["alive"] for e in registry(ctl)["engines"]), 10, "the node did not come back")
+            assert [e["id"] for e in registry(ctl)["engines"]] == ids, "the same ids"
+            rc.refresh()
+            assert rc[ids].pull("kept", block=True) == [42, 42], "the namespaces are kept"
+            assert rc[ids].apply_sync(abs, -4) == [4, 4]
+        assert agent.proc.poll() is None
+        again = re.search(r"registered again, with engines \[([\d, ]*)\]", ctl.log.read_text())
+        assert again and sorted(int(x) for x in again.group(1).split(",")) == sorted(ids)
+    finally:
+        agent.stop()
+        ctl.stop()
