@@ -834,8 +834,14 @@ static int listen_unix(struct agent *a, const char *profile, const char *profile
     int n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%s-%08x.sock", dir, profile,
                      (unsigned)name_hash(profile_dir));
     if (n < 0 || (size_t)n >= sizeof a->sock_path) {
-        logf_("the socket's path (%s/agent-%s-....sock) is longer than a Unix socket's %zu bytes: use a shorter "
-              "profile name, %s", dir, profile, sizeof a->sock_path - 1, runtime_dir_fix());
+        /* A long profile name in a deep runtime directory: a name made of
+         * hashes alone, as fixed for the profile as the long one. */
+        n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%08x%08x.sock", dir,
+                     (unsigned)name_hash(profile), (unsigned)name_hash(profile_dir));
+    }
+    if (n < 0 || (size_t)n >= sizeof a->sock_path) {
+        logf_("the socket's path (%s/agent-....sock) is longer than a Unix socket's %zu bytes: set "
+              "XDG_RUNTIME_DIR to a shorter directory of your own", dir, sizeof a->sock_path - 1);
         return -1;
     }
     pid_t other = -1;

@@ -1,7 +1,8 @@
 """The `shoal` command: start, stop and look at a cluster.
 
     shoal start -n 4 [--daemonize] [--profile NAME] [--ip ADDR] [--arena-size BYTES] [--prefault BYTES]
-                [--retain BYTES]
+                [--retain BYTES] [--heartbeat-ms N] [--node-timeout-ms N] [--client-backlog BYTES]
+                [--max-frame BYTES] [--max-payload BYTES]
     shoal stop [--profile NAME]
     shoal status [--profile NAME]
     shoal bench tradeoff [-n N] [--sizes 1K,1M,...] [--costs 0,1,4,16] [--reps R] [--png PATH | --no-png]
@@ -47,16 +48,16 @@ def _wait_gone(pids, timeout):
     return not any(_alive(p) for p in pids)
 
 
-def _agent_said(log_path, offset):
-    """The lines the node agent logged since offset in the cluster's log:
-    why it stopped, when it did."""
+def _agent_said(log_path, offset, who="[shoal-agent "):
+    """The lines the node agent (or, with who, another program) logged
+    since offset in the cluster's log: why it stopped, when it did."""
     try:
         with open(log_path, "rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
     except OSError:
         return []
-    return [line for line in text.splitlines() if "[shoal-agent " in line]
+    return [line for line in text.splitlines() if who in line]
 
 
 def _remove_stale_socket(path):
@@ -104,11 +105,18 @@ def start(args):
     log = open(os.path.join(pdir, "cluster.log"), "ab")
     log_start = log.tell()
     out = log if args.daemonize else None
-    ctl = subprocess.Popen([_bin.find("shoal-controller"), "--profile", args.profile, "--ip", args.ip],
+    policy = []
+    for flag in ("heartbeat_ms", "node_timeout_ms", "client_backlog", "max_frame", "max_payload"):
+        if getattr(args, flag) is not None:
+            policy += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    ctl = subprocess.Popen([_bin.find("shoal-controller"), "--profile", args.profile, "--ip", args.ip, *policy],
                            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
     deadline = time.monotonic() + 10
     while not os.path.exists(conn):
         if ctl.poll() is not None or time.monotonic() > deadline:
+            if ctl.poll() is not None and args.daemonize:  # its words are in the log: show them
+                for line in _agent_said(log.name, log_start, "shoal-controller")[-3:]:
+                    print(line, file=sys.stderr)
             print(f"shoal: the controller did not start (see {log.name})", file=sys.stderr)
             return 1
         time.sleep(0.02)
@@ -302,6 +310,17 @@ def main(argv=None):
     s.add_argument("--timeout", type=float, default=60, help="seconds to wait for the engines")
     s.add_argument("--restart-engines", action="store_true",
                    help="start a new engine (with a new id) in place of one that dies")
+    # The controller's policies (docs/controller.md): passed on as they are.
+    for flag, what in (("--heartbeat-ms", "milliseconds between the controller's heartbeats (default 1000)"),
+                       ("--node-timeout-ms", "milliseconds a node may be silent before it is declared lost and "
+                                             "its tasks fail (default 30000)"),
+                       ("--client-backlog", "bytes of results the controller keeps for a client that does not "
+                                            "read (default 1 GiB); past it they fail with an error that says why"),
+                       ("--max-frame", "the largest frame a message to the controller may have, in bytes "
+                                       "(default 1 GiB)"),
+                       ("--max-payload", "the largest payload (the signed part) a message to the controller may "
+                                         "have, in bytes (default 256 MiB)")):
+        s.add_argument(flag, type=int, default=None, help=what)
     for name in ("stop", "status"):
         sub.add_parser(name, help=f"{name} the cluster")
     for sp in sub.choices.values():

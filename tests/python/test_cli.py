@@ -112,3 +112,16 @@ def test_start_passes_the_arena_options_to_the_agent(env):
         assert st["heap_size"] == 256 << 20 and st["released_bytes"] >= 96 << 20
     finally:
         assert shoal_cmd(env, "stop").returncode == 0
+
+
+def test_start_passes_the_controller_policies_on(env):
+    p = shoal_cmd(env, "start", "-n", "1", "--daemonize", "--node-timeout-ms", "5000", "--heartbeat-ms", "500",
+                  "--client-backlog", str(8 << 20), "--max-frame", str(64 << 20), "--max-payload", str(1 << 20))
+    assert p.returncode == 0, p.stderr
+    try:
+        info = json.loads(open(os.path.join(env["SHOAL_DIR"], "profile_default", "connection.json")).read())
+        assert (info["node_timeout_ms"], info["max_frame"], info["max_payload"]) == (5000, 64 << 20, 1 << 20)
+    finally:
+        assert shoal_cmd(env, "stop").returncode == 0
+    p = shoal_cmd(env, "start", "-n", "1", "--daemonize", "--node-timeout-ms", "100", "--heartbeat-ms", "500")
+    assert p.returncode == 1 and "--node-timeout-ms (100) must be at least two heartbeats" in p.stderr, p.stderr

@@ -96,7 +96,7 @@ def test_unknown_and_misplaced_messages_get_an_error(ctl):
     kind, body = ctl.ask(a, _core.MSG_REGISTER, {"host": 3})
     assert kind == _core.MSG_ERROR and "REGISTER needs" in body["error"]
     kind, body = ctl.ask(a, _core.MSG_ENGINE_EVENT, {"event": "started", "local": 0, "pid": 1})
-    assert kind == _core.MSG_ERROR and "register the node" in body["error"]
+    assert kind == _core.MSG_ERROR and "register again" in body["error"]
 
 
 def test_abort_of_unknown_or_malformed_tasks(ctl):
