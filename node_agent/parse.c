@@ -14,10 +14,17 @@ int shoal__request_byte(char *line, size_t cap, size_t *len, char c, cJSON **jso
     if (c != '\n') {
         if (*len < cap - 1)
             line[(*len)++] = c;
+        else
+            *len = cap; /* too long: refused when it ends, not cut short and read */
         return SHOAL__REQ_MORE;
     }
-    line[*len] = '\0';
+    size_t n = *len;
     *len = 0;
+    if (n == cap) {
+        *json = NULL;
+        return SHOAL__REQ_UNKNOWN;
+    }
+    line[n] = '\0';
     cJSON *j = cJSON_Parse(line);
     *json = j;
     cJSON *role = cJSON_GetObjectItemCaseSensitive(j, "role");

@@ -29,7 +29,8 @@ enum shoal__request_kind {
  * the newline that ends the line; then parses the line, resets *len to 0 and
  * returns its kind, with *json the parsed object (NULL if it is not JSON),
  * which the caller must cJSON_Delete whatever the kind. *json is only
- * written when a line ends. Bytes past cap - 1 are dropped.
+ * written when a line ends. A line longer than cap - 1 bytes is
+ * SHOAL__REQ_UNKNOWN (*json NULL), whatever its first cap - 1 bytes say.
  */
 int shoal__request_byte(char *line, size_t cap, size_t *len, char c, cJSON **json);
 

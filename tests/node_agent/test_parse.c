@@ -78,6 +78,37 @@ Test(request, lines_in_a_row)
     cr_assert_eq(got, 3);
 }
 
+Test(request, a_line_too_long_is_refused_not_cut_short)
+{
+    /* A request padded past the 511 bytes a line may have used to be cut
+     * to its first 511 and granted (the fuzz target found it). */
+    char text[700];
+    memset(text, ' ', sizeof text);
+    memcpy(text, "{\"lane\": 1}", 11);
+    text[sizeof text - 2] = '\n';
+    text[sizeof text - 1] = '\0';
+    cJSON *j = (cJSON *)text;
+    cr_assert_eq(feed(text, &j), SHOAL__REQ_UNKNOWN);
+    cr_assert_null(j);
+    /* 511 bytes still fit, and the next line is read afresh. */
+    text[511] = '\n';
+    text[512] = '\0';
+    cr_assert_eq(feed(text, &j), SHOAL__REQ_LANE);
+    cJSON_Delete(j);
+    char line[512];
+    size_t len = 0;
+    memset(text, 'x', 600);
+    for (int i = 0; i < 600; i++)
+        cr_assert_eq(shoal__request_byte(line, sizeof line, &len, text[i], &j), SHOAL__REQ_MORE);
+    cr_assert_eq(shoal__request_byte(line, sizeof line, &len, '\n', &j), SHOAL__REQ_UNKNOWN);
+    const char *next = "{\"lane\": 2}\n";
+    int kind = SHOAL__REQ_MORE;
+    for (const char *c = next; *c; c++)
+        kind = shoal__request_byte(line, sizeof line, &len, *c, &j);
+    cr_assert_eq(kind, SHOAL__REQ_LANE);
+    cJSON_Delete(j);
+}
+
 /* Builds a message block of frames of the given lengths (bytes 'a', 'b', ...). */
 static size_t block(uint8_t *out, uint32_t n, uint32_t npayload, const uint64_t *lens)
 {
