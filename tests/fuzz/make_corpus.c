@@ -285,6 +285,13 @@ static void array(void)
     d = desc("<c16", 16, 2);
     d.shape[0] = INT64_MAX / 2, d.shape[1] = 2, d.strides[0] = INT64_MAX / 4, d.strides[1] = -16;
     array_seed("c16-huge", UINT64_MAX, &d);
+    d = desc("|u1", 1, 3); /* spans that add up past 2^127 (a bug the fuzzer found) */
+    for (uint32_t i = 0; i < d.ndim; i++)
+        d.shape[i] = INT64_MAX, d.strides[i] = INT64_MAX;
+    array_seed("u1-spans-past-2-127", 1u << 20, &d);
+    d = desc("<f8", 8, 2); /* a negative shape behind an empty one (a bug the fuzzer found) */
+    d.shape[0] = 0, d.shape[1] = -5, d.strides[0] = 40, d.strides[1] = 8;
+    array_seed("f8-0x-5", 1000, &d);
 }
 
 /* ---- request: lines as a process sends them ---- */
