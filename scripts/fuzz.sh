@@ -13,6 +13,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+# meson finds numpy (the package's build needs it) in the project's .venv.
+[ ! -d .venv/bin ] || export PATH="$root/.venv/bin:$PATH"
 
 secs=${1:-30}
 shift || true
