@@ -127,6 +127,7 @@ int shoal_wire_recv(void *sock, const uint8_t key[SHOAL_WIRE_KEY], bool router, 
     }
     if (too_many) {
         rc = -EBADMSG;
+        count(counters, rc); /* refused like any malformed message, so counted like one */
         goto fail;
     }
     shoal_frame stack[16];

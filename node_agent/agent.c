@@ -19,6 +19,7 @@
 #include <shoal/zwire.h>
 
 #include "loop.h"
+#include "parse.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -520,24 +521,19 @@ static void on_peer(shoal_loop *l, int fd, uint32_t events, void *arg)
         /* Engines introduce themselves with one JSON line; clients ask for lanes. */
         struct peer *p = &a->peers[i];
         for (ssize_t k = 0; k < n; k++) {
-            if (buf[k] != '\n') {
-                if (p->linelen < sizeof p->line - 1)
-                    p->line[p->linelen++] = buf[k];
+            cJSON *j;
+            int kind = shoal__request_byte(p->line, sizeof p->line, &p->linelen, buf[k], &j);
+            if (kind == SHOAL__REQ_MORE)
                 continue;
-            }
-            p->line[p->linelen] = '\0';
-            cJSON *j = cJSON_Parse(p->line);
-            cJSON *role = cJSON_GetObjectItemCaseSensitive(j, "role");
-            if (cJSON_IsString(role) && !strcmp(role->valuestring, "engine"))
+            if (kind == SHOAL__REQ_ENGINE)
                 engine_hello(a, i, j);
-            else if (cJSON_GetObjectItemCaseSensitive(j, "lane"))
+            else if (kind == SHOAL__REQ_LANE)
                 lane_open(a, p, j);
             else {
                 const char *no = "{\"error\": \"not a request this agent knows\"}\n";
                 (void)send(p->fd, no, strlen(no), MSG_NOSIGNAL);
             }
             cJSON_Delete(j);
-            p->linelen = 0;
         }
     }
     if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
@@ -1206,34 +1202,16 @@ static int forward_result(struct agent *a, struct engine *e, const struct slot *
         return rc;
     uint8_t *p;
     shoal_arena_ptr(a->arena, h, (void **)&p);
-    /* The engine's memory is input: check every length before using it. */
-    uint32_t w[4];
-    rc = -EBADMSG;
-    if (h.length >= 16) {
-        memcpy(w, p, sizeof w);
-        if (w[0] == 0x464D4853u && w[1] <= SHOAL_WIRE_MAX_FRAMES && w[2] <= w[1] && 16 + 8 * (uint64_t)w[1] <= h.length) {
-            shoal_frame *f = malloc((w[1] ? w[1] : 1) * sizeof *f);
-            uint64_t pos = 16 + 8 * (uint64_t)w[1];
-            rc = f ? 0 : -ENOMEM;
-            for (uint32_t i = 0; rc == 0 && i < w[1]; i++) {
-                uint64_t len;
-                memcpy(&len, p + 16 + 8 * i, 8);
-                if (len > h.length - pos) {
-                    rc = -EBADMSG;
-                    break;
-                }
-                f[i] = (shoal_frame){p + pos, len};
-                pos += len;
-            }
-            if (rc == 0) {
-                shoal_msg_header hd = {.type = type, .n_payload = (uint16_t)w[2],
-                                       .n_buffers = (uint16_t)(w[1] - w[2]), .msg_id = ++a->next_msg_id,
-                                       .task_id = sl->task_id, .sender = (uint32_t)e->id,
-                                       .target = (uint32_t)e->id};
-                rc = shoal_wire_send(a->ctl, a->key, NULL, &hd, f, w[1]);
-            }
-            free(f);
-        }
+    /* The engine's memory is input: parse.c checks every length before using it. */
+    shoal_frame *f;
+    uint32_t nf, np;
+    rc = shoal__msgblock_frames(p, h.length, &f, &nf, &np);
+    if (rc == 0) {
+        shoal_msg_header hd = {.type = type, .n_payload = (uint16_t)np, .n_buffers = (uint16_t)(nf - np),
+                               .msg_id = ++a->next_msg_id, .task_id = sl->task_id, .sender = (uint32_t)e->id,
+                               .target = (uint32_t)e->id};
+        rc = shoal_wire_send(a->ctl, a->key, NULL, &hd, f, nf);
+        free(f);
     }
     shoal_arena_release(a->arena, h);
     return rc;

@@ -13,7 +13,9 @@ cd "$root"
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # 1. Debian packages.
-apt_pkgs=(build-essential pkg-config libzmq3-dev liburing-dev libsodium-dev libcriterion-dev libcjson-dev)
+# clang and libclang-rt-14-dev (libFuzzer, the sanitizers' runtimes) build the fuzz targets (scripts/fuzz.sh).
+apt_pkgs=(build-essential pkg-config libzmq3-dev liburing-dev libsodium-dev libcriterion-dev libcjson-dev
+          clang libclang-rt-14-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

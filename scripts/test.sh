@@ -2,10 +2,12 @@
 # Sets up the machine (scripts/setup.sh) and runs every test:
 #   1. the C tests (Criterion, through meson test) in a build with warnings as errors,
 #   2. the same C tests in an address+undefined sanitizer build,
-#   3. the Python tests (pytest) against the package installed in .venv,
-#   4. ipyparallel 9.2.0's own tests against shoal (scripts/compat.sh, about
+#   3. every libFuzzer target for 30 s (scripts/fuzz.sh, clang; about two and
+#      a half minutes),
+#   4. the Python tests (pytest) against the package installed in .venv,
+#   5. ipyparallel 9.2.0's own tests against shoal (scripts/compat.sh, about
 #      two minutes; once, in the plain build),
-#   5. the Python tests again with the extension and the programs from the
+#   6. the Python tests again with the extension and the programs from the
 #      sanitizer build.
 # Exits non-zero if anything fails.
 set -euo pipefail
@@ -26,6 +28,9 @@ step "C tests, address+undefined sanitizers (build/asan)"
   -Db_sanitize=address,undefined -Db_lundef=false >/dev/null
 ninja -C build/asan >/dev/null
 meson test -C build/asan --print-errorlogs
+
+step "fuzz targets, 30 s each (scripts/fuzz.sh)"
+./scripts/fuzz.sh 30
 
 step "Python tests against the installed package"
 python -m pytest -q -p no:cacheprovider tests/python

@@ -96,19 +96,28 @@ int shoal_array_desc_check(const shoal_array_desc *d, uint64_t block_len)
 {
     if (d->itemsize == 0 || d->ndim > SHOAL_ARRAY_MAXDIM)
         return -EINVAL;
-    /* Lowest and highest byte offsets reached, relative to element 0, kept
-     * in signed 128-bit arithmetic so that no product or sum overflows. */
-    i128 lo = 0, hi = 0;
+    /* Every shape is checked before an empty one ends the check early. */
+    int empty = 0;
     for (uint32_t i = 0; i < d->ndim; i++) {
         if (d->shape[i] < 0)
             return -EINVAL;
-        if (d->shape[i] == 0)
-            return d->offset <= block_len ? 0 : -ERANGE; /* no element exists */
+        empty |= d->shape[i] == 0;
+    }
+    if (empty)
+        return d->offset <= block_len ? 0 : -ERANGE; /* no element exists */
+    /* Lowest and highest byte offsets reached, relative to element 0, in
+     * signed 128-bit arithmetic: one span is below 2^126 in magnitude, and
+     * the sums stop as soon as they leave the block's 2^64, so that none of
+     * the 64 additions can overflow. */
+    i128 lo = 0, hi = 0;
+    for (uint32_t i = 0; i < d->ndim; i++) {
         i128 span = (i128)(d->shape[i] - 1) * d->strides[i];
         if (span < 0)
             lo += span;
         else
             hi += span;
+        if (hi > (i128)block_len || lo < -(i128)UINT64_MAX)
+            return -ERANGE;
     }
     i128 first = (i128)d->offset + lo;
     i128 last = (i128)d->offset + hi + (i128)d->itemsize;

@@ -144,13 +144,18 @@ Test(zwire, an_identity_alone_and_too_many_parts_are_refused)
     /* An empty message on a DEALER reaches the ROUTER as identity + empty part. */
     cr_assert_geq(zmq_send(dealer, "", 0, 0), 0);
     shoal_wire_msg m;
-    cr_assert_eq(shoal_wire_recv(router, key, true, NULL, 0, &m, NULL), -EBADMSG);
+    shoal_wire_counters c = {0};
+    cr_assert_eq(shoal_wire_recv(router, key, true, NULL, 0, &m, &c), -EBADMSG);
     shoal_wire_msg_close(&m);
-    /* More parts than any message may have: read, dropped, in sync after. */
+    cr_assert_eq(c.malformed, 1);
+    /* More parts than any message may have: read, dropped, counted (the
+     * fuzz target found them uncounted), in sync after. */
     for (int p = 0; p < (int)SHOAL_WIRE_MAX_FRAMES + 10; p++)
         cr_assert_geq(zmq_send(dealer, "x", 1, p + 1 < (int)SHOAL_WIRE_MAX_FRAMES + 10 ? ZMQ_SNDMORE : 0), 0);
-    cr_assert_eq(shoal_wire_recv(router, key, true, NULL, 0, &m, NULL), -EBADMSG);
+    cr_assert_eq(shoal_wire_recv(router, key, true, NULL, 0, &m, &c), -EBADMSG);
     shoal_wire_msg_close(&m);
+    cr_assert_eq(c.malformed, 2);
+    cr_assert_eq(c.received + c.oversized + c.bad_signature, 0);
     send_task(dealer, 8, "after", NULL, 0);
     expect_task(8, "after");
 }

@@ -133,3 +133,41 @@ Test(array, check_rejects_overflow_and_nonsense)
     d.offset = UINT64_MAX - 4;
     cr_assert_eq(shoal_array_desc_check(&d, UINT64_MAX), -ERANGE);
 }
+
+Test(array, check_rejects_a_negative_shape_behind_an_empty_one)
+{
+    /* An empty dimension used to end the check before the shapes after it
+     * were looked at (found by fuzz_array). */
+    shoal_array_desc d = desc2d(0, -5);
+    cr_assert_eq(shoal_array_desc_check(&d, 1000), -EINVAL);
+    d = desc2d(-5, 0);
+    cr_assert_eq(shoal_array_desc_check(&d, 1000), -EINVAL);
+    d = desc2d(0, 5);
+    cr_assert_eq(shoal_array_desc_check(&d, 0), 0, "no element: fits anywhere in the block");
+}
+
+Test(array, check_sums_of_huge_spans_do_not_wrap)
+{
+    /* Three spans of almost 2^126 add up past 2^127: in 128-bit arithmetic
+     * the sum used to overflow (undefined behaviour, in practice a negative
+     * highest byte that passed the check). */
+    shoal_array_desc d = desc2d(1, 1);
+    d.ndim = 3;
+    d.itemsize = 1;
+    for (int i = 0; i < 3; i++) {
+        d.shape[i] = INT64_MAX;
+        d.strides[i] = INT64_MAX;
+    }
+    cr_assert_eq(shoal_array_desc_check(&d, 1u << 20), -ERANGE);
+    for (int i = 0; i < 3; i++)
+        d.strides[i] = INT64_MIN;
+    d.offset = UINT64_MAX;
+    cr_assert_eq(shoal_array_desc_check(&d, UINT64_MAX), -ERANGE);
+    /* 64 dimensions of the largest spans, mixed signs. */
+    d.ndim = SHOAL_ARRAY_MAXDIM;
+    for (uint32_t i = 0; i < d.ndim; i++) {
+        d.shape[i] = INT64_MAX;
+        d.strides[i] = i % 2 ? INT64_MIN : INT64_MAX;
+    }
+    cr_assert_eq(shoal_array_desc_check(&d, UINT64_MAX), -ERANGE);
+}
