@@ -161,6 +161,8 @@ struct agent {
     shoal_arena *arena;
     void *ctx, *ctl;
     int ctl_fd;
+    struct ctlmsg *ctlq, **ctlq_tail; /* messages waiting for room (ctl_send) */
+    uint64_t ctlq_bytes;
     uint8_t key[SHOAL_WIRE_KEY];
     char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     int listen_fd, sig_fd;
@@ -233,6 +235,87 @@ static int read_connection(const char *path, char *endpoint, size_t eplen, uint8
 
 /* ---- the controller connection --------------------------------------------------- */
 
+/*
+ * Messages for the controller wait here while its ZeroMQ queue is full (a
+ * paused or busy controller): sends never block the agent, whose loop also
+ * serves the lanes, and a result is never dropped because the controller
+ * was slow to read. The frames are copied (a result's live in an arena
+ * block that is released at once). Past CTL_BACKLOG_BYTES a message is
+ * dropped, and said so in the log.
+ */
+struct ctlmsg {
+    struct ctlmsg *next;
+    shoal_msg_header h;
+    uint64_t bytes;
+    size_t n;
+    zmq_msg_t frames[];
+};
+
+#define CTL_BACKLOG_BYTES (1ull << 30)
+
+static void ctlmsg_free(struct ctlmsg *m)
+{
+    for (size_t i = 0; i < m->n; i++)
+        zmq_msg_close(&m->frames[i]);
+    free(m);
+}
+
+/* Sends what waits, in order, while the controller's queue has room. */
+static void ctl_flush(struct agent *a)
+{
+    while (a->ctlq) {
+        struct ctlmsg *m = a->ctlq;
+        int rc = shoal_wire_forward(a->ctl, a->key, NULL, &m->h, NULL, 0, m->frames, m->n);
+        if (rc == -EAGAIN)
+            return;
+        if (rc < 0)
+            logf_("a message of type %u for the controller is lost: %s", (unsigned)m->h.type, zmq_strerror(-rc));
+        a->ctlq = m->next;
+        if (!a->ctlq)
+            a->ctlq_tail = &a->ctlq;
+        a->ctlq_bytes -= m->bytes;
+        ctlmsg_free(m);
+    }
+}
+
+/* Sends a message to the controller, or queues it behind what waits.
+ * Returns 0 (sent or queued) or a negative errno (-ENOBUFS: the queue is
+ * full; -ENOMEM). */
+static int ctl_send(struct agent *a, const shoal_msg_header *h, const shoal_frame *f, size_t n)
+{
+    if (!a->ctlq) {
+        int rc = shoal_wire_send(a->ctl, a->key, NULL, h, f, n);
+        if (rc != -EAGAIN)
+            return rc;
+    }
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += f[i].len;
+    if (a->ctlq_bytes + bytes > CTL_BACKLOG_BYTES) {
+        logf_("a message of type %u (task %llu) for the controller is lost: %llu MiB wait for it already",
+              (unsigned)h->type, (unsigned long long)h->task_id, (unsigned long long)(a->ctlq_bytes >> 20));
+        return -ENOBUFS;
+    }
+    struct ctlmsg *m = malloc(sizeof *m + n * sizeof m->frames[0]);
+    if (!m)
+        return -ENOMEM;
+    m->next = NULL;
+    m->h = *h;
+    m->bytes = bytes;
+    for (m->n = 0; m->n < n; m->n++) {
+        if (zmq_msg_init_size(&m->frames[m->n], f[m->n].len) < 0) {
+            ctlmsg_free(m);
+            return -ENOMEM;
+        }
+        if (f[m->n].len)
+            memcpy(zmq_msg_data(&m->frames[m->n]), f[m->n].data, f[m->n].len);
+    }
+    *a->ctlq_tail = m;
+    a->ctlq_tail = &m->next;
+    a->ctlq_bytes += bytes;
+    return 0;
+}
+
 static int send_json(struct agent *a, uint16_t type, uint64_t reply_to, cJSON *body)
 {
     char *text = body ? cJSON_PrintUnformatted(body) : NULL;
@@ -240,7 +323,7 @@ static int send_json(struct agent *a, uint16_t type, uint64_t reply_to, cJSON *b
     shoal_msg_header h = {.type = type, .n_payload = text ? 1 : 0, .msg_id = ++a->next_msg_id,
                           .reply_to = reply_to, .sender = a->node < 0 ? 0 : (uint32_t)a->node,
                           .target = SHOAL_WIRE_TARGET_ALL};
-    int rc = shoal_wire_send(a->ctl, a->key, NULL, &h, text ? &f : NULL, text ? 1 : 0);
+    int rc = ctl_send(a, &h, text ? &f : NULL, text ? 1 : 0);
     free(text);
     return rc;
 }
@@ -981,8 +1064,14 @@ static void send_engine_error(struct agent *a, struct engine *e, uint64_t task_i
     char evalue[300];
     snprintf(evalue, sizeof evalue, "engine %d (pid %d) %s while running task %llu", e->id, (int)e->pid, why,
              (unsigned long long)task_id);
-    shoal_msg_header h = {.msg_id = ++a->next_msg_id, .task_id = task_id};
-    shoal_wire_send_engine_error(a->ctl, a->key, NULL, &h, (uint32_t)e->id, evalue);
+    char meta[SHOAL_WIRE_ENGINE_ERROR_MAX];
+    int n = shoal_wire_engine_error_meta((uint32_t)e->id, evalue, meta, sizeof meta);
+    if (n < 0)
+        return;
+    shoal_frame f[2] = {{meta, (size_t)n}, {"", 0}};
+    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++a->next_msg_id,
+                          .task_id = task_id, .sender = (uint32_t)e->id, .target = (uint32_t)e->id};
+    ctl_send(a, &h, f, 2);
 }
 
 static struct engine *engine_by_id(struct agent *a, uint32_t id)
@@ -1210,7 +1299,7 @@ static int forward_result(struct agent *a, struct engine *e, const struct slot *
         shoal_msg_header hd = {.type = type, .n_payload = (uint16_t)np, .n_buffers = (uint16_t)(nf - np),
                                .msg_id = ++a->next_msg_id, .task_id = sl->task_id, .sender = (uint32_t)e->id,
                                .target = (uint32_t)e->id};
-        rc = shoal_wire_send(a->ctl, a->key, NULL, &hd, f, nf);
+        rc = ctl_send(a, &hd, f, nf);
         free(f);
     }
     shoal_arena_release(a->arena, h);
@@ -1691,11 +1780,12 @@ int main(int argc, char **argv)
 
     a.ctx = zmq_ctx_new();
     a.ctl = zmq_socket(a.ctx, ZMQ_DEALER);
-    int zero = 0, sndtimeo = 2000;
+    int zero = 0;
     zmq_setsockopt(a.ctl, ZMQ_LINGER, &zero, sizeof zero);
-    /* A stalled controller must not freeze the agent: a send gives up after
-     * two seconds (the heartbeat check then notices the controller is gone). */
-    zmq_setsockopt(a.ctl, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
+    /* A stalled controller must not freeze the agent: sends never wait,
+     * and what the controller cannot take yet waits in ctlq (ctl_send). */
+    zmq_setsockopt(a.ctl, ZMQ_SNDTIMEO, &zero, sizeof zero);
+    a.ctlq_tail = &a.ctlq;
     if (zmq_connect(a.ctl, endpoint) < 0) {
         logf_("cannot connect to %s: %s", endpoint, zmq_strerror(zmq_errno()));
         return 1;
@@ -1736,8 +1826,12 @@ int main(int argc, char **argv)
      * meanwhile: after every round of callbacks, look at ZMQ_EVENTS again,
      * or a heartbeat or a task could wait unseen until the next timer. */
     a.running = 1;
-    while (a.running && (rc = shoal_loop_run_once(a.loop, -1)) >= 0)
+    /* While messages wait for the controller, look again every 5 ms. */
+    while (a.running && (rc = shoal_loop_run_once(a.loop, a.ctlq ? 5 : -1)) >= 0) {
         on_ctl_fd(a.loop, a.ctl_fd, POLLIN, &a);
+        if (a.ctlq)
+            ctl_flush(&a);
+    }
     if (rc < 0)
         logf_("event loop failed: %s", strerror(-rc));
 
@@ -1750,6 +1844,11 @@ int main(int argc, char **argv)
         close(a.spare_fd);
     unlink(a.sock_path);
     close(a.listen_fd);
+    while (a.ctlq) {
+        struct ctlmsg *m = a.ctlq;
+        a.ctlq = m->next;
+        ctlmsg_free(m);
+    }
     zmq_close(a.ctl);
     zmq_ctx_term(a.ctx);
     shoal_loop_destroy(a.loop);

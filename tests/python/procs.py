@@ -81,7 +81,8 @@ class Agent:
             _, reg = ctl.ask(self.client, _core.MSG_REGISTER)
             mine = [n for n in reg["nodes"] if n["pid"] == self.proc.pid]
             ready = [e for e in reg["engines"] if mine and e["node"] == mine[0]["id"] and e["alive"]]
-            if mine and len(ready) == engines:
+            # The agent has heard its node id too (a LocalArena's info says it).
+            if mine and len(ready) == engines and "registered as node" in self.log.read_text():
                 self.node = mine[0]
                 self.engines = ready
                 break

@@ -206,3 +206,43 @@ def test_a_node_declared_lost_comes_back_with_its_engines_and_namespaces(tmp_pat
     finally:
         agent.stop()
         ctl.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_results_wait_at_the_agent_while_the_controller_is_paused(tmp_path, loop):
+    """SIGSTOP of the controller for 5 s while 4000 results of 32 KiB come
+    back: more than the ZeroMQ queues and the socket buffers hold. The agent
+    queues what the controller cannot take (before, each send gave up after
+    2 s and the result was lost, its task pending for ever), and every
+    result arrives after SIGCONT."""
+    import json
+    import struct
+    from shoal import serialize
+    ctl = Controller(tmp_path / "home", heartbeat_ms=1000)
+    agent = Agent(ctl, tmp_path / "run", engines=2, env=env_for(loop))
+    ids = [e["id"] for e in agent.engines]
+    raw = ctl.socket()
+    try:
+        def body(f, *args, engine):
+            return [struct.pack("<I", engine), json.dumps({"kind": "apply", "buffers": []}).encode(),
+                    serialize.dumps((f, args, {})).payload]
+        mids = [raw.send(_core.MSG_TASK, body(time.sleep, 1.5, engine=e)) for e in ids]
+        mids += [raw.send(_core.MSG_TASK, body(bytes, 32 << 10, engine=ids[i % 2])) for i in range(4000)]
+        time.sleep(1.0)  # all handed to the agent; the engines still sleep
+        ctl.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(5)  # the engines answer all 4000 meanwhile
+        finally:
+            ctl.proc.send_signal(signal.SIGCONT)
+        got = {}
+        deadline = time.monotonic() + 60
+        while len(got) < len(mids) and time.monotonic() < deadline:
+            hdr, payload, _, _ = raw.recv(timeout=max(deadline - time.monotonic(), 0.01))
+            meta = json.loads(bytes(payload[0]))
+            assert hdr["type"] == _core.MSG_RESULT and meta["status"] == "ok", meta
+            got[hdr["reply_to"]] = meta
+        assert set(got) == set(mids), f"{len(mids) - len(got)} results lost"
+        assert agent.proc.poll() is None and "lost" not in agent.log.read_text()
+    finally:
+        agent.stop()
+        ctl.stop()
