@@ -1238,16 +1238,23 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
  * from one sender). The rest are counted, and summed up in one line when the
  * window ends.
  */
+/* Ends the window of refusals if it is over: the line that counts the
+ * ones not logged. Also called by the heartbeats, so that a burst that
+ * stops is counted too. */
+static void refusal_window(struct controller *c, int64_t now)
+{
+    if (now - c->refusal_window_ns <= REFUSAL_WINDOW_NS)
+        return;
+    if (c->refusals_unlogged)
+        logf_("... and %" PRIu64 " more message(s) refused in %lld s (the counters in QUERY_REPLY's \"refused\" "
+              "have them all)", c->refusals_unlogged, (long long)(REFUSAL_WINDOW_NS / 1000000000));
+    c->refusal_window_ns = now;
+    c->refusals_in_window = c->refusals_unlogged = 0;
+}
+
 static void log_refusal(struct controller *c, int from_agents, int rc)
 {
-    int64_t now = now_ns();
-    if (now - c->refusal_window_ns > REFUSAL_WINDOW_NS) {
-        if (c->refusals_unlogged)
-            logf_("... and %" PRIu64 " more message(s) refused in %lld s (the counters in QUERY_REPLY's \"refused\" "
-                  "have them all)", c->refusals_unlogged, (long long)(REFUSAL_WINDOW_NS / 1000000000));
-        c->refusal_window_ns = now;
-        c->refusals_in_window = c->refusals_unlogged = 0;
-    }
+    refusal_window(c, now_ns());
     if (c->refusals_in_window++ < REFUSALS_LOGGED)
         logf_("refused a message from %s: %s", from_agents ? "an agent" : "a client", shoal_wire_strerror(rc));
     else
@@ -1291,6 +1298,7 @@ static void drain_socket(struct controller *c, void *sock, int from_agents)
 static void heartbeat(struct controller *c)
 {
     int64_t now = now_ns();
+    refusal_window(c, now);
     for (uint32_t i = 0; i < c->nnodes; i++) {
         struct node *nd = &c->nodes[i];
         if (!nd->alive)

@@ -246,3 +246,128 @@ def test_results_wait_at_the_agent_while_the_controller_is_paused(tmp_path, loop
     finally:
         agent.stop()
         ctl.stop()
+
+
+def arena_used(ctl, agent):
+    from shoal.local import LocalArena
+    with LocalArena(agent.node["socket"]) as local:
+        return local.arena.stats()["used_bytes"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_engine_death_mid_task_on_both_paths_and_the_arena_back_to_baseline(tmp_path, loop):
+    """SIGKILL of an engine while it runs a task sent by lane and one sent
+    through the controller, each with a 64 MiB array: both fail within a
+    second with an EngineError naming it, the other engine goes on, and
+    the arena holds what it held before."""
+    import numpy as np
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200)
+    agent = Agent(ctl, tmp_path / "run", engines=2, env=env_for(loop))
+    victim, survivor = [e["id"] for e in agent.engines]
+    try:
+        with shoal.Client(url_file=str(ctl.conn)) as rc, \
+                shoal.Client(url_file=str(ctl.conn), lanes=False) as through:
+            rc[[victim, survivor]].apply_sync(abs, -1)
+            base = arena_used(ctl, agent)
+            pid = rc[victim].apply_sync(os.getpid)
+            a = np.ones(8 << 20)
+            by_lane = rc[victim].apply_async(lambda x: (time.sleep(30), x.sum())[1], a)
+            by_ctl = through[victim].apply_async(lambda x: (time.sleep(30), x.sum())[1], a)
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            for ar in (by_lane, by_ctl):
+                with pytest.raises(shoal.EngineError, match=f"engine {victim}.*died"):
+                    ar.get(5)
+            assert time.monotonic() - t0 < 1.5
+            assert rc[survivor].apply_sync(lambda x: x.sum(), a) == a.sum()
+            del a, by_lane, by_ctl
+            # At or under it: the dead engine's rings are freed too.
+            wait_for(lambda: arena_used(ctl, agent) <= base, 5,
+                     f"the arena is not back to its baseline ({base} bytes used before)")
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
+CLIENT = """
+import sys, time, numpy as np, shoal
+rc = shoal.Client(url_file=sys.argv[1], lanes=sys.argv[2] == "lanes")
+a = np.ones(1 << 17)  # 1 MiB, one arena block a task
+ars = [rc[rc.ids[i % 2]].apply_async(lambda x: (time.sleep(0.3), x.sum())[1], a) for i in range(20)]
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("path", ["lanes", "controller"])
+def test_client_death_with_tasks_in_flight_leaves_nothing(tmp_path, path):
+    """SIGKILL of a client with 20 tasks and their 1 MiB arrays in flight: the
+    engines finish them, their results go nowhere, the agent releases what
+    the client held, and the controller keeps nothing of it; the cluster
+    serves the next client."""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200)
+    agent = Agent(ctl, tmp_path / "run", engines=2)
+    try:
+        # The baseline after a first client by lanes: it leaves 3 small
+        # blocks (256 KiB) that later clients do not add to.
+        with shoal.Client(url_file=str(ctl.conn)) as rc:
+            rc[:].apply_sync(abs, -1)
+        base = arena_used(ctl, agent)
+        p = subprocess.Popen([sys.executable, "-c", CLIENT, str(ctl.conn), path], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "sent"
+        p.kill()
+        p.wait()
+        p.stdout.close()
+        s = ctl.socket()
+
+        def settled():
+            st = ctl.ask(s, _core.MSG_QUERY)[1]
+            return st["tasks_pending"] == 0 and st["clients"]["with_tasks_or_queued"] == 0 and \
+                arena_used(ctl, agent) == base
+        wait_for(settled, 20, "the controller or the arena kept what the dead client had")
+        with shoal.Client(url_file=str(ctl.conn), lanes=path == "lanes") as rc:
+            assert rc[:].apply_sync(abs, -2) == [2, 2]
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
+def test_a_sender_without_the_key_cannot_starve_the_heartbeats(tmp_path):
+    """From a socket without the key: payloads of 300 MiB (over the
+    default --max-payload of 256 MiB: refused before any hashing) and
+    garbage. The node is not lost, the agent stays, a client is served, and
+    the log holds 10 refusals per 10 s, then one line that counts the rest.
+    (Before: a 2 GiB payload took 8 s of hashing in the controller's one
+    thread, and the agents gave the controller up.)"""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=100,
+                     extra=("--node-timeout-ms", "1000", "--max-frame", str(512 << 20)))
+    agent = Agent(ctl, tmp_path / "run", engines=1)
+    try:
+        intruder = ctl.socket(key=b"k" * 32)
+        big = bytes(300 << 20)
+        for _ in range(5):
+            intruder.send(_core.MSG_QUERY, [big])
+            for _ in range(60):
+                intruder.send_raw([b"garbage"] * 3)
+        del big
+        with shoal.Client(url_file=str(ctl.conn), lanes=False) as rc:
+            deadline = time.monotonic() + 30
+            while rc.cluster_status()["refused"]["from_clients"]["oversized"] < 5:
+                assert time.monotonic() < deadline, "the big payloads were not refused"
+                time.sleep(0.1)
+            assert rc[:].apply_sync(abs, -5) == [5]
+            st = rc.cluster_status()
+        assert all(n["alive"] for n in st["nodes"]) and agent.proc.poll() is None
+        assert st["refused"]["from_clients"]["malformed"] == 300
+        assert "lost" not in ctl.log.read_text()
+
+        def counted():  # lines logged, and the ones the summary lines count
+            log = ctl.log.read_text()
+            more = sum(int(n) for n in re.findall(r"\.\.\. and (\d+) more message\(s\) refused in 10 s", log))
+            return log.count("refused a message from a client"), more
+        wait_for(lambda: sum(counted()) == 305, 25, f"refusals not all logged or counted: {counted()}")
+        assert counted()[0] <= 20, "10 lines a window, and the burst spans two at most"
+    finally:
+        agent.stop()
+        ctl.stop()
