@@ -96,23 +96,47 @@ int shoal_wire_keygen(uint8_t key[SHOAL_WIRE_KEY])
     return 0;
 }
 
-/* The MAC of a message: the signed header bytes, each payload frame as its
- * length then its bytes, then each buffer frame's length alone. Lengths make
- * the framing unambiguous: bytes cannot move from one frame to the next. */
-static void mac(const uint8_t key[SHOAL_WIRE_KEY], const uint8_t *hdr, const shoal_frame *frames, size_t n_payload,
-                size_t n_buffers, uint8_t out[crypto_auth_hmacsha256_BYTES])
+/*
+ * A message carries two MACs, HMAC-SHA256 under the cluster key, each cut
+ * to its first 16 bytes:
+ *   - the header's (bytes 64-79): header bytes 0-63, then every frame's
+ *     length as 8 bytes. Checking it costs the same for every message,
+ *     however large, so a sender without the key costs nothing more to
+ *     refuse than that (it is checked before the body is hashed);
+ *   - the body's (bytes 80-95): header bytes 0-79 (the first MAC included),
+ *     then each payload frame's bytes. Buffer frames are covered by their
+ *     lengths alone (docs/protocol.md says why).
+ * Lengths make the framing unambiguous: bytes cannot move from one frame to
+ * the next.
+ */
+static void mac_header(const uint8_t key[SHOAL_WIRE_KEY], const uint8_t *hdr, const shoal_frame *frames, size_t n,
+                       uint8_t out[SHOAL_WIRE_MAC_PART])
 {
     crypto_auth_hmacsha256_state st;
-    uint8_t len[8];
+    uint8_t len[8], full[crypto_auth_hmacsha256_BYTES];
     crypto_auth_hmacsha256_init(&st, key, SHOAL_WIRE_KEY);
     crypto_auth_hmacsha256_update(&st, hdr, SHOAL_WIRE_SIGNED);
-    for (size_t i = 0; i < n_payload + n_buffers; i++) {
+    for (size_t i = 0; i < n; i++) {
         put64(len, frames[i].len);
         crypto_auth_hmacsha256_update(&st, len, sizeof len);
-        if (i < n_payload && frames[i].len)
-            crypto_auth_hmacsha256_update(&st, frames[i].data, frames[i].len);
     }
-    crypto_auth_hmacsha256_final(&st, out);
+    crypto_auth_hmacsha256_final(&st, full);
+    memcpy(out, full, SHOAL_WIRE_MAC_PART);
+    sodium_memzero(&st, sizeof st);
+}
+
+static void mac_body(const uint8_t key[SHOAL_WIRE_KEY], const uint8_t *hdr, const shoal_frame *frames,
+                     size_t n_payload, uint8_t out[SHOAL_WIRE_MAC_PART])
+{
+    crypto_auth_hmacsha256_state st;
+    uint8_t full[crypto_auth_hmacsha256_BYTES];
+    crypto_auth_hmacsha256_init(&st, key, SHOAL_WIRE_KEY);
+    crypto_auth_hmacsha256_update(&st, hdr, SHOAL_WIRE_SIGNED + SHOAL_WIRE_MAC_PART);
+    for (size_t i = 0; i < n_payload; i++)
+        if (frames[i].len)
+            crypto_auth_hmacsha256_update(&st, frames[i].data, frames[i].len);
+    crypto_auth_hmacsha256_final(&st, full);
+    memcpy(out, full, SHOAL_WIRE_MAC_PART);
     sodium_memzero(&st, sizeof st);
 }
 
@@ -141,7 +165,8 @@ int shoal_wire_encode(const uint8_t key[SHOAL_WIRE_KEY], const shoal_msg_header 
     put64(out + OFF_REPLY_TO, h->reply_to);
     put64(out + OFF_BODY_LEN, body);
     put64(out + OFF_STAMP, h->stamp_ns);
-    mac(key, out, frames, h->n_payload, h->n_buffers, out + OFF_MAC);
+    mac_header(key, out, frames, nframes, out + OFF_MAC);
+    mac_body(key, out, frames, h->n_payload, out + OFF_MAC + SHOAL_WIRE_MAC_PART);
     return 0;
 }
 
@@ -177,9 +202,13 @@ int shoal_wire_decode(const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *fram
     }
     if (get64(p + OFF_BODY_LEN) != body)
         return -EBADMSG;
-    uint8_t want[crypto_auth_hmacsha256_BYTES];
-    mac(key, p, frames + 1, np, nb, want);
+    /* The header's MAC first: without the key, nothing of the body is hashed. */
+    uint8_t want[SHOAL_WIRE_MAC_PART];
+    mac_header(key, p, frames + 1, (size_t)np + nb, want);
     if (sodium_memcmp(want, p + OFF_MAC, sizeof want) != 0)
+        return -EACCES;
+    mac_body(key, p, frames + 1, np, want);
+    if (sodium_memcmp(want, p + OFF_MAC + SHOAL_WIRE_MAC_PART, sizeof want) != 0)
         return -EACCES;
     shoal_msg_header out = {
         .type = get16(p + OFF_TYPE),

@@ -26,9 +26,10 @@ extern "C" {
 #endif
 
 #define SHOAL_WIRE_MAGIC 0x50574853u /* "SHWP" little-endian */
-#define SHOAL_WIRE_VERSION 1u
+#define SHOAL_WIRE_VERSION 2u
 #define SHOAL_WIRE_HDR 96u     /* bytes of the header frame */
 #define SHOAL_WIRE_SIGNED 64u  /* header bytes covered by the signature */
+#define SHOAL_WIRE_MAC_PART 16u /* each of the two MACs: the header's, then the body's */
 #define SHOAL_WIRE_KEY 32u     /* bytes of a cluster key */
 #define SHOAL_WIRE_MAX_FRAMES 4096u /* payload + buffer frames in one message */
 #define SHOAL_WIRE_TARGET_ALL 0xffffffffu

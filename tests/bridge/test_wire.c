@@ -147,6 +147,24 @@ Test(wire, buffer_lengths_are_signed_but_not_their_bytes)
     cr_assert_eq(decode(&s, &out), -EACCES);
 }
 
+Test(wire, two_macs_the_header_s_then_the_body_s)
+{
+    struct sample s;
+    make(&s);
+    shoal_msg_header out;
+    cr_assert_eq(decode(&s, &out), 0);
+    s.hdr[64] ^= 1;
+    cr_assert_eq(decode(&s, &out), -EACCES, "the header's MAC");
+    s.hdr[64] ^= 1;
+    s.hdr[80] ^= 1;
+    cr_assert_eq(decode(&s, &out), -EACCES, "the body's MAC");
+    s.hdr[80] ^= 1;
+    s.hdr[24] ^= 1;
+    cr_assert_eq(decode(&s, &out), -EACCES, "a header field, under both");
+    s.hdr[24] ^= 1;
+    cr_assert_eq(decode(&s, &out), 0, "as it was");
+}
+
 Test(wire, structural_errors)
 {
     struct sample s;
@@ -161,9 +179,11 @@ Test(wire, structural_errors)
     s.frames[0].len = SHOAL_WIRE_HDR - 1;
     cr_assert_eq(decode(&s, &out), -EBADMSG, "short header");
     s.frames[0].len = SHOAL_WIRE_HDR;
-    s.hdr[4] = 2;
-    cr_assert_eq(decode(&s, &out), -EPROTO, "version 2");
     s.hdr[4] = 1;
+    cr_assert_eq(decode(&s, &out), -EPROTO, "version 1 (one MAC over everything)");
+    s.hdr[4] = 3;
+    cr_assert_eq(decode(&s, &out), -EPROTO, "version 3");
+    s.hdr[4] = 2;
     s.hdr[0] ^= 1;
     cr_assert_eq(decode(&s, &out), -EBADMSG, "magic");
 }

@@ -82,9 +82,14 @@ static void flip_mac(uint8_t *hdr)
     hdr[SHOAL_WIRE_HDR - 1] ^= 1;
 }
 
-static void version_2(uint8_t *hdr)
+static void version_other(uint8_t *hdr)
 {
-    hdr[4] = 2;
+    hdr[4] = (uint8_t)(SHOAL_WIRE_VERSION + 1);
+}
+
+static void flip_header_mac(uint8_t *hdr)
+{
+    hdr[64] ^= 1;
 }
 
 static void reserved(uint8_t *hdr)
@@ -103,7 +108,8 @@ static void wire(void)
     wire_seed("heartbeat", 0, NULL, &hb, NULL, 0, NULL);
     wire_seed("heartbeat-flood", FUZZ_WIRE_FLOOD, NULL, &hb, NULL, 0, NULL);
     wire_seed("heartbeat-bad-mac", 0, NULL, &hb, NULL, 0, flip_mac);
-    wire_seed("heartbeat-version-2", 0, NULL, &hb, NULL, 0, version_2);
+    wire_seed("heartbeat-version-other", 0, NULL, &hb, NULL, 0, version_other);
+    wire_seed("heartbeat-bad-header-mac", 0, NULL, &hb, NULL, 0, flip_header_mac);
     wire_seed("heartbeat-reserved", 0, NULL, &hb, NULL, 0, reserved);
 
     uint32_t targets[2] = {0, 3};
