@@ -22,6 +22,7 @@
 #include "parse.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -900,45 +901,46 @@ static int socket_in_use(const char *path, pid_t *pid)
     return rc;
 }
 
-/* Listens on agent-<profile>-<hash of the profile directory>.sock in the
- * runtime directory. One name per profile, so that the next agent of a
- * profile finds the socket a killed one left and replaces it; a socket that
- * a live agent listens on is never taken. Logs what is wrong and returns -1,
- * or returns 0. */
+/* Listens on agent-<profile>-<hash of the profile directory>-<pid>.sock in
+ * the runtime directory (several agents of a profile may run on one host:
+ * each adds engines). The sockets that agents of this profile left when
+ * they were killed are removed first: nobody listens on them (a socket
+ * some agent listens on is never touched). Logs what is wrong and returns
+ * -1, or returns 0. */
 static int listen_unix(struct agent *a, const char *profile, const char *profile_dir)
 {
-    char dir[sizeof a->sock_path];
+    char dir[sizeof a->sock_path], prefix[sizeof a->sock_path];
     if (runtime_dir(dir, sizeof dir - 32) < 0)
         return -1;
-    int n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%s-%08x.sock", dir, profile,
-                     (unsigned)name_hash(profile_dir));
+    snprintf(prefix, sizeof prefix, "agent-%s-%08x-", profile, (unsigned)name_hash(profile_dir));
+    int n = snprintf(a->sock_path, sizeof a->sock_path, "%s/%s%d.sock", dir, prefix, (int)getpid());
     if (n < 0 || (size_t)n >= sizeof a->sock_path) {
         /* A long profile name in a deep runtime directory: a name made of
          * hashes alone, as fixed for the profile as the long one. */
-        n = snprintf(a->sock_path, sizeof a->sock_path, "%s/agent-%08x%08x.sock", dir,
-                     (unsigned)name_hash(profile), (unsigned)name_hash(profile_dir));
+        snprintf(prefix, sizeof prefix, "agent-%08x%08x-", (unsigned)name_hash(profile),
+                 (unsigned)name_hash(profile_dir));
+        n = snprintf(a->sock_path, sizeof a->sock_path, "%s/%s%d.sock", dir, prefix, (int)getpid());
     }
     if (n < 0 || (size_t)n >= sizeof a->sock_path) {
         logf_("the socket's path (%s/agent-....sock) is longer than a Unix socket's %zu bytes: set "
               "XDG_RUNTIME_DIR to a shorter directory of your own", dir, sizeof a->sock_path - 1);
         return -1;
     }
-    pid_t other = -1;
-    int rc = socket_in_use(a->sock_path, &other);
-    if (rc > 0) {
-        char pid[32] = "";
-        if (other > 0)
-            snprintf(pid, sizeof pid, " (pid %d)", (int)other);
-        logf_("another agent%s listens on %s, for profile '%s': stop it first (`shoal stop --profile %s`), or "
-              "start this one with another XDG_RUNTIME_DIR", pid, a->sock_path, profile, profile);
-        return -1;
+    DIR *dp = opendir(dir);
+    for (struct dirent *de; dp && (de = readdir(dp));) {
+        size_t len = strlen(de->d_name);
+        if (strncmp(de->d_name, prefix, strlen(prefix)) || len < 5 || strcmp(de->d_name + len - 5, ".sock"))
+            continue;
+        char old[sizeof a->sock_path + 256];
+        pid_t other = -1;
+        snprintf(old, sizeof old, "%s/%s", dir, de->d_name);
+        if (strlen(old) < sizeof a->sock_path && socket_in_use(old, &other) == 0 && unlink(old) == 0)
+            logf_("removed %s, which nobody listened on (left by an agent of this profile that was killed)", old);
     }
-    if (rc < 0) {
-        logf_("%s is in the way of the agent's socket (%s): remove it", a->sock_path, strerror(-rc));
-        return -1;
-    }
-    if (unlink(a->sock_path) == 0)
-        logf_("replaced %s, which nobody listened on (left by an agent that was killed?)", a->sock_path);
+    if (dp)
+        closedir(dp);
+    if (unlink(a->sock_path) == 0) /* our pid's, from an agent long gone */
+        logf_("replaced %s", a->sock_path);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
         logf_("cannot make a Unix socket: %s", strerror(errno));

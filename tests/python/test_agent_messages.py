@@ -110,7 +110,7 @@ def test_a_runtime_directory_of_another_user_is_named_with_its_owner(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_the_next_agent_replaces_the_socket_a_killed_one_left(tmp_path):
+def test_the_next_agent_removes_the_socket_a_killed_one_left(tmp_path):
     ctl = Controller(tmp_path / "home", heartbeat_ms=500)
     try:
         first = Agent(ctl, tmp_path / "run")
@@ -120,31 +120,38 @@ def test_the_next_agent_replaces_the_socket_a_killed_one_left(tmp_path):
         assert os.path.exists(path), "SIGKILL leaves the socket"
         second = Agent(ctl, tmp_path / "run")
         try:
-            assert second.node["socket"] == path, "one name per profile"
-            assert "replaced" in second.log.read_text()
-            assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)], "nothing stale is left"
-            with LocalArena(path) as local:
+            mine = second.node["socket"]
+            assert os.path.dirname(mine) == os.path.dirname(path)
+            assert "which nobody listened on" in second.log.read_text()
+            assert os.listdir(os.path.dirname(path)) == [os.path.basename(mine)], "nothing stale is left"
+            with LocalArena(mine) as local:
                 local.arena.check()
         finally:
             second.stop()
-        assert not os.path.exists(path), "a clean stop removes it"
+        assert not os.path.exists(mine), "a clean stop removes it"
     finally:
         ctl.stop()
 
 
-def test_a_socket_a_live_agent_listens_on_is_not_taken(tmp_path):
+def test_a_second_agent_of_a_profile_runs_beside_the_first(tmp_path):
+    """More engines on the same host: a second agent of the profile, with
+    its own socket; the first's is never taken."""
     ctl = Controller(tmp_path / "home", heartbeat_ms=500)
-    first = Agent(ctl, tmp_path / "run")
+    first = Agent(ctl, tmp_path / "run", engines=1)
     try:
-        env = dict(os.environ, SHOAL_DIR=str(ctl.root), XDG_RUNTIME_DIR=str(tmp_path / "run"))
-        p = subprocess.run([_bin.find("shoal-agent"), "--profile", "default", "--arena-size", str(64 << 20)],
-                           env=env, capture_output=True, text=True, timeout=30)
-        assert p.returncode == 1, p.stderr
-        path = first.node["socket"]
-        assert f"another agent (pid {first.proc.pid}) listens on {path}" in p.stderr, p.stderr
-        assert "shoal stop --profile default" in p.stderr, p.stderr
-        with LocalArena(path) as local:  # the first one still serves
-            local.arena.check()
+        second = Agent(ctl, tmp_path / "run", engines=1)
+        try:
+            assert second.node["socket"] != first.node["socket"]
+            assert sorted(os.listdir(tmp_path / "run" / "shoal")) == sorted(
+                os.path.basename(a.node["socket"]) for a in (first, second))
+            for a in (first, second):
+                with LocalArena(a.node["socket"]) as local:
+                    local.arena.check()
+            with shoal.Client(url_file=str(ctl.conn)) as rc:
+                assert len(rc.ids) == 2 and rc[:].apply_sync(abs, -1) == [1, 1]
+        finally:
+            second.stop()
+        assert os.path.exists(first.node["socket"])
     finally:
         first.stop()
         ctl.stop()
