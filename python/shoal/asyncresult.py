@@ -18,11 +18,20 @@ import json
 import sys
 import threading
 import time
+import types
 import weakref
 from concurrent.futures._base import FINISHED
 
 from . import serialize
+from ._records import Reply
 from .error import CompositeError, EngineError, RemoteError, TaskAborted, TimeoutError
+
+
+# What a result holds in place of a dict or list it has not needed yet
+# (nothing printed, nothing published, no callback): one shared, empty and
+# read-only, so that each of a million finished tasks does not keep a
+# handful of empty containers (64 bytes each). Who writes makes its own first.
+_NOTHING = types.MappingProxyType({})
 
 
 class _Waiters(list):
@@ -58,6 +67,7 @@ class _Future(concurrent.futures.Future):
         self._result = self._exception = None
 
     _done_callbacks = ()  # ours run through add_done_callback's list (Future's invoker is never called)
+    _cond = _w = None  # the condition variable and the waiters, once made (below)
 
     @property
     def _waiters(self):
@@ -86,12 +96,12 @@ class _Future(concurrent.futures.Future):
         if self._state == FINISHED:
             return
         self._state = FINISHED  # (exception() and result() read the error from the answers, not _exception)
-        cond = self.__dict__.get("_cond")
+        cond = self._cond  # not self.__dict__: reading that makes the instance a dict (64 bytes a result)
         if cond is None:
             return
         error = self._exception = self._error()
         with cond:
-            for waiter in self.__dict__.get("_w", ()):
+            for waiter in self._w or ():
                 if error is None:
                     waiter.add_result(self)
                 else:
@@ -112,7 +122,7 @@ class _Future(concurrent.futures.Future):
         while it is pending."""
         with self._client._lock:  # the client's thread may be completing it right now
             if not self._done():
-                self._callbacks.append(fn)
+                self._callback(fn)
                 self._client._want(self)
                 return
         fn(self)
@@ -123,9 +133,16 @@ class _Future(concurrent.futures.Future):
         going for it."""
         with self._client._lock:  # fn too: it must not run beside the receiving thread's call of it
             if not self._done():
-                self._callbacks.append(fn)
+                self._callback(fn)
                 return
             fn(self)
+
+    def _callback(self, fn):
+        """Adds fn to the callbacks (a list made on the first; under the client's lock)."""
+        if self._callbacks:
+            self._callbacks.append(fn)
+        else:
+            self._callbacks = [fn]
 
     def done(self):
         """Whether the result is complete (ready(): never blocks)."""
@@ -166,20 +183,30 @@ class AsyncResult(_Future):
         self._fname = kind  # what ipyparallel's repr calls it: apply, execute, scatter...
         self._keep = list(keep)  # arena blocks of the arguments, until every engine has answered
         self._results = {}  # engine id -> (ok, value or exception)
-        self._stdout = {}  # engine id -> what it printed (so far, while it runs)
-        self._stderr = {}
-        self._data = {}  # engine id -> what it published (so far)
         self.task_id = None
         self._single = False
-        self._callbacks = []  # called (with self) once every engine has answered, after the receiving
         self._return_exceptions = False  # get() puts errors in place of values (a map's, for each item)
-        self._part_lens = {}  # engine id -> items of a map's block it had
         self._blocks = []  # message blocks sent through lanes (abort() marks them)
         self._zmq_targets = self._targets  # those the controller answers for
-        self._mids = {}  # our messages to the controller -> their targets
         self._submitted = time.time()
-        self._meta = {}  # engine id -> what its reply said about the task, and when it arrived
+        self._meta = {}  # engine id -> what its reply said about the task (a Reply), and when it arrived
         self._parts = None  # engine id -> its part (split()), once asked for
+
+    # Made when first written (_NOTHING until then; see _own):
+    _stdout = _NOTHING  # engine id -> what it printed (so far, while it runs), if anything
+    _stderr = _NOTHING
+    _data = _NOTHING  # engine id -> what it published (so far)
+    _part_lens = _NOTHING  # engine id -> items of a map's block it had
+    _mids = _NOTHING  # our messages to the controller -> their targets
+    _callbacks = ()  # called (with self) once every engine has answered, after the receiving
+
+    def _own(self, name):
+        """The dict of that name, made if it is still the shared _NOTHING."""
+        d = getattr(self, name)
+        if d is _NOTHING:
+            d = {}
+            setattr(self, name, d)
+        return d
 
     def __repr__(self):
         # As ipyparallel shows it: what it does while pending, "finished" once done.
@@ -191,14 +218,15 @@ class AsyncResult(_Future):
         meta = json.loads(bytes(payload[0]))
         engine = hdr["sender"]
         self.task_id = hdr["task_id"]
-        self._stdout[engine] = meta.get("stdout", "")
-        self._stderr[engine] = meta.get("stderr", "")
-        meta["received"] = time.time()
-        where = meta.pop("buffers", [])
+        for name, key in (("_stdout", "stdout"), ("_stderr", "stderr")):
+            text = meta.get(key, "")
+            if text or engine in getattr(self, name):  # the reply's is the whole of it
+                self._own(name)[engine] = text
+        where = meta.get("buffers", [])
         if "data" in meta:
-            self._take_data(engine, meta.pop("data"))
-        self._meta[engine] = meta
-        if meta.get("status") == "ok":
+            self._take_data(engine, meta["data"])
+        meta = self._meta[engine] = Reply(meta, time.time())
+        if meta.status == "ok":
             try:
                 value = serialize.loads(bytes(payload[1]), where, buffers, arena=self._client.arena) \
                     if len(payload) > 1 and len(payload[1]) else None
@@ -223,6 +251,18 @@ class AsyncResult(_Future):
             self._finished()
         return bool(where)
 
+    # How the client's record keeping treats it (Client._record): counted
+    # in queue_status's "completed"; its ending remembered by msg_id (not
+    # for an attempt of a TaskResult, whose msg_id the user never sees);
+    # purged (purge_results): no longer speaks for its task.
+    _counted = True
+    _recorded = True
+    _purged = False
+
+    def _ending(self):
+        """(succeeded, engines) once finished, as Client._how_ended gives it."""
+        return all(ok for ok, _ in self._results.values()), set(self._results)
+
     def _fail(self, engine, exc):
         self._results[engine] = (False, exc)
         self._meta.setdefault(engine, {"engine_id": engine, "status": "error", "received": time.time()})
@@ -231,8 +271,11 @@ class AsyncResult(_Future):
             self._finished()
 
     def _finished(self):
-        self._keep.clear()
-        self._blocks.clear()
+        # What only a pending task needs goes (a finished one may be held
+        # by the million): the arena blocks, and an empty list.
+        self._keep = self._blocks = ()
+        if not self._zmq_targets:
+            self._zmq_targets = ()
         self._client._record(self)
         self._resolve()
         if self._callbacks:
@@ -264,14 +307,14 @@ class AsyncResult(_Future):
         if piece.get("name") == "data":
             self._take_data(engine, piece.get("text", ""))
             return
-        where = self._stdout if piece.get("name") == "stdout" else self._stderr
+        where = self._own("_stdout" if piece.get("name") == "stdout" else "_stderr")
         where[engine] = where.get(engine, "") + piece.get("text", "")
 
     def _take_data(self, engine, pickled):
         try:
-            self._data[engine] = serialize.loads(base64.b64decode(pickled))
+            self._own("_data")[engine] = serialize.loads(base64.b64decode(pickled))
         except Exception as e:  # a class this process lacks, say: said where the data would be
-            self._data[engine] = {"error": f"the published data cannot be rebuilt here: {e}"}
+            self._own("_data")[engine] = {"error": f"the published data cannot be rebuilt here: {e}"}
 
     @property
     def data(self):
@@ -372,16 +415,8 @@ class AsyncResult(_Future):
     # ---- what ipyparallel tells about a task ------------------------------------------
 
     def _metadata_of(self, engine):
-        m = self._meta.get(engine, {})
-        md = {"engine_id": engine, "msg_id": self.msg_id, "submitted": _when(self._submitted),
-              "started": _when(m.get("started")), "completed": _when(m.get("completed")),
-              "received": _when(m.get("received")), "status": m.get("status"),
-              "execution_count": m.get("execution_count"), "execute_result": m.get("execute_result"),
-              "stdout": self._stdout.get(engine, ""), "stderr": self._stderr.get(engine, ""),
-              "outputs": m.get("outputs", [])}
-        if m.get("status") == "error":
-            md.update(ename=m.get("ename"), evalue=m.get("evalue"))
-        return md
+        return _metadata(self.msg_id, engine, self._submitted, self._meta.get(engine, {}),
+                         self._stdout.get(engine, ""), self._stderr.get(engine, ""))
 
     @property
     def metadata(self):
@@ -681,14 +716,19 @@ class _Part(AsyncResult):
         self.msg_id, self.task_id = whole.msg_id, whole.task_id
         self._targets, self._single = [engine], True
         self._kind, self._fname = whole._kind, whole._fname
+        self._whole = whole
         self._results, self._meta = whole._results, whole._meta  # the same dicts: answers land in both
-        self._stdout, self._stderr, self._data = whole._stdout, whole._stderr, whole._data
-        self._callbacks, self._keep, self._blocks, self._mids = [], [], [], {}
-        self._return_exceptions, self._part_lens = whole._return_exceptions, {}
+        self._callbacks, self._keep, self._blocks = [], [], []
+        self._return_exceptions = whole._return_exceptions
         self._zmq_targets = [engine] if engine in whole._zmq_targets else []
         self._submitted, self._parts = whole._submitted, None
         if engine in self._results:
             self._finished()
+
+    # The whole's, as they are now (it makes them when first written).
+    _stdout = property(lambda self: self._whole._stdout)
+    _stderr = property(lambda self: self._whole._stderr)
+    _data = property(lambda self: self._whole._data)
 
     def _finished(self):
         self._resolve()
@@ -790,6 +830,20 @@ class _Joined(_Future):
 
     def __len__(self):
         return sum(len(c) for c in self._children)
+
+
+def _metadata(msg_id, engine, submitted, m, stdout, stderr):
+    """ipyparallel's metadata dict of a task on one engine, built when asked
+    for: m is what its reply said (a Reply, or a dict for a task that
+    failed here), submitted our clock's time of the submission."""
+    md = {"engine_id": engine, "msg_id": msg_id, "submitted": _when(submitted),
+          "started": _when(m.get("started")), "completed": _when(m.get("completed")),
+          "received": _when(m.get("received")), "status": m.get("status"),
+          "execution_count": m.get("execution_count"), "execute_result": m.get("execute_result"),
+          "stdout": stdout, "stderr": stderr, "outputs": m.get("outputs", [])}
+    if m.get("status") == "error":
+        md.update(ename=m.get("ename"), evalue=m.get("evalue"))
+    return md
 
 
 def _when(t):

@@ -32,6 +32,7 @@ import weakref
 from . import _core, serialize
 from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_POOL, KIND_RELEASE, KIND_RESULT, KIND_TASK, LANE_ENGINE_STOPPED,
                         POOL_SLOTS, SLOT, Lane, pack_frames, unpack_frames)
+from ._records import History, ending, ending_of
 from .asyncresult import AsyncResult
 from .error import EngineError, TaskAborted, TimeoutError
 from .local import LocalArena
@@ -151,7 +152,21 @@ class Client:
     ``timeout`` bounds the wait for the controller's first answer.
     ``lanes=False`` sends every task through the controller, even to the
     engines of this node.
+
+    ``history_limit`` (default ``Client.HISTORY_LIMIT``, 100,000; None: no
+    limit, as in ipyparallel):
+    how many of the latest tasks ``history`` (the client's and each
+    view's) lists, and how many finished tasks the client remembers the
+    ending of (for ``after``/``follow`` dependencies by msg_id,
+    ``queue_status(verbose=True)``'s ``completed``, ``purge_results(targets=)``).
+    **Differs** from ipyparallel, whose client keeps every one until
+    purged: a million tasks would otherwise hold hundreds of megabytes.
+    A task that finished longer ago than that is still known while its
+    AsyncResult is held; once it is let go too, a dependency on it is an
+    InvalidDependency, as a purged one is (never taken as met).
     """
+
+    HISTORY_LIMIT = 100_000  # history_limit of a new client
 
     def __new__(cls, *args, **kwargs):
         # Defined so that patching Client.__new__ (as ipyparallel's tests
@@ -207,7 +222,8 @@ class Client:
         # keeps out of their way (see _drive_loop).
         self._waiters = 0
         self._waiters_left = threading.Condition(threading.Lock())
-        self.history = []  # msg_ids of the tasks sent, in order
+        self._history_limit = self.HISTORY_LIMIT
+        self.history = History(self._history_limit)  # msg_ids of the tasks sent, in order (the latest)
         # As ipyparallel 9's: a task's AsyncResult holds its results and
         # metadata; the client's dicts hold only what was put there.
         self.results = {}
@@ -216,7 +232,9 @@ class Client:
         # msg_id -> AsyncResult, while the user keeps it: a result whose
         # AsyncResult is gone is not kept (its arrays would pin the arena).
         self._by_id = weakref.WeakValueDictionary()
-        self._ended = {}  # msg_id -> (succeeded, engines) of each finished task, for dependencies
+        # msg_id -> how each finished task ended (ending), for dependencies:
+        # the latest history_limit of them, in the order they finished.
+        self._ended = {}
         self._last_submit = 0.0
         self._receiving = 0  # depth of _receive calls in this thread's stack (callbacks run inside)
         self._leaving = set()  # engines this client stopped, until the registry no longer has them
@@ -520,8 +538,9 @@ class Client:
                 owner = pool.ring.owner(pool.tasks[task_id])
                 (tasks[owner] if owner >= 0 else unassigned).append(ar.msg_id)
             done = dict(self._completed)
-            if verbose:
-                done = {e: [m for m, (_, engines) in self._ended.items() if e in engines] for e in done}
+            if verbose:  # the tasks whose ending it remembers (history_limit)
+                endings = [(m, ending_of(v)[1]) for m, v in self._ended.items()]
+                done = {e: [m for m, engines in endings if e in engines] for e in done}
         out = {}
         for e in self._live_ids():
             if verbose:
@@ -945,7 +964,7 @@ class Client:
                 m = dict(meta, buffers=s.buffers)
                 frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
                 mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
-                ar._mids[mid] = group
+                ar._own("_mids")[mid] = group
                 self._pending[mid] = ar
                 self._ctl_parts += len(group)
                 if ar.msg_id is None:
@@ -1229,14 +1248,51 @@ class Client:
 
     # ---- what ran: ipyparallel's history ------------------------------------------
 
+    @property
+    def history_limit(self):
+        """How many of the latest tasks history lists and the client
+        remembers the ending of (see the class's doc); None: every one."""
+        return self._history_limit
+
+    @history_limit.setter
+    def history_limit(self, limit):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise ValueError(f"history_limit is a number of tasks (>= 0) or None, not {limit!r}")
+        self._history_limit = self.history.limit = limit
+
     def _record(self, ar):
-        """Notes how a task ended (for dependencies and queue_status)."""
+        """Notes how a task ended (for dependencies and queue_status): an
+        int for the usual task (ending), the latest history_limit of them."""
         if ar.msg_id is None:
             return
-        self._ended[ar.msg_id] = (all(ok for ok, _ in ar._results.values()), set(ar._results))
-        completed = self._completed
-        for e in ar._results:
-            completed[e] += 1
+        if ar._counted:
+            completed = self._completed
+            for e in ar._results:
+                completed[e] += 1
+        if not ar._recorded:
+            return
+        ended = self._ended
+        ended[ar.msg_id] = ending(all(ok for ok, _ in ar._results.values()), ar._results)
+        limit = self.history_limit
+        if limit is not None and len(ended) > limit + (limit >> 3):
+            # The oldest go in a batch: O(1) a task, amortized.
+            for mid in list(itertools.islice(ended, len(ended) - limit)):
+                del ended[mid]
+
+    def _how_ended(self, msg_id):
+        """(succeeded, engines) of a task of ours that has finished; None
+        while it runs. From the record of it, or, once that is gone (older
+        than history_limit), from its AsyncResult while held. Raises
+        KeyError if neither is left (never sent, purged, or let go)."""
+        ar = self._by_id.get(msg_id)
+        if ar is not None and not ar._done():
+            return None
+        v = self._ended.get(msg_id)
+        if v is not None:
+            return ending_of(v)
+        if ar is not None and not getattr(ar, "_purged", False):
+            return ar._ending()
+        raise KeyError(msg_id)
 
     @property
     def outstanding(self):
@@ -1297,7 +1353,7 @@ class Client:
             raise RuntimeError(f"cannot purge the results of tasks that have not finished: {pending}")
         targets = {targets} if isinstance(targets, int) else set(targets)
         if targets:
-            ids += [m for m, (_, engines) in self._ended.items() if targets & engines]
+            ids += [m for m, v in self._ended.items() if targets & ending_of(v)[1]]
         return ids
 
     def purge_local_results(self, jobs=(), targets=()):
@@ -1310,7 +1366,11 @@ class Client:
         """purge_local_results, and forgets how the tasks ended (which
         `after` and `follow` dependencies read: a purged task is an
         InvalidDependency)."""
-        self._purge(self._purgeable(jobs, targets), (self.results, self.metadata, self._ended))
+        ids = self._purgeable(jobs, targets)
+        # A held AsyncResult no longer speaks for its task either.
+        for ar in (list(self._by_id.values()) if ids is None else filter(None, map(self._by_id.get, ids))):
+            ar._purged = True
+        self._purge(ids, (self.results, self.metadata, self._ended))
 
     @staticmethod
     def _purge(ids, stores):

@@ -32,12 +32,10 @@ class Dependency(set):
             return True
         met = unmet = 0
         for mid in self:
-            if mid in client._ended:
-                ok = client._ended[mid][0]
-            elif mid in client._by_id:
+            ended = _how_ended(client, mid)
+            if ended is None:
                 continue  # still running
-            else:
-                raise InvalidDependency(f"this client sent no task with msg_id {mid} (or purged it)")
+            ok = ended[0]
             if (ok and self.success) or (not ok and self.failure):
                 met += 1
             else:
@@ -70,10 +68,21 @@ class Dependency(set):
 
     def engines(self, client):
         """Where the tasks ran: every one (all) or any one of them."""
-        sets = [client._ended[mid][1] for mid in self if mid in client._ended]
+        sets = [e[1] for e in (_how_ended(client, mid) for mid in self) if e is not None]
         if not sets:
             return None
         return set.intersection(*sets) if self.all else set.union(*sets)
+
+
+def _how_ended(client, mid):
+    """client._how_ended(mid), or InvalidDependency saying why it is not known."""
+    try:
+        return client._how_ended(mid)
+    except KeyError:
+        raise InvalidDependency(
+            f"this client sent no task with msg_id {mid}, purged it, or it finished more than "
+            f"Client.history_limit ({client.history_limit}) tasks ago and its AsyncResult is gone: keep the "
+            f"AsyncResult (or raise history_limit) to depend on it") from None
 
 
 def _as_dependency(dep):
@@ -108,20 +117,33 @@ class TaskResult(AsyncResult):
     dependencies are met, then sends it (again, on another engine, for a
     retry or an unmet @depend)."""
 
+    _counted = False  # its attempts are, on the engines they ran on
+
+    # Defaults in the class, set on the instance only when they differ: an
+    # instance of more than 30 attribute names gets a dict of its own
+    # (about 1.5 KiB), where fewer share the class's keys.
+    _after = _follow = None  # Dependency: tasks it runs after / where they ran
+    _deadline = _timeout = None
+    _retries = 0
+    _tried = frozenset()  # engines where its @depend did not hold
+    _failed_on = frozenset()  # engines where an attempt failed
+    _last_failure = None
+    _final = False
+    _attempt = None
+
     def __init__(self, view, f, args, kwargs, after=None, follow=None, timeout=None, retries=0):
         client = view.client
         super().__init__(client, next(client._lane_ids), [], "apply")
         self._single = True
         self._fname = getattr(f, "__name__", "apply")
         self._view, self._call = view, (f, args, kwargs)
-        self._after, self._follow = _as_dependency(after), _as_dependency(follow)
-        self._deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        self._timeout = timeout
-        self._retries = retries
-        self._tried = set()  # engines where its @depend did not hold
-        self._failed_on = set()  # engines where an attempt failed
-        self._final = False
-        self._attempt = None
+        if after is not None or follow is not None:
+            self._after, self._follow = _as_dependency(after), _as_dependency(follow)
+        if timeout is not None:
+            self._deadline = None if timeout < 0 else time.monotonic() + timeout
+            self._timeout = timeout
+        if retries:
+            self._retries = retries
         client._by_id[self.msg_id] = self
         client.history.append(self.msg_id)
 
@@ -136,6 +158,11 @@ class TaskResult(AsyncResult):
         if meta:
             self._meta = {engine: meta}
         self._final = True
+        # What only sending it needed goes: its arguments above all (a
+        # finished task may be held by the million).
+        self._call = None
+        if self._after is not None or self._follow is not None:
+            self._after = self._follow = None
         self._finished()
 
     def _fail_here(self, exc):
@@ -206,6 +233,7 @@ class TaskResult(AsyncResult):
     def _forget_attempt(self, ar):
         """The client's history lists this task once, by its own msg_id,
         not each attempt at it."""
+        ar._recorded = False  # nor does the client remember its ending: this task's is
         history = self._client.history
         if history and history[-1] == ar.msg_id:
             history.pop()
@@ -215,10 +243,10 @@ class TaskResult(AsyncResult):
         ok, value = ar._results[engine]
         meta = ar._meta.get(engine)
         if not ok and getattr(value, "ename", None) == "UnmetDependency":
-            self._tried.add(engine)
+            self._tried |= {engine}
         elif not ok and self._retries > 0 and not isinstance(value, TaskAborted):
             self._retries -= 1
-            self._failed_on.add(engine)
+            self._failed_on |= {engine}
             self._last_failure = (engine, ok, value, meta)
         else:
             return self._end(engine, ok, value, meta)

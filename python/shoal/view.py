@@ -1,6 +1,7 @@
 """Views of the engines: DirectView and LoadBalancedView, with ipyparallel's
 names and behaviour, and the decorators that go with them."""
 
+import array
 import builtins
 import collections
 import concurrent.futures
@@ -15,7 +16,8 @@ import types
 import numpy as np
 
 from . import _core, serialize
-from .asyncresult import AsyncMapResult, AsyncResult, _flat, _Future
+from ._records import History
+from .asyncresult import AsyncMapResult, AsyncResult, _flat, _Future, _metadata
 from .error import TaskAborted, TimeoutError
 
 
@@ -30,6 +32,7 @@ class _View:
 
     def _sent(self, ar):
         """Notes a task of this view's; returns it."""
+        self.history.limit = self.client.history_limit  # as the client's, should it have changed
         self.history.append(ar.msg_id)
         return ar
 
@@ -98,7 +101,7 @@ class DirectView(_View):
         self.targets = targets
         self.block = block
         self.track = False  # accepted for ipyparallel's sake: arena buffers need no tracking
-        self.history = []  # msg_ids of the tasks this view sent
+        self.history = History(client.history_limit)  # msg_ids of the tasks this view sent (the latest)
 
     @property
     def targets(self):
@@ -474,7 +477,7 @@ class LoadBalancedView(_View):
         self.timeout = None  # seconds a task may wait for its dependencies (TaskTimeout after)
         self.after = None  # tasks that must finish first (Dependency, AsyncResults, msg_ids)
         self.follow = None  # tasks whose engines it must run on
-        self.history = []  # msg_ids of the tasks this view sent
+        self.history = History(client.history_limit)  # msg_ids of the tasks this view sent (the latest)
 
     def __len__(self):
         """How many engines it may run on."""
@@ -665,6 +668,51 @@ def _star_chunk(f, *columns):
     return list(map(f, *columns))
 
 
+class _Bounds:
+    """(low, high) of each chunk of a map, in order, as a list of them
+    reads: chunks are handed out one after another, so each starts where
+    the one before ended, and one array of the ends is enough (8 bytes a
+    chunk; a tuple of two ints was 100)."""
+
+    __slots__ = ("ends",)
+
+    def __init__(self):
+        self.ends = array.array("q", [0])
+
+    def __len__(self):
+        return len(self.ends) - 1
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self.ends) - 1:
+            raise IndexError(i)
+        return self.ends[i], self.ends[i + 1]
+
+    def append(self, chunk):
+        low, high = chunk
+        if low != self.ends[-1]:
+            raise ValueError(f"chunk {chunk} does not start where the last ended ({self.ends[-1]})")
+        self.ends.append(high)
+
+
+class _Ran:
+    """What a load-balanced map keeps of each of its tasks that finished:
+    its metadata and output, not its AsyncResult (which held 2-3 KiB more
+    a task: a map of a million items with chunksize=1 held gigabytes)."""
+
+    __slots__ = ("msg_id", "engine", "submitted", "meta", "stdout", "stderr")
+
+    _NO_REPLY = {}  # the meta of a task that failed with no reply (never written)
+
+    def __init__(self, ar, engine):
+        self.msg_id, self.engine, self.submitted = ar.msg_id, engine, ar._submitted
+        self.meta = ar._meta.get(engine, self._NO_REPLY)
+        self.stdout, self.stderr = ar._stdout.get(engine, ""), ar._stderr.get(engine, "")
+
+    def metadata(self):
+        """ipyparallel's metadata dict of the task."""
+        return _metadata(self.msg_id, self.engine, self.submitted, self.meta, self.stdout, self.stderr)
+
+
 class LoadBalancedMapResult(AsyncMapResult):
     """The pending result of LoadBalancedView.map: an AsyncMapResult (and
     so a concurrent.futures.Future) over the map's tasks.
@@ -691,15 +739,15 @@ class LoadBalancedMapResult(AsyncMapResult):
         self._runner = runner or _star_chunk
         self._return_exceptions = return_exceptions
         self._fname = getattr(f, "__name__", "map")
-        self._chunks = []  # (low, high) of each chunk handed out (or aborted), in item order
+        self._chunks = _Bounds()  # (low, high) of each chunk handed out (or aborted), in item order
         self._next = 0  # the next item to hand out
         self._items_done = 0  # items whose chunk has finished
         self._results = {}  # chunk index -> (ok, values or exception)
-        self._finish_order = []
+        self._finish_order = array.array("q")  # chunk indices as they finished (8 bytes each)
         self._inflight = {}  # engine id -> chunks of this map it has (handed to it)
         self._pooled = 0  # chunks of this map in the client's pool, taken or not
         self._attempts = {}  # chunk index -> (its AsyncResult, its engine or None: the pool) while it runs
-        self._ran = {}  # chunk index -> (its finished AsyncResult, the engine it ran on): its metadata
+        self._ran = {}  # chunk index -> what its finished task told (a _Ran): its metadata
         self._busy = 0.0  # seconds the engines spent on the chunks finished so far (their own clocks)
         self._items_timed = 0  # items of those chunks
         self._largest_timed = 0  # items of the largest of them
@@ -852,7 +900,7 @@ class LoadBalancedMapResult(AsyncMapResult):
         if i not in self._results:
             target = engine if engine is not None else ar._targets[0]  # a pool task: where it ran
             self._chunk_finished(i, ar._results[target])
-            self._ran[i] = (ar, target)
+            self._ran[i] = _Ran(ar, target)
             raw = ar._meta.get(target, {})
             # Only a task that ran its items tells what they cost (an
             # aborted one, or one that failed early, ran few or none).
@@ -880,23 +928,27 @@ class LoadBalancedMapResult(AsyncMapResult):
     def _has_work(self):
         return self._next < self._n
 
+    def _ending(self):
+        """(succeeded, engines): every task of it succeeded; where they ran."""
+        return all(ok for ok, _ in self._results.values()), {r.engine for r in self._ran.values()}
+
     @property
     def metadata(self):
         """Each finished task's metadata, in chunk order."""
-        return [ar._metadata_of(target) for ar, target in (self._ran[i] for i in sorted(self._ran))]
+        return [r.metadata() for r in self._tasks()]
 
     @property
     def wall_time(self):
         if not self.ready():
             raise TimeoutError(f"the result of {self._fname} is not ready yet")
-        received = [ar._meta[t]["received"] for ar, t in self._ran.values() if ar._meta.get(t, {}).get("received")]
+        received = [r.meta["received"] for r in self._ran.values() if r.meta.get("received")]
         return max(received, default=self._submitted) - self._submitted
 
     @property
     def serial_time(self):
         if not self.ready():
             raise TimeoutError(f"the result of {self._fname} is not ready yet")
-        return sum(m["completed"] - m["started"] for m in (ar._meta.get(t, {}) for ar, t in self._ran.values())
+        return sum(m["completed"] - m["started"] for m in (r.meta for r in self._ran.values())
                    if m.get("completed") and m.get("started"))
 
     @property
@@ -963,30 +1015,30 @@ class LoadBalancedMapResult(AsyncMapResult):
         raise TypeError(f"a map's result is read by int, slice or str, not {type(key).__name__}")
 
     def _tasks(self):
-        """(AsyncResult, engine) of each task that ran, in item order."""
+        """What each task that ran told (a _Ran), in item order."""
         return [self._ran[i] for i in sorted(self._ran)]
 
     @property
     def msg_ids(self):
         """The msg_ids of the map's tasks, in item order."""
-        return [ar.msg_id for ar, _ in self._tasks()]
+        return [r.msg_id for r in self._tasks()]
 
     @property
     def engine_id(self):
         """The engine of each task, in item order."""
-        return [engine for _, engine in self._tasks()]
+        return [r.engine for r in self._tasks()]
 
     @property
     def stdout(self):
-        return [ar._stdout.get(e, "") for ar, e in self._tasks()]
+        return [r.stdout for r in self._tasks()]
 
     @property
     def stderr(self):
-        return [ar._stderr.get(e, "") for ar, e in self._tasks()]
+        return [r.stderr for r in self._tasks()]
 
     @property
     def outputs(self):
-        return [ar._meta.get(e, {}).get("outputs", []) for ar, e in self._tasks()]
+        return [r.meta.get("outputs", []) for r in self._tasks()]
 
     def get_dict(self, timeout=-1):
         """{engine id: its task's result}, as ipyparallel's: only when no
@@ -995,7 +1047,7 @@ class LoadBalancedMapResult(AsyncMapResult):
         self.get(timeout)
         out = {}
         for i in sorted(self._ran):
-            engine = self._ran[i][1]
+            engine = self._ran[i].engine
             if engine in out:
                 raise ValueError(f"cannot build a dict of engine ids: engine {engine} ran more than one "
                                  f"of this map's {len(self._ran)} tasks")
