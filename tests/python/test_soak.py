@@ -47,3 +47,89 @@ def test_a_map_over_engines_that_all_died_fails_its_items_not_waits(tmp_path, la
         c.close()
         agent.stop()
         ctl.stop()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _strays(needle):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd and _alive(int(entry)):
+            found.append((int(entry), cmd))
+    return found
+
+
+def test_a_small_soak_loses_nothing_and_leaves_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = dict(os.environ, SHOAL_DIR=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(run))
+    shm_before = set(os.listdir("/dev/shm"))
+    out = tmp_path / "soak.json"
+    p = subprocess.run([sys.executable, "-m", "shoal", "bench", "soak", "--tasks", "20000", "--push-bytes", "64M",
+                        "--kill-every", "1", "--clients", "2", "--deadline", "30", "--json", str(out)],
+                       env=env, capture_output=True, text=True, timeout=90)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("soak summary "))
+    s = dict(kv.split("=", 1) for kv in line.split()[2:])
+    assert int(s["lost"]) == 0 and int(s["wrong"]) == 0 and s["ok"] == "1", line
+    assert int(s["submitted"]) == 20000
+    assert int(s["answered"]) + int(s["failed"]) == int(s["submitted"]), line
+    assert int(s["failed"]) == int(s.get("failed_EngineError", 0)), "every failure is an engine's death"
+    assert int(s["engines_killed"]) >= 1, line
+    assert int(s["push_bytes"]) >= 48 << 20, line
+    clients = [x for x in p.stdout.splitlines() if x.startswith("soak client=")]
+    assert len(clients) == 2 and "role=lanes" in clients[0] and "role=controller" in clients[1]
+    kinds = {x.split()[2].split("=")[1] for x in p.stdout.splitlines() if x.startswith("soak memory ")}
+    assert kinds == {"controller", "agent", "engine", "client"}
+    import json
+    assert json.loads(out.read_text())["summary"]["lost"] == 0
+    # Nothing left behind: processes, the profile, the agent's socket, shared memory.
+    profile = next(x for x in p.stdout.splitlines() if x.startswith("# cluster '")).split("'")[1]
+    assert "stopped" in p.stdout.splitlines()[-1]
+    assert not _strays(profile)
+    assert not os.path.exists(tmp_path / "home" / f"profile_{profile}")
+    assert not [f for f in os.listdir(run / "shoal") if profile in f] if (run / "shoal").exists() else True
+    assert not [f for f in set(os.listdir("/dev/shm")) - shm_before if "shoal" in f or profile in f]
+
+
+def test_sigterm_stops_the_soak_and_its_cluster(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = dict(os.environ, SHOAL_DIR=str(tmp_path / "home"), XDG_RUNTIME_DIR=str(run))
+    p = subprocess.Popen([sys.executable, "-m", "shoal", "bench", "soak", "--tasks", "1000000", "--push-bytes", "64M",
+                          "--kill-every", "1", "--clients", "3"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        pids = []
+        for line in p.stdout:
+            if line.startswith("# cluster '"):
+                profile = line.split("'")[1]
+            if line.startswith("# clients:"):
+                pids = [int(x) for x in line.split("pid ")[1:] for x in [x.split()[0]]]
+                break
+        assert len(pids) == 3, "the clients started"
+        time.sleep(1)
+        p.send_signal(signal.SIGTERM)
+        rest, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "stopped" in rest
+    assert not _strays(profile)
+    assert not any(_alive(pid) for pid in pids)
+    assert not os.path.exists(tmp_path / "home" / f"profile_{profile}")
