@@ -7,6 +7,8 @@
     shoal status [--profile NAME]
     shoal bench tradeoff [-n N] [--sizes 1K,1M,...] [--costs 0,1,4,16] [--reps R] [--png PATH | --no-png]
                          [--json PATH] [--profile NAME]
+    shoal bench soak [-n N] [--tasks N] [--clients N] [--push-bytes BYTES] [--kill-every S] [--seconds S]
+                     [--deadline S] [--json PATH] [--profile NAME]
 
 `python -m shoal` is the same command.
 """
@@ -251,6 +253,31 @@ def bench_tradeoff(args):
     return 0
 
 
+def bench_soak(args):
+    """Many tasks and pushes by several clients while engines are killed (shoal.soak)."""
+    from . import soak
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: through the clean-up
+    try:
+        summary = soak.run(tasks=args.tasks, clients=args.clients, push_bytes=args.push_bytes,
+                           kill_every=args.kill_every, seconds=args.seconds, n_engines=args.n,
+                           profile=args.profile, deadline=args.deadline, json_path=args.json)
+    except (soak.ClusterError, RuntimeError) as e:  # no cluster; a client that died
+        print(f"shoal bench soak: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("shoal bench soak: interrupted" + ("" if args.profile else "; its cluster was stopped"),
+              file=sys.stderr)
+        return 130
+    if not summary["ok"]:
+        print(f"shoal bench soak: FAILED: {summary['lost']} task(s) lost, {summary['wrong']} wrong value(s), "
+              f"{summary['unexpected_failures']} failure(s) other than {', '.join(soak.EXPECTED)} "
+              f"(see the lines above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _arg_type(parse, what):
     """An argparse type from a parser that raises ValueError, whose message
     (after argparse's "argument --sizes:") says what is wanted."""
@@ -264,7 +291,7 @@ def _arg_type(parse, what):
 
 
 def _bench_parser(sub):
-    from . import tradeoff
+    from . import soak, tradeoff
     b = sub.add_parser("bench", help="measurements that help decide how to use the cluster")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
     t = bsub.add_parser("tradeoff", help="moving the data against computing on it: where parallel starts to pay",
@@ -289,7 +316,30 @@ def _bench_parser(sub):
     t.add_argument("--profile", default=None,
                    help="measure on the running cluster of this profile (default: start one for the run "
                         "and stop it at the end)")
-    return b, t
+    k = bsub.add_parser("soak", help="many tasks and pushes from several clients while engines are killed",
+                        description="Starts a cluster with --restart-engines and several client processes (by "
+                                    "lanes, through the controller, mixed) that submit --tasks tiny tasks in all "
+                                    "and push --push-bytes of arrays, while an engine is killed every --kill-every "
+                                    "seconds. Reports, per client and in all, the tasks answered, failed (by "
+                                    "reason) and lost, and the memory of every process at the start and the end. "
+                                    "Exits 1 if a task was lost, a value was wrong, or a task failed other than "
+                                    "with EngineError.")
+    k.add_argument("-n", type=int, default=None, help="engines (default: one per core, at least 2)")
+    k.add_argument("--tasks", type=int, default=1_000_000, help="tasks in all (default 1000000)")
+    k.add_argument("--clients", type=int, default=3,
+                   help="client processes (default 3: lanes, controller, mixed, in turn)")
+    k.add_argument("--push-bytes", type=_arg_type(soak.parse_bytes, "--push-bytes"), default=2 << 30,
+                   help="bytes of arrays pushed in all, with K, M or G (default 2G)")
+    k.add_argument("--kill-every", type=float, default=5.0,
+                   help="seconds between two engines killed (SIGKILL; default 5; 0: none)")
+    k.add_argument("--seconds", type=float, default=None, help="stop submitting after this many seconds")
+    k.add_argument("--deadline", type=float, default=120.0,
+                   help="seconds a task may take from its submission before it counts as lost (default 120)")
+    k.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    k.add_argument("--profile", default=None,
+                   help="soak the running cluster of this profile, killing its engines (default: start one "
+                        "with --restart-engines and stop it at the end)")
+    return b, t, k
 
 
 def main(argv=None):
@@ -325,10 +375,17 @@ def main(argv=None):
         sub.add_parser(name, help=f"{name} the cluster")
     for sp in sub.choices.values():
         sp.add_argument("--profile", default="default")
-    _, tradeoff_parser = _bench_parser(sub)
+    _, tradeoff_parser, soak_parser = _bench_parser(sub)
     args = p.parse_args(argv)
     if args.cmd == "start" and args.n < 1:
         p.error("-n must be at least 1")
+    if args.cmd == "bench" and args.bench_cmd == "soak":
+        for name in ("n", "tasks", "clients"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                soak_parser.error(f"--{name} must be at least 1" if name != "n" else "-n must be at least 1")
+        if args.kill_every < 0 or (args.seconds is not None and args.seconds <= 0) or args.deadline <= 0:
+            soak_parser.error("--kill-every must be 0 or more, --seconds and --deadline more than 0")
+        return bench_soak(args)
     if args.cmd == "bench":
         if args.n is not None and args.n < 1:
             tradeoff_parser.error("-n must be at least 1")

@@ -18,7 +18,7 @@ import numpy as np
 from . import _core, serialize
 from ._records import History
 from .asyncresult import AsyncMapResult, AsyncResult, _flat, _Future, _metadata
-from .error import TaskAborted, TimeoutError
+from .error import EngineError, TaskAborted, TimeoutError
 
 
 class _View:
@@ -800,6 +800,19 @@ class LoadBalancedMapResult(AsyncMapResult):
         long one while another engine has nothing to do."""
         engines = self._view._engines()
         if not engines:
+            if self._has_work() and self._view.targets is not None:
+                # Every engine the view names has left the registry (died,
+                # or was stopped): none of them takes the rest, ever (a new
+                # engine has a new id). Without this the map waited for
+                # ever (found by `shoal bench soak`). A view of every
+                # engine (targets=None) waits for new ones, as ipyparallel's
+                # scheduler does.
+                self._chunks.append((self._next, self._n))
+                self._next = self._n
+                self._chunk_finished(len(self._chunks) - 1, (False, EngineError(
+                    f"{self._n - self._chunks[-1][0]} item(s) of map {self._fname} were never sent: every engine "
+                    f"of its load-balanced view ({self._view.targets}) has stopped running")))
+                self._handed_all()
             return
         pool = self._view._pool(engines) if self._has_work() else None
         if pool is not None:
