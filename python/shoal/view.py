@@ -683,7 +683,10 @@ class _Bounds:
         return len(self.ends) - 1
 
     def __getitem__(self, i):
-        if not 0 <= i < len(self.ends) - 1:
+        n = len(self.ends) - 1
+        if i < 0:  # from the end, as a list reads
+            i += n
+        if not 0 <= i < n:
             raise IndexError(i)
         return self.ends[i], self.ends[i + 1]
 
