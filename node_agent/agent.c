@@ -135,6 +135,29 @@ struct lane {
     shoal_ring sq, cq;
 };
 
+/*
+ * A dead engine's lane, kept while its client has yet to take the replies
+ * the engine left in it: the agent holds a reference to each such reply's
+ * block (the engine's went with it), and lets go of one when the client's
+ * RELEASE for it comes on the lane, or of all when the client goes. Before,
+ * the replies' blocks were freed with the engine's references, and a reply
+ * finished just before a SIGKILL failed as "could not be read" (found by
+ * `shoal bench soak`).
+ */
+struct kept_reply {
+    shoal_handle reply;  /* the reply's message block */
+    shoal_handle *bufs;  /* the arena blocks of its large buffers (meta "buffers") */
+    size_t nbufs;
+};
+
+struct kept_lane {
+    shoal_handle h; /* the lane's block: our reference */
+    uint64_t peer;
+    shoal_ring sq;
+    struct kept_reply *held;
+    size_t nheld;
+};
+
 struct agent;
 
 struct engine {
@@ -187,6 +210,8 @@ struct agent {
     int nblks, capblks;
     struct lane *lanes;
     int nlanes, caplanes;
+    struct kept_lane *kept;
+    int nkept, capkept;
     uint64_t next_serial;
     uint64_t backlog_timer; /* armed while any engine has a backlog */
     int restart;  /* start a new engine in place of one that dies */
@@ -444,6 +469,8 @@ static void on_ctl_fd(shoal_loop *l, int fd, uint32_t events, void *arg)
     }
 }
 
+static void poll_kept_lanes(struct agent *a);
+
 static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
 {
     (void)l;
@@ -452,6 +479,8 @@ static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
     /* What waits first: after a pause (SIGSTOP, a swap storm) the
      * controller's heartbeats are there to be read, and the silence is ours. */
     on_ctl_fd(l, a->ctl_fd, POLLIN, a);
+    if (a->nkept)
+        poll_kept_lanes(a);
     int64_t now = now_ns(), silent_ms = (now - a->last_ctl_ns) / 1000000;
     if (silent_ms > a->node_timeout_ms + 2 * a->heartbeat_ms + 2000) {
         logf_("no word from the controller for %lld ms, asked or not (its node timeout is %lld ms): it is gone; "
@@ -1100,11 +1129,148 @@ static void lane_close(struct agent *a, int i, uint32_t why)
     a->lanes[i] = a->lanes[--a->nlanes];
 }
 
+static void kept_reply_release(struct agent *a, struct kept_reply *r)
+{
+    for (size_t i = 0; i < r->nbufs; i++)
+        shoal_arena_release(a->arena, r->bufs[i]);
+    free(r->bufs);
+    shoal_arena_release(a->arena, r->reply);
+}
+
+/* Takes a reference to the reply block h and to every arena block its meta
+ * names as a buffer (["arena", [offset, length, generation], start, n]);
+ * 0, or a negative errno with nothing taken (the block is gone). The reply
+ * is input from a process that died: every length is checked (parse.c), and
+ * a handle that is not a live block is skipped. */
+static int kept_reply_take(struct agent *a, shoal_handle h, struct kept_reply *out)
+{
+    int rc = shoal_arena_acquire(a->arena, h);
+    if (rc < 0)
+        return rc;
+    *out = (struct kept_reply){.reply = h};
+    uint8_t *p;
+    shoal_frame *f = NULL;
+    uint32_t nf, np;
+    if (shoal_arena_ptr(a->arena, h, (void **)&p) < 0 || shoal__msgblock_frames(p, h.length, &f, &nf, &np) < 0)
+        return 0;
+    cJSON *meta = np ? cJSON_ParseWithLength(f[0].data, f[0].len) : NULL;
+    free(f);
+    const cJSON *b;
+    cJSON_ArrayForEach(b, cJSON_GetObjectItemCaseSensitive(meta, "buffers")) {
+        const cJSON *kind = cJSON_GetArrayItem(b, 0), *hh = cJSON_GetArrayItem(b, 1);
+        if (!cJSON_IsString(kind) || strcmp(kind->valuestring, "arena") || cJSON_GetArraySize(hh) != 3)
+            continue;
+        double v[3];
+        for (int i = 0; i < 3; i++)
+            v[i] = cJSON_IsNumber(cJSON_GetArrayItem(hh, i)) ? cJSON_GetArrayItem(hh, i)->valuedouble : -1;
+        if (v[0] < 0 || v[1] < 0 || v[2] < 0 || v[0] > 9e15 || v[1] > 9e15 || v[2] > 9e15)
+            continue;
+        shoal_handle bh = {(uint64_t)v[0], (uint64_t)v[1], (uint64_t)v[2]};
+        shoal_handle *more = realloc(out->bufs, (out->nbufs + 1) * sizeof *more);
+        if (!more || shoal_arena_acquire(a->arena, bh) < 0) {
+            if (more)
+                out->bufs = more;
+            continue;
+        }
+        out->bufs = more;
+        out->bufs[out->nbufs++] = bh;
+    }
+    cJSON_Delete(meta);
+    return 0;
+}
+
+static void kept_lane_free(struct agent *a, int k)
+{
+    struct kept_lane *kl = &a->kept[k];
+    for (size_t i = 0; i < kl->nheld; i++)
+        kept_reply_release(a, &kl->held[i]);
+    free(kl->held);
+    shoal_ring_close(&kl->sq);
+    shoal_arena_release(a->arena, kl->h);
+    a->kept[k] = a->kept[--a->nkept];
+}
+
+/* Takes the RELEASEs that clients sent on kept lanes, letting go of those
+ * replies; a lane with none left is freed. Called every half second. */
+static void poll_kept_lanes(struct agent *a)
+{
+    for (int k = a->nkept - 1; k >= 0; k--) {
+        struct kept_lane *kl = &a->kept[k];
+        struct slot sl[64];
+        int n;
+        while ((n = shoal_ring_pop(&kl->sq, sl, 64)) > 0)
+            for (int i = 0; i < n; i++) {
+                if (sl[i].kind != KIND_RELEASE)
+                    continue; /* a task sent before the client heard: it fails that itself */
+                for (size_t j = 0; j < kl->nheld; j++)
+                    if (kl->held[j].reply.offset == sl[i].offset &&
+                        kl->held[j].reply.generation == sl[i].generation) {
+                        kept_reply_release(a, &kl->held[j]);
+                        kl->held[j] = kl->held[--kl->nheld];
+                        break;
+                    }
+            }
+        if (n < 0 || kl->nheld == 0)
+            kept_lane_free(a, k);
+    }
+}
+
+/*
+ * Engine e died: its lanes close, but a lane with replies its client has
+ * yet to take is kept (struct kept_lane), the replies' blocks held for the
+ * client. Call before the engine's references are reclaimed.
+ */
 static void close_engine_lanes(struct agent *a, const struct engine *e, uint32_t why)
 {
-    for (int i = a->nlanes - 1; i >= 0; i--)
-        if (a->lanes[i].engine == e->index)
+    for (int i = a->nlanes - 1; i >= 0; i--) {
+        if (a->lanes[i].engine != e->index)
+            continue;
+        struct lane *l = &a->lanes[i];
+        struct slot *recent = malloc(LANE_NSLOTS * sizeof *recent);
+        int n = recent ? shoal_ring_recent(&l->cq, recent, LANE_NSLOTS) : -ENOMEM;
+        struct kept_lane kl = {.h = l->h, .peer = l->peer, .sq = l->sq};
+        for (int j = 0; j < n; j++) {
+            shoal_handle h = {recent[j].offset, recent[j].length, recent[j].generation};
+            struct kept_reply r;
+            /* A reply the engine still held (its client has not released
+             * it): ours now, with its buffers. One already let go of is not
+             * there to take. */
+            if (recent[j].kind != KIND_RESULT || kept_reply_take(a, h, &r) < 0)
+                continue;
+            struct kept_reply *more = realloc(kl.held, (kl.nheld + 1) * sizeof *more);
+            if (!more) {
+                kept_reply_release(a, &r);
+                break;
+            }
+            kl.held = more;
+            kl.held[kl.nheld++] = r;
+        }
+        free(recent);
+        if (kl.nheld && a->nkept == a->capkept) {
+            int cap = a->capkept ? 2 * a->capkept : 8;
+            struct kept_lane *more = realloc(a->kept, (size_t)cap * sizeof *more);
+            if (more) {
+                a->kept = more;
+                a->capkept = cap;
+            }
+        }
+        if (!kl.nheld || a->nkept == a->capkept) {
+            for (size_t j = 0; j < kl.nheld; j++)
+                kept_reply_release(a, &kl.held[j]);
+            free(kl.held);
             lane_close(a, i, why);
+            continue;
+        }
+        /* The client reads what is left, then hears why (the header says,
+         * and the completion ring is closed); its RELEASEs still come on
+         * the submission ring, which stays open for them. */
+        struct lane_header *hd;
+        if (shoal_arena_ptr(a->arena, l->h, (void **)&hd) == 0)
+            __atomic_store_n(&hd->closed, why, __ATOMIC_RELEASE);
+        shoal_ring_close(&l->cq);
+        a->kept[a->nkept++] = kl; /* the lane block's reference goes with it */
+        a->lanes[i] = a->lanes[--a->nlanes];
+    }
 }
 
 static void close_peer_lanes(struct agent *a, struct peer *p)
@@ -1112,6 +1278,9 @@ static void close_peer_lanes(struct agent *a, struct peer *p)
     for (int i = a->nlanes - 1; i >= 0; i--)
         if (a->lanes[i].peer == p->serial)
             lane_close(a, i, LANE_CLIENT_GONE);
+    for (int k = a->nkept - 1; k >= 0; k--)
+        if (a->kept[k].peer == p->serial)
+            kept_lane_free(a, k);
     if (p->bell.generation) {
         shoal_arena_release(a->arena, p->bell);
         p->bell.generation = 0;
@@ -1842,6 +2011,9 @@ int main(int argc, char **argv)
         drop_proc(&a, a.nprocs - 1, 1); /* releases only what the dead held: the arena refuses the living */
     while (a.npeers)
         drop_peer(&a, a.npeers - 1);
+    while (a.nkept)
+        kept_lane_free(&a, a.nkept - 1);
+    free(a.kept);
     if (a.spare_fd >= 0)
         close(a.spare_fd);
     unlink(a.sock_path);

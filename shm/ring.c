@@ -268,6 +268,22 @@ int shoal_ring_pop(shoal_ring *r, void *dst, uint32_t max)
     return (int)k;
 }
 
+int shoal_ring_recent(const shoal_ring *r, void *dst, uint32_t max)
+{
+    const struct shoal_ring_shared *s = r->shared;
+    if (s->flags & RING_POOL)
+        return -EPROTO;
+    /* Acquire: the slots up to tail were written before it was. */
+    uint64_t tail = atomic_load_explicit(&s->tail, memory_order_acquire);
+    uint64_t k = tail < r->nslots ? tail : r->nslots;
+    if (k > max)
+        k = max;
+    for (uint64_t i = 0; i < k; i++)
+        memcpy((uint8_t *)dst + (size_t)i * SHOAL_RING_SLOT,
+               r->slots + ((tail - k + i) & (r->nslots - 1)) * SHOAL_RING_SLOT, SHOAL_RING_SLOT);
+    return (int)k;
+}
+
 static int ready(const struct shoal_ring_shared *s)
 {
     return atomic_load_explicit(&s->tail, memory_order_acquire) !=

@@ -146,6 +146,15 @@ void shoal_ring_close(shoal_ring *r);
 uint32_t shoal_ring_count(const shoal_ring *r);
 
 /*
+ * A third party, once the producer is gone (it died): copies the last slots
+ * it pushed, up to max and at most the ring's size, popped or not, into
+ * dst; returns how many (-EPROTO for a pool). Their contents are
+ * stable only because nobody pushes any more. Used by the agent to keep the
+ * replies a dead engine left on a lane until its client has taken them.
+ */
+int shoal_ring_recent(const shoal_ring *r, void *dst, uint32_t max);
+
+/*
  * Pools: one producer, many consumers (a client's load-balanced tasks, which
  * whichever engine is idle takes). A pool is a ring - same layout, same
  * doorbell handshake, each consumer's view pointed at its own doorbell - but

@@ -940,6 +940,8 @@ class Client:
             if ar.msg_id is None:
                 ar.msg_id = next(self._lane_ids)
             targets = self._fail_lost(ar, targets)
+            if not targets:
+                return []  # every one failed: nothing to send
         lanes = {t: lane for t in targets if (lane := self._lane(t)) is not None}
         here = [t for t in targets if t not in lanes and self._on_this_node(t)]
         away = [t for t in targets if t not in lanes and t not in here]

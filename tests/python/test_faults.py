@@ -371,3 +371,34 @@ def test_a_sender_without_the_key_cannot_starve_the_heartbeats(tmp_path):
     finally:
         agent.stop()
         ctl.stop()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_replies_an_engine_left_on_its_lane_before_dying_arrive(tmp_path, loop):
+    """An engine answers two tasks by lane, then dies (the third task), all
+    before the client looks: the two replies still arrive, their blocks
+    kept by the agent for the client (before, the engine's death freed
+    them: "could not be read: Stale file handle", found by the soak), and
+    the arena goes back to its baseline once they are taken."""
+    import numpy as np
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200)
+    agent = Agent(ctl, tmp_path / "run", engines=1, env=env_for(loop))
+    e = agent.engines[0]["id"]
+    try:
+        with shoal.Client(url_file=str(ctl.conn)) as rc:
+            rc[e].apply_sync(abs, -1)
+            base = arena_used(ctl, agent)
+            big = rc[e].apply_async(np.arange, 1 << 20)  # an 8 MiB reply, in the arena
+            small = rc[e].apply_async(abs, -3)
+            boom = rc[e].apply_async(os._exit, 3)
+            wait_for(lambda: "died" in agent.log.read_text(), 10, "the engine did not die")
+            assert small.get(5) == 3
+            got = big.get(5)
+            assert got.sum() == (1 << 20) * ((1 << 20) - 1) // 2
+            with pytest.raises(shoal.EngineError, match=f"engine {e}"):
+                boom.get(5)
+            del got, big
+        wait_for(lambda: arena_used(ctl, agent) <= base, 5, "the kept replies were not let go")
+    finally:
+        agent.stop()
+        ctl.stop()
