@@ -42,6 +42,10 @@ import traceback
 import uuid
 
 import numpy as np
+# Imported now, not on first use: numpy imports numpy.random lazily, and a
+# Ctrl-C (or SIGTERM) that lands inside that import can be lost in its
+# extension modules' initialisation, so that the run went on measuring.
+import numpy.random  # noqa: F401
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # Chosen to finish in about a minute with 4 engines on a 2-core machine.
@@ -169,7 +173,10 @@ def _worker_main(port):
                 reply = ("ok", msg[1](ns[msg[2]], *msg[3]))
         except Exception:
             reply = ("error", traceback.format_exc())
-        _send_obj(sock, reply)
+        try:
+            _send_obj(sock, reply)
+        except ConnectionError:  # the parent went (a run cut short): quietly, as on its close
+            return 0
 
 
 class SocketWorkers:

@@ -184,7 +184,8 @@ def test_interrupted_run_leaves_nothing_behind(env, tmp_path, sig, when):
     # measuring when the signal comes, however late a busy machine lets this
     # test send it (CI once saw the whole run end first, with 3 runs a case).
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "bench", "tradeoff", "-n", "2", "--sizes", "16M",
-                             "--costs", "16", "--reps", "500", "--no-png"], env=env, cwd=tmp_path,
+                             "--costs", "16", "--reps", "500", "--no-png"], env=dict(env, PYTHONFAULTHANDLER="1"),
+                            cwd=tmp_path,
                             stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
@@ -195,12 +196,22 @@ def test_interrupted_run_leaves_nothing_behind(env, tmp_path, sig, when):
                 break
         assert seen and seen[-1].startswith(when), "".join(seen) + proc.stderr.read()
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack
+            out, err = proc.communicate(timeout=30)
+            started = re.search(r"profile (tradeoff-[\w-]+)\)", "".join(seen))
+            if started:  # its cluster, which the run could not stop
+                subprocess.run([sys.executable, "-m", "shoal", "stop", "--profile", started.group(1)], env=env,
+                               capture_output=True, timeout=60)
+            raise AssertionError(f"still running 60 s after signal {sig}:\n{err}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 130 and "interrupted; its cluster was stopped" in err, err
+    assert "Traceback" not in err, err  # the socket workers end quietly too
     stdout = "".join(seen) + out
     profile = re.search(r"profile (tradeoff-[\w-]+)\)", stdout).group(1)
     pids = pids_of(stdout)
