@@ -86,7 +86,7 @@ while read -r pid profile; do
     echo "compat: LEAK: pid $pid of profile $profile still runs: $(tr '\0' ' ' < "/proc/$pid/cmdline")"
     kill -9 "$pid" 2>/dev/null || true
     # A killed agent leaves its socket behind (docs/agent.md: its runtime directory).
-    rm -f "${XDG_RUNTIME_DIR:-/nonexistent}/shoal/agent-$pid.sock" "/tmp/shoal-$(id -u)/agent-$pid.sock"
+    rm -f "${XDG_RUNTIME_DIR:-/nonexistent}"/shoal/agent-*-"$pid".sock /tmp/shoal-"$(id -u)"/agent-*-"$pid".sock
     leaks=1
   fi
 done < <(sort -u "$COMPAT_PIDS")

@@ -19,6 +19,7 @@ reimplementation need not provide; `excluded` a module that is not run.
 
 import collections
 import json
+import os
 import re
 import sys
 
@@ -62,6 +63,16 @@ def main(results_path, known_path, modules):
                 unexplained.append(r)
         elif outcome == "passed" and nodeid in known:
             stale.append(nodeid)
+    # A module that reported nothing did not run at all (an import error
+    # that pytest could not collect as a test, a crash before the first
+    # test): a failure, unless a -k filter (COMPAT_K) deselected its tests.
+    if not os.environ.get("COMPAT_K"):
+        for m, row in table.items():
+            if not any(row.values()):
+                row["errors"] += 1
+                row["unexplained"] += 1
+                unexplained.append({"outcome": "error", "nodeid": f"ipyparallel/tests/{m}",
+                                    "message": "[module] nothing of it ran or was reported (see its log)"})
     total = {c: sum(row[c] for row in table.values()) for c in cols}
     width = max([len(m) for m in table] + [len("total")])
     head = f"{'module':<{width}} " + " ".join(f"{c:>11}" for c in cols)
