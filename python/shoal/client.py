@@ -127,6 +127,14 @@ def _profile_dir(profile):
     return os.path.join(root, f"profile_{profile}")
 
 
+def _readable(fd):
+    """Whether fd is readable now (a pidfd: its process has ended); poll,
+    not select, which refuses fds past 1023."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
 def _alive(pid):
     """Whether process pid runs (a zombie does not)."""
     try:
@@ -184,9 +192,13 @@ class Client:
                           f"Start one with `shoal start`.") from None
         self._key = bytes.fromhex(info["key"])
         self._ctl_pid, self._ctl_pidfd = self._watch_controller_process(info, path, profile)
+        # Closed by close(), or when a client that was never closed is collected.
+        self._close_pidfd = weakref.finalize(self, os.close, self._ctl_pidfd) if self._ctl_pidfd is not None \
+            else (lambda: None)
         self._ctl_dead = None  # why the controller is known to be gone (see _controller_gone)
         self._last_heard = time.monotonic()  # when the controller last said anything
-        self._probe_at = 0.0  # when we last asked a silent controller (HEARTBEAT)
+        self._asked_at = 0.0  # when we first asked a silent controller (HEARTBEAT), not answered since
+        self._probe_at = 0.0  # when we last asked it
         # How long a controller may be silent, asked, before its tasks fail
         # (its own node timeout: the agents give it up then, too).
         self._ctl_timeout = (info.get("node_timeout_ms") or 30000) / 1000 + 2
@@ -244,8 +256,7 @@ class Client:
         except BaseException:
             self._sock.close()
             self._sock = None
-            if self._ctl_pidfd is not None:
-                os.close(self._ctl_pidfd)
+            self._close_pidfd()
             raise
         self._registry(registry["engines"])
         host = socket.gethostname()
@@ -303,14 +314,21 @@ class Client:
         pidfd), or been silent too long? Asks a silent one (HEARTBEAT)."""
         if self._ctl_dead is not None or not (self._pending or self._control_waits):
             return
-        if self._ctl_pidfd is not None and select.select([self._ctl_pidfd], [], [], 0)[0]:
+        if self._ctl_pidfd is not None and _readable(self._ctl_pidfd):
             self._controller_gone(f"the controller (pid {self._ctl_pid}) died")
             return
-        silent = time.monotonic() - self._last_heard
-        if silent > self._ctl_timeout:
-            self._controller_gone(f"the controller did not answer for {silent:.0f} s (asked)")
-        elif silent > 2 and time.monotonic() - self._probe_at > 1:
-            self._probe_at = time.monotonic()
+        # Silence alone says nothing (a long task, a client that did not
+        # wait): a controller is taken for gone only when it has left a
+        # question unanswered for _ctl_timeout.
+        now = time.monotonic()
+        if self._last_heard >= self._asked_at:  # nothing asked since it last spoke
+            if now - self._last_heard > 2:
+                self._asked_at = self._probe_at = now
+                self._sock.send(_core.MSG_HEARTBEAT, [])
+        elif now - self._asked_at > self._ctl_timeout:
+            self._controller_gone(f"the controller did not answer for {now - self._asked_at:.0f} s (asked)")
+        elif now - self._probe_at > 1:
+            self._probe_at = now
             self._sock.send(_core.MSG_HEARTBEAT, [])
 
     def _auto_activate(self):
@@ -1116,7 +1134,9 @@ class Client:
                 ar._refused(ar._mids.get(hdr["reply_to"], ()), text)
             elif hdr["type"] == _core.MSG_RESULT:
                 ar = self._pending.get(hdr["reply_to"])
-                if ar is not None:
+                # A part that has ended already (failed when its node was
+                # lost, which then came back) ends once: its late result is dropped.
+                if ar is not None and hdr["sender"] not in ar._results:
                     self._ctl_parts -= 1
                     ar._add(hdr, payload, buffers)
                     if ar._zmq_done():
@@ -1456,9 +1476,8 @@ class Client:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
-            if self._ctl_pidfd is not None:
-                os.close(self._ctl_pidfd)
-                self._ctl_pidfd = None
+            self._close_pidfd()
+            self._ctl_pidfd = None
             self._lanes, self._bell = {}, None
             if self.local is not None:
                 self.local.close()

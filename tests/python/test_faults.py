@@ -402,3 +402,46 @@ def test_replies_an_engine_left_on_its_lane_before_dying_arrive(tmp_path, loop):
     finally:
         agent.stop()
         ctl.stop()
+
+
+def test_a_client_that_did_not_wait_does_not_take_the_controller_for_dead(tmp_path):
+    """Results due from the controller, and a client that does not wait for
+    them for longer than its bound of silence (a long task, a notebook left
+    alone): the controller said nothing because there was nothing to say,
+    and the results arrive. Silence counts only once a question went
+    unanswered. (Before, get() failed at once with 'did not answer'.)"""
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200, extra=("--node-timeout-ms", "1000"))
+    agent = Agent(ctl, tmp_path / "run", engines=1)
+    eid = agent.engines[0]["id"]
+    try:
+        with shoal.Client(url_file=str(ctl.conn), lanes=False) as rc:
+            view = rc[eid]
+            assert rc._ctl_timeout == 3  # 1 s node timeout + 2
+            long = view.apply_async(lambda: (time.sleep(8), 7)[1])
+            time.sleep(rc._ctl_timeout + 1)  # not waiting; the task goes on after
+            assert long.get(20) == 7
+            time.sleep(rc._ctl_timeout + 1)
+            assert view.apply_sync(abs, -2) == 2
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
+def test_a_client_never_closed_gives_back_its_watch_on_the_controller(tmp_path):
+    """The pidfd that watches a local controller is closed with the client,
+    also when the client is dropped without close()."""
+    import gc
+    ctl = Controller(tmp_path / "home", heartbeat_ms=200)
+    try:
+        def fds():
+            return len(os.listdir("/proc/self/fd"))
+        shoal.Client(url_file=str(ctl.conn), lanes=False).close()
+        before = fds()
+        for _ in range(20):
+            rc = shoal.Client(url_file=str(ctl.conn), lanes=False)
+            assert rc._ctl_pidfd is not None, "this test needs a local controller"
+            del rc
+            gc.collect()
+        assert fds() <= before
+    finally:
+        ctl.stop()
