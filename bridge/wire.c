@@ -189,27 +189,28 @@ int shoal_wire_decode(const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *fram
     if (get16(p + OFF_RESERVED) != 0 || (size_t)np + nb > SHOAL_WIRE_MAX_FRAMES || (size_t)np + nb + 1 != nframes)
         return -EBADMSG;
     uint64_t body = 0;
+    int too_big = 0;
     for (size_t i = 1; i < nframes; i++) {
-        if (frames[i].len > limits->max_frame)
-            return -EMSGSIZE;
-        body += frames[i].len; /* cannot wrap: at most 4096 frames of at most max_frame */
-        if (body > limits->max_body)
-            return -EMSGSIZE;
-        /* The payload is what the MAC hashes: bounded before any hashing,
-         * so that no sender, key or no key, buys seconds of our time. */
-        if (i == (size_t)np && limits->max_payload && body > limits->max_payload)
-            return -EMSGSIZE;
+        too_big |= frames[i].len > limits->max_frame;
+        body += frames[i].len; /* cannot wrap: at most 4096 frames, each of bytes received */
+        too_big |= body > limits->max_body;
+        /* The payload is what the body's MAC hashes: bounded before any
+         * hashing, so that no sender, key or no key, buys seconds of our time. */
+        too_big |= i == (size_t)np && limits->max_payload && body > limits->max_payload;
     }
     if (get64(p + OFF_BODY_LEN) != body)
-        return -EBADMSG;
-    /* The header's MAC first: without the key, nothing of the body is hashed. */
+        return too_big ? -EMSGSIZE : -EBADMSG;
+    /* The header's MAC first (the header and the frames' lengths: cheap at
+     * any size): without the key, nothing of the body is hashed. */
     uint8_t want[SHOAL_WIRE_MAC_PART];
     mac_header(key, p, frames + 1, (size_t)np + nb, want);
     if (sodium_memcmp(want, p + OFF_MAC, sizeof want) != 0)
-        return -EACCES;
-    mac_body(key, p, frames + 1, np, want);
-    if (sodium_memcmp(want, p + OFF_MAC + SHOAL_WIRE_MAC_PART, sizeof want) != 0)
-        return -EACCES;
+        return too_big ? -EMSGSIZE : -EACCES;
+    if (!too_big) {
+        mac_body(key, p, frames + 1, np, want);
+        if (sodium_memcmp(want, p + OFF_MAC + SHOAL_WIRE_MAC_PART, sizeof want) != 0)
+            return -EACCES;
+    }
     shoal_msg_header out = {
         .type = get16(p + OFF_TYPE),
         .flags = get16(p + OFF_FLAGS),
@@ -224,7 +225,7 @@ int shoal_wire_decode(const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *fram
         .stamp_ns = get64(p + OFF_STAMP),
     };
     *h = out;
-    return 0;
+    return too_big ? -EFBIG : 0; /* too large, from a sender that holds the key: *h says which message */
 }
 
 const char *shoal_wire_strerror(int rc)
@@ -237,6 +238,7 @@ const char *shoal_wire_strerror(int rc)
     case -EPROTO:
         return "unsupported protocol version";
     case -EMSGSIZE:
+    case -EFBIG:
         return "message too large";
     case -EACCES:
         return "bad signature";

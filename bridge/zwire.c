@@ -59,7 +59,7 @@ static void count(shoal_wire_counters *c, int rc)
         return;
     if (rc == 0)
         c->received++;
-    else if (rc == -EMSGSIZE)
+    else if (rc == -EMSGSIZE || rc == -EFBIG)
         c->oversized++;
     else if (rc == -EACCES)
         c->bad_signature++;

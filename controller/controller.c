@@ -672,13 +672,15 @@ static void flush_queues(struct controller *c)
                 client_release(c, cl);
         }
     }
+    uint32_t gone[MAX_NODES], ngone = 0;
     for (uint32_t i = 0; i < c->nnodes; i++) {
         struct node *nd = &c->nodes[i];
         if (!nd->q.head)
             continue;
         if (outq_flush(c, c->agents, &nd->route, &nd->q) == -EHOSTUNREACH)
-            outq_clear(&nd->q); /* its tasks fail when the node is declared lost */
-        left += nd->q.head != NULL;
+            gone[ngone++] = i;
+        else
+            left += nd->q.head != NULL;
     }
     /* Soon again after progress; less often while nothing moves. */
     if (left < before || c->flush_backoff_ns == 0)
@@ -687,6 +689,14 @@ static void flush_queues(struct controller *c)
         c->flush_backoff_ns *= 2;
     c->nqueued = left;
     c->next_flush_ns = now_ns() + c->flush_backoff_ns;
+    /* A node whose connection is gone is lost now: its tasks fail (their
+     * errors queue for the clients, counted above by peer_send), rather
+     * than waiting for a heartbeat that a re-registration could pre-empt. */
+    for (uint32_t k = 0; k < ngone; k++)
+        if (c->nodes[gone[k]].alive)
+            node_lost(c, gone[k], "its connection is gone (its agent died, or reconnects)");
+        else
+            outq_clear(&c->nodes[gone[k]].q);
 }
 
 /* ---- tasks ------------------------------------------------------------------ */
@@ -723,6 +733,15 @@ static void fail_target(struct controller *c, struct client *cl, uint64_t client
     shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++c->next_msg_id,
                           .task_id = task_id, .sender = engine, .target = engine, .reply_to = client_msg};
     client_send(c, cl, &h, f, 2, NULL, 0);
+}
+
+/* Whether engine e's part of task t is yet to answer. */
+static int part_pending(const struct task *t, uint32_t e)
+{
+    for (uint32_t i = 0; i < t->n; i++)
+        if (t->engines[i] == e && !t->done[i])
+            return 1;
+    return 0;
 }
 
 /* Marks engine e's part of task t done; frees t when nothing is left. */
@@ -899,12 +918,36 @@ static void route_result(struct controller *c, shoal_wire_msg *m)
         return;
     }
     struct task *t = *slot;
+    if (m->hdr.type == SHOAL_MSG_RESULT && !part_pending(t, m->hdr.sender)) {
+        /* Its part failed already (its node was lost, then came back): the
+         * client was told, and is told once. */
+        logf_("dropping a late result of engine %u for task %" PRIu64 ": its part had failed", m->hdr.sender,
+              m->hdr.task_id);
+        return;
+    }
     shoal_msg_header h = m->hdr;
     h.msg_id = ++c->next_msg_id;
     h.reply_to = t->client_msg;
     client_send(c, t->cl, &h, NULL, 0, m->frames, m->nframes);
     if (m->hdr.type == SHOAL_MSG_RESULT)
         task_target_done(c, slot, m->hdr.sender);
+}
+
+/* A result past our limits, from an agent that holds the key (its header
+ * authentic, its body unread): its part fails, or its client would wait
+ * for it for ever. */
+static void result_refused(struct controller *c, const shoal_msg_header *h)
+{
+    struct task **slot = task_slot(c, h->task_id);
+    if (!*slot || !part_pending(*slot, h->sender))
+        return;
+    char why[192];
+    snprintf(why, sizeof why,
+             "sent a result of %" PRIu64 " bytes, past this controller's limits (--max-payload %" PRIu64
+             ", --max-frame %" PRIu64 ")",
+             h->body_len, c->agent_limits.max_payload, c->agent_limits.max_frame);
+    fail_target(c, (*slot)->cl, (*slot)->client_msg, (*slot)->id, h->sender, why);
+    task_target_done(c, slot, h->sender);
 }
 
 /*
@@ -1092,8 +1135,12 @@ static void tell_register_again(struct controller *c, const struct route *to, ui
 static void node_back(struct controller *c, int n, const struct route *from, const cJSON *engines)
 {
     struct node *nd = &c->nodes[n];
-    if (nd->alive) /* still live under its old connection: the new one takes over */
-        outq_clear(&nd->q);
+    /* Still live under its old connection: what went that way, or waits
+     * for it, may never have arrived, and results sent from the new one
+     * before this were refused. Its tasks fail now (said once, as for a
+     * node lost), not wait for ever. */
+    if (nd->alive)
+        node_lost(c, (uint32_t)n, "its agent registered again from a new connection");
     nd->route = *from;
     nd->alive = 1;
     outq_init(&nd->q);
@@ -1261,6 +1308,19 @@ static void log_refusal(struct controller *c, int from_agents, int rc)
         c->refusals_unlogged++;
 }
 
+/* The answer to a message refused unread: sent at once or not at all, with
+ * no queue and no client record (its sender may hold no key, and need not
+ * read: what it is sent must not grow here). */
+static void tell_refused(struct controller *c, void *sock, const struct route *to, int rc)
+{
+    char text[128];
+    int n = snprintf(text, sizeof text, "{\"error\":\"message refused: %s\"}", shoal_wire_strerror(rc));
+    shoal_msg_header h = {.type = SHOAL_MSG_ERROR, .n_payload = 1, .msg_id = ++c->next_msg_id,
+                          .target = SHOAL_WIRE_TARGET_ALL};
+    shoal_frame route = {to->id, to->len}, body = {text, (size_t)n};
+    (void)shoal_wire_send(sock, c->key, &route, &h, &body, 1);
+}
+
 /* Receives what is waiting on sock and handles it, for DRAIN_SLICE_NS at
  * most: one busy peer must not starve the other socket, the heartbeats or
  * the queues. */
@@ -1280,8 +1340,16 @@ static void drain_socket(struct controller *c, void *sock, int from_agents)
         route_of(&m, &from);
         if (rc < 0) {
             log_refusal(c, from_agents, rc);
-            if (m.has_route)
-                reply_error(c, sock, &from, 0, "message refused: %s", shoal_wire_strerror(rc));
+            if (rc == -EFBIG && from_agents && m.hdr.type == SHOAL_MSG_RESULT)
+                result_refused(c, &m.hdr);
+            else if (rc == -EFBIG && !from_agents) /* a client's, signed: its request fails, said why */
+                reply_error(c, sock, &from, m.hdr.msg_id,
+                            "message refused: %s, %" PRIu64 " bytes, past this controller's limits (--max-payload %"
+                            PRIu64 ", --max-frame %" PRIu64 ")",
+                            shoal_wire_strerror(rc), m.hdr.body_len, c->client_limits.max_payload,
+                            c->client_limits.max_frame);
+            else if (m.has_route)
+                tell_refused(c, sock, &from, rc);
             shoal_wire_msg_close(&m);
             if (rc == -ETERM)
                 return;

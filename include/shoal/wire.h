@@ -108,13 +108,17 @@ int shoal_wire_encode(const uint8_t key[SHOAL_WIRE_KEY], const shoal_msg_header 
 
 /*
  * Checks and decodes a received message: frames[0] is the header frame,
- * frames[1 ..] the rest. On success writes *h and returns 0. Otherwise *h is
- * untouched and it returns
+ * frames[1 ..] the rest. On success writes *h and returns 0. Otherwise it
+ * returns
  *   -EBADMSG   malformed: wrong header size or magic, non-zero reserved
  *              bytes, frame counts or body_len that disagree with the frames;
  *   -EPROTO    another protocol version;
- *   -EMSGSIZE  a frame or the body over the limits (checked before any
- *              hashing, so an oversized message costs nothing to refuse);
+ *   -EMSGSIZE  a frame or the body over the limits (checked before the
+ *              body is hashed, so an oversized message costs nothing to
+ *              refuse), and its header not signed with key;
+ *   -EFBIG     the same from a sender that holds the key: its header is
+ *              authentic and in *h (so that the sender can be told which
+ *              message was refused), its body unread;
  *   -EACCES    the signature does not match (wrong key, or altered).
  * limits may be NULL for the defaults.
  */

@@ -33,7 +33,7 @@ typedef struct shoal_wire_msg {
 typedef struct shoal_wire_counters {
     uint64_t received;
     uint64_t malformed; /* -EBADMSG and -EPROTO */
-    uint64_t oversized; /* -EMSGSIZE */
+    uint64_t oversized; /* -EMSGSIZE, -EFBIG */
     uint64_t bad_signature; /* -EACCES */
 } shoal_wire_counters;
 

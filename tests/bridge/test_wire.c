@@ -67,7 +67,7 @@ Test(wire, round_trip)
     cr_assert_eq(out.target, SHOAL_WIRE_TARGET_ALL);
     cr_assert_eq(out.reply_to, 9);
     cr_assert_eq(out.stamp_ns, 42);
-    cr_assert_eq(out.body_len, 5 + strlen(s.p1) + 1000);
+    cr_assert_eq(out.body_len, 5 + strlen(s.p1) + sizeof s.buf);
 }
 
 Test(wire, header_only_message)
@@ -193,10 +193,22 @@ Test(wire, limits_are_checked_before_hashing)
     struct sample s;
     make(&s);
     shoal_msg_header out;
+    uint8_t other[SHOAL_WIRE_KEY];
+    memcpy(other, key, sizeof other);
+    other[0] ^= 1;
     shoal_wire_limits small = {.max_frame = 999, .max_body = 1 << 20};
-    cr_assert_eq(shoal_wire_decode(key, s.frames, 4, &small, &out), -EMSGSIZE);
+    /* Signed with our key: refused, and its header (authentic) says which message. */
+    out.msg_id = 0;
+    cr_assert_eq(shoal_wire_decode(key, s.frames, 4, &small, &out), -EFBIG);
+    cr_assert_eq(out.msg_id, 77, "the header of a signed message too large");
+    cr_assert_eq(out.body_len, 5 + strlen(s.p1) + sizeof s.buf);
+    /* Without the key: refused as too large, nothing of it trusted. */
+    out.msg_id = 999;
+    cr_assert_eq(shoal_wire_decode(other, s.frames, 4, &small, &out), -EMSGSIZE);
+    cr_assert_eq(out.msg_id, 999, "untouched without the key");
     small = (shoal_wire_limits){.max_frame = 1 << 20, .max_body = 1000};
-    cr_assert_eq(shoal_wire_decode(key, s.frames, 4, &small, &out), -EMSGSIZE);
+    cr_assert_eq(shoal_wire_decode(key, s.frames, 4, &small, &out), -EFBIG);
+    cr_assert_eq(shoal_wire_decode(other, s.frames, 4, &small, &out), -EMSGSIZE);
     small.max_body = 5 + strlen(s.p1) + 1000;
     cr_assert_eq(shoal_wire_decode(key, s.frames, 4, &small, &out), 0, "exactly at the limit");
 }

@@ -158,3 +158,75 @@ def test_shutdown_from_a_client_stops_it_and_tells_the_agents(tmp_path):
             break
     assert hdr["type"] == _core.MSG_SHUTDOWN
     ctl.stop()
+
+
+def fake_node(ctl, host="fake-host", pid=4242):
+    """A node agent's side, spoken by the test: registered, with one engine."""
+    a = ctl.socket("agent")
+    kind, _ = ctl.ask(a, _core.MSG_REGISTER, {"host": host, "pid": pid})
+    assert kind == _core.MSG_REGISTER_REPLY
+    eid = ctl.ask(a, _core.MSG_ENGINE_EVENT, {"event": "started", "local": 0, "pid": pid + 1})[1]["engine"]
+    return a, eid
+
+
+def next_task(sock, timeout=10):
+    """The next TASK the controller sends this agent (heartbeats skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hdr, payload, _, _ = sock.recv(timeout=max(deadline - time.monotonic(), 0.01))
+        if hdr["type"] == _core.MSG_TASK:
+            return hdr
+
+
+def test_an_agent_that_registers_again_from_a_new_connection_fails_what_it_had(tmp_path):
+    """The same agent (host, pid) registers from a new connection while its
+    node still lives under the old one (ZeroMQ reconnected it under a new
+    identity): what went the old way may never have arrived, so its tasks
+    fail, and the engines serve on through the new one. (Before, its task
+    waited for ever.)"""
+    import shoal
+    ctl = Controller(tmp_path / "home")
+    try:
+        a, eid = fake_node(ctl)
+        with shoal.Client(url_file=str(ctl.conn), lanes=False) as rc:
+            ar = rc[eid].apply_async(abs, -1)
+            next_task(a)
+            b = ctl.socket("agent")
+            kind, _ = ctl.ask(b, _core.MSG_REGISTER, {"host": "fake-host", "pid": 4242,
+                                                     "engines": [{"id": eid, "pid": 4243}]})
+            assert kind == _core.MSG_REGISTER_REPLY
+            t0 = time.monotonic()
+            with pytest.raises(shoal.EngineError, match=f"engine {eid} was lost with its node"):
+                ar.get(10)
+            assert time.monotonic() - t0 < 2
+            later = rc[eid].apply_async(abs, -2)
+            assert next_task(b)["task_id"] > 0, "the engine is reached through the new connection"
+            assert not later.done()
+    finally:
+        ctl.stop()
+
+
+def test_a_result_past_the_limits_fails_its_task_and_says_why(tmp_path):
+    """A result whose payload is past --max-payload, from an agent with the
+    key: refused unread, and its task fails with the sizes (before, it
+    waited for ever). A client's signed message past the limits gets an
+    error that answers it (before: an answer to nothing)."""
+    import shoal
+    ctl = Controller(tmp_path / "home", extra=("--max-payload", "65536"))
+    try:
+        a, eid = fake_node(ctl)
+        with shoal.Client(url_file=str(ctl.conn), lanes=False) as rc:
+            ar = rc[eid].apply_async(abs, -1)
+            task = next_task(a)
+            a.send(_core.MSG_RESULT, [b"{}", b"x" * 100000], task_id=task["task_id"], sender=eid,
+                   reply_to=task["msg_id"])
+            with pytest.raises(shoal.EngineError, match=r"engine \d+ sent a result of 1000\d\d bytes, past this "
+                                                        r"controller's limits \(--max-payload 65536, --max-frame"):
+                ar.get(10)
+        s = ctl.socket()
+        mid = s.send(_core.MSG_TASK, [b"x" * 100000])
+        hdr, payload, _, _ = s.recv(timeout=5)
+        assert hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] == mid
+        assert "past this controller's limits (--max-payload 65536" in json.loads(bytes(payload[0]))["error"]
+    finally:
+        ctl.stop()
