@@ -304,24 +304,9 @@ static void ctl_flush(struct agent *a)
     }
 }
 
-/* Sends a message to the controller, or queues it behind what waits.
- * Returns 0 (sent or queued) or a negative errno (-ENOBUFS: the queue is
- * full; -ENOMEM). */
-static int ctl_send(struct agent *a, const shoal_msg_header *h, const shoal_frame *f, size_t n)
+/* Queues a message for the controller behind what waits (its frames copied). */
+static int ctl_queue(struct agent *a, const shoal_msg_header *h, const shoal_frame *f, size_t n, uint64_t bytes)
 {
-    if (!a->ctlq) {
-        int rc = shoal_wire_send(a->ctl, a->key, NULL, h, f, n);
-        if (rc != -EAGAIN)
-            return rc;
-    }
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < n; i++)
-        bytes += f[i].len;
-    if (a->ctlq_bytes + bytes > CTL_BACKLOG_BYTES) {
-        logf_("a message of type %u (task %llu) for the controller is lost: %llu MiB wait for it already",
-              (unsigned)h->type, (unsigned long long)h->task_id, (unsigned long long)(a->ctlq_bytes >> 20));
-        return -ENOBUFS;
-    }
     struct ctlmsg *m = malloc(sizeof *m + n * sizeof m->frames[0]);
     if (!m)
         return -ENOMEM;
@@ -340,6 +325,45 @@ static int ctl_send(struct agent *a, const shoal_msg_header *h, const shoal_fram
     a->ctlq_tail = &m->next;
     a->ctlq_bytes += bytes;
     return 0;
+}
+
+/* Sends a message to the controller, or queues it behind what waits.
+ * Past CTL_BACKLOG_BYTES waiting, a result is replaced by an EngineError
+ * of a few hundred bytes that says why (its client must not wait for it
+ * for ever), and anything else is dropped with a log line. Returns 0 (sent
+ * or queued) or a negative errno (-ENOBUFS: dropped; -ENOMEM). */
+static int ctl_send(struct agent *a, const shoal_msg_header *h, const shoal_frame *f, size_t n)
+{
+    if (!a->ctlq) {
+        int rc = shoal_wire_send(a->ctl, a->key, NULL, h, f, n);
+        if (rc != -EAGAIN)
+            return rc;
+    }
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        bytes += f[i].len;
+    if (a->ctlq_bytes + bytes <= CTL_BACKLOG_BYTES)
+        return ctl_queue(a, h, f, n, bytes);
+    logf_("a message of type %u (task %llu, %llu bytes) for the controller is dropped: %llu MiB wait for it "
+          "already%s",
+          (unsigned)h->type, (unsigned long long)h->task_id, (unsigned long long)bytes,
+          (unsigned long long)(a->ctlq_bytes >> 20), h->type == SHOAL_MSG_RESULT ? "; its task fails" : "");
+    if (h->type != SHOAL_MSG_RESULT)
+        return -ENOBUFS;
+    char evalue[256], meta[SHOAL_WIRE_ENGINE_ERROR_MAX];
+    snprintf(evalue, sizeof evalue,
+             "engine %u's result (%llu bytes) was dropped by its node's agent: %llu MiB were already waiting for "
+             "the controller (task %llu)",
+             h->sender, (unsigned long long)bytes, (unsigned long long)(a->ctlq_bytes >> 20),
+             (unsigned long long)h->task_id);
+    int k = shoal_wire_engine_error_meta(h->sender, evalue, meta, sizeof meta);
+    if (k < 0)
+        return -ENOBUFS;
+    shoal_frame ef[2] = {{meta, (size_t)k}, {"", 0}};
+    shoal_msg_header eh = *h;
+    eh.n_payload = 2;
+    eh.n_buffers = 0;
+    return ctl_queue(a, &eh, ef, 2, (uint64_t)k);
 }
 
 static int send_json(struct agent *a, uint16_t type, uint64_t reply_to, cJSON *body)
