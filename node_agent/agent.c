@@ -186,7 +186,7 @@ struct agent {
     void *ctx, *ctl;
     int ctl_fd;
     struct ctlmsg *ctlq, **ctlq_tail; /* messages waiting for room (ctl_send) */
-    uint64_t ctlq_bytes;
+    uint64_t ctlq_bytes, ctlq_max;
     uint8_t key[SHOAL_WIRE_KEY];
     char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
     int listen_fd, sig_fd;
@@ -266,8 +266,9 @@ static int read_connection(const char *path, char *endpoint, size_t eplen, uint8
  * paused or busy controller): sends never block the agent, whose loop also
  * serves the lanes, and a result is never dropped because the controller
  * was slow to read. The frames are copied (a result's live in an arena
- * block that is released at once). Past CTL_BACKLOG_BYTES a message is
- * dropped, and said so in the log.
+ * block that is released at once). Past ctlq_max bytes (CTL_BACKLOG_BYTES;
+ * $SHOAL_AGENT_CTL_BACKLOG for tests) a result is replaced by an error that
+ * says so (ctl_send), anything else dropped with a log line.
  */
 struct ctlmsg {
     struct ctlmsg *next;
@@ -328,7 +329,7 @@ static int ctl_queue(struct agent *a, const shoal_msg_header *h, const shoal_fra
 }
 
 /* Sends a message to the controller, or queues it behind what waits.
- * Past CTL_BACKLOG_BYTES waiting, a result is replaced by an EngineError
+ * Past ctlq_max bytes waiting, a result is replaced by an EngineError
  * of a few hundred bytes that says why (its client must not wait for it
  * for ever), and anything else is dropped with a log line. Returns 0 (sent
  * or queued) or a negative errno (-ENOBUFS: dropped; -ENOMEM). */
@@ -342,7 +343,7 @@ static int ctl_send(struct agent *a, const shoal_msg_header *h, const shoal_fram
     uint64_t bytes = 0;
     for (size_t i = 0; i < n; i++)
         bytes += f[i].len;
-    if (a->ctlq_bytes + bytes <= CTL_BACKLOG_BYTES)
+    if (a->ctlq_bytes + bytes <= a->ctlq_max)
         return ctl_queue(a, h, f, n, bytes);
     logf_("a message of type %u (task %llu, %llu bytes) for the controller is dropped: %llu MiB wait for it "
           "already%s",
@@ -1967,6 +1968,13 @@ int main(int argc, char **argv)
     if ((rc = shoal_loop_create(&a.loop)) < 0) {
         logf_("cannot create the event loop: %s", strerror(-rc));
         return 1;
+    }
+    a.ctlq_max = CTL_BACKLOG_BYTES;
+    const char *backlog = getenv("SHOAL_AGENT_CTL_BACKLOG");
+    if (backlog && shoal_parse_u64(backlog, CTL_BACKLOG_BYTES, &a.ctlq_max) < 0) {
+        logf_("SHOAL_AGENT_CTL_BACKLOG wants a size of at most %llu bytes, not '%s'",
+              (unsigned long long)CTL_BACKLOG_BYTES, backlog);
+        return 2;
     }
     if (listen_unix(&a, profile, dir) < 0)
         return 1;

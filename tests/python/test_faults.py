@@ -248,6 +248,50 @@ def test_results_wait_at_the_agent_while_the_controller_is_paused(tmp_path, loop
         ctl.stop()
 
 
+def test_results_past_what_the_agent_keeps_for_a_paused_controller_fail_and_say_so(tmp_path):
+    """Past what the agent keeps for a paused controller (1 GiB; 16 MiB
+    here, with ZeroMQ's own queue of 1000 messages before it), a result is
+    replaced by an EngineError that says so: its client is told, not left
+    waiting (before, it was dropped with a log line)."""
+    import json
+    import struct
+    from shoal import serialize
+    ctl = Controller(tmp_path / "home", heartbeat_ms=1000)
+    agent = Agent(ctl, tmp_path / "run", engines=2, env={"SHOAL_AGENT_CTL_BACKLOG": str(16 << 20)})
+    ids = [e["id"] for e in agent.engines]
+    raw = ctl.socket()
+    try:
+        def body(f, *args, engine):
+            return [struct.pack("<I", engine), json.dumps({"kind": "apply", "buffers": []}).encode(),
+                    serialize.dumps((f, args, {})).payload]
+        mids = [raw.send(_core.MSG_TASK, body(time.sleep, 1.0, engine=e)) for e in ids]
+        mids += [raw.send(_core.MSG_TASK, body(bytes, 64 << 10, engine=ids[i % 2])) for i in range(1500)]
+        time.sleep(0.5)  # all handed to the agent; the engines still sleep
+        ctl.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: "its task fails" in agent.log.read_text(), 20, "no result went past the agent's backlog")
+            time.sleep(1)
+        finally:
+            ctl.proc.send_signal(signal.SIGCONT)
+        ok, dropped = 0, []
+        deadline = time.monotonic() + 60
+        while ok + len(dropped) < len(mids) and time.monotonic() < deadline:
+            hdr, payload, _, _ = raw.recv(timeout=max(deadline - time.monotonic(), 0.01))
+            meta = json.loads(bytes(payload[0]))
+            assert hdr["type"] == _core.MSG_RESULT, meta
+            if meta["status"] == "ok":
+                ok += 1
+            else:
+                dropped.append(meta)
+        assert ok + len(dropped) == len(mids), f"{len(mids) - ok - len(dropped)} results never came"
+        assert dropped and ok >= 2 + 1000 + 200, (ok, len(dropped))
+        assert all(m["ename"] == "EngineError" and "was dropped by its node's agent" in m["evalue"]
+                   and "MiB were already waiting for the controller" in m["evalue"] for m in dropped), dropped[0]
+    finally:
+        agent.stop()
+        ctl.stop()
+
+
 def arena_used(ctl, agent):
     from shoal.local import LocalArena
     with LocalArena(agent.node["socket"]) as local:
