@@ -196,6 +196,7 @@ struct agent {
     int64_t last_ctl_ns;
     int64_t last_probe_ns;   /* when we last asked a silent controller (HEARTBEAT) */
     int64_t last_register_ns;
+    uint64_t register_msg; /* our latest REGISTER */
     struct peer peers[MAX_PEERS];
     int npeers;
     struct proc procs[MAX_PROCS];
@@ -291,6 +292,12 @@ static void ctlmsg_free(struct ctlmsg *m)
 static void ctl_flush(struct agent *a)
 {
     while (a->ctlq) {
+        /* No room: not worth signing (hashing up to --max-payload) a
+         * message that would not go, every 5 ms while the controller is slow. */
+        int ev = 0;
+        size_t len = sizeof ev;
+        if (zmq_getsockopt(a->ctl, ZMQ_EVENTS, &ev, &len) == 0 && !(ev & ZMQ_POLLOUT))
+            return;
         struct ctlmsg *m = a->ctlq;
         int rc = shoal_wire_forward(a->ctl, a->key, NULL, &m->h, NULL, 0, m->frames, m->n);
         if (rc == -EAGAIN)
@@ -406,8 +413,11 @@ static void send_register(struct agent *a)
         cJSON_AddItemToArray(engines, j);
     }
     send_json(a, SHOAL_MSG_REGISTER, 0, reg);
+    a->register_msg = a->next_msg_id;
     cJSON_Delete(reg);
 }
+
+static void send_started(struct agent *a, int i);
 
 static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
 {
@@ -438,6 +448,14 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
                 a->heartbeat_ms = hb->valueint;
             if (cJSON_IsNumber(eng))
                 engine_registered(a, m->hdr.reply_to, eng->valueint);
+            /* Engines that became ready while the node was lost asked for
+             * their ids before this REGISTER, and were refused: again now. */
+            if (m->hdr.reply_to == a->register_msg && !cJSON_IsNumber(eng))
+                for (int i = 0; i < a->nengines; i++) {
+                    const struct engine *e = &a->engines[i];
+                    if (e->alive && e->ready && e->id < 0 && e->reg_msg && e->reg_msg < a->register_msg)
+                        send_started(a, i);
+                }
             cJSON_Delete(j);
         }
         break;
@@ -1747,6 +1765,13 @@ static void engine_hello(struct agent *a, int peer, cJSON *hello)
     shoal_ring_prepare_sleep(&e->cq); /* asleep until its first completion */
     e->conn = p->fd;
     e->ready = 1;
+    send_started(a, i);
+}
+
+/* Asks the controller for engine i's id (ENGINE_EVENT "started"). */
+static void send_started(struct agent *a, int i)
+{
+    struct engine *e = &a->engines[i];
     cJSON *j = cJSON_CreateObject();
     cJSON_AddStringToObject(j, "event", "started");
     cJSON_AddNumberToObject(j, "local", i);
