@@ -3,9 +3,11 @@ chosen point, on both event-loop backends. Every task ends (a result, or an
 EngineError that names its engine and why) within the bound docs/ gives,
 and nothing is left behind (docs/controller.md, "Failures and bounds")."""
 
+import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import time
 import pytest
 
 import shoal
-from shoal import _core
+from shoal import _core, serialize
 
 from procs import Agent, Controller
 
@@ -45,6 +47,12 @@ def wait_for(cond, timeout, what):
     while not cond():
         assert time.monotonic() < deadline, what
         time.sleep(0.02)
+
+
+def task_body(f, *args, engine):
+    """The frames of a TASK to engine that calls f(*args), as a client sends it."""
+    return [struct.pack("<I", engine), json.dumps({"kind": "apply", "buffers": []}).encode(),
+            serialize.dumps((f, args, {})).payload]
 
 
 def left_in(runtime):
@@ -215,19 +223,13 @@ def test_results_wait_at_the_agent_while_the_controller_is_paused(tmp_path, loop
     queues what the controller cannot take (before, each send gave up after
     2 s and the result was lost, its task pending for ever), and every
     result arrives after SIGCONT."""
-    import json
-    import struct
-    from shoal import serialize
     ctl = Controller(tmp_path / "home", heartbeat_ms=1000)
     agent = Agent(ctl, tmp_path / "run", engines=2, env=env_for(loop))
     ids = [e["id"] for e in agent.engines]
     raw = ctl.socket()
     try:
-        def body(f, *args, engine):
-            return [struct.pack("<I", engine), json.dumps({"kind": "apply", "buffers": []}).encode(),
-                    serialize.dumps((f, args, {})).payload]
-        mids = [raw.send(_core.MSG_TASK, body(time.sleep, 1.5, engine=e)) for e in ids]
-        mids += [raw.send(_core.MSG_TASK, body(bytes, 32 << 10, engine=ids[i % 2])) for i in range(4000)]
+        mids = [raw.send(_core.MSG_TASK, task_body(time.sleep, 1.5, engine=e)) for e in ids]
+        mids += [raw.send(_core.MSG_TASK, task_body(bytes, 32 << 10, engine=ids[i % 2])) for i in range(4000)]
         time.sleep(1.0)  # all handed to the agent; the engines still sleep
         ctl.proc.send_signal(signal.SIGSTOP)
         try:
@@ -253,19 +255,13 @@ def test_results_past_what_the_agent_keeps_for_a_paused_controller_fail_and_say_
     here, with ZeroMQ's own queue of 1000 messages before it), a result is
     replaced by an EngineError that says so: its client is told, not left
     waiting (before, it was dropped with a log line)."""
-    import json
-    import struct
-    from shoal import serialize
     ctl = Controller(tmp_path / "home", heartbeat_ms=1000)
     agent = Agent(ctl, tmp_path / "run", engines=2, env={"SHOAL_AGENT_CTL_BACKLOG": str(16 << 20)})
     ids = [e["id"] for e in agent.engines]
     raw = ctl.socket()
     try:
-        def body(f, *args, engine):
-            return [struct.pack("<I", engine), json.dumps({"kind": "apply", "buffers": []}).encode(),
-                    serialize.dumps((f, args, {})).payload]
-        mids = [raw.send(_core.MSG_TASK, body(time.sleep, 1.0, engine=e)) for e in ids]
-        mids += [raw.send(_core.MSG_TASK, body(bytes, 64 << 10, engine=ids[i % 2])) for i in range(1500)]
+        mids = [raw.send(_core.MSG_TASK, task_body(time.sleep, 1.0, engine=e)) for e in ids]
+        mids += [raw.send(_core.MSG_TASK, task_body(bytes, 64 << 10, engine=ids[i % 2])) for i in range(1500)]
         time.sleep(0.5)  # all handed to the agent; the engines still sleep
         ctl.proc.send_signal(signal.SIGSTOP)
         try:
