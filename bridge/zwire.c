@@ -187,9 +187,8 @@ int shoal_wire_send(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_f
     return 0;
 }
 
-int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
-                       const shoal_msg_header *h, const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs,
-                       size_t n_msgs)
+int shoal_wire_sign(const uint8_t key[SHOAL_WIRE_KEY], const shoal_msg_header *h, const shoal_frame *new_frames,
+                    size_t n_new, zmq_msg_t *msgs, size_t n_msgs, uint8_t hdr[SHOAL_WIRE_HDR])
 {
     size_t n = n_new + n_msgs;
     if (n > SHOAL_WIRE_MAX_FRAMES)
@@ -202,15 +201,31 @@ int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoa
         all[i] = new_frames[i];
     for (size_t i = 0; i < n_msgs; i++)
         all[n_new + i] = (shoal_frame){zmq_msg_data(&msgs[i]), zmq_msg_size(&msgs[i])};
-    uint8_t hdr[SHOAL_WIRE_HDR];
     int rc = shoal_wire_encode(key, h, all, n, hdr);
     if (all != stack)
         free(all);
+    return rc;
+}
+
+int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
+                       const shoal_msg_header *h, const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs,
+                       size_t n_msgs)
+{
+    uint8_t hdr[SHOAL_WIRE_HDR];
+    int rc = shoal_wire_sign(key, h, new_frames, n_new, msgs, n_msgs, hdr);
     if (rc < 0)
         return rc;
+    return shoal_wire_send_signed(sock, route, hdr, new_frames, n_new, msgs, n_msgs);
+}
+
+int shoal_wire_send_signed(void *sock, const shoal_frame *route, const uint8_t hdr[SHOAL_WIRE_HDR],
+                           const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs, size_t n_msgs)
+{
+    size_t n = n_new + n_msgs;
+    int rc;
     if (route && (rc = send_part(sock, route->data, route->len, ZMQ_SNDMORE)) < 0)
         return rc;
-    if ((rc = send_part(sock, hdr, sizeof hdr, n ? ZMQ_SNDMORE : 0)) < 0)
+    if ((rc = send_part(sock, hdr, SHOAL_WIRE_HDR, n ? ZMQ_SNDMORE : 0)) < 0)
         return rc;
     for (size_t i = 0; i < n_new; i++)
         if ((rc = send_part(sock, new_frames[i].data, new_frames[i].len, i + 1 < n ? ZMQ_SNDMORE : 0)) < 0)

@@ -52,6 +52,7 @@ struct route {
 struct qmsg {
     struct qmsg *next;
     shoal_msg_header h;
+    uint8_t hdr[SHOAL_WIRE_HDR]; /* signed once, when queued: a retry does not hash it again */
     uint64_t bytes;
     size_t n;
     zmq_msg_t frames[];
@@ -439,8 +440,8 @@ static void outq_clear(struct outq *q)
 /* Appends a message (new frames copied, received ones shared) to q, unless
  * that would take q past max_bytes or MAX_QUEUED_MSGS. Returns 0, -ENOBUFS
  * (over a limit: the caller decides what that means) or -ENOMEM. */
-static int outq_push(struct outq *q, uint64_t max_bytes, const shoal_msg_header *h, const shoal_frame *new_frames,
-                     size_t n_new, zmq_msg_t *msgs, size_t n_msgs)
+static int outq_push(const uint8_t *key, struct outq *q, uint64_t max_bytes, const shoal_msg_header *h,
+                     const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs, size_t n_msgs)
 {
     uint64_t bytes = 0;
     for (size_t i = 0; i < n_new; i++)
@@ -468,6 +469,11 @@ static int outq_push(struct outq *q, uint64_t max_bytes, const shoal_msg_header 
         zmq_msg_init(&m->frames[n_new + i]);
         zmq_msg_copy(&m->frames[n_new + i], &msgs[i]);
     }
+    int rc = shoal_wire_sign(key, h, NULL, 0, m->frames, m->n, m->hdr);
+    if (rc < 0) {
+        qmsg_free(m);
+        return rc;
+    }
     *q->tail = m;
     q->tail = &m->next;
     q->n++;
@@ -478,12 +484,12 @@ static int outq_push(struct outq *q, uint64_t max_bytes, const shoal_msg_header 
 /* Sends what q holds, in order, until the peer's queue is full. Returns 0
  * when q is empty, -EAGAIN when something is left, or the send's error
  * (-EHOSTUNREACH: the peer is gone), the failed message still queued. */
-static int outq_flush(struct controller *c, void *sock, const struct route *to, struct outq *q)
+static int outq_flush(void *sock, const struct route *to, struct outq *q)
 {
     shoal_frame route = {to->id, to->len};
     while (q->head) {
         struct qmsg *m = q->head;
-        int rc = shoal_wire_forward(sock, c->key, &route, &m->h, NULL, 0, m->frames, m->n);
+        int rc = shoal_wire_send_signed(sock, &route, m->hdr, NULL, 0, m->frames, m->n);
         if (rc < 0)
             return rc;
         q->head = m->next;
@@ -515,7 +521,7 @@ static int peer_send(struct controller *c, void *sock, const struct route *to, s
         c->flush_backoff_ns = 1000000;
         c->next_flush_ns = now_ns() + c->flush_backoff_ns;
     }
-    int rc = outq_push(q, max_bytes, h, new_frames, n_new, msgs, n_msgs);
+    int rc = outq_push(c->key, q, max_bytes, h, new_frames, n_new, msgs, n_msgs);
     if (rc < 0 && !q->head)
         c->nqueued--;
     return rc;
@@ -661,7 +667,7 @@ static void flush_queues(struct controller *c)
             next = cl->next;
             if (!cl->q.head && !cl->nlost)
                 continue;
-            int rc = outq_flush(c, c->clients, &cl->route, &cl->q);
+            int rc = outq_flush(c->clients, &cl->route, &cl->q);
             if (rc == 0)
                 rc = client_tell_lost(c, cl);
             if (rc == -EHOSTUNREACH)
@@ -677,7 +683,7 @@ static void flush_queues(struct controller *c)
         struct node *nd = &c->nodes[i];
         if (!nd->q.head)
             continue;
-        if (outq_flush(c, c->agents, &nd->route, &nd->q) == -EHOSTUNREACH)
+        if (outq_flush(c->agents, &nd->route, &nd->q) == -EHOSTUNREACH)
             gone[ngone++] = i;
         else
             left += nd->q.head != NULL;

@@ -274,6 +274,7 @@ static int read_connection(const char *path, char *endpoint, size_t eplen, uint8
 struct ctlmsg {
     struct ctlmsg *next;
     shoal_msg_header h;
+    uint8_t hdr[SHOAL_WIRE_HDR]; /* signed once, when queued: a retry does not hash it again */
     uint64_t bytes;
     size_t n;
     zmq_msg_t frames[];
@@ -292,14 +293,8 @@ static void ctlmsg_free(struct ctlmsg *m)
 static void ctl_flush(struct agent *a)
 {
     while (a->ctlq) {
-        /* No room: not worth signing (hashing up to --max-payload) a
-         * message that would not go, every 5 ms while the controller is slow. */
-        int ev = 0;
-        size_t len = sizeof ev;
-        if (zmq_getsockopt(a->ctl, ZMQ_EVENTS, &ev, &len) == 0 && !(ev & ZMQ_POLLOUT))
-            return;
         struct ctlmsg *m = a->ctlq;
-        int rc = shoal_wire_forward(a->ctl, a->key, NULL, &m->h, NULL, 0, m->frames, m->n);
+        int rc = shoal_wire_send_signed(a->ctl, NULL, m->hdr, NULL, 0, m->frames, m->n);
         if (rc == -EAGAIN)
             return;
         if (rc < 0)
@@ -328,6 +323,11 @@ static int ctl_queue(struct agent *a, const shoal_msg_header *h, const shoal_fra
         }
         if (f[m->n].len)
             memcpy(zmq_msg_data(&m->frames[m->n]), f[m->n].data, f[m->n].len);
+    }
+    int rc = shoal_wire_sign(a->key, h, NULL, 0, m->frames, m->n, m->hdr);
+    if (rc < 0) {
+        ctlmsg_free(m);
+        return rc;
     }
     *a->ctlq_tail = m;
     a->ctlq_tail = &m->next;

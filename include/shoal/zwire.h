@@ -81,6 +81,17 @@ int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoa
                        size_t n_msgs);
 
 /*
+ * shoal_wire_forward in two steps, for a message that may wait in a queue
+ * and be tried again: shoal_wire_sign writes its header frame (the HMACs
+ * over the frames: the costly part, done once), shoal_wire_send_signed
+ * sends it with the same frames. Both return as shoal_wire_send.
+ */
+int shoal_wire_sign(const uint8_t key[SHOAL_WIRE_KEY], const shoal_msg_header *h, const shoal_frame *new_frames,
+                    size_t n_new, zmq_msg_t *msgs, size_t n_msgs, uint8_t hdr[SHOAL_WIRE_HDR]);
+int shoal_wire_send_signed(void *sock, const shoal_frame *route, const uint8_t hdr[SHOAL_WIRE_HDR],
+                           const shoal_frame *new_frames, size_t n_new, zmq_msg_t *msgs, size_t n_msgs);
+
+/*
  * Sends the RESULT that says engine `engine` could not run a task: an
  * EngineError whose message is evalue, in the reply format of
  * docs/engine.md (payload 0 the JSON meta, payload 1 an empty pickle).

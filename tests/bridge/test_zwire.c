@@ -196,3 +196,25 @@ Test(zwire, engine_error_results_are_escaped_json)
     cr_assert(strstr(text, "\"evalue\":\"a \\\"quoted\\\"\\u000athing\\\\\""), "%s", text);
     shoal_wire_msg_close(&m);
 }
+
+Test(zwire, a_message_signed_once_is_sent_as_forward_sends_it)
+{
+    /* A queued message is signed when queued, then sent (maybe after
+     * retries) with that header: it must decode as any other. */
+    const char *text = "signed once";
+    shoal_msg_header h = {.type = SHOAL_MSG_TASK, .msg_id = 11, .n_payload = 1};
+    shoal_frame f = {text, strlen(text)};
+    uint8_t hdr[SHOAL_WIRE_HDR];
+    cr_assert_eq(shoal_wire_sign(key, &h, &f, 1, NULL, 0, hdr), 0);
+    cr_assert_eq(shoal_wire_send_signed(dealer, NULL, hdr, &f, 1, NULL, 0), 0);
+    expect_task(11, "signed once");
+    /* Its frames held as ZeroMQ messages, as the queues hold them. */
+    zmq_msg_t msg;
+    zmq_msg_init_size(&msg, strlen(text));
+    memcpy(zmq_msg_data(&msg), text, strlen(text));
+    h.msg_id = 12;
+    cr_assert_eq(shoal_wire_sign(key, &h, NULL, 0, &msg, 1, hdr), 0);
+    cr_assert_eq(shoal_wire_send_signed(dealer, NULL, hdr, NULL, 0, &msg, 1), 0);
+    expect_task(12, "signed once");
+    zmq_msg_close(&msg);
+}
