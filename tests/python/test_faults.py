@@ -45,7 +45,7 @@ def alive(pid):
 def wait_for(cond, timeout, what):
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what() if callable(what) else what
         time.sleep(0.02)
 
 
@@ -294,6 +294,17 @@ def arena_used(ctl, agent):
         return local.arena.stats()["used_bytes"]
 
 
+def settled_arena(ctl, agent):
+    """The arena's used bytes once three readings 0.1 s apart agree."""
+    readings = [arena_used(ctl, agent)]
+    deadline = time.monotonic() + 10
+    while len(readings) < 3 or len(set(readings[-3:])) > 1:
+        assert time.monotonic() < deadline, f"the arena did not settle: {readings[-10:]}"
+        time.sleep(0.1)
+        readings.append(arena_used(ctl, agent))
+    return readings[-1]
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_engine_death_mid_task_on_both_paths_and_the_arena_back_to_baseline(tmp_path, loop):
     """SIGKILL of an engine while it runs a task sent by lane and one sent
@@ -350,10 +361,12 @@ def test_client_death_with_tasks_in_flight_leaves_nothing(tmp_path, path):
     agent = Agent(ctl, tmp_path / "run", engines=2)
     try:
         # The baseline after a first client by lanes: it leaves 3 small
-        # blocks (256 KiB) that later clients do not add to.
+        # blocks (256 KiB) that later clients do not add to. An engine frees
+        # a task's block after the client has its answer, so the baseline
+        # is read once the arena has stopped changing.
         with shoal.Client(url_file=str(ctl.conn)) as rc:
             rc[:].apply_sync(abs, -1)
-        base = arena_used(ctl, agent)
+        base = settled_arena(ctl, agent)
         p = subprocess.Popen([sys.executable, "-c", CLIENT, str(ctl.conn), path], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "sent"
         p.kill()
@@ -361,11 +374,14 @@ def test_client_death_with_tasks_in_flight_leaves_nothing(tmp_path, path):
         p.stdout.close()
         s = ctl.socket()
 
+        last = {}
+
         def settled():
             st = ctl.ask(s, _core.MSG_QUERY)[1]
-            return st["tasks_pending"] == 0 and st["clients"]["with_tasks_or_queued"] == 0 and \
-                arena_used(ctl, agent) == base
-        wait_for(settled, 20, "the controller or the arena kept what the dead client had")
+            last.update(tasks_pending=st["tasks_pending"], clients=st["clients"]["with_tasks_or_queued"],
+                        arena_used=arena_used(ctl, agent), base=base)
+            return last["tasks_pending"] == 0 and last["clients"] == 0 and last["arena_used"] <= base
+        wait_for(settled, 20, lambda: f"the controller or the arena kept what the dead client had: {last}")
         with shoal.Client(url_file=str(ctl.conn), lanes=path == "lanes") as rc:
             assert rc[:].apply_sync(abs, -2) == [2, 2]
     finally:
