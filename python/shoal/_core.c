@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 typedef struct {
@@ -39,6 +40,12 @@ typedef struct {
     uint64_t win_off; /* the bytes its buffer exposes: [win_off, win_off + win_len) */
     uint64_t win_len;
     int readonly;
+    /* A copy-on-write Block (acquire_bytes(private=True)): its buffer is a
+     * private mapping of the block's pages, win_len bytes at priv + priv_delta;
+     * writes stay in this process. NULL for a Block of the shared mapping. */
+    uint8_t *priv;
+    size_t priv_len;
+    size_t priv_delta;
 } BlockObject;
 
 static PyTypeObject ArenaType;
@@ -126,6 +133,8 @@ static BlockObject *block_new(ArenaObject *owner, shoal_handle h, int readonly)
     b->win_off = 0;
     b->win_len = h.length;
     b->readonly = readonly;
+    b->priv = NULL;
+    b->priv_len = b->priv_delta = 0;
     owner->live_blocks++;
     return b;
 }
@@ -133,6 +142,8 @@ static BlockObject *block_new(ArenaObject *owner, shoal_handle h, int readonly)
 static void block_dealloc(BlockObject *self)
 {
     ArenaObject *owner = self->owner;
+    if (self->priv)
+        munmap(self->priv, self->priv_len); /* before the reference: the pages must not be reused under it */
     if (owner && owner->arena) {
         int rc;
         Py_BEGIN_ALLOW_THREADS
@@ -157,6 +168,9 @@ static int block_getbuffer(BlockObject *self, Py_buffer *view, int flags)
                         "only if every process may see your writes");
         return -1;
     }
+    if (self->priv)
+        return PyBuffer_FillInfo(view, (PyObject *)self, self->priv + self->priv_delta, (Py_ssize_t)self->win_len,
+                                 0, flags);
     void *p;
     int rc = shoal_arena_ptr(self->owner->arena, self->handle, &p);
     if (rc < 0) {
@@ -183,6 +197,8 @@ static PyObject *block_get_handle(BlockObject *self, void *closure)
 static PyObject *block_get_address(BlockObject *self, void *closure)
 {
     (void)closure;
+    if (self->priv) /* where its first exposed byte is, less win_off, as for a shared Block */
+        return PyLong_FromVoidPtr(self->priv + self->priv_delta - self->win_off);
     return PyLong_FromVoidPtr((uint8_t *)shoal_arena_base(self->owner->arena) + self->handle.offset);
 }
 
@@ -199,18 +215,26 @@ static PyObject *block_get_readonly(BlockObject *self, void *closure)
     return PyBool_FromLong(self->readonly);
 }
 
+static PyObject *block_get_private(BlockObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->priv != NULL);
+}
+
 static PyObject *block_repr(BlockObject *self)
 {
     return PyUnicode_FromFormat("<shoal Block offset=%llu length=%llu generation=%llu%s>",
                                 (unsigned long long)self->handle.offset,
                                 (unsigned long long)self->handle.length,
                                 (unsigned long long)self->handle.generation,
-                                self->readonly ? " read-only" : "");
+                                self->priv ? " copy-on-write" : self->readonly ? " read-only" : "");
 }
 
 static PyGetSetDef block_getset[] = {
     {"handle", (getter)block_get_handle, NULL, "(offset, length, generation) of the block", NULL},
     {"readonly", (getter)block_get_readonly, NULL, "whether buffers of this block are read-only", NULL},
+    {"private", (getter)block_get_private, NULL,
+     "whether its buffer is a private copy-on-write mapping (writes stay in this process)", NULL},
     {"address", (getter)block_get_address, NULL, "address of the block's first byte in this process", NULL},
     {"arena", (getter)block_get_arena, NULL, "the Arena this block lives in", NULL},
     {NULL, NULL, NULL, NULL, NULL},
@@ -550,13 +574,13 @@ out:
 
 static PyObject *arena_acquire_bytes(ArenaObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"handle", "start", "nbytes", "readonly", NULL};
+    static char *kwlist[] = {"handle", "start", "nbytes", "readonly", "private", NULL};
     PyObject *hobj;
     unsigned long long start, nbytes;
-    int readonly = 1;
+    int readonly = 1, private_ = 0;
     shoal_handle h;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!KK|p:acquire_bytes", kwlist, &PyTuple_Type, &hobj, &start,
-                                     &nbytes, &readonly) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!KK|pp:acquire_bytes", kwlist, &PyTuple_Type, &hobj, &start,
+                                     &nbytes, &readonly, &private_) ||
         arena_usable(self) < 0 || parse_handle(hobj, &h) < 0)
         return NULL;
     if (start > h.length || nbytes > h.length - start)
@@ -567,13 +591,32 @@ static PyObject *arena_acquire_bytes(ArenaObject *self, PyObject *args, PyObject
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return raise_errno(rc, "cannot use this arena handle");
-    BlockObject *b = block_new(self, h, readonly);
+    BlockObject *b = block_new(self, h, readonly && !private_);
     if (!b) {
         shoal_arena_release(self->arena, h);
         return NULL;
     }
     b->win_off = start;
     b->win_len = nbytes;
+    if (private_) {
+        /* The pages under [start, start + nbytes) of the block, mapped
+         * privately from the arena's memfd (a handle's offset is the
+         * payload's offset in it): reads see the block, the first write to
+         * a page copies it for this process alone. The Block keeps its
+         * reference, so the pages cannot be freed and reused under it. */
+        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), first = h.offset + start;
+        uint64_t map_off = first & ~(page - 1);
+        size_t len = (size_t)(first + (nbytes ? nbytes : 1) - map_off);
+        void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, shoal_arena_fd(self->arena), (off_t)map_off);
+        if (m == MAP_FAILED) {
+            int e = errno;
+            Py_DECREF(b);
+            return shoal__raise_oserror(e, "cannot map an arena block copy-on-write", strerror(e));
+        }
+        b->priv = m;
+        b->priv_len = len;
+        b->priv_delta = (size_t)(first - map_off);
+    }
     return (PyObject *)b;
 }
 
@@ -673,8 +716,8 @@ static PyMethodDef arena_methods[] = {
     {"view", (PyCFunction)(void (*)(void))arena_view, METH_VARARGS | METH_KEYWORDS,
      "view(handle, desc, readonly=True) -> ndarray over the block, holding one new reference."},
     {"acquire_bytes", (PyCFunction)(void (*)(void))arena_acquire_bytes, METH_VARARGS | METH_KEYWORDS,
-     "acquire_bytes(handle, start, nbytes, readonly=True) -> Block exposing bytes [start, start+nbytes) of "
-     "the block, holding one new reference."},
+     "acquire_bytes(handle, start, nbytes, readonly=True, private=False) -> Block exposing bytes [start, start+nbytes) of "
+     "the block, holding one new reference; private=True maps them copy-on-write (writes stay in this process)."},
     {"stats", (PyCFunction)arena_stats, METH_NOARGS, "stats() -> dict of the arena's accounting."},
     {"check", (PyCFunction)arena_check, METH_NOARGS, "check(): raise RuntimeError if an invariant is broken."},
     {"reclaim", (PyCFunction)arena_reclaim, METH_VARARGS,

@@ -379,6 +379,8 @@ class Engine:
             if block_flags(msg) & ABORTED:
                 raise TaskAborted(f"task {task_id} was aborted before it started")
             request = json.loads(bytes(payload[0]))
+            if request.get("notes"):  # what the client was told to tell (a memmap sent by value, and why)
+                meta["notes"] = list(request["notes"])
             if aborting:
                 raise TaskAborted(f"task {task_id} was aborted: a cell before it failed (as a kernel stops on error)")
             if request.get("kind") == "execute":
@@ -405,9 +407,16 @@ class Engine:
             # For a local client, large buffers of the result go into arena
             # blocks (or stay where they are, if they live there already),
             # which it views without a copy; for the agent, into the reply.
-            s = serialize.dumps(value, arena=self.arena if sink.in_arena else None, reply=True)
+            # A memmap goes by reference to a client on this node (it maps the
+            # file itself); through the agent the client may be on a machine
+            # without the file, so its bytes go.
+            s = serialize.dumps(value, arena=self.arena if sink.in_arena else None, reply=True,
+                                memmaps="reference" if sink.in_arena else "value",
+                                memmaps_why="a result through the controller")
             value_payload, value_frames, keep = s.payload, s.frames, s.keep
             meta["buffers"] = s.buffers
+            if s.notes:
+                meta.setdefault("notes", []).extend(s.notes)
         except BaseException as e:  # a task's failure, SystemExit included, is its result, not our end
             if type(e).__name__ == "UsageError" and type(e).__module__ == "IPython.core.error":
                 tb = [f"UsageError: {e}\n"]  # a magic's misuse: its message is the story, as in IPython

@@ -198,6 +198,7 @@ class AsyncResult(_Future):
     _data = _NOTHING  # engine id -> what it published (so far)
     _part_lens = _NOTHING  # engine id -> items of a map's block it had
     _mids = _NOTHING  # our messages to the controller -> their targets
+    _by_value = _NOTHING  # those of them with memmaps by reference -> (meta, obj) (Client._resend_by_value)
     _callbacks = ()  # called (with self) once every engine has answered, after the receiving
 
     def _own(self, name):
@@ -274,6 +275,7 @@ class AsyncResult(_Future):
         # What only a pending task needs goes (a finished one may be held
         # by the million): the arena blocks, and an empty list.
         self._keep = self._blocks = ()
+        self._by_value = _NOTHING
         if not self._zmq_targets:
             self._zmq_targets = ()
         self._client._record(self)
@@ -843,6 +845,8 @@ def _metadata(msg_id, engine, submitted, m, stdout, stderr):
           "stdout": stdout, "stderr": stderr, "outputs": m.get("outputs", [])}
     if m.get("status") == "error":
         md.update(ename=m.get("ename"), evalue=m.get("evalue"))
+    if m.get("notes"):  # shoal's: what the engine was told (a memmap that went by value, and why)
+        md["notes"] = m.get("notes")
     return md
 
 

@@ -29,6 +29,8 @@ import traceback
 import warnings
 import weakref
 
+import numpy as np
+
 from . import _core, serialize
 from ._msgblock import (ABORTED, KIND_OUTPUT, KIND_POOL, KIND_RELEASE, KIND_RESULT, KIND_TASK, LANE_ENGINE_STOPPED,
                         POOL_SLOTS, SLOT, Lane, pack_frames, unpack_frames)
@@ -95,6 +97,14 @@ class _Pool:
                 break
             woken += lanes[(self.turn + k) % len(lanes)].sq.wake()
         self.turn += 1
+
+
+def _request(meta, s):
+    """The JSON header of a task whose arguments s (a Serialized) holds."""
+    m = dict(meta, buffers=s.buffers)
+    if s.notes:
+        m["notes"] = s.notes  # the engine puts them in its reply's metadata
+    return m
 
 
 def _blank_metadata():
@@ -852,7 +862,7 @@ class Client:
             raise RuntimeError("this client is closed")
         s = serialize.dumps(obj, arena=self.arena)
         task_id = next(self._lane_ids)
-        m = dict(meta, buffers=s.buffers)
+        m = _request(meta, s)
         block = pack_frames(self.arena, [json.dumps(m).encode(), s.payload], s.frames)
         try:
             pos = pool.ring.put(SLOT.pack(task_id, KIND_TASK, 0, *block.handle, 0))
@@ -981,11 +991,16 @@ class Client:
                 for t in group:
                     ar._fail(t, EngineError(f"engine {t} cannot be reached: {self._ctl_dead}", t))
             elif group:
-                m = dict(meta, buffers=s.buffers)
+                m = _request(meta, s)
                 frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
                 mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
                 ar._own("_mids")[mid] = group
                 self._pending[mid] = ar
+                if s.files:
+                    # An engine that finds a memmap's file is not the same file
+                    # there (another machine, a private /tmp) gets its bytes
+                    # instead (_resend_by_value): what to send is kept till then.
+                    ar._own("_by_value")[mid] = (meta, obj)
                 self._ctl_parts += len(group)
                 if ar.msg_id is None:
                     ar.msg_id = mid
@@ -993,7 +1008,7 @@ class Client:
             return []
         # One message block for all of them, ours until they have answered.
         task_id = next(self._lane_ids)
-        m = dict(meta, buffers=s_here.buffers)
+        m = _request(meta, s_here)
         block = pack_frames(self.arena, [json.dumps(m).encode(), s_here.payload], s_here.frames)
         ar._keep.append(block)
         ar._blocks.append(block)  # where abort() marks it
@@ -1136,7 +1151,8 @@ class Client:
                 ar = self._pending.get(hdr["reply_to"])
                 # A part that has ended already (failed when its node was
                 # lost, which then came back) ends once: its late result is dropped.
-                if ar is not None and hdr["sender"] not in ar._results:
+                if ar is not None and hdr["sender"] not in ar._results and \
+                        not (ar._by_value and self._resend_by_value(ar, hdr, payload)):
                     self._ctl_parts -= 1
                     ar._add(hdr, payload, buffers)
                     if ar._zmq_done():
@@ -1151,6 +1167,49 @@ class Client:
             else:
                 self._replies[hdr["reply_to"]] = (hdr, payload)
             return True
+
+    def _resend_by_value(self, ar, hdr, payload):
+        """If this reply says that a memmap's file is not the same file on
+        the engine's machine, sends the task again to that engine with the
+        memmaps' bytes in place of their files, and returns True (the reply
+        is not the task's result). Called with the lock held."""
+        kept = ar._by_value.get(hdr["reply_to"])
+        if kept is None or not payload:
+            return False
+        reply = json.loads(bytes(payload[0]))
+        if reply.get("status") != "error" or reply.get("ename") != "FileNotSame" or \
+                "shorter" in reply.get("evalue", ""):
+            return False  # a file truncated under us: its pages past the end cannot be read here either
+        meta, obj = kept
+        engine = hdr["sender"]
+        # The bytes go once for every engine that needs them, to one node:
+        # no arena of ours (it is the engine's node that lacks the file).
+        s = serialize.dumps(obj, memmaps="value", memmaps_why=reply.get("evalue", "not the same file there"))
+        self._check_limits(s, [engine])
+        frames = [struct.pack("<I", engine), json.dumps(_request(meta, s)).encode(), s.payload]
+        mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
+        group = ar._mids[hdr["reply_to"]]
+        ar._mids[mid] = [engine]
+        self._pending[mid] = ar
+        if len(group) == 1:  # that message has nothing more to answer
+            self._pending.pop(hdr["reply_to"], None)
+        return True
+
+    def shared(self, a, mode="r+"):
+        """a, in this node's arena (copied there once, unless it lives there
+        already), marked to be received writable by engines: mode "r+"
+        (every engine and this client see every write) or "c" (copy-on-write:
+        each engine's writes are its own). Returns a SharedArray
+        (shoal.shared marks an array without moving it)."""
+        if self.arena is None:
+            raise RuntimeError("this client has no arena (no agent on its machine, or lanes=False): "
+                               "shoal.shared(a) marks a for engines without sharing it with the client")
+        a = np.asarray(a)
+        if serialize._owner_block(a) is None or serialize._owner_block(a).arena is not self.arena:
+            whole = self.arena.empty(a.shape, dtype=a.dtype)
+            whole[...] = a
+            a = whole
+        return serialize.shared(a, mode)
 
     def _outstanding(self):
         """Our AsyncResults still waiting for an engine."""

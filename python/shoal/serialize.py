@@ -32,15 +32,21 @@ buffers are read-only unless the caller asks otherwise (see docs/arena.md,
 
 import functools
 import io
+import mmap
+import os
 import pickle
+import socket
 import sys
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import cloudpickle
 import numpy as np
 from cloudpickle import cloudpickle as _cp
 
+from . import _arrays
+from ._arrays import FileNotSame, SharedArray, shared
 from ._core import Arena, Block, address, copy
 
 THRESHOLD = 64 * 1024
@@ -61,6 +67,8 @@ class Serialized:
     buffers: list = field(default_factory=list)
     frames: list = field(default_factory=list)
     keep: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # what the receiver should be told (a memmap sent by value)
+    files: list = field(default_factory=list)  # the files of the memmaps that went by reference
 
 
 def _owner_block(obj):
@@ -68,7 +76,7 @@ def _owner_block(obj):
     seen = 0
     while obj is not None and seen < 64:
         if isinstance(obj, Block):
-            return obj
+            return None if obj.private else obj  # a copy-on-write block's writes are this process's alone
         if isinstance(obj, np.ndarray):
             obj = obj.base
         elif isinstance(obj, memoryview):
@@ -123,7 +131,32 @@ def _set_engine_first(func, state):
         g["__builtins__"] = builtins_  # the receiver's own, not cloudpickle's module's
 
 
-class _Pickler(cloudpickle.Pickler):
+class _Arrays:
+    """What every pickler of shoal's has: memmaps by reference, shared and
+    copy-on-write arrays (shoal._arrays), and what _dump tells it."""
+
+    memmaps = "reference"  # or "value": memmaps go as their bytes
+    memmaps_why = "sent by value"  # the note's reason, with "value"
+    buffer_modes = {}  # id(PickleBuffer) -> how the receiver views it ("r", "r+", "c"); set per dump
+    held = []  # those PickleBuffers, alive until the dump is done
+    notes = []  # what the receiver is told (shoal._arrays.reduce_by_value)
+    files = []  # the paths of memmaps sent by reference
+
+
+def _with_arrays(base):
+    """base (a Pickler class) with shoal's reduction of arrays."""
+    def reducer_override(self, obj):
+        if isinstance(obj, np.ndarray):
+            r = _arrays.reduce(self, obj)
+            if r is not NotImplemented:
+                return r
+        parent = getattr(base, "reducer_override", None)
+        return parent(self, obj) if parent is not None else NotImplemented
+    return type(base.__name__, (_Arrays, base), {"reducer_override": reducer_override,
+                                                  "__module__": __name__, "__doc__": base.__doc__})
+
+
+class _Pickler(_Arrays, cloudpickle.Pickler):
     """cloudpickle, with the rule above for functions of ``__main__``."""
 
     _namespace = _EngineNamespace()  # one object: the pickle's memo gives each function the same dict
@@ -134,6 +167,10 @@ class _Pickler(cloudpickle.Pickler):
         # lives costs ~1.5 us each, and a no-op task names four of them.
         if obj.__class__ is types.FunctionType:
             return NotImplemented if obj in _BY_REFERENCE else self._function_reduce(obj)
+        if isinstance(obj, np.ndarray):
+            r = _arrays.reduce(self, obj)
+            if r is not NotImplemented:
+                return r
         return _reducer_override(self, obj)
 
     def _dynamic_function_reduce(self, func):
@@ -153,15 +190,25 @@ class _Pickler(cloudpickle.Pickler):
 
 _reducer_override = cloudpickle.Pickler.reducer_override
 _BY_REFERENCE = frozenset((_engine_namespace, _set_engine_first, _cp._make_function, _cp._function_setstate))
+_CloudPickler = _with_arrays(cloudpickle.Pickler)  # results, and use_cloudpickle()
 
 # What pickles functions for the engines (use_cloudpickle, use_dill and
 # use_pickle choose), and the function that pickles with it.
 _pickler = _Pickler
 
 
-def _dump(obj, buffer_callback=None, pickler=None):
+def _dump(obj, buffer_callback=None, pickler=None, memmaps="reference", memmaps_why=None, modes=None, notes=None,
+          files=None):
+    """obj pickled; modes (a dict) gets how the receiver views each
+    out-of-band buffer that is not read-only, notes (a list) what it is
+    told, files (a list) the memmaps' files sent by reference."""
     f = io.BytesIO()
-    (pickler or _pickler)(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+    p = (pickler or _pickler)(f, protocol=5, buffer_callback=buffer_callback)
+    if isinstance(p, _Arrays):
+        p.memmaps, p.memmaps_why = memmaps, memmaps_why or "sent by value"
+        p.buffer_modes, p.held = ({} if modes is None else modes), []
+        p.notes, p.files = ([] if notes is None else notes), ([] if files is None else files)
+    p.dump(obj)
     return f.getvalue()
 
 
@@ -177,7 +224,7 @@ def use_cloudpickle():
     cloudpickle, as ipyparallel's use_cloudpickle): they no longer see
     the engine's namespace. Returns None."""
     global _pickler
-    _pickler = cloudpickle.Pickler
+    _pickler = _CloudPickler
 
 
 def use_dill():
@@ -189,45 +236,51 @@ def use_dill():
     except ImportError:
         raise ImportError("use_dill() needs dill, which is not installed: pip install dill "
                           "(on the client's and the engines' machines)") from None
-    _pickler = dill.Pickler
+    _pickler = _with_arrays(dill.Pickler)
 
 
-def dumps(obj, arena=None, threshold=THRESHOLD, reply=False):
+def dumps(obj, arena=None, threshold=THRESHOLD, reply=False, memmaps="reference", memmaps_why=None):
     """Serializes obj; large buffers go out of band (see the module's doc).
 
     arena: the node's :class:`shoal.Arena`, or None to send buffers as frames.
     reply: obj is an engine's result. A function in it keeps the globals
     it uses (plain cloudpickle): it is not bound into the client's namespace.
+    memmaps: "reference" sends a memmap as its file's identity (the
+    receiver maps the file), "value" as its bytes, with a note that says
+    so and why (memmaps_why) in ``notes``.
     """
     if type(obj) in _PLAIN:
         return Serialized(payload=pickle.dumps(obj, protocol=5))
     out = Serialized(payload=b"")
+    modes = {}
 
     def out_of_band(pb):
+        mode = modes.get(id(pb))  # a shared or copy-on-write array's: out of band whatever its size
         try:
             raw = pb.raw()
         except BufferError:
             return True  # not contiguous: pickle copies it in band
-        if raw.nbytes < threshold:
+        if raw.nbytes < threshold and mode is None:
             return True
+        more = (mode,) if mode in ("r+", "c") else ()
         if arena is None:
-            out.buffers.append(("frame", len(out.frames)))
+            out.buffers.append(("frame", len(out.frames)) + more)
             out.frames.append(raw)
             return False
         owner = _owner_block(pb)
         if owner is not None and owner.arena is arena:
             start = address(raw) - owner.address
-            out.buffers.append(("arena", owner.handle, start, raw.nbytes))
+            out.buffers.append(("arena", owner.handle, start, raw.nbytes) + more)
             out.keep.append(owner)
             return False
-        block = arena.alloc(raw.nbytes)
+        block = arena.alloc(max(raw.nbytes, 1))
         copy(block, raw)  # in parallel: mapping fresh shared pages is the cost
-        out.buffers.append(("arena", block.handle, 0, raw.nbytes))
+        out.buffers.append(("arena", block.handle, 0, raw.nbytes) + more)
         out.keep.append(block)
         return False
 
-    pickler = (cloudpickle.Pickler if _pickler is _Pickler else _pickler) if reply else None
-    out.payload = _dump(obj, out_of_band, pickler)
+    pickler = (_CloudPickler if _pickler is _Pickler else _pickler) if reply else None
+    out.payload = _dump(obj, out_of_band, pickler, memmaps, memmaps_why, modes, out.notes, out.files)
     return out
 
 
@@ -272,8 +325,10 @@ def loads(payload, buffers=(), frames=(), arena=None, readonly=True):
         if b[0] == "arena":
             if arena is None:
                 raise ValueError("this message references arena buffers, but no arena is attached")
-            _, handle, start, nbytes = b
-            bufs.append(arena.acquire_bytes(tuple(handle), start, nbytes, readonly=readonly))
+            handle, start, nbytes = b[1:4]
+            mode = b[4] if len(b) > 4 else None  # a shared ("r+") or copy-on-write ("c") array's
+            bufs.append(arena.acquire_bytes(tuple(handle), start, nbytes, readonly=readonly and mode != "r+",
+                                            private=mode == "c"))
         elif b[0] == "frame":
             bufs.append(frames[b[1]])
         else:
@@ -282,4 +337,4 @@ def loads(payload, buffers=(), frames=(), arena=None, readonly=True):
 
 
 __all__ = ["THRESHOLD", "Serialized", "Pickled", "dumps", "loads", "pickled_once", "use_pickle", "use_cloudpickle",
-           "use_dill", "Arena"]
+           "use_dill", "Arena", "SharedArray", "shared", "FileNotSame"]

@@ -15,7 +15,7 @@ import types
 
 import numpy as np
 
-from . import _core, serialize
+from . import _arrays, _core, serialize
 from ._records import History
 from .asyncresult import AsyncMapResult, AsyncResult, _flat, _Future, _metadata
 from .error import EngineError, TaskAborted, TimeoutError
@@ -426,10 +426,13 @@ def _map_chunk(f, *chunks):
 
 def _shared(client, seq):
     """seq, in the node's arena if it is a large numpy array that is not there
-    yet: parts of it then reach the engines as views of one block."""
+    yet: parts of it then reach the engines as views of one block. A
+    memmap stays itself (its parts go by reference to its file), and so
+    does a shared array (its parts are views of where it lives)."""
     arena = client.arena
     if arena is None or not isinstance(seq, np.ndarray) or seq.dtype.hasobject or seq.ndim == 0 \
-            or seq.nbytes < serialize.THRESHOLD or serialize._owner_block(seq) is not None:
+            or seq.nbytes < serialize.THRESHOLD or serialize._owner_block(seq) is not None \
+            or isinstance(seq, serialize.SharedArray) or _arrays._mapping(seq) is not None:
         return seq
     whole = arena.empty(seq.shape, dtype=seq.dtype)
     _core.copy(whole, np.ascontiguousarray(seq))
