@@ -16,6 +16,7 @@ from .asyncresult import AsyncMapResult, AsyncResult, ExecuteReply
 from .client import Client
 from .cluster import Cluster
 from .dependency import Dependency, depend
+from .bulk import load, save
 from .serialize import FileNotSame, SharedArray, shared, use_cloudpickle, use_dill, use_pickle
 from .error import (AlreadyDisplayedError, CompositeError, EngineError, ImpossibleDependency, RemoteError, ShoalError, TaskAborted,
                     TaskTimeout, TimeoutError, UnmetDependency)
@@ -25,7 +26,7 @@ __all__ = ["Client", "Cluster", "DirectView", "LoadBalancedView", "BroadcastView
            "parallel", "Reference", "AsyncResult", "AsyncMapResult", "ExecuteReply", "RemoteError",
            "CompositeError", "AlreadyDisplayedError", "EngineError", "ShoalError", "TimeoutError", "TaskAborted", "TaskTimeout",
            "UnmetDependency", "ImpossibleDependency", "Dependency", "depend", "Arena", "Block", "Ring", "Socket", "WireError", "keygen", "ALIGN", "CHUNK",
-           "use_cloudpickle", "use_dill", "use_pickle", "shared", "SharedArray", "FileNotSame",
+           "use_cloudpickle", "use_dill", "use_pickle", "shared", "SharedArray", "FileNotSame", "load", "save",
            "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "register_joblib_backend"]
 __version__ = "0.1.0"
 

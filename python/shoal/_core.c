@@ -15,6 +15,7 @@
 
 #include <shoal/arena.h>
 #include <shoal/array.h>
+#include <shoal/bulk.h>
 
 #include "_common.h"
 #include "_ring.h"
@@ -843,7 +844,73 @@ static PyObject *core_copy(PyObject *mod, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+/*
+ * bulk_read(path, offset, dst, depth=0, chunk=0, uring=True, direct=True, register=True) and
+ * bulk_write(path, offset, src, ...): the bytes of dst (writable, contiguous) from the file at
+ * path starting at offset, or src's bytes into it, through shoal_bulk_read/write (io_uring).
+ * Returns a dict of how (bytes, direct_bytes, requests, uring, registered). Raises OSError with
+ * the path (EOFError for a file that ends early).
+ */
+static PyObject *core_bulk(PyObject *args, PyObject *kw, int write)
+{
+    static char *kwlist[] = {"path", "offset", "buffer", "depth", "chunk", "uring", "direct", "register", NULL};
+    PyObject *pathobj;
+    unsigned long long off;
+    Py_buffer b;
+    unsigned depth = 0;
+    unsigned long long chunk = 0;
+    int uring = 1, direct = 1, reg = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, write ? "O&Ky*|IKppp:bulk_write" : "O&Kw*|IKppp:bulk_read", kwlist,
+                                     PyUnicode_FSConverter, &pathobj, &off, &b, &depth, &chunk, &uring, &direct,
+                                     &reg))
+        return NULL;
+    shoal_bulk_opts o = {.depth = depth, .chunk = (size_t)chunk, .no_uring = !uring, .no_direct = !direct,
+                         .no_register = !reg};
+    shoal_bulk_stats st;
+    const char *path = PyBytes_AS_STRING(pathobj);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = write ? shoal_bulk_write(path, off, b.buf, (size_t)b.len, &o, &st)
+               : shoal_bulk_read(path, off, b.buf, (size_t)b.len, &o, &st);
+    Py_END_ALLOW_THREADS
+    unsigned long long end = off + (unsigned long long)b.len;
+    PyBuffer_Release(&b);
+    if (rc == -ENODATA) {
+        PyErr_Format(PyExc_EOFError, "%s ends before byte %llu: it is shorter than its header says", path, end);
+        Py_DECREF(pathobj);
+        return NULL;
+    }
+    if (rc < 0) { /* FileNotFoundError, IsADirectoryError, ... with the path */
+        errno = -rc;
+        PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, pathobj);
+        Py_DECREF(pathobj);
+        return NULL;
+    }
+    Py_DECREF(pathobj);
+    return Py_BuildValue("{sKsKsIsisisi}", "bytes", (unsigned long long)st.bytes, "direct_bytes",
+                         (unsigned long long)st.direct_bytes, "requests", st.requests, "uring", st.uring,
+                         "registered", st.registered, "cached", st.cached);
+}
+
+static PyObject *core_bulk_read(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    (void)mod;
+    return core_bulk(args, kw, 0);
+}
+
+static PyObject *core_bulk_write(PyObject *mod, PyObject *args, PyObject *kw)
+{
+    (void)mod;
+    return core_bulk(args, kw, 1);
+}
+
 static PyMethodDef core_methods[] = {
+    {"bulk_read", (PyCFunction)(void (*)(void))core_bulk_read, METH_VARARGS | METH_KEYWORDS,
+     "bulk_read(path, offset, dst, depth=0, chunk=0, uring=True, direct=True, register=True) -> dict: fills dst "
+     "with the file's bytes from offset, through io_uring (docs/bulk.md)."},
+    {"bulk_write", (PyCFunction)(void (*)(void))core_bulk_write, METH_VARARGS | METH_KEYWORDS,
+     "bulk_write(path, offset, src, depth=0, chunk=0, uring=True, direct=True, register=True) -> dict: writes "
+     "src's bytes into the existing file from offset, through io_uring (docs/bulk.md)."},
     {"address", core_address, METH_O, "address(obj) -> int: where a contiguous buffer's bytes are in memory."},
     {"copy", (PyCFunction)(void (*)(void))core_copy, METH_VARARGS | METH_KEYWORDS,
      "copy(dst, src, threads=0): copy src's bytes into dst, split between threads (0: one per core, at most one "

@@ -921,6 +921,10 @@ class Client:
 
     # ---- tasks ---------------------------------------------------------------------
 
+    def _node_of(self, eid):
+        """The id of the node engine eid runs on (None if unknown)."""
+        return next((e["node"] for e in self._engines if e["id"] == eid), None)
+
     def _on_this_node(self, eid):
         """Whether engine eid shares our arena (runs on the node we attached to)."""
         if self.local is None:

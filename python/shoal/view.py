@@ -245,6 +245,43 @@ class DirectView(_View):
             return None
         return ar
 
+    def load(self, key, path, dtype=None, shape=None, offset=0, targets=None, block=None, **io):
+        """Loads the array in the file at path into each node's arena once,
+        through io_uring (shoal.bulk.load: a .npy file, or raw binary given
+        dtype and shape and offset), and binds it as key on every engine of
+        the view, each with a read-only view of its node's copy. The file
+        is read on each node: by this client for the engines of its own
+        node, by one engine on each other node. Raises what the load
+        raises (ValueError for a file that is not a loadable .npy,
+        EOFError for a short one, FileNotFoundError, IsADirectoryError;
+        from another node, as a RemoteError). Returns an AsyncResult (get()
+        gives one None per engine), or None when blocking. io: options of
+        shoal.bulk.load (depth, chunk, uring, direct, register)."""
+        from . import bulk
+        view = self._view(targets)
+        engines = view._targets
+        client = self.client
+        kwargs = dict(dtype=dtype, shape=shape, offset=offset, **io)
+        what = {}
+        here = [e for e in engines if client._on_this_node(e)] if client.arena is not None else []
+        if here:
+            a = bulk.load(path, arena=client.arena, **kwargs)  # pushed by reference: no copy
+            what.update((e, a) for e in here)
+        nodes = {}
+        for e in engines:
+            if e not in what:
+                nodes.setdefault(client._node_of(e), []).append(e)
+        for node, es in nodes.items():
+            # One engine of the node loads and keeps it; the others view its block.
+            ref = bulk.ArenaRef(*client[es[0]].apply_sync(bulk._load_on_engine, key, str(path), kwargs))
+            what.update((e, ref) for e in es)
+        ar = client._submit(engines, {"kind": "push"}, None, each=[{key: what[e]} for e in engines])
+        ar._fname = "load"
+        if self._block(block):
+            ar.get()
+            return None
+        return ar
+
     def gather(self, key, dist="b", targets=None, block=None):
         """Pulls key from every engine and joins the parts (the inverse of
         scatter): arrays are concatenated, lists and tuples joined into one
