@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,14 @@ def make_npy(path, nbytes):
         m[i:i + step] = np.arange(i, min(n, i + step), dtype="f8")
     m.flush()
     del m
+
+
+class Hung(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hung("no answer in time (a process of the system's was likely OOM-killed)")
 
 
 def warm(path):
@@ -90,19 +99,35 @@ def part_memmaps(args, results, root):
                 mm = np.memmap(files[size], dtype="f8", mode="r")
                 want = float(mm[-1]) + len(mm)
                 took, peaks = [], []
+                copies = getattr(sys_, "copies", False)
+                signal.signal(signal.SIGALRM, _alarm)
                 try:
-                    for _ in range(args.reps):
+                    # A first round, not counted: what a system does once
+                    # (imports, opening its store, finding the file). Not for
+                    # a system that copies to each engine: its rounds take
+                    # their memory already (ipyparallel's were OOM-killed
+                    # with the extra round and 5 more).
+                    if not copies:
+                        signal.alarm(args.timeout)
+                        sys_.broadcast(mm)
+                        sys_.release()
+                    for _ in range(min(args.reps, 3) if copies else args.reps):
                         before = node_used()
+                        signal.alarm(args.timeout)
                         with PeakUse() as pu:
                             t = time.perf_counter()
                             got = sys_.broadcast(mm)
                             took.append(time.perf_counter() - t)
+                        signal.alarm(0)
                         peaks.append((pu.peak - before) / MiB)
                         assert list(got) == [want] * args.workers, got
                         del got
                         sys_.release()
                 except Exception as e:
+                    signal.alarm(0)
                     out(part="memmap", system=name, mib=size, failed=f"{type(e).__name__}: {e}")
+                    if isinstance(e, Hung):
+                        break  # it cannot be stopped cleanly either: stop() below does what it can
                     continue
                 s = summary(took)
                 out(part="memmap", system=name, mib=size, workers=args.workers, seconds=s["median"],
@@ -192,7 +217,7 @@ def part_load(args, results, root):
                 del got
                 if engines:
                     release()
-                for _ in range(args.reps if state == "warm" else 1):
+                for _ in range(args.reps):
                     if state == "cold":
                         drop_caches()
                     else:
@@ -224,6 +249,7 @@ def main():
     p.add_argument("--load-mib", type=int, default=4096)
     p.add_argument("--parts", default="memmap,load")
     p.add_argument("--dir", default="/var/tmp", help="where the files go (on the disk, not a tmpfs)")
+    p.add_argument("--timeout", type=int, default=180, help="seconds one round may take")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.sizes_mib = [int(s) for s in args.sizes_mib.split(",")]

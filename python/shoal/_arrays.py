@@ -237,9 +237,10 @@ def _open_mapped(ref):
 # ---- by value ----------------------------------------------------------------------
 
 def window(arr):
-    """A 1-d uint8 array over the bytes arr reaches (see span), in the same
-    memory, and the offset of arr's first element in it; a contiguous
-    copy of arr and 0 if its memory cannot be viewed so."""
+    """(win, offset, strides): a 1-d uint8 array over the bytes arr reaches
+    (see span), in the same memory, the offset of arr's first element in
+    it, and arr's strides; a contiguous copy of arr, 0 and the copy's
+    strides if its memory cannot be viewed so."""
     lo, hi = span(arr)
     x, seen = arr, 0
     while isinstance(x.base, np.ndarray) and seen < 64:
@@ -251,9 +252,9 @@ def window(arr):
     if whole is not None and whole.size:
         start = _addr(arr) + lo - _addr(whole)
         if 0 <= start and start + (hi - lo) <= whole.size:
-            return whole[start:start + hi - lo], -lo
+            return whole[start:start + hi - lo], -lo, arr.strides
     c = np.ascontiguousarray(arr)
-    return c.reshape(-1).view(np.uint8), 0
+    return c.reshape(-1).view(np.uint8), 0, c.strides
 
 
 def _rebuild(buf, layout, cls, mode):
@@ -273,11 +274,11 @@ def _rebuild(buf, layout, cls, mode):
 def reduce_by_value(pickler, arr, mode, cls, note=None):
     """arr's bytes as one out-of-band buffer that the receiver views as mode
     asks ("r" read-only, "r+" shared writable, "c" copy-on-write)."""
-    win, offset = window(arr)
+    win, offset, strides = window(arr)
     pb = pickle_buffer(pickler, win, mode)
     if note:
         pickler.notes.append(note)
-    return _rebuild, (pb, (arr.dtype, arr.shape, arr.strides, offset), cls, mode)
+    return _rebuild, (pb, (arr.dtype, arr.shape, strides, offset), cls, mode)
 
 
 def pickle_buffer(pickler, win, mode):

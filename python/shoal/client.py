@@ -1188,8 +1188,11 @@ class Client:
         engine = hdr["sender"]
         # The bytes go once for every engine that needs them, to one node:
         # no arena of ours (it is the engine's node that lacks the file).
-        s = serialize.dumps(obj, memmaps="value", memmaps_why=reply.get("evalue", "not the same file there"))
-        self._check_limits(s, [engine])
+        try:
+            s = serialize.dumps(obj, memmaps="value", memmaps_why=reply.get("evalue", "not the same file there"))
+            self._check_limits(s, [engine])
+        except Exception:
+            return False  # the engine's FileNotSame stands as the part's result, and says why
         frames = [struct.pack("<I", engine), json.dumps(_request(meta, s)).encode(), s.payload]
         mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
         group = ar._mids[hdr["reply_to"]]

@@ -110,3 +110,59 @@ def evaluate(view, code):
         return view.pull("_shoal_test_value", block=True)
     finally:
         view.execute("del _shoal_test_value", block=True)
+
+
+# ---- memory cgroups ------------------------------------------------------------------
+
+def _own_cgroup(v1):
+    """This process's cgroup path in the v2 hierarchy, or the v1 memory one."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hid, ctrls, path = line.rstrip("\n").split(":", 2)
+            if (v1 and "memory" in ctrls.split(",")) or (not v1 and hid == "0" and ctrls == ""):
+                return path
+    return None
+
+
+def _mount(v1):
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, post = line.split(" - ", 1)
+            fields, (fstype, _, sup) = pre.split(), post.split()[:3]
+            if (v1 and fstype == "cgroup" and "memory" in sup.split(",")) or (not v1 and fstype == "cgroup2"):
+                return fields[4], fields[3]
+    return None, None
+
+
+def make_cgroup(v1, limit):
+    """A child of our own memory cgroup with its memory limit set, or a
+    reason to skip."""
+    point, root = _mount(v1)
+    own = _own_cgroup(v1)
+    if point is None or own is None:
+        return None, f"no cgroup {'v1 memory' if v1 else 'v2'} hierarchy mounted"
+    if root != "/" and own.startswith(root):
+        own = own[len(root):]
+    parent = os.path.join(point, own.lstrip("/"))
+    if not v1:
+        try:
+            with open(os.path.join(parent, "cgroup.controllers")) as f:
+                if "memory" not in f.read().split():
+                    return None, f"cgroup v2 at {point}: no memory controller delegated to {parent}"
+        except OSError as e:
+            return None, f"cgroup v2 at {point}: {e}"
+    path = os.path.join(parent, f"shoal-test-{os.getpid()}")
+    try:
+        os.mkdir(path)
+    except OSError as e:
+        return None, f"cannot make a cgroup under {parent}: {e.strerror}"
+    try:
+        if not v1:
+            with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory")
+        with open(os.path.join(path, "memory.limit_in_bytes" if v1 else "memory.max"), "w") as f:
+            f.write(str(limit))
+    except OSError as e:
+        os.rmdir(path)
+        return None, f"cannot set a memory limit in {path}: {e.strerror}"
+    return path, None

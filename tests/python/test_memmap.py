@@ -13,7 +13,7 @@ import pytest
 
 import shoal
 
-from procs import Agent, Controller, evaluate
+from procs import Agent, Controller, evaluate, make_cgroup
 
 MiB = 1 << 20
 
@@ -225,6 +225,10 @@ def test_a_shared_array_of_private_memory_is_shared_by_the_engines_of_one_send(r
     if rc.arena is not None:  # one block of the arena for every engine of the node
         assert evaluate(dv, "s.tolist()") == [[1.0, 2.0, 3.0]] * 3
     assert a.tolist() == [0.0, 0.0, 0.0]
+    # A strided view of private memory: the same elements, writable there.
+    b = np.arange(20.0).reshape(4, 5)[::-2, 1::2]
+    dv.push({"t": shoal.shared(b)}, block=True)
+    assert evaluate(dv, "t.tolist(), t.flags.writeable") == [(b.tolist(), True)] * 3
 
 
 def test_shared_refuses_what_cannot_be_shared():
@@ -300,3 +304,44 @@ def test_an_engine_without_the_file_gets_its_bytes_once_and_says_so(elsewhere, l
         # What went by value to the far engine is read-only, as the file was.
         with pytest.raises(shoal.RemoteError, match="read-only"):
             rc[far].apply_sync(lambda a: a.__setitem__(0, 1), m)
+
+
+# ---- under a memory limit ---------------------------------------------------------------
+
+def test_a_memmap_larger_than_the_nodes_memory_limit_reaches_every_engine(tmp_path):
+    """The agent and its two engines in a memory cgroup of 384 MiB (v2, or
+    skipped), a 1 GiB memmap pushed to both, each summing all of it: its
+    pages are the page cache's, which the kernel takes back under the
+    limit; no engine is killed. (Before: each engine unpickled a private
+    1 GiB copy, and the OOM killer took one.)"""
+    cg, why = make_cgroup(False, 384 * MiB)
+    if cg is None:
+        pytest.skip(why)
+    ctl = agent = None
+    try:
+        def enter():
+            with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        ctl = Controller(tmp_path / "home", heartbeat_ms=500)
+        agent = Agent(ctl, tmp_path / "run", engines=2, arena_size=128 * MiB, preexec_fn=enter)
+        m = a_file(tmp_path, "r", n=1024 * MiB // 8, name="big.f8")
+        with shoal.Client(url_file=str(ctl.conn)) as rc:
+            pids = rc[:].apply_sync(os.getpid)
+            rc[:].push({"m": m}, block=True)
+            n = m.size
+            assert evaluate(rc[:], "float(m.sum())") == [float(n * (n - 1) // 2)] * 2
+            assert rc[:].apply_sync(os.getpid) == pids, "an engine was replaced"
+        with open(os.path.join(cg, "memory.events")) as f:
+            events = dict(line.split() for line in f)
+        assert events.get("oom_kill", "0") == "0", events
+    finally:
+        if agent is not None:
+            agent.stop()
+        if ctl is not None:
+            ctl.stop()
+        for _ in range(50):
+            try:
+                os.rmdir(cg)
+                break
+            except OSError:
+                time.sleep(0.1)
