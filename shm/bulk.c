@@ -105,9 +105,14 @@ static int ring_transfer(struct xfer *x, size_t m, unsigned depth, size_t chunk)
     }
     while (inflight) {
         int rc = io_uring_submit_and_wait(&x->ring, 1);
-        if (rc < 0 && rc != -EINTR) {
+        /* EAGAIN/EBUSY: the kernel could not take them now (no memory for a
+         * request, too many completions pending); what it did take still
+         * completes, and the rest stays in the submission queue for the
+         * next try. Anything else: what was not submitted never will be. */
+        bool later = rc == -EINTR || rc == -EAGAIN || rc == -EBUSY || rc == -ENOMEM;
+        if (rc < 0 && !later) {
             err = err ? err : rc;
-            break; /* nothing more completes that we could wait for safely; see below */
+            break;
         }
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
@@ -157,10 +162,14 @@ static int ring_transfer(struct xfer *x, size_t m, unsigned depth, size_t chunk)
             }
         }
         io_uring_cq_advance(&x->ring, seen);
+        if (rc < 0 && rc != -EINTR && !seen)
+            usleep(1000); /* nothing done and nothing taken: give the kernel a moment */
     }
+    /* Out on an error: the requests still in the submission queue were
+     * never submitted and never touch buf; those submitted may still write
+     * into it, so wait for every one of them. */
+    inflight -= io_uring_sq_ready(&x->ring);
     if (inflight) {
-        /* io_uring_submit_and_wait failed with requests in flight: they
-         * may still write into buf. Wait for them, whatever it takes. */
         while (inflight) {
             struct io_uring_cqe *cqe;
             int rc = io_uring_wait_cqe(&x->ring, &cqe);

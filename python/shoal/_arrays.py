@@ -38,7 +38,11 @@ def _addr(a):
 class FileNotSame(OSError):
     """A memmap's file is not the same file here as where it was sent from
     (missing, another inode, shorter, or changed): raised by the receiver,
-    which then gets its bytes instead (see Client: the retry by value)."""
+    which then gets its bytes instead (see Client: the retry by value),
+    unless ``resendable`` is False (a file that shrank: its bytes cannot be
+    read where it was sent from either)."""
+
+    resendable = True
 
 
 class SharedArray(np.ndarray):
@@ -142,6 +146,38 @@ def _maps_entry(addr):
     return None
 
 
+def _dev_may_differ(path):
+    """Whether path is on a filesystem whose stat device is not the one
+    /proc/self/maps shows (btrfs, overlayfs)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            best, fstype = "", ""
+            for line in f:
+                pre, post = line.split(" - ", 1)
+                point = pre.split()[4]
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, fstype = point, post.split()[0]
+        return fstype in ("btrfs", "overlay")
+    except OSError:
+        return False
+
+
+def _has_private_pages(addr):
+    """Whether the mapping at addr has pages of this process's own
+    (Anonymous in /proc/self/smaps): a copy-on-write mapping that was
+    written to."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and ":" not in first:
+                low, high = (int(v, 16) for v in first.split("-"))
+                inside = low <= addr < high
+            elif inside and first == "Anonymous:":
+                return int(line.split()[1]) > 0
+    return False
+
+
 _files = weakref.WeakKeyDictionary()  # mmap -> (path, device, inode, file offset of its first byte, address)
 
 
@@ -184,10 +220,15 @@ def file_ref(arr, m):
             st = os.stat(path)
         except OSError as e:
             return f"{path} cannot be reached ({e.strerror})"
-        if (st.st_dev, st.st_ino) != (dev, ino):
+        # The inode says it: the device /proc/self/maps gives is the
+        # underlying one on btrfs subvolumes and overlayfs, not stat's.
+        if st.st_ino != ino or (st.st_dev != dev and not _dev_may_differ(path)):
             return f"{path} is no longer the file that was mapped"
-        known = _files[mm] = (path, dev, ino, off, base)
+        known = _files[mm] = (path, st.st_dev, st.st_ino, off, base)
     path, dev, ino, off, _ = known
+    if mode == "c" and _has_private_pages(base):
+        # Checked at each send: a write since the last one makes pages of its own.
+        return "the sender wrote to its copy-on-write memmap: those writes are in its memory only"
     lo, hi = span(arr)
     offset = off + _addr(arr) - base
     if st.st_size < offset + hi:
@@ -221,8 +262,15 @@ def _open_mapped(ref):
             raise FileNotSame(f"{path} on {HOST} is not the file the memmap was made of "
                               f"(device, inode, size or modification time differ)")
         if st.st_size < offset + hi:
-            raise FileNotSame(f"{path} on {HOST} is {st.st_size} bytes, shorter than the memmap reaches "
-                              f"({offset + hi})")
+            e = FileNotSame(f"{path} on {HOST} is {st.st_size} bytes, shorter than the memmap reaches "
+                            f"({offset + hi})")
+            e.resendable = False
+            raise e
+        if mode == "r+" and boot != BOOT_ID:
+            # Writes through a file that two machines share (NFS) are not
+            # seen by the other machine at once: r+ holds on one machine.
+            raise FileNotSame(f"{path} is shared between machines: writes to it (mode r+) would not be seen "
+                              f"by the other machine at once")
         start = (offset + lo) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         mm = mmap.mmap(fd, offset + hi - start, access=_ACCESS[mode], offset=start)
     finally:
@@ -236,12 +284,22 @@ def _open_mapped(ref):
 
 # ---- by value ----------------------------------------------------------------------
 
-def window(arr):
+def _in_arena(arr):
+    from .serialize import _owner_block
+    return _owner_block(arr) is not None
+
+
+def window(arr, shared=False):
     """(win, offset, strides): a 1-d uint8 array over the bytes arr reaches
     (see span), in the same memory, the offset of arr's first element in
     it, and arr's strides; a contiguous copy of arr, 0 and the copy's
     strides if its memory cannot be viewed so."""
     lo, hi = span(arr)
+    if hi - lo > 2 * arr.nbytes and not (shared and _in_arena(arr)):
+        # A sparse view (every 4096th element): its elements, not the span
+        # between them. Only a shared array in the arena keeps its memory.
+        c = np.ascontiguousarray(arr)
+        return c.reshape(-1).view(np.uint8), 0, c.strides
     x, seen = arr, 0
     while isinstance(x.base, np.ndarray) and seen < 64:
         x, seen = x.base, seen + 1
@@ -274,7 +332,7 @@ def _rebuild(buf, layout, cls, mode):
 def reduce_by_value(pickler, arr, mode, cls, note=None):
     """arr's bytes as one out-of-band buffer that the receiver views as mode
     asks ("r" read-only, "r+" shared writable, "c" copy-on-write)."""
-    win, offset, strides = window(arr)
+    win, offset, strides = window(arr, shared=mode == "r+")
     pb = pickle_buffer(pickler, win, mode)
     if note:
         pickler.notes.append(note)

@@ -427,6 +427,8 @@ class Engine:
                 # Drop the engine's own frames: the user's code starts at the cell or the function.
                 tb = [line for line in tb if "shoal/_engine.py" not in line and "shoal/_display.py" not in line]
             meta.update(status="error", ename=type(e).__name__, evalue=str(e), traceback=tb)
+            if getattr(e, "before_running", False) and getattr(e, "resendable", False):
+                meta["resend_by_value"] = True
             # A cell that fails (not silent: %px's) aborts what is queued behind
             # it on this engine, as an IPython kernel's stop_on_error does.
             if not isinstance(e, TaskAborted) and request.get("kind") == "execute" and \
@@ -541,8 +543,14 @@ class Engine:
 
     def execute(self, request, payload, buffers):
         kind = request.get("kind")
-        args = serialize.loads(payload[1], request.get("buffers", []), buffers, arena=self.arena) \
-            if len(payload) > 1 and payload[1].nbytes else None
+        try:
+            args = serialize.loads(payload[1], request.get("buffers", []), buffers, arena=self.arena) \
+                if len(payload) > 1 and payload[1].nbytes else None
+        except serialize.FileNotSame as e:
+            # Before anything ran: the client may send the task again with the
+            # memmap's bytes (its reply says so: meta "resend_by_value").
+            e.before_running = True
+            raise
         if kind == "execute":
             return self.run_code(request["code"], request.get("silent", True))
         if kind == "apply":

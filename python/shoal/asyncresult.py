@@ -275,7 +275,8 @@ class AsyncResult(_Future):
         # What only a pending task needs goes (a finished one may be held
         # by the million): the arena blocks, and an empty list.
         self._keep = self._blocks = ()
-        self._by_value = _NOTHING
+        if "_by_value" in self.__dict__:  # only a task with memmaps has its own (a slot in every task's dict, else)
+            del self._by_value
         if not self._zmq_targets:
             self._zmq_targets = ()
         self._client._record(self)

@@ -169,11 +169,21 @@ def _view_ref(handle, start, layout):
     return np.ndarray(shape, dtype, buffer=block, offset=-lo, strides=strides)
 
 
-def _load_on_engine(key, path, kwargs):
+_held = {}  # on an engine: token -> an array DirectView.load keeps until every engine of its node has it
+
+
+def _load_on_engine(key, path, kwargs, token):
     """Run on one engine of a node by DirectView.load: loads into the
-    node's arena, binds key, and returns what the others' ArenaRef is
-    made of (ArenaRef.state)."""
+    node's arena, binds key, keeps the array under token until _let_go
+    (whatever the user does with key meanwhile, the block lives until the
+    node's other engines have their views), and returns what their
+    ArenaRef is made of (ArenaRef.state)."""
     import __main__
     a = load(path, **kwargs)
+    _held[token] = a
     __main__.__dict__[key] = a
     return ArenaRef.state(a)
+
+
+def _let_go(token):
+    _held.pop(token, None)

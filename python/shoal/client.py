@@ -1181,25 +1181,34 @@ class Client:
         if kept is None or not payload:
             return False
         reply = json.loads(bytes(payload[0]))
-        if reply.get("status") != "error" or reply.get("ename") != "FileNotSame" or \
-                "shorter" in reply.get("evalue", ""):
-            return False  # a file truncated under us: its pages past the end cannot be read here either
+        # Only a task whose arguments could not be rebuilt there, before it
+        # ran (not a FileNotSame of the user's code, not a file that shrank).
+        if reply.get("status") != "error" or not reply.get("resend_by_value"):
+            return False
         meta, obj = kept
         engine = hdr["sender"]
-        # The bytes go once for every engine that needs them, to one node:
-        # no arena of ours (it is the engine's node that lacks the file).
+        # For an engine of our node, in our arena (a shared array stays
+        # shared); for another node's, as frames.
+        arena = self.arena if self._on_this_node(engine) else None
         try:
-            s = serialize.dumps(obj, memmaps="value", memmaps_why=reply.get("evalue", "not the same file there"))
+            s = serialize.dumps(obj, arena=arena, memmaps="value",
+                                memmaps_why=reply.get("evalue", "not the same file there"))
             self._check_limits(s, [engine])
         except Exception:
             return False  # the engine's FileNotSame stands as the part's result, and says why
+        ar._keep.extend(s.keep)
         frames = [struct.pack("<I", engine), json.dumps(_request(meta, s)).encode(), s.payload]
         mid = self._sock.send(_core.MSG_TASK, frames, s.frames)
-        group = ar._mids[hdr["reply_to"]]
+        old = hdr["reply_to"]
+        rest = [t for t in ar._mids[old] if t != engine]
         ar._mids[mid] = [engine]
+        if rest:
+            ar._mids[old] = rest  # what that message still has to answer
+        else:
+            del ar._mids[old]
+            ar._by_value.pop(old, None)
+            self._pending.pop(old, None)
         self._pending[mid] = ar
-        if len(group) == 1:  # that message has nothing more to answer
-            self._pending.pop(hdr["reply_to"], None)
         return True
 
     def shared(self, a, mode="r+"):
@@ -1212,7 +1221,10 @@ class Client:
             raise RuntimeError("this client has no arena (no agent on its machine, or lanes=False): "
                                "shoal.shared(a) marks a for engines without sharing it with the client")
         a = np.asarray(a)
-        if serialize._owner_block(a) is None or serialize._owner_block(a).arena is not self.arena:
+        owner = serialize._owner_block(a)
+        # In our arena and writable here: shared where it is. Otherwise (an
+        # array of private memory, or one received read-only) a copy.
+        if owner is None or owner.arena is not self.arena or not a.flags.writeable:
             whole = self.arena.empty(a.shape, dtype=a.dtype)
             whole[...] = a
             a = whole

@@ -268,7 +268,9 @@ def dumps(obj, arena=None, threshold=THRESHOLD, reply=False, memmaps="reference"
             out.frames.append(raw)
             return False
         owner = _owner_block(pb)
-        if owner is not None and owner.arena is arena:
+        # Shared writable (r+) is never made of memory that is read-only
+        # where it is (an array received read-only): that gets a copy.
+        if owner is not None and owner.arena is arena and not (mode == "r+" and raw.readonly):
             start = address(raw) - owner.address
             out.buffers.append(("arena", owner.handle, start, raw.nbytes) + more)
             out.keep.append(owner)

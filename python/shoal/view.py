@@ -9,6 +9,7 @@ import contextlib
 import functools
 import importlib
 import itertools
+import os
 import sys
 import time
 import types
@@ -271,12 +272,23 @@ class DirectView(_View):
         for e in engines:
             if e not in what:
                 nodes.setdefault(client._node_of(e), []).append(e)
-        for node, es in nodes.items():
-            # One engine of the node loads and keeps it; the others view its block.
-            ref = bulk.ArenaRef(*client[es[0]].apply_sync(bulk._load_on_engine, key, str(path), kwargs))
-            what.update((e, ref) for e in es)
-        ar = client._submit(engines, {"kind": "push"}, None, each=[{key: what[e]} for e in engines])
+        # One engine of each other node loads it (all at once) and holds it
+        # until every engine of its node has its view; the others view its block.
+        token = f"{os.getpid()}-{next(_load_tokens)}"
+        loads = {es[0]: client[es[0]].apply_async(bulk._load_on_engine, key, str(path), kwargs, token)
+                 for es in nodes.values()}
+        try:
+            for es in nodes.values():
+                ref = bulk.ArenaRef(*loads[es[0]].get())
+                what.update((e, ref) for e in es)
+            ar = client._submit(engines, {"kind": "push"}, None, each=[{key: what[e]} for e in engines])
+        except BaseException:
+            for loader in loads:
+                client[loader].apply_async(bulk._let_go, token)
+            raise
         ar._fname = "load"
+        if loads:
+            ar.add_done_callback(lambda _: [client[loader].apply_async(bulk._let_go, token) for loader in loads])
         if self._block(block):
             ar.get()
             return None
@@ -459,6 +471,9 @@ _flatten = _flat  # a map's parts joined; AsyncMapResult yields them as they arr
 def _map_chunk(f, *chunks):
     """Runs on an engine: one block of a DirectView.map."""
     return list(map(f, *chunks))
+
+
+_load_tokens = itertools.count()  # DirectView.load's, one per load of this process
 
 
 def _shared(client, seq):

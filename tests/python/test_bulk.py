@@ -189,3 +189,24 @@ def test_load_without_io_uring_in_a_subprocess(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_the_loaded_block_outlives_the_loaders_name_until_its_node_has_it(two_nodes):
+    """On a node the client does not share, one engine loads and the others
+    view its block. The loader's own name may go at once (`del x`), while
+    another engine of its node is still busy: the block lives until that
+    engine has its view. (Before, it failed with a stale handle.)"""
+    import time
+    ctl, first, second, root = two_nodes
+    a = np.arange(200_000.0)
+    np.save(root / "held.npy", a)
+    with shoal.Client(url_file=str(ctl.conn)) as rc:
+        far = [e for e in rc.ids if rc._node_of(e) != rc._local_node]
+        assert len(far) == 2
+        loader, busy = far
+        nap = rc[busy].apply_async(time.sleep, 1.0)  # its push waits behind this
+        ar = rc[far].load("x", root / "held.npy", block=False)
+        rc[loader].execute("del x", block=True)
+        assert ar.get(10) == [None, None]
+        nap.get(10)
+        assert evaluate(rc[busy], "float(x[-1])") == 199_999.0

@@ -103,6 +103,30 @@ def test_c_is_copy_on_write_for_each_engine(rc, tmp_path):
     assert np.fromfile(tmp_path / "data.f8", dtype="f8", count=4)[3] == 3.0
 
 
+def test_a_copy_on_write_memmap_the_sender_wrote_to_goes_by_value(rc, tmp_path):
+    """The client writes to its own c memmap: the file does not have that
+    write, so the engines get the client's bytes (and a note), not the
+    file's; before any write it goes by reference."""
+    m = a_file(tmp_path, "c", n=1 << 15)
+    ar = rc[:].apply_async(lambda a: (type(a).__name__, float(a[0])), m)
+    assert ar.get(10) == [("memmap", 0.0)] * 3 and all("notes" not in md for md in ar.metadata)
+    m[0] = 42.0
+    ar = rc[:].apply_async(lambda a: (type(a).__name__, float(a[0]), a.flags.writeable), m)
+    assert ar.get(10) == [("ndarray", 42.0, True)] * 3
+    assert all("wrote to its copy-on-write memmap" in md["notes"][0] for md in ar.metadata)
+
+
+def test_a_sparse_view_goes_by_value_as_its_elements(tmp_path):
+    """Every 4096th element of a 32 MiB memmap, by value: 64 KiB of
+    elements, not the 32 MiB between them."""
+    from shoal import serialize
+    m = a_file(tmp_path, "r", n=4 * MiB)
+    s = serialize.dumps(m[::4096], memmaps="value")
+    assert sum(memoryview(f).nbytes for f in s.frames) + len(s.payload) < 2 * 8 * 1024 + 1000
+    back = serialize.loads(s.payload, s.buffers, s.frames)
+    assert (back == m[::4096]).all()
+
+
 def test_memmap_arguments_views_and_results_go_by_reference(rc, tmp_path):
     """As an argument, a strided view of a memmap reaches the engine as
     the same elements of the file; a memmap an engine returns comes back
@@ -197,6 +221,23 @@ def test_a_shared_array_is_one_memory_for_the_engines_and_the_client(rc):
     dv.push({"tiny": tiny}, block=True)
     dv.execute("tiny[row] = 7", block=True)
     assert tiny.tolist() == [7.0, 7.0, 7.0]
+
+
+def test_sharing_an_array_received_read_only_makes_a_copy(rc):
+    """A result the client holds read-only (an arena view through lanes)
+    is everyone's: rc.shared copies it, and shoal.shared's r+ send does
+    too, so the engines that had it still see it unchanged."""
+    e = rc.ids[0]
+    got = rc[e].apply_sync(lambda: __import__("numpy").arange(100_000.0))
+    if rc.arena is None:
+        return
+    assert not got.flags.writeable
+    mine = rc.shared(got)
+    assert mine.flags.writeable and not np.shares_memory(mine, got)
+    dv = rc[:]
+    dv.push({"w": shoal.shared(got)}, block=True)
+    dv.execute("w[0] = -1", block=True)
+    assert got[0] == 0.0, "a read-only array was written through"
 
 
 def test_a_copy_on_write_array_lets_each_engine_write_alone(rc):
@@ -304,6 +345,16 @@ def test_an_engine_without_the_file_gets_its_bytes_once_and_says_so(elsewhere, l
         # What went by value to the far engine is read-only, as the file was.
         with pytest.raises(shoal.RemoteError, match="read-only"):
             rc[far].apply_sync(lambda a: a.__setitem__(0, 1), m)
+        # A FileNotSame of the user's own code is its result: the task is
+        # not run again (it ran once on each engine).
+        @shoal.interactive  # in the engine's namespace
+        def mine(a):
+            global runs
+            runs = globals().get("runs", 0) + 1
+            raise __import__("shoal").FileNotSame("the user's own")
+        with pytest.raises(shoal.CompositeError, match="the user's own"):
+            rc[[near, far]].apply_sync(mine, m)
+        assert rc[[near, far]].pull("runs", block=True) == [1, 1]
 
 
 # ---- under a memory limit ---------------------------------------------------------------
