@@ -166,3 +166,14 @@ def make_cgroup(v1, limit):
         os.rmdir(path)
         return None, f"cannot set a memory limit in {path}: {e.strerror}"
     return path, None
+
+
+def remove_cgroup(path):
+    """Removes a cgroup of make_cgroup's once the processes in it are gone
+    (the kernel lets go of a dead process's membership a little later)."""
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.1)

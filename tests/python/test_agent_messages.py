@@ -18,7 +18,7 @@ import shoal
 from shoal import _bin
 from shoal.local import LocalArena
 
-from procs import Agent, Controller, make_cgroup
+from procs import Agent, Controller, make_cgroup, remove_cgroup
 
 
 def test_a_client_during_an_agent_stall_warns_and_goes_through_the_controller(tmp_path):
@@ -204,9 +204,4 @@ def test_the_default_arena_is_half_the_cgroup_limit(tmp_path, version):
         finally:
             ctl.stop()
     finally:
-        for _ in range(50):
-            try:
-                os.rmdir(cg)
-                break
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(cg)

@@ -6,14 +6,13 @@ of its own, where the client's file is not the same file."""
 
 import ctypes
 import os
-import time
 
 import numpy as np
 import pytest
 
 import shoal
 
-from procs import Agent, Controller, evaluate, make_cgroup
+from procs import Agent, Controller, evaluate, make_cgroup, remove_cgroup
 
 MiB = 1 << 20
 
@@ -392,9 +391,4 @@ def test_a_memmap_larger_than_the_nodes_memory_limit_reaches_every_engine(tmp_pa
             agent.stop()
         if ctl is not None:
             ctl.stop()
-        for _ in range(50):
-            try:
-                os.rmdir(cg)
-                break
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(cg)
