@@ -35,10 +35,16 @@ def register_joblib_backend(name="ipyparallel", make_default=False):
     """Registers a joblib backend that runs on a load-balanced view of the
     default profile's cluster (view.register_joblib_backend: of a view's)."""
     from ._joblib import register_default
-    return register_default(name, make_default)
+    return register_default(Client, name, make_default)
 
 
 def load_ipython_extension(ip):
-    """%load_ext shoal registers the %px magics (see shoal.magics)."""
+    """%load_ext shoal registers the %px magics (see shoal.magics), for
+    every engine of the default profile's cluster, connected on first use."""
     from .magics import load_ipython_extension as load
-    load(ip)
+
+    def connect():
+        view = Client().direct_view("all")
+        view.block = True
+        return view
+    load(ip, connect)

@@ -21,11 +21,13 @@ arrays that pickle as usual (their large buffers out of band).
 
 import mmap
 import os
+import pickle
 import socket
 import weakref
 
 import numpy as np
 
+from ._core import Block
 
 MODES = ("r", "r+", "c")
 
@@ -82,6 +84,24 @@ def shared(a, mode="r+"):
     out = a.view(SharedArray)
     out.mode = mode
     return out
+
+
+def owner_block(obj):
+    """The arena Block whose memory obj's buffer is, or None."""
+    seen = 0
+    while obj is not None and seen < 64:
+        if isinstance(obj, Block):
+            return None if obj.private else obj  # a copy-on-write block's writes are this process's alone
+        if isinstance(obj, np.ndarray):
+            obj = obj.base
+        elif isinstance(obj, memoryview):
+            obj = obj.obj
+        elif isinstance(obj, pickle.PickleBuffer):
+            obj = memoryview(obj).obj
+        else:
+            return None
+        seen += 1
+    return None
 
 
 # ---- memmaps: where their bytes are -------------------------------------------------
@@ -285,8 +305,7 @@ def _open_mapped(ref):
 # ---- by value ----------------------------------------------------------------------
 
 def _in_arena(arr):
-    from .serialize import _owner_block
-    return _owner_block(arr) is not None
+    return owner_block(arr) is not None
 
 
 def window(arr, shared=False):
@@ -340,7 +359,6 @@ def reduce_by_value(pickler, arr, mode, cls, note=None):
 
 
 def pickle_buffer(pickler, win, mode):
-    import pickle
     pb = pickle.PickleBuffer(win)
     pickler.buffer_modes[id(pb)] = mode
     pickler.held.append(pb)  # so that its id is not another's before the callback has seen it

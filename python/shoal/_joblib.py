@@ -36,7 +36,7 @@ except ImportError as e:  # joblib is needed only by whoever registers a backend
     raise ImportError("register_joblib_backend needs joblib: install it (pip install joblib) "
                       "in the client's environment and the engines'") from e
 
-from .client import Client
+import sys
 
 
 class IPythonParallelBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -52,8 +52,12 @@ class IPythonParallelBackend(AutoBatchingMixin, ParallelBackendBase):
 
     supports_retrieve_callback = True  # results are taken in the callback (and so timeout and return_as work)
 
-    def __init__(self, view=None, **kwargs):
+    def __init__(self, view=None, connect=None, **kwargs):
         super().__init__(**kwargs)
+        # What makes the default profile's client: shoal.Client (given by
+        # shoal.register_joblib_backend; this module imports no client, so
+        # that none imports it back).
+        self._connect = connect or sys.modules[__package__].Client
         if view is not None:
             view = view._load_balanced()
         self._given = view  # None: the default profile's, through a client of our own
@@ -71,7 +75,7 @@ class IPythonParallelBackend(AutoBatchingMixin, ParallelBackendBase):
             return self._given
         with self._connecting:
             if self._client is None:
-                client = Client()
+                client = self._connect()
                 try:
                     client.wait_for_engines(1, timeout=client.timeout)
                 except BaseException:
@@ -157,8 +161,10 @@ def register(view, name="ipyparallel", make_default=False):
     register_parallel_backend(name, functools.partial(IPythonParallelBackend, view=view), make_default=make_default)
 
 
-def register_default(name="ipyparallel", make_default=False):
+def register_default(connect, name="ipyparallel", make_default=False):
     """Registers the default profile's cluster as the joblib backend name:
-    each Parallel call connects a ``shoal.Client()`` and runs on its
-    load_balanced_view(). make_default: joblib's default backend from now on."""
-    register_parallel_backend(name, IPythonParallelBackend, make_default=make_default)
+    each Parallel call connects a client (connect(): ``shoal.Client()``) and
+    runs on its load_balanced_view(). make_default: joblib's default
+    backend from now on."""
+    register_parallel_backend(name, functools.partial(IPythonParallelBackend, connect=connect),
+                              make_default=make_default)

@@ -22,7 +22,7 @@ import types
 import weakref
 from concurrent.futures._base import FINISHED
 
-from . import serialize
+from . import outputs, serialize
 from ._records import Reply
 from .error import CompositeError, EngineError, RemoteError, TaskAborted, TimeoutError
 
@@ -489,8 +489,7 @@ class AsyncResult(_Future):
     def display_outputs(self, groupby="type"):
         """Prints each engine's stdout, stderr and cell value as %px does
         (groupby: "type", "engine" or "order")."""
-        from . import magics
-        magics.display_outputs(self, groupby)
+        outputs.display_outputs(self, groupby)
 
     def wait_interactive(self, interval=0.1, timeout=-1, file=None, return_when=None):
         """Waits, drawing a progress bar of the results that have come.

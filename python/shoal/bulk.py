@@ -19,6 +19,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from . import _core
+from ._arrays import owner_block
 
 ALIGN = 4096  # what O_DIRECT asks of file offsets and memory addresses
 HEADER = 4096  # save() pads the .npy header to this, so that the data can go through O_DIRECT
@@ -147,8 +148,7 @@ class ArenaRef:
     def state(a):
         """(handle, start, layout) of a, an array in an arena: what
         ArenaRef is made of, as plain values (to return from an engine)."""
-        from .serialize import _owner_block
-        owner = _owner_block(a)
+        owner = owner_block(a)
         if owner is None:
             raise ValueError("not an array in an arena")
         return owner.handle, a.__array_interface__["data"][0] - owner.address, (a.dtype, a.shape, a.strides)

@@ -23,22 +23,7 @@ import sys
 import time
 
 from . import _bin, _core
-from .client import Client, _connection_file, _profile_dir
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (a child we have not reaped) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+from .client import Client, _alive, _connection_file, _profile_dir
 
 
 def _wait_gone(pids, timeout):

@@ -134,8 +134,7 @@ def _stop_profile(profile, remove=True):
     10 s) to any process of the profile but this one and its ancestors.
     Returns the pids that could not be stopped (none, unless SIGKILL
     failed)."""
-    from .cli import _alive
-    from .client import _connection_file, _profile_dir
+    from .client import _alive, _connection_file, _profile_dir
     if os.path.exists(_connection_file(profile, None)):
         try:
             subprocess.run([sys.executable, "-m", "shoal", "stop", "--profile", profile],

@@ -47,6 +47,7 @@ from cloudpickle import cloudpickle as _cp
 
 from . import _arrays
 from ._arrays import FileNotSame, SharedArray, shared
+from ._arrays import owner_block as _owner_block  # where view.py and client.py find it
 from ._core import Arena, Block, address, copy
 
 THRESHOLD = 64 * 1024
@@ -69,24 +70,6 @@ class Serialized:
     keep: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what the receiver should be told (a memmap sent by value)
     files: list = field(default_factory=list)  # the files of the memmaps that went by reference
-
-
-def _owner_block(obj):
-    """The arena Block whose memory obj's buffer is, or None."""
-    seen = 0
-    while obj is not None and seen < 64:
-        if isinstance(obj, Block):
-            return None if obj.private else obj  # a copy-on-write block's writes are this process's alone
-        if isinstance(obj, np.ndarray):
-            obj = obj.base
-        elif isinstance(obj, memoryview):
-            obj = obj.obj
-        elif isinstance(obj, pickle.PickleBuffer):
-            obj = memoryview(obj).obj
-        else:
-            return None
-        seen += 1
-    return None
 
 
 # Values pickled as plain pickle would (no buffers, nothing by value):
