@@ -134,15 +134,20 @@ def _mapping(arr):
 
 def span(arr):
     """(lo, hi): the bytes arr reaches, from its first element's address."""
-    if arr.size == 0:
+    return span_of(arr.shape, arr.strides, arr.itemsize)
+
+
+def span_of(shape, strides, itemsize):
+    """span of an array of that shape, strides and itemsize."""
+    if not all(shape):
         return 0, 0
     lo = hi = 0
-    for n, st in zip(arr.shape, arr.strides):
+    for n, st in zip(shape, strides):
         if st < 0:
             lo += st * (n - 1)
         else:
             hi += st * (n - 1)
-    return lo, hi + arr.itemsize
+    return lo, hi + itemsize
 
 
 def _maps_entry(addr):

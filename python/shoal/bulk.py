@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from . import _core
-from ._arrays import owner_block
+from ._arrays import _addr, owner_block, span_of
 
 ALIGN = 4096  # what O_DIRECT asks of file offsets and memory addresses
 HEADER = 4096  # save() pads the .npy header to this, so that the data can go through O_DIRECT
@@ -60,7 +60,7 @@ def _destination(arena, nbytes, skew):
         raw = arena.empty((room,), dtype=np.uint8)
     else:
         raw = np.empty(room, dtype=np.uint8)
-    first = (-raw.__array_interface__["data"][0]) % ALIGN  # the first aligned byte
+    first = -_addr(raw) % ALIGN  # the first aligned byte
     return raw[first:first + skew + nbytes]
 
 
@@ -151,7 +151,7 @@ class ArenaRef:
         owner = owner_block(a)
         if owner is None:
             raise ValueError("not an array in an arena")
-        return owner.handle, a.__array_interface__["data"][0] - owner.address, (a.dtype, a.shape, a.strides)
+        return owner.handle, _addr(a) - owner.address, (a.dtype, a.shape, a.strides)
 
     def __reduce__(self):
         return _view_ref, (self.handle, self.start, self.layout)
@@ -163,8 +163,7 @@ def _view_ref(handle, start, layout):
     if arena is None:
         raise RuntimeError("an arena array's reference reached a process without that arena")
     dtype, shape, strides = layout
-    lo = sum(s * (n - 1) for n, s in zip(shape, strides) if s < 0) if all(shape) else 0
-    hi = (sum(s * (n - 1) for n, s in zip(shape, strides) if s > 0) + dtype.itemsize) if all(shape) else 0
+    lo, hi = span_of(shape, strides, dtype.itemsize)
     block = arena.acquire_bytes(tuple(handle), start + lo, hi - lo)
     return np.ndarray(shape, dtype, buffer=block, offset=-lo, strides=strides)
 

@@ -927,9 +927,7 @@ class Client:
 
     def _on_this_node(self, eid):
         """Whether engine eid shares our arena (runs on the node we attached to)."""
-        if self.local is None:
-            return False
-        return any(e["id"] == eid and e["node"] == self._local_node for e in self._engines)
+        return self.local is not None and self._node_of(eid) == self._local_node
 
     def _submit(self, targets, meta, obj, each=None, make=None):
         """Sends a task to targets; returns its AsyncResult.

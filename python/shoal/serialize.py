@@ -48,7 +48,7 @@ from cloudpickle import cloudpickle as _cp
 from . import _arrays
 from ._arrays import FileNotSame, SharedArray, shared
 from ._arrays import owner_block as _owner_block  # where view.py and client.py find it
-from ._core import Arena, Block, address, copy
+from ._core import Arena, address, copy
 
 THRESHOLD = 64 * 1024
 
