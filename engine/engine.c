@@ -5,7 +5,8 @@
  * environment that started the cluster ($SHOAL_PYTHON, else the one shoal
  * was built with), so the engine sees that environment's site-packages,
  * a virtual environment's included, and hands over to shoal._engine.main(),
- * which talks to the agent and runs tasks.
+ * which joins the agent and then runs the task loop of loop.c (the built-in
+ * module _shoal_engine).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -15,6 +16,8 @@
 #include <stdlib.h>
 #include <sys/prctl.h>
 #include <unistd.h>
+
+#include "loop.h"
 
 #ifndef SHOAL_DEFAULT_PYTHON
 #error "SHOAL_DEFAULT_PYTHON must name the Python the engine embeds"
@@ -41,6 +44,10 @@ int main(int argc, char **argv)
     if (!python || !*python)
         python = SHOAL_DEFAULT_PYTHON;
 
+    if (PyImport_AppendInittab("_shoal_engine", shoal_engine_loop_init) < 0) {
+        fprintf(stderr, "shoal-engine: cannot register the engine's loop\n");
+        return 1;
+    }
     PyConfig config;
     PyConfig_InitPythonConfig(&config);
     /* Our arguments are ours (shoal._engine reads them), not python's options. */

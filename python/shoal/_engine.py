@@ -1,12 +1,15 @@
-"""The engine's side: the loop that shoal-engine (a C program embedding
-CPython) hands over to.
+"""The engine's Python side. shoal-engine (a C program embedding CPython)
+calls main(), which joins the node agent and hands the Engine to the task
+loop in C (engine/loop.c, the built-in module _shoal_engine).
 
-The engine connects to its node agent's Unix socket, gets the arena's fd,
-introduces itself, and gets its two rings (tasks in, completions out) and
-the eventfd that wakes the agent. Then it takes task descriptors from its
-submission ring, runs each task in its persistent namespace, writes the
-reply into an arena block and puts a descriptor of it on its completion ring.
-docs/engine.md describes the formats.
+Joining: the engine connects to its agent's Unix socket, gets the arena's
+fd, introduces itself, and gets its two rings (tasks in, completions out)
+and the eventfd that wakes the agent. The C loop then waits on the rings,
+handles their slots and writes the replies; for each task it calls
+Engine.task(), which runs the task in the engine's persistent namespace
+(unpickling its arguments, pickling its value). What must be Python lives
+here: the namespace, the streams, the display hooks (_display), IPython's
+cell syntax. docs/engine.md describes the formats.
 """
 
 import argparse
@@ -23,17 +26,24 @@ import time
 import traceback
 
 from . import _display, serialize
-from ._core import RING_BELL_OFFSET, Arena, Doorbell, Ring
-from ._msgblock import (ABORTED, KIND_LANE, KIND_OUTPUT, KIND_POOL, KIND_RELEASE, KIND_RESULT, KIND_SHUTDOWN,
-                        KIND_TASK, SLOT, Lane, block_flags, pack_frames, unpack_frames)
+from ._core import Arena
+from ._msgblock import ABORTED, unpack_frames
 from .error import TaskAborted
+
+try:
+    import _shoal_engine  # the task loop: built into shoal-engine, and only there
+except ImportError:
+    _shoal_engine = None
 
 # Output of a running task goes out at most this often (seconds), or sooner
 # when this much has gathered (characters).
 OUTPUT_INTERVAL = 0.05
 OUTPUT_CHUNK = 8192
-# Pieces of output one task may have in flight; past this the reply carries the rest.
-OUTPUT_MAX_PIECES = 256
+
+_json_load = json.JSONDecoder().scan_once  # json.loads without its checks of the input's type
+_json_dump = json.JSONEncoder(default=str).encode
+_PLAIN_META = '{"status": "ok", "engine_id": %d, "started": %r, "buffers": [], "stdout": "", "stderr": "", ' \
+    '"completed": %r}'
 
 
 def recv_line(sock, want_fds=0):
@@ -130,37 +140,6 @@ class _Stream(io.TextIOBase):
         return "".join(self.whole)
 
 
-class _Sink:
-    """Where a task's replies go: the completion ring, and the reply blocks
-    kept until the other side says it has taken them (RELEASE)."""
-
-    def __init__(self, cq, in_arena):
-        self.cq = cq
-        self.in_arena = in_arena  # large result buffers in arena blocks (a local client) or in the block
-        # reply block offset -> (Block, output Blocks, blocks of its buffers). A
-        # reply's output blocks were sent before it: the ring is in order, so
-        # they are taken by the time the reply is released.
-        self.replies = {}
-
-    def push(self, slot):
-        """Puts a completion on the ring; False if the other side has gone."""
-        try:
-            while self.cq.push(slot) == 0:
-                # The agent drains its ring at once; a client drains its lane
-                # whenever it waits or submits.
-                time.sleep(0.0002 if self.in_arena else 0)
-        except BrokenPipeError:
-            return False
-        return True
-
-
-class _LaneSink(_Sink):
-    def __init__(self, lane):
-        super().__init__(lane.cq, True)
-        self.lane = lane
-        self.pools = []  # the client's pools (Rings) this engine takes tasks from too
-
-
 class Engine:
     def __init__(self, path, index):
         self.index = index
@@ -176,27 +155,16 @@ class Engine:
         if "error" in reply or not fds:
             raise ConnectionError(f"the agent refused engine {index}: {reply.get('error', 'no doorbell')}")
         self.id = reply["engine"]
+        # What the loop (engine/loop.c) reads: the block of our two rings,
+        # their size, the eventfd that wakes the agent, how long to spin.
         handle = tuple(reply["rings"])
         self.rings = self.arena.acquire_bytes(handle, 0, handle[1], readonly=False)
-        size = Ring.size(reply["nslots"])
-        self.sq = Ring(self.rings)
-        self.cq = Ring(self.rings, offset=size)
+        self.nslots = reply["nslots"]
         self.doorbell = fds[0]
-        self.cq.set_notify_fd(self.doorbell)
-        # Our doorbell is the task ring's own: the agent rings it, and so do
-        # local clients, through their lanes' task rings.
-        self.bell = Doorbell(self.rings, RING_BELL_OFFSET)
-        self.agent = _Sink(self.cq, False)
-        self.lanes = []  # _LaneSink of each local client's lane
-        self.sink = self.agent  # where the running task's output goes
         self.spin = float(os.environ.get("SHOAL_ENGINE_SPIN", "5e-5"))
         self.out, self.err = _Stream(self, "stdout"), _Stream(self, "stderr")
-        self._waited = None  # the rings waited on, rebuilt when lanes or pools come or go
         self.execution_count = 0  # execute tasks run, as IPython numbers cells
-        self.stopping = False  # a shutdown task asked it to exit
-        self.outputs = []  # output blocks of the running task
         self.running = False  # user code is running (a SIGINT interrupts it)
-        self.abort_queued = False  # a non-silent execute failed: the tasks queued behind it are aborted
         # The engine's one namespace: __main__'s dict, which execute, push and
         # pull use, functions of the client's __main__ get as their globals,
         # and the IPython shell, once made, has as its user_ns (_display).
@@ -204,152 +172,10 @@ class Engine:
         self.ns = main.__dict__
         self.ns.setdefault("__builtins__", builtins)
 
-    def loop(self):
-        spin = self.spin
-        while True:
-            # Spin for a while after each batch before sleeping: waking a
-            # sleeping engine costs ~20-50 us on these VMs, and the next task of
-            # a busy client usually comes sooner. Measured (2 cores): 50 us keeps
-            # a no-op round trip at its best; 1 ms made an 8 MiB push to 8
-            # engines twice as slow (they spun on each other's cores).
-            # SHOAL_ENGINE_SPIN (seconds) sets it. Adaptive: the engine spins
-            # only if its last wait was shorter than the spin, so that it
-            # would have paid. Tasks that come one after another (a client's
-            # round trips) keep it spinning; tasks that come far apart (a
-            # push to every engine, now and then) do not, and the engines
-            # that still work keep the cores.
-            started = time.monotonic()
-            self.bell.wait(self.waited(), spin=spin)
-            spin = self.spin if time.monotonic() - started < self.spin else 0
-            try:
-                slots = self.sq.pop(64)
-            except BrokenPipeError:
-                return 0  # the agent closed our ring: it is stopping
-            for i in range(0, len(slots), SLOT.size):
-                task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
-                if kind == KIND_SHUTDOWN:
-                    return 0
-                if kind == KIND_RELEASE:
-                    self.agent.replies.pop(off, None)
-                elif self.stopping:
-                    continue  # after a shutdown: only the releases of what it sent
-                elif kind == KIND_TASK:
-                    self.run_task(task_id, (off, length, gen), self.agent)
-                elif kind == KIND_LANE:
-                    self.open_lane((off, length, gen))
-            self.abort_queued = False  # the batch that held a failed cell is answered
-            if self.stopping:
-                return self.finish()
-            for sink in list(self.lanes):
-                self.serve_lane(sink)
-                if self.stopping:
-                    return self.finish()
-            # One task from a pool at a time, and only once the rings above
-            # are served: the rest of the pool is for whichever engine is idle.
-            self.take_from_pools()
-            if self.stopping:
-                return self.finish()
-
-    def waited(self):
-        """Every ring the engine waits on: the agent's, each lane's, each pool's."""
-        if self._waited is None:
-            self._waited = [self.sq] + [s.lane.sq for s in self.lanes] + [p for s in self.lanes for p in s.pools]
-        return self._waited
-
-    def take_from_pools(self):
-        """Runs one task from the first of our pools that has one (the
-        lanes take turns going first); True if it ran one."""
-        if self.lanes:
-            self.lanes.append(self.lanes.pop(0))
-        for sink in list(self.lanes):
-            for pool in list(sink.pools):
-                try:
-                    got = pool.take(self.id)
-                except OSError:  # closed by its client (or broken): drop it
-                    sink.pools.remove(pool)
-                    self._waited = None
-                    continue
-                if got is None:
-                    continue
-                task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(got[1])
-                if kind == KIND_TASK and not sink.lane.cq.closed:
-                    self.run_task(task_id, (off, length, gen), sink)
-                    self.abort_queued = False  # a task of its own: no batch behind it
-                return True
-        return False
-
-    def finish(self, timeout=5.0):
-        """Exits after a shutdown task: first waits (a while) for the replies
-        it sent to be taken, which would go with it otherwise; tasks sent
-        after the shutdown are not run (their senders hear that it stopped)."""
-        deadline = time.monotonic() + timeout
-        open_ = list(zip([self.agent] + self.lanes, [self.sq] + [s.lane.sq for s in self.lanes]))
-        while any(sink.replies for sink, _ in open_) and time.monotonic() < deadline:
-            self.bell.wait([ring for _, ring in open_], timeout=0.05, spin=0)
-            for sink, ring in list(open_):
-                try:
-                    slots = ring.pop(64)
-                except OSError:
-                    sink.replies.clear()  # closed: nobody will take them
-                    open_.remove((sink, ring))  # and a closed ring would wake us for ever
-                    continue
-                for i in range(0, len(slots), SLOT.size):
-                    _, kind, _, off, _, _, _ = SLOT.unpack_from(slots, i)
-                    if kind == KIND_RELEASE:
-                        sink.replies.pop(off, None)
-        return 0
-
-    def open_lane(self, handle):
-        try:
-            self.lanes.append(_LaneSink(Lane(self.arena, handle)))
-            self._waited = None
-        except (OSError, ValueError) as e:
-            print(f"shoal-engine {self.id}: a lane the agent gave could not be opened: {e}", file=sys.__stderr__)
-
-    def serve_lane(self, sink):
-        lane = sink.lane
-        try:
-            slots = lane.sq.pop(64)
-        except (BrokenPipeError, OSError):
-            # Closed (its client is gone) or broken: its replies and pools go with it.
-            self.lanes.remove(sink)
-            self._waited = None
-            return
-        for i in range(0, len(slots), SLOT.size):
-            task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
-            if kind == KIND_RELEASE:
-                sink.replies.pop(off, None)
-            elif kind == KIND_POOL:
-                self.open_pool(sink, (off, length, gen))
-            elif kind == KIND_TASK and not lane.cq.closed and not self.stopping:  # nobody would take the reply
-                self.run_task(task_id, (off, length, gen), sink)
-        self.abort_queued = False  # the batch that held a failed cell is answered
-
-    def open_pool(self, sink, handle):
-        """A client's pool of load-balanced tasks, announced on its lane."""
-        try:
-            block = self.arena.acquire_bytes(handle, 0, handle[1], readonly=False)
-            pool = Ring(block)
-            if not pool.is_pool:
-                raise ValueError("not a pool")
-            pool.set_doorbell(self.rings, RING_BELL_OFFSET)  # its client rings ours
-        except (OSError, ValueError) as e:
-            print(f"shoal-engine {self.id}: a pool its client gave could not be opened: {e}", file=sys.__stderr__)
-            return
-        sink.pools.append(pool)
-        self._waited = None
-
     def send_output(self, name, text):
         """Sends a piece of a running task's stdout or stderr to its client
         (best effort: the reply carries the whole text anyway)."""
-        if len(self.outputs) >= OUTPUT_MAX_PIECES:
-            return
-        try:
-            block = pack_frames(self.arena, [json.dumps({"name": name, "text": text}).encode()])
-            if self.sink.cq.push(SLOT.pack(self.task_id, KIND_OUTPUT, 0, *block.handle, self.id)) == 1:
-                self.outputs.append(block)
-        except Exception:
-            pass  # best effort (no arena memory, its client gone): the reply has it all
+        _shoal_engine.output(json.dumps({"name": name, "text": text}).encode())
 
     def publish_data(self, data):
         """datapub.publish_data: merges data (a dict) into the running
@@ -361,9 +187,17 @@ class Engine:
         pickled = base64.b64encode(serialize.dumps(self.data, reply=True).payload).decode()
         self.send_output("data", pickled)
 
-    def run_task(self, task_id, handle, sink):
-        self.task_id, self.sink = task_id, sink
-        aborting = self.abort_queued
+    def task(self, task_id, handle, msg, payload, buffers, flags, in_arena, aborting):
+        """Runs a task for the C loop, which has decoded its message block
+        (handle): msg, its Block, and its payload and buffer frames
+        (memoryviews of msg), and its flags; msg is None if the block
+        could not be acquired, payload None if it is not a message block.
+        Returns (meta, value payload, value frames, kept objects,
+        stop_on_error), which the loop packs into the reply block. What the
+        task raises is its result; an exception out of here stops the
+        engine. in_arena: its client is on this node (large result buffers
+        go into arena blocks, memmaps by reference); aborting: a cell before
+        it failed (it answers TaskAborted)."""
         self.data = {}  # what the task published (datapub.publish_data)
         out, err = self.out, self.err
         out.reset()
@@ -371,19 +205,22 @@ class Engine:
         meta = {"status": "ok", "engine_id": self.id, "started": time.time()}
         outputs = []
         _display.collect(outputs)  # what display() shows during the task
-        value_payload, value_frames, keep = b"", [], []
+        value_payload, value_frames, keep = b"", [], None
         request, stop_on_error = {}, False
         try:
-            msg = self.arena.acquire_bytes(handle, 0, handle[1])
-            payload, buffers = unpack_frames(msg)
-            if block_flags(msg) & ABORTED:
+            if msg is None:
+                msg = self.arena.acquire_bytes(handle, 0, handle[1])  # raises why it could not be
+            if payload is None:
+                payload, buffers = unpack_frames(msg)  # raises why it is not a message block
+            if flags & ABORTED:
                 raise TaskAborted(f"task {task_id} was aborted before it started")
-            request = json.loads(bytes(payload[0]))
+            request = _json_load(bytes(payload[0]).decode(), 0)[0]
             if request.get("notes"):  # what the client was told to tell (a memmap sent by value, and why)
                 meta["notes"] = list(request["notes"])
             if aborting:
                 raise TaskAborted(f"task {task_id} was aborted: a cell before it failed (as a kernel stops on error)")
-            if request.get("kind") == "execute":
+            kind = request.get("kind")
+            if kind == "execute":
                 # Counted as IPython counts cells: only code that is run.
                 self.execution_count += 1
                 meta["execution_count"] = self.execution_count
@@ -397,7 +234,7 @@ class Engine:
                 self.running = False
                 sys.stdout, sys.stderr = saved
             del msg, payload, buffers
-            if request.get("kind") == "execute":
+            if kind == "execute":
                 # A cell's value is shown, not returned, as by ipyparallel's
                 # engines (an ExecuteReply on the client): its display data,
                 # unless the cell is silent (execute's default; %px's are not).
@@ -410,13 +247,16 @@ class Engine:
             # A memmap goes by reference to a client on this node (it maps the
             # file itself); through the agent the client may be on a machine
             # without the file, so its bytes go.
-            s = serialize.dumps(value, arena=self.arena if sink.in_arena else None, reply=True,
-                                memmaps="reference" if sink.in_arena else "value",
-                                memmaps_why="a result through the controller")
-            value_payload, value_frames, keep = s.payload, s.frames, s.keep
-            meta["buffers"] = s.buffers
-            if s.notes:
-                meta.setdefault("notes", []).extend(s.notes)
+            if value is None:
+                meta["buffers"] = []
+            else:
+                s = serialize.dumps(value, arena=self.arena if in_arena else None, reply=True,
+                                    memmaps="reference" if in_arena else "value",
+                                    memmaps_why="a result through the controller")
+                value_payload, value_frames, keep = s.payload, s.frames, s.keep
+                meta["buffers"] = s.buffers
+                if s.notes:
+                    meta.setdefault("notes", []).extend(s.notes)
         except BaseException as e:  # a task's failure, SystemExit included, is its result, not our end
             if type(e).__name__ == "UsageError" and type(e).__module__ == "IPython.core.error":
                 tb = [f"UsageError: {e}\n"]  # a magic's misuse: its message is the story, as in IPython
@@ -433,8 +273,7 @@ class Engine:
             # it on this engine, as an IPython kernel's stop_on_error does.
             if not isinstance(e, TaskAborted) and request.get("kind") == "execute" and \
                     not request.get("silent", True):
-                self.abort_queued = True  # for the rest of the batch this task came in
-                stop_on_error = True
+                stop_on_error = True  # the loop answers the rest of the batch this task came in
         _display.collect(None)
         meta["stdout"], meta["stderr"] = out.getvalue(), err.getvalue()
         if outputs:
@@ -446,52 +285,22 @@ class Engine:
                 print(f"shoal-engine {self.id}: the data task {task_id} published cannot be pickled: {e}",
                       file=sys.__stderr__)
         meta["completed"] = time.time()
-        try:
-            block = pack_frames(self.arena, [json.dumps(meta, default=str).encode(), value_payload], value_frames)
-        except Exception as e:  # no arena memory for it, say: a small reply says so
-            failed = {"status": "error", "engine_id": self.id, "ename": type(e).__name__,
-                      "evalue": f"the reply could not be written: {e}", "traceback": [],
-                      "stdout": "", "stderr": "", "started": meta["started"], "completed": meta["completed"]}
-            try:
-                block = pack_frames(self.arena, [json.dumps(failed).encode(), b""])
-            except Exception:
-                print(f"shoal-engine {self.id}: cannot answer task {task_id}: {e}", file=sys.__stderr__)
-                return
-            keep = []
-        sink.replies[block.handle[0]] = (block, self.outputs, keep)
-        self.outputs = []
-        if stop_on_error:
-            # What is queued behind the failed cell is aborted before its
-            # reply goes: nothing queued yet was sent in answer to it.
-            self.abort_queued_behind(sink)
-        if not sink.push(SLOT.pack(task_id, KIND_RESULT, 0, *block.handle, self.id)):
-            sink.replies.pop(block.handle[0], None)  # its client is gone
+        if len(meta) == 7 and meta["status"] == "ok" and not (meta["buffers"] or meta["stdout"] or meta["stderr"]):
+            # A task that printed nothing and returned no buffers (the most
+            # common): its metadata as json.dumps writes it, without its cost.
+            text = _PLAIN_META % (self.id, meta["started"], meta["completed"])
+        else:
+            text = _json_dump(meta)
+        return text.encode(), value_payload, value_frames, keep, stop_on_error
 
-    def abort_queued_behind(self, sink):
-        """Answers TaskAborted to every task waiting in sink's ring (the
-        agent's, or a client's lane), as an IPython kernel's stop_on_error
-        aborts its queue after a failed cell. Other slots are handled as
-        the loop handles them."""
-        ring = self.sq if sink is self.agent else sink.lane.sq
-        while True:
-            try:
-                slots = ring.pop(64)
-            except OSError:
-                return
-            if not slots:
-                return
-            for i in range(0, len(slots), SLOT.size):
-                task_id, kind, _, off, length, gen, _ = SLOT.unpack_from(slots, i)
-                if kind == KIND_TASK:
-                    self.run_task(task_id, (off, length, gen), sink)  # abort_queued: TaskAborted
-                elif kind == KIND_RELEASE:
-                    sink.replies.pop(off, None)
-                elif kind == KIND_POOL:
-                    self.open_pool(sink, (off, length, gen))
-                elif kind == KIND_LANE:
-                    self.open_lane((off, length, gen))
-                elif kind == KIND_SHUTDOWN:
-                    self.stopping = True
+    def failed_reply(self, meta, error):
+        """The metadata of a reply that says the task's reply (meta, JSON)
+        could not be written (no arena memory for it, say)."""
+        meta = json.loads(meta)
+        return json.dumps({"status": "error", "engine_id": self.id, "ename": type(error).__name__,
+                           "evalue": f"the reply could not be written: {error}", "traceback": [],
+                           "stdout": "", "stderr": "", "started": meta.get("started"),
+                           "completed": meta.get("completed")}).encode()
 
     def on_sigint(self, signum, frame):
         """SIGINT (Client.send_signal, %%px's Ctrl-C) interrupts the user
@@ -568,7 +377,7 @@ class Engine:
                         del self.ns["_shoal_push_value"]
             return None
         if kind == "shutdown":
-            self.stopping = True  # once this reply is sent
+            _shoal_engine.stop()  # once this reply is sent
             return None
         if kind == "clear":
             keep = {k: self.ns[k] for k in ("__name__", "__builtins__", "__doc__") if k in self.ns}
@@ -633,7 +442,7 @@ def main():
     signal.signal(signal.SIGINT, engine.on_sigint)
     global current
     current = engine
-    return engine.loop()
+    return _shoal_engine.serve(engine)
 
 
 current = None  # this process's Engine, once it is up (datapub finds it here)
