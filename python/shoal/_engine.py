@@ -382,6 +382,7 @@ class Engine:
         if kind == "clear":
             keep = {k: self.ns[k] for k in ("__name__", "__builtins__", "__doc__") if k in self.ns}
             self.ns.clear()
+            serialize.forget_functions()  # functions sent before come anew, as from a new engine
             self.ns.update(keep)
             shell = _display.current()
             if shell is not None:  # as IPython's reset: its own names (get_ipython, In, Out) come back

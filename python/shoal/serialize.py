@@ -144,12 +144,20 @@ class _Pickler(_Arrays, cloudpickle.Pickler):
 
     _namespace = _EngineNamespace()  # one object: the pickle's memo gives each function the same dict
 
+    _whole = False  # pickling a function for _function_blob: the whole of it, not its blob
+
     def reducer_override(self, obj):
         # The functions every pickled function of __main__ names go by
         # reference at once: cloudpickle's look-up of where a function
         # lives costs ~1.5 us each, and a no-op task names four of them.
         if obj.__class__ is types.FunctionType:
-            return NotImplemented if obj in _BY_REFERENCE else self._function_reduce(obj)
+            if obj in _BY_REFERENCE:
+                return NotImplemented
+            if not self._whole and _is_interactive(obj):
+                kept = _function_blob(obj)
+                if kept is not None:
+                    return _load_function, kept
+            return self._function_reduce(obj)
         if isinstance(obj, np.ndarray):
             r = _arrays.reduce(self, obj)
             if r is not NotImplemented:
@@ -171,8 +179,73 @@ class _Pickler(_Arrays, cloudpickle.Pickler):
             None, None, _set_engine_first
 
 
+# A plain function of __main__ (no defaults, closure, attributes or
+# annotations; what it names of __main__ only modules and what pickles by
+# reference), sent again and again (a loop of apply, a task per item),
+# is pickled once: its pickle (~20 us to make) is kept while the function
+# and what it names stay the same objects, and a receiver unpickles each
+# such pickle once (~8 us), then hands out the same function, binding the
+# names it came with again, as each unpickling would. Code objects are
+# immutable, and such a function carries nothing else of its own.
+_FUNCTIONS = weakref.WeakKeyDictionary()  # function -> (what it was made of, (its pickle, the names it binds))
+_LOADED = {}  # its pickle -> (the function, the names it binds and their values), on the receiving side
+_LOADED_MAX = 256
+
+
+def _function_blob(func):
+    """(the pickle of func alone, the names of __main__ it binds where it
+    is unpickled), made once while func stays the same; None if func is
+    not plain enough to keep them."""
+    if func.__defaults__ or func.__kwdefaults__ or func.__closure__ is not None or func.__dict__ or \
+            func.__annotations__:
+        return None
+    g = func.__globals__
+    named = []
+    for name in _cp._extract_code_globals(func.__code__):
+        value = g.get(name)
+        if isinstance(value, _CODE):
+            if not isinstance(value, types.ModuleType) and getattr(value, "__module__", None) == "__main__":
+                return None  # sent by value: it may change without changing its identity
+            named.append((name, value))
+    made_of = (func.__code__, func.__name__, func.__qualname__, func.__doc__, tuple(named))
+    kept = _FUNCTIONS.get(func)
+    if kept is not None and kept[0] == made_of:
+        return kept[1]
+    f = io.BytesIO()
+    p = _Pickler(f, protocol=5)
+    p._whole = True
+    p.dump(func)
+    kept = (f.getvalue(), tuple(name for name, _ in named))
+    _FUNCTIONS[func] = (made_of, kept)
+    return kept
+
+
+def _load_function(blob, names):
+    """A function of the sender's __main__ from its pickle (see
+    _FUNCTIONS), unpickled the first time; each time, the names it was sent
+    with are bound in its globals (this process's namespace) to what they
+    were unpickled as, over what is there, as unpickling binds them."""
+    kept = _LOADED.get(blob)
+    if kept is None:
+        func = pickle.loads(blob)
+        g = func.__globals__
+        kept = func, [(name, g[name]) for name in names if name in g]
+        if len(_LOADED) >= _LOADED_MAX:
+            del _LOADED[next(iter(_LOADED))]
+        _LOADED[blob] = kept
+    else:
+        kept[0].__globals__.update(kept[1])
+    return kept[0]
+
+
+def forget_functions():
+    """Drops the functions _load_function unpickled (an engine's clear)."""
+    _LOADED.clear()
+
+
 _reducer_override = cloudpickle.Pickler.reducer_override
-_BY_REFERENCE = frozenset((_engine_namespace, _set_engine_first, _cp._make_function, _cp._function_setstate))
+_BY_REFERENCE = frozenset((_engine_namespace, _set_engine_first, _cp._make_function, _cp._function_setstate,
+                           _load_function))
 _CloudPickler = _with_arrays(cloudpickle.Pickler)  # results, and use_cloudpickle()
 
 # What pickles functions for the engines (use_cloudpickle, use_dill and

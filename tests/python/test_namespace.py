@@ -90,6 +90,26 @@ def helper(x):              # edited: the engines use the new one
     return 3 * x
 
 out["helper_edited"] = dv.apply_sync(f, 1)
+
+# A plain function sent again and again is unpickled once on each engine
+# (the same function object each time), and still binds what it names.
+def floor_of(x):
+    return math.floor(x)
+
+def count_calls(f):         # marks the engine's function object: it counts if it is the same one
+    f.calls = getattr(f, "calls", 0) + 1
+    return f.calls
+
+out["same_function"] = [dv.apply_sync(count_calls, floor_of) for _ in range(3)]
+out["plain_again"] = [dv.apply_sync(floor_of, 2.5) for _ in range(3)]
+dv.clear(block=True)        # math is gone from the engines' namespaces...
+out["after_clear"] = dv.apply_sync(floor_of, 3.5)   # ...and comes back with the function
+dv.execute("math = None", block=True)
+out["rebound"] = dv.apply_sync(floor_of, 4.5)
+def floor_of(x):            # redefined: the new one runs
+    return math.floor(x) + 100
+
+out["redefined"] = dv.apply_sync(floor_of, 4.5)
 rc.close()
 print(json.dumps(out))
 """
@@ -117,6 +137,13 @@ def test_functions_of_a_script_see_the_engine_namespace(cluster, tmp_path, path)
     assert out["data"] == ["NameError"] * 3, "data the client never pushed is not sent with the function"
     assert out["data_engine"] == [3] * 3, "the engine's value of a name, not the client's"
     assert out["helper_edited"] == [5 + 3 + 2.0 + 1] * 3, "a helper redefined on the client is the new one"
+    first = out["same_function"][0]
+    assert out["same_function"] == [first, [n + 1 for n in first], [n + 2 for n in first]], \
+        "one function object on each engine"
+    assert out["plain_again"] == [[2] * 3] * 3
+    assert out["after_clear"] == [3] * 3, "a function sent again binds its modules again, after a clear"
+    assert out["rebound"] == [4] * 3, "...and over what the engine bound to the name"
+    assert out["redefined"] == [104] * 3, "a function redefined on the client is the new one"
 
 
 @pytest.fixture(scope="module")
