@@ -4,6 +4,9 @@ Dask distributed, joblib (loky) and multiprocessing.Pool.
 Each system gets the same number of workers, started (and warmed up) before
 any timing. Each figure is the median of --reps runs, with min and max.
 Workloads (issue 5):
+  first      a new client's first calls: round trips of a no-op task on one
+             worker, 5000 of them right after the system started (before any
+             other workload): p50 of calls 1-200 beside p50 of calls 1000-5000
   rtt        round trip of a no-op task on one worker: p50 and p99 over 1000 calls,
              after a second of them
   tiny-map   tiny tasks through the system's load-balanced map, one result per
@@ -466,6 +469,16 @@ def w_rtt(sys_, args, out, workers):
         calls=RTT_CALLS)
 
 
+FIRST_CALLS = 5000
+
+
+def w_first(sys_, args, out, workers):
+    # Right after start: a notebook's user makes few calls, and lives in these.
+    lat = timed(sys_.rtt, FIRST_CALLS)
+    out(workload="first", first200_p50_us=statistics.median(lat[:200]) * 1e6,
+        later_p50_us=statistics.median(lat[1000:]) * 1e6, calls=FIRST_CALLS)
+
+
 def w_tiny(sys_, args, out, workers):
     for mode, fn in (("tiny-map", sys_.tiny_map), ("tiny-async", sys_.tiny_async)):
         if fn is None:
@@ -581,9 +594,9 @@ def w_reduce(sys_, args, out, workers):
 
 
 # Which workloads run with how many workers (a cluster start each).
-PHASES = [("workers", [w_rtt, w_tiny, w_scatter_gather, w_uneven, w_reduce]),
+PHASES = [("workers", [w_first, w_rtt, w_tiny, w_scatter_gather, w_uneven, w_reduce]),
           ("broadcast_workers", [w_broadcast, w_resident])]
-NAMES = {"rtt": w_rtt, "tiny": w_tiny, "broadcast": w_broadcast, "resident": w_resident,
+NAMES = {"first": w_first, "rtt": w_rtt, "tiny": w_tiny, "broadcast": w_broadcast, "resident": w_resident,
          "scatter-gather": w_scatter_gather,
          "uneven": w_uneven, "reduce": w_reduce}
 
