@@ -7,7 +7,7 @@ is ``get()``, ``exception()`` the error ``get()`` would raise, and
 whoever waits for it through the client (get, wait, ready); a Future's
 waiters (wait, as_completed, a callback, an awaiting event loop) are not
 such a thread, so while one of them waits the client's own thread receives
-for it (Client._drive).
+for it (Routes.drive, in routes.py).
 """
 
 import asyncio
@@ -49,7 +49,7 @@ class _Waiters(list):
         super().append(waiter)
         ar = self.ar()
         if ar is not None:
-            ar._client._want(ar)
+            ar._client._routes.want(ar)
 
 
 class _Future(concurrent.futures.Future):
@@ -109,7 +109,7 @@ class _Future(concurrent.futures.Future):
             cond.notify_all()
 
     # Whether a Future's waiter or a callback waits for it: then the
-    # client's thread receives while it is pending (Client._drive_loop).
+    # client's thread receives while it is pending (Routes._drive_loop).
     _wanted = False
 
     def _has_work(self):
@@ -123,7 +123,7 @@ class _Future(concurrent.futures.Future):
         with self._client._lock:  # the client's thread may be completing it right now
             if not self._done():
                 self._callback(fn)
-                self._client._want(self)
+                self._client._routes.want(self)
                 return
         fn(self)
 
@@ -198,7 +198,7 @@ class AsyncResult(_Future):
     _data = _NOTHING  # engine id -> what it published (so far)
     _part_lens = _NOTHING  # engine id -> items of a map's block it had
     _mids = _NOTHING  # our messages to the controller -> their targets
-    _by_value = _NOTHING  # those of them with memmaps by reference -> (meta, obj) (Client._resend_by_value)
+    _by_value = _NOTHING  # those of them with memmaps by reference -> (meta, obj) (ControllerRoute._resend_by_value)
     _callbacks = ()  # called (with self) once every engine has answered, after the receiving
 
     def _own(self, name):

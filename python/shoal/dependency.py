@@ -252,7 +252,7 @@ class TaskResult(AsyncResult):
             return self._end(engine, ok, value, meta)
         self._tick()
         if self._has_work():
-            self._client._drive(self)
+            self._client._routes.drive(self)
 
     def _abort(self):
         """Aborts the task if it has not started: True if it had not."""

@@ -126,7 +126,7 @@ class LoadBalancedMapResult(AsyncMapResult):
         with self._client._lock:
             self._fill()
             if self._has_work():
-                self._client._drive(self, thread=drive)
+                self._client._routes.drive(self, thread=drive)
             elif self._done():
                 self._resolve()  # no items
 
@@ -239,7 +239,7 @@ class LoadBalancedMapResult(AsyncMapResult):
         (unless a Future's waiter waits for it)."""
         if not self._wanted:
             with contextlib.suppress(ValueError):
-                self._client._driven.remove(self)
+                self._client._routes.driven.remove(self)
 
     def _chunk_finished(self, i, result):
         low, high = self._chunks[i]

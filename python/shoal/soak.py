@@ -351,7 +351,7 @@ def _client_main(spec_json):
         ids = rc.ids
         rc[ids].apply_sync(abs, -1)  # lanes opened, functions pickled once
         rc.load_balanced_view(ids).map_sync(abs, range(-len(ids) * 2, 0), chunksize=1)
-        say(ready=os.getpid(), lanes=sum(1 for e in ids if rc._lanes.get(e) is not None))
+        say(ready=os.getpid(), lanes=sum(1 for e in ids if rc._routes.lane.lanes.get(e) is not None))
         go.wait()
         w = _Worker(rc, spec)
         t0 = time.monotonic()

@@ -615,7 +615,7 @@ class LoadBalancedView(_View):
                             retries=self.retries)
             ar._tick()
             if ar._has_work():
-                self.client._drive(ar)
+                self.client._routes.drive(ar)
         self._sent(ar)
         return ar.get() if self.block else ar
 
@@ -669,7 +669,7 @@ class LoadBalancedView(_View):
             return result.get()
         except BaseException:
             if not result._done():
-                self.client._drive(result)  # the map goes on, as it does in ipyparallel
+                self.client._routes.drive(result)  # the map goes on, as it does in ipyparallel
             raise
 
     def map_sync(self, f, *sequences, **kw):

@@ -49,13 +49,13 @@ def test_thousands_of_clients_opened_and_closed_leave_the_agent_serving(cluster)
         rc = shoal.Client(url_file=str(ctl.conn), timeout=10)
         assert rc.arena is not None, f"cycle {i}: no arena"
         if i % 500 == 0:  # a lane now and then: its doorbell and rings go with the connection
-            assert rc._lane(rc.ids[0]) is not None, f"cycle {i}: no lane"
+            assert rc._routes.lane.lane(rc.ids[0]) is not None, f"cycle {i}: no lane"
         rc.close()
     took = time.monotonic() - t0
     assert agent_fds(agent) <= before + 2, "what a closed client used is given back"
     with shoal.Client(url_file=str(ctl.conn), timeout=10) as rc:
         assert rc.arena is not None
-        assert rc._lane(rc.ids[0]) is not None
+        assert rc._routes.lane.lane(rc.ids[0]) is not None
         assert rc[rc.ids[0]].apply_sync(lambda x: x + 1, 41) == 42
     assert agent.proc.poll() is None
     print(f"5000 cycles in {took:.1f} s")

@@ -74,7 +74,7 @@ def test_agent_death_fails_every_lane_and_pool_task_at_once(tmp_path, loop):
     try:
         with shoal.Client(url_file=str(ctl.conn)) as rc, \
                 shoal.Client(url_file=str(ctl.conn), lanes=False) as through:
-            assert rc._lane(ids[0]) is not None, "this test needs lanes"
+            assert rc._routes.lane.lane(ids[0]) is not None, "this test needs lanes"
             first = rc[ids[0]]  # a view made before, used after
             lane = [rc[e].apply_async(time.sleep, 30) for e in ids]
             pool = [rc.load_balanced_view().apply_async(time.sleep, 30) for _ in range(6)]
@@ -472,11 +472,11 @@ def test_a_client_that_did_not_wait_does_not_take_the_controller_for_dead(tmp_pa
     try:
         with shoal.Client(url_file=str(ctl.conn), lanes=False) as rc:
             view = rc[eid]
-            assert rc._ctl_timeout == 3  # 1 s node timeout + 2
+            assert rc._routes.controller.timeout == 3  # 1 s node timeout + 2
             long = view.apply_async(lambda: (time.sleep(8), 7)[1])
-            time.sleep(rc._ctl_timeout + 1)  # not waiting; the task goes on after
+            time.sleep(rc._routes.controller.timeout + 1)  # not waiting; the task goes on after
             assert long.get(20) == 7
-            time.sleep(rc._ctl_timeout + 1)
+            time.sleep(rc._routes.controller.timeout + 1)
             assert view.apply_sync(abs, -2) == 2
     finally:
         agent.stop()
@@ -495,7 +495,7 @@ def test_a_client_never_closed_gives_back_its_watch_on_the_controller(tmp_path):
         before = fds()
         for _ in range(20):
             rc = shoal.Client(url_file=str(ctl.conn), lanes=False)
-            assert rc._ctl_pidfd is not None, "this test needs a local controller"
+            assert rc._routes.controller.pidfd is not None, "this test needs a local controller"
             del rc
             gc.collect()
         assert fds() <= before

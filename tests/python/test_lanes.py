@@ -57,7 +57,7 @@ def wait_for(cond, timeout=5.0):
 def test_lane_tasks_do_not_touch_the_controller(rc, cluster):
     ctl, agent = cluster
     assert rc[:].apply_sync(os.getpid) == [e["pid"] for e in agent.engines]
-    assert all(rc._lanes[e] is not None for e in rc.ids), "each engine of this node has a lane"
+    assert all(rc._routes.lane.lanes[e] is not None for e in rc.ids), "each engine of this node has a lane"
     ctl.proc.send_signal(signal.SIGSTOP)  # a frozen controller cannot be on the path
     try:
         dv = rc[:]
@@ -114,7 +114,7 @@ def test_an_engine_killed_mid_task_fails_it_within_a_second(tmp_path):
     try:
         victim, survivor = [e["id"] for e in agent.engines]
         pid = c[victim].apply_sync(os.getpid)
-        assert c._lanes[victim] is not None
+        assert c._routes.lane.lanes[victim] is not None
         held = c[victim]  # a view made while it ran
         ar = c[victim].apply_async(time.sleep, 60)
         queued = c[victim].apply_async(abs, -1)  # waits behind it in the lane
@@ -153,10 +153,10 @@ def test_an_engine_killed_while_it_holds_a_pool_task(tmp_path):
         lview = c.load_balanced_view()
         pids = dict(zip(c.ids, c[:].apply_sync(os.getpid)))
         long = lview.apply_async(lambda: (__import__("time").sleep(60), __import__("os").getpid())[1])
-        assert c._pools, "both engines are on this node: the view has a pool"
+        assert c._routes.pool.pools, "both engines are on this node: the view has a pool"
         rest = [lview.apply_async(lambda x: (__import__("time").sleep(0.05), x)[1], i) for i in range(20)]
         assert wait_for(lambda: c.cluster_status()["unassigned"] < 20, 5)
-        pool = next(iter(c._pools.values()))
+        pool = next(iter(c._routes.pool.pools.values()))
         task_id = long.task_id  # no dependencies: the task went into the pool as it is
         taker = pool.ring.owner(pool.tasks[task_id])
         assert taker in pids, "the pool says which engine took the long task"
@@ -213,7 +213,7 @@ def test_submissions_wait_for_room_and_lose_nothing(rc, monkeypatch):
     ars = []
     for i in range(400):
         ars.append(lview.apply_async(abs, -i) if i % 2 else dv.apply_async(abs, -i))
-        most = max(most, len(rc._lane_tasks) + len(rc._pool_tasks))
+        most = max(most, len(rc._routes.lane.tasks) + len(rc._routes.pool.tasks))
     assert most <= 64
     assert [ar.get(30) for ar in ars] == [i if i % 2 else [i, i] for i in range(400)]
 
@@ -243,8 +243,8 @@ def test_replies_are_let_go_small_ones_with_the_next_task_large_ones_at_once(rc,
     for _ in range(50):
         rc[:].apply_sync(abs, -1)
     assert wait_for(lambda: rc.arena.stats()["used_blocks"] <= base), (base, rc.arena.stats())
-    from shoal import client as client_mod
-    monkeypatch.setattr(client_mod, "_CORES", 1)  # two engines, "more than cores"
+    from shoal import route_lane
+    monkeypatch.setattr(route_lane, "_CORES", 1)  # two engines, "more than cores"
     for _ in range(50):
         rc[:].apply_sync(abs, -1)
     assert rc.arena.stats()["used_blocks"] <= base + len(rc.ids)
@@ -255,14 +255,14 @@ def test_replies_are_let_go_small_ones_with_the_next_task_large_ones_at_once(rc,
     time.sleep(0.1)
     assert rc.arena.stats()["used_blocks"] == base + len(rc.ids), (base, rc.arena.stats())
     # ...until its next task brings the RELEASE.
-    monkeypatch.setattr(client_mod, "_CORES", len(rc.ids))
+    monkeypatch.setattr(route_lane, "_CORES", len(rc.ids))
     rc[:].apply_sync(abs, -1)
     assert wait_for(lambda: rc.arena.stats()["used_blocks"] <= base), (base, rc.arena.stats())
 
 
 def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
     # Each engine keeps our last small reply until its next task says it may
-    # let go (client.RELEASE_WAKE_BYTES): the same one block each here and below.
+    # let go (route_lane.RELEASE_WAKE_BYTES): the same one block each here and below.
     rc[:].apply_sync(abs, 1)
     base = rc.arena.stats()["used_blocks"]
     script = textwrap.dedent(f"""
@@ -273,7 +273,7 @@ def test_a_client_killed_mid_task_leaves_nothing_behind(rc, cluster):
         c[1].apply_async(lambda: __import__("numpy").ones(4 << 20))
         lview = c.load_balanced_view()  # a pool, with tasks taken and waiting
         [lview.apply_async(time.sleep, 0.3) for _ in range(6)]
-        assert c._pools
+        assert c._routes.pool.pools
         print("sent", flush=True)
         time.sleep(60)
     """)
@@ -299,7 +299,8 @@ def test_a_view_across_two_nodes_takes_both_paths(rc, cluster, tmp_path):
         mine, theirs = agent.engines[0]["id"], other.engines[0]["id"]
         pids = c[[mine, theirs]].apply_sync(os.getpid)
         assert pids == [agent.engines[0]["pid"], other.engines[0]["pid"]]
-        assert c._lanes[mine] is not None and c._lanes[theirs] is None, "a lane here, the controller there"
+        lanes = c._routes.lane.lanes
+        assert lanes[mine] is not None and lanes[theirs] is None, "a lane here, the controller there"
         a = np.arange(1 << 16, dtype=np.float32)
         c[[mine, theirs]].push({"a": a}, block=True)
         assert [float(x) for x in evaluate(c[[mine, theirs]], "a.sum()")] == [float(a.sum())] * 2
@@ -315,7 +316,7 @@ def test_bad_lane_requests_get_an_error_and_the_agent_goes_on(rc):
     assert "error" in local.ask({"lane": "zero"})
     assert "error" in local.ask({"lane": 1e300})
     again = local.ask({"lane": 0})
-    assert again["block"] == list(rc._lane(0).handle), "asking twice gives the same lane"
+    assert again["block"] == list(rc._routes.lane.lane(0).handle), "asking twice gives the same lane"
     assert rc[:].apply_sync(abs, -4) == [4, 4]
 
 
@@ -334,8 +335,8 @@ def test_a_restarted_engine_gets_a_lane_of_its_own(tmp_path):
         assert wait_for(replaced, 10), "a new engine took the dead one's place"
         new = replaced()[0]
         assert c[new].apply_sync(os.getpid) not in (pid, None)
-        assert c._lanes[new] is not None, "the new engine is reached through a lane"
-        assert c._lanes.get(old) is None
+        assert c._routes.lane.lanes[new] is not None, "the new engine is reached through a lane"
+        assert c._routes.lane.lanes.get(old) is None
     finally:
         c.close()
         agent.stop()
@@ -372,11 +373,11 @@ def test_shutdown_of_some_engines(tmp_path, lanes):
         ctl.stop()
 
 
-@pytest.mark.parametrize("where", ["_lane_slot", "_add"])
+@pytest.mark.parametrize("where", ["_slot", "_add"])
 def test_a_ctrl_c_while_taking_replies_loses_none_and_hangs_nothing(rc, where):
     # Every engine's reply waits in its ring; the client is cut (as by a
     # Ctrl-C) as it starts on the first of them: before taking it off its
-    # inbox (_lane_slot), or after, while reading it (AsyncResult._add).
+    # inbox (LaneRoute._slot), or after, while reading it (AsyncResult._add).
     dv = rc[:]
     ar = dv.apply_async(time.sleep, 0.2)
     time.sleep(1.0)
@@ -384,7 +385,7 @@ def test_a_ctrl_c_while_taking_replies_loses_none_and_hangs_nothing(rc, where):
     class Cut(BaseException):
         pass
 
-    code = shoal.AsyncResult._add.__code__ if where == "_add" else shoal.Client._lane_slot.__code__
+    code = shoal.AsyncResult._add.__code__ if where == "_add" else shoal.route_lane.LaneRoute._slot.__code__
     armed = [True]
 
     def cut(frame, event, _):
@@ -401,7 +402,7 @@ def test_a_ctrl_c_while_taking_replies_loses_none_and_hangs_nothing(rc, where):
     assert not armed[0], "cut where asked"
     assert ar.wait(10), "every reply was taken, the one cut short included: nothing waits for ever"
     failed = [v for ok, v in ar._results.values() if not ok]
-    if where == "_lane_slot":
+    if where == "_slot":
         assert not failed, "a reply not yet taken off the inbox is taken at the next receiving"
         assert ar.get() == [None] * len(rc.ids)
     else:

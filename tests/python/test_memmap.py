@@ -139,7 +139,7 @@ def test_memmap_arguments_views_and_results_go_by_reference(rc, tmp_path):
     ar = rc[e].apply_async(lambda a: a[5:9], m)
     got = ar.get(10)
     assert got.tolist() == [5.0, 6.0, 7.0, 8.0]
-    if rc._use_lanes:
+    if rc._routes.lane.use:
         assert isinstance(got, np.memmap) and got.filename == str(m.filename)
         assert "notes" not in ar.metadata
         m[6] = 60.0

@@ -218,8 +218,8 @@ def test_idle_engines_take_tasks_from_the_pool(rc):
     lview = rc.load_balanced_view()
     long = lview.apply_async(lambda: (time.sleep(1.5), os.getpid())[1])
     short = [lview.apply_async(lambda: (time.sleep(0.02), os.getpid())[1]) for _ in range(30)]
-    if rc._lanes.get(0) is not None:
-        assert rc._pools, "the view's engines are all on this node: it has a pool"
+    if rc._routes.lane.lanes.get(0) is not None:
+        assert rc._routes.pool.pools, "the view's engines are all on this node: it has a pool"
         status = rc.cluster_status()
         assert status["unassigned"] + sum(status["queue"]) >= 1
         done = [ar.get(10) for ar in short]
@@ -235,7 +235,7 @@ def test_idle_engines_take_tasks_from_the_pool(rc):
         assert len({ar.get(10) for ar in pair}) == 2, "each ran on an engine of its own"
         long.get(10)
     else:
-        assert not rc._pools, "through the controller there is no pool"
+        assert not rc._routes.pool.pools, "through the controller there is no pool"
         assert len({ar.get(10) for ar in short} | {long.get(10)}) == 3
 
 
@@ -305,7 +305,7 @@ def test_a_blocking_map_hands_out_from_the_waiting_thread_and_goes_on_if_cut_sho
     import time
     lview = rc.load_balanced_view()
     assert lview.map_sync(lambda x: -x, range(5000)) == [-x for x in range(5000)]
-    assert rc._driver is None, "nobody but the caller handed out a blocking map's tasks"
+    assert rc._routes.driver is None, "nobody but the caller handed out a blocking map's tasks"
 
     class Cut(Exception):
         pass
@@ -326,7 +326,7 @@ def test_a_blocking_map_hands_out_from_the_waiting_thread_and_goes_on_if_cut_sho
             lview.map_sync(lambda x: (time.sleep(0.01), x)[1], range(200), chunksize=1)
     finally:
         sys.settrace(None)
-    driven = [w for w in rc._driven if isinstance(w, shoal.view.LoadBalancedMapResult)]
+    driven = [w for w in rc._routes.driven if isinstance(w, shoal.view.LoadBalancedMapResult)]
     assert len(driven) == 1, "the map cut short is still being handed out"
     ar = driven[0]
     assert ar.get(60) == list(range(200)), "and every item of it ran"
@@ -354,7 +354,7 @@ def test_a_blocking_map_cut_short_while_taking_a_result_still_ends(rc):
             lview.map_sync(lambda x: (time.sleep(0.01), x)[1], range(200), chunksize=1)
     finally:
         sys.settrace(None)
-    ar = [w for w in rc._driven if isinstance(w, shoal.view.LoadBalancedMapResult)][0]
+    ar = [w for w in rc._routes.driven if isinstance(w, shoal.view.LoadBalancedMapResult)][0]
     assert ar.get(60) == list(range(200)), "the client's thread took the result whose callback was lost"
     assert not ar._attempts and ar._pooled == 0 and not any(ar._inflight.values())
 
@@ -413,7 +413,7 @@ def test_aborting_tasks_that_wait_in_the_pool(rc):
     lview = rc.load_balanced_view()
     busy = [lview.apply_async(time.sleep, 0.5) for _ in rc.ids]
     waiting = [lview.apply_async(abs, -i) for i in range(5)]
-    if rc._lanes.get(0) is None:
+    if rc._routes.lane.lanes.get(0) is None:
         pytest.skip("through the controller: see test_abort")
     t0 = time.monotonic()
     rc.abort(waiting[:3])
@@ -483,9 +483,9 @@ def test_closing_a_client_with_a_map_in_flight_is_clean(cluster):
     try:
         c.close()
         deadline = time.monotonic() + 5
-        while c._driver is not None and time.monotonic() < deadline:
+        while c._routes.driver is not None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert c._driver is None, "the load balancer's thread ended"
+        assert c._routes.driver is None, "the load balancer's thread ended"
         assert errors == [], errors
     finally:
         threading.excepthook = old

@@ -1,0 +1,321 @@
+"""The controller route: tasks through the controller's signed ZeroMQ
+socket, to any engine on any node (docs/protocol.md, docs/controller.md).
+
+The same socket carries the client's questions to the controller (the
+registry, queues, signals, aborts, shutdown: control()). The route watches
+the controller too: when its process dies (a pidfd, on this machine) or it
+leaves a question unanswered too long, every task through it fails with an
+error that says so.
+"""
+
+import builtins
+import json
+import os
+import select
+import struct
+import time
+import warnings
+import weakref
+
+from . import _core, serialize
+from .error import EngineError, TimeoutError
+from .routes import Route, request
+
+
+def _readable(fd):
+    """Whether fd is readable now (a pidfd: its process has ended); poll,
+    not select, which refuses fds past 1023."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+class ControllerRoute(Route):
+    """One client's socket to the controller of the connection file info
+    (read from path, for profile).
+
+    lock: the client's lock, under which the socket is used.
+    ids: the client's counter of lane and load-balanced task ids (a task
+    that fails before it is sent takes its msg_id from it).
+    registry: what the route needs of the client's registry, as one
+    method: _arena_for(eid) (our arena if engine eid shares it, else None).
+    A weak proxy, so that the client and its routes make no cycle.
+    alive(pid): whether process pid runs.
+    """
+
+    def __init__(self, info, path, profile, lock, ids, registry, alive):
+        self.lock = lock
+        self.ids = ids
+        self.registry = registry
+        self.pid, self.pidfd = self._watch_process(info, path, profile, alive)
+        # Closed by close(), or when a route that was never closed is collected.
+        self._close_pidfd = weakref.finalize(self, os.close, self.pidfd) if self.pidfd is not None \
+            else (lambda: None)
+        self.dead = None  # why the controller is known to be gone (see gone)
+        self.last_heard = time.monotonic()  # when the controller last said anything
+        self.asked_at = 0.0  # when we first asked a silent controller (HEARTBEAT), not answered since
+        self.probe_at = 0.0  # when we last asked it
+        # How long a controller may be silent, asked, before its tasks fail
+        # (its own node timeout: the agents give it up then, too).
+        self.timeout = (info.get("node_timeout_ms") or 30000) / 1000 + 2
+        self.sock = _core.Socket("dealer", bytes.fromhex(info["key"]), connect=info["client"])
+        # What the controller accepts at most (docs/protocol.md, "Limits"):
+        # a task past it is refused here, with a clear error, not sent.
+        self.max_frame = info.get("max_frame") or 1 << 62
+        self.max_payload = info.get("max_payload") or 1 << 62
+        self.pending = {}  # msg_id -> AsyncResult
+        self.parts = 0  # task parts in flight through the controller (client.CONTROLLER_WINDOW)
+        self.replies = {}  # msg_id -> (header, payload) of control replies
+        self.waits = 0  # threads waiting for a controller reply
+
+    @staticmethod
+    def _watch_process(info, path, profile, alive):
+        """(pid, pidfd) of the controller when it runs on this machine
+        (a loopback address), so that its death is seen at once; (pid,
+        None) otherwise, or where pidfds are missing. Raises OSError for a
+        connection file whose local controller no longer runs."""
+        pid, ip = info.get("pid"), info.get("ip", "")
+        if not isinstance(pid, int) or pid <= 0 or not ip.startswith("127."):
+            return pid, None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = None
+        except OSError:
+            return pid, None  # no pidfds here: the heartbeat watch still works
+        if fd is None or not alive(pid):
+            if fd is not None:
+                os.close(fd)
+            raise OSError(f"the controller of profile '{profile}' (pid {pid}) is not running: its connection file "
+                          f"{path} is stale (left by a controller that was killed?). Start a cluster with "
+                          f"`shoal start`, or remove the file.")
+        return pid, fd
+
+    def gone(self, why):
+        """The controller is gone (its process died, or it has not answered
+        for self.timeout): every task through it fails with an EngineError
+        that says so, and so does every later one. Lanes go on."""
+        if self.dead is not None:
+            return
+        self.dead = why
+        for mid, ar in list(self.pending.items()):
+            for e in ar._mids.get(mid, ()):
+                if e not in ar._results:
+                    ar._fail(e, EngineError(f"engine {e}'s result cannot come: {why}", e))
+        self.pending.clear()
+        self.parts = 0
+
+    def _watch(self):
+        """While controller replies are due: has the controller died (its
+        pidfd), or been silent too long? Asks a silent one (HEARTBEAT)."""
+        if self.dead is not None or not (self.pending or self.waits):
+            return
+        if self.pidfd is not None and _readable(self.pidfd):
+            self.gone(f"the controller (pid {self.pid}) died")
+            return
+        # Silence alone says nothing (a long task, a client that did not
+        # wait): a controller is taken for gone only when it has left a
+        # question unanswered for self.timeout.
+        now = time.monotonic()
+        if self.last_heard >= self.asked_at:  # nothing asked since it last spoke
+            if now - self.last_heard > 2:
+                self.asked_at = self.probe_at = now
+                self.sock.send(_core.MSG_HEARTBEAT, [])
+        elif now - self.asked_at > self.timeout:
+            self.gone(f"the controller did not answer for {now - self.asked_at:.0f} s (asked)")
+        elif now - self.probe_at > 1:
+            self.probe_at = now
+            self.sock.send(_core.MSG_HEARTBEAT, [])
+
+    def control(self, kind, body, timeout, receive):
+        """Asks the controller (a message of kind, with body as JSON) and
+        waits up to timeout seconds for its answer, receiving by
+        receive(seconds) meanwhile; returns the answer's body. Raises
+        ConnectionError if the controller is gone, TimeoutError if it does
+        not answer, RuntimeError if it refuses."""
+        if self.dead is not None:
+            raise ConnectionError(f"{self.dead}: start the cluster again (`shoal start`) and make a new Client")
+        with self.lock:
+            mid = self.sock.send(kind, [json.dumps(body).encode()] if body is not None else [])
+            self.waits += 1
+        try:
+            deadline = time.monotonic() + timeout
+            while mid not in self.replies:
+                left = deadline - time.monotonic()
+                if self.dead is not None:
+                    raise ConnectionError(f"{self.dead}: start the cluster again (`shoal start`) and make a "
+                                          f"new Client")
+                if left <= 0:
+                    raise TimeoutError(f"the controller did not answer within {timeout:g} s")
+                receive(left)
+        finally:
+            with self.lock:
+                self.waits -= 1
+        hdr, payload = self.replies.pop(mid)
+        body = json.loads(bytes(payload[0])) if payload else {}
+        if hdr["type"] == _core.MSG_ERROR:
+            raise RuntimeError(f"the controller refused: {body.get('error')}")
+        return body
+
+    def check_limits(self, s, group):
+        """Raises ValueError for a task that the controller would refuse
+        (--max-payload, --max-frame): said here, before anything is sent."""
+        if len(s.payload) > self.max_payload:
+            raise ValueError(
+                f"this task's pickled payload is {len(s.payload)} bytes, more than the controller takes in one "
+                f"message ({self.max_payload} bytes, `shoal start --max-payload`); it goes to engine(s) {group} "
+                f"through the controller. Large data travels best as numpy arrays or bytes-like buffers, "
+                f"which are sent apart from the payload")
+        big = max((memoryview(f).nbytes for f in s.frames), default=0)
+        if big > self.max_frame:
+            raise ValueError(
+                f"this task has a buffer of {big} bytes, more than the controller takes in one frame "
+                f"({self.max_frame} bytes, `shoal start --max-frame`); it goes to engine(s) {group} through "
+                f"the controller")
+
+    # ---- the Route interface ---------------------------------------------------
+
+    def submit(self, ar, group, meta, s, obj):
+        """Sends one task (s, the Serialized of obj) to the engines of group
+        for ar, as one message; or, if the controller is gone, fails them."""
+        if self.dead is not None:
+            if ar.msg_id is None:
+                ar.msg_id = next(self.ids)
+            for t in group:
+                ar._fail(t, EngineError(f"engine {t} cannot be reached: {self.dead}", t))
+            return ()
+        m = request(meta, s)
+        frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
+        mid = self.sock.send(_core.MSG_TASK, frames, s.frames)
+        ar._own("_mids")[mid] = group
+        self.pending[mid] = ar
+        if s.files:
+            # An engine that finds a memmap's file is not the same file
+            # there (another machine, a private /tmp) gets its bytes
+            # instead (_resend_by_value): what to send is kept till then.
+            ar._own("_by_value")[mid] = (meta, obj)
+        self.parts += len(group)
+        if ar.msg_id is None:
+            ar.msg_id = mid
+        return ()
+
+    def busy(self):
+        """Whether replies are due from the controller (task results, or answers to questions)."""
+        return bool(self.pending or self.waits)
+
+    def held(self):
+        return self.parts
+
+    def outstanding(self):
+        return list(self.pending.values())
+
+    def queued(self):
+        for mid, ar in self.pending.items():
+            for e in ar._mids.get(mid, ()):
+                if e not in ar._results:
+                    yield e, ar
+
+    def abort(self, ar, timeout, receive):
+        """Asks the controller to abort ar's messages (the agents mark
+        them), waiting for its answer as control() does: an engine that has
+        not started one answers TaskAborted instead. A controller that is
+        gone or refuses is warned of (at the caller of Client.abort)."""
+        if ar._mids and not ar._zmq_done():
+            try:
+                self.control(_core.MSG_ABORT, {"msg_ids": list(ar._mids)}, timeout, receive)
+            except (TimeoutError, RuntimeError) as e:  # the controller is gone or refuses: the task runs
+                warnings.warn(f"task {ar.msg_id} could not be aborted through the controller: {e}", stacklevel=4)
+        return False
+
+    def close(self):
+        self.pending.clear()
+        self.parts = 0
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self._close_pidfd()
+        self.pidfd = None
+
+    # ---- receiving -----------------------------------------------------------------
+
+    def poll(self):
+        return self.wait(0)
+
+    def wait(self, timeout, want=1):
+        """Receives one message from the controller within timeout seconds."""
+        with self.lock:
+            try:
+                # In short slices, so that another thread waits for the lock
+                # (to submit, or to receive for itself) 5 ms at most.
+                hdr, payload, buffers, _ = self.sock.recv(timeout=min(max(timeout, 0), 0.005))
+            except builtins.TimeoutError:
+                self._watch()
+                return False
+            except _core.WireError:
+                return True  # counted by the socket; nothing we can use
+            self.last_heard = time.monotonic()
+            if hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] in self.pending:
+                # The controller refused a task outright: every target of that message fails.
+                ar = self.pending.pop(hdr["reply_to"])
+                self.parts -= len(ar._mids.get(hdr["reply_to"], ()))
+                text = json.loads(bytes(payload[0])).get("error", "refused") if payload else "refused"
+                ar._refused(ar._mids.get(hdr["reply_to"], ()), text)
+            elif hdr["type"] == _core.MSG_RESULT:
+                ar = self.pending.get(hdr["reply_to"])
+                # A part that has ended already (failed when its node was
+                # lost, which then came back) ends once: its late result is dropped.
+                if ar is not None and hdr["sender"] not in ar._results and \
+                        not (ar._by_value and self._resend_by_value(ar, hdr, payload)):
+                    self.parts -= 1
+                    ar._add(hdr, payload, buffers)
+                    if ar._zmq_done():
+                        for mid in ar._mids:
+                            self.pending.pop(mid, None)
+            elif hdr["type"] == _core.MSG_HEARTBEAT_ACK:
+                pass  # the answer to _watch's question: that it came is the point
+            elif hdr["type"] == _core.MSG_OUTPUT:
+                ar = self.pending.get(hdr["reply_to"])
+                if ar is not None:
+                    ar._output(hdr, payload)
+            else:
+                self.replies[hdr["reply_to"]] = (hdr, payload)
+            return True
+
+    def _resend_by_value(self, ar, hdr, payload):
+        """If this reply says that a memmap's file is not the same file on
+        the engine's machine, sends the task again to that engine with the
+        memmaps' bytes in place of their files, and returns True (the reply
+        is not the task's result). Called with the lock held."""
+        kept = ar._by_value.get(hdr["reply_to"])
+        if kept is None or not payload:
+            return False
+        reply = json.loads(bytes(payload[0]))
+        # Only a task whose arguments could not be rebuilt there, before it
+        # ran (not a FileNotSame of the user's code, not a file that shrank).
+        if reply.get("status") != "error" or not reply.get("resend_by_value"):
+            return False
+        meta, obj = kept
+        engine = hdr["sender"]
+        # For an engine of our node, in our arena (a shared array stays
+        # shared); for another node's, as frames.
+        arena = self.registry._arena_for(engine)
+        try:
+            s = serialize.dumps(obj, arena=arena, memmaps="value",
+                                memmaps_why=reply.get("evalue", "not the same file there"))
+            self.check_limits(s, [engine])
+        except Exception:
+            return False  # the engine's FileNotSame stands as the part's result, and says why
+        ar._keep.extend(s.keep)
+        frames = [struct.pack("<I", engine), json.dumps(request(meta, s)).encode(), s.payload]
+        mid = self.sock.send(_core.MSG_TASK, frames, s.frames)
+        old = hdr["reply_to"]
+        rest = [t for t in ar._mids[old] if t != engine]
+        ar._mids[mid] = [engine]
+        if rest:
+            ar._mids[old] = rest  # what that message still has to answer
+        else:
+            del ar._mids[old]
+            ar._by_value.pop(old, None)
+            self.pending.pop(old, None)
+        self.pending[mid] = ar
+        return True
