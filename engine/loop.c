@@ -54,6 +54,8 @@ _Static_assert(sizeof(slot_t) == SHOAL_RING_SLOT, "a slot is 64 bytes");
 #define MAX_FRAMES 4096u /* _msgblock.MAX_FRAMES */
 #define OUTPUT_MAX_PIECES 256 /* a task's output blocks in flight; the reply carries the rest */
 #define FINISH_NS 5000000000LL
+#define SPIN_WINDOW 4            /* spin after a wait shorter than this many spins (next_spin) */
+#define SPIN_STRETCH_NS 20000LL /* spin this long between yields (wait_for_work) */
 
 typedef struct {
     shoal_ring r;
@@ -776,27 +778,57 @@ fail:
     return -1;
 }
 
+/* How long to spin before the next sleep, after a wait of waited ns.
+ * Waking a sleeping engine costs ~20-50 us on these VMs, more when the
+ * host is busy, and the client pays part of it (its FUTEX_WAKE) on its
+ * submission. The engine spins only if its last wait was short (under
+ * SPIN_WINDOW spins): tasks that come one after another (a client's
+ * round trips) keep it spinning, tasks that come far apart (a push to
+ * every engine now and then) do not, and the engines that still work keep
+ * the cores. It spins twice as long as that wait (at least the spin, at
+ * most SPIN_WINDOW of them): a fixed spin shorter than the client's time
+ * between tasks made the engine sleep before each of them, for good
+ * (each wake-up made the client slower, and the next wait longer).
+ * SHOAL_ENGINE_SPIN (seconds) sets the spin. */
+static int64_t next_spin(const engine_t *e, int64_t waited_ns)
+{
+    int64_t window = SPIN_WINDOW * e->spin_ns;
+    if (waited_ns >= window)
+        return 0;
+    int64_t spin = 2 * waited_ns;
+    return spin < e->spin_ns ? e->spin_ns : spin > window ? window : spin;
+}
+
+/* Waits until a ring of ours has something: spins up to spin ns, in
+ * stretches of SPIN_STRETCH_NS that each end in a sched_yield (a process
+ * that shares our core, the client say, runs first), then sleeps on the
+ * doorbell. Called without the GIL. */
+static int wait_for_work(engine_t *e, int64_t spin)
+{
+    int64_t until = now_ns() + spin;
+    while (spin > 0) {
+        int64_t stretch = spin < SPIN_STRETCH_NS ? spin : SPIN_STRETCH_NS;
+        if (shoal_doorbell_wait(e->bell, e->waited, e->nwaited, stretch, 0) == 0)
+            return 0;
+        sched_yield();
+        spin = until - now_ns();
+    }
+    return shoal_doorbell_wait(e->bell, e->waited, e->nwaited, 0, -1);
+}
+
 /* The loop; returns the engine's exit code, or -1 with an error set. */
 static int loop(engine_t *e)
 {
     int64_t spin = e->spin_ns;
     for (;;) {
-        /* Spin for a while after each batch before sleeping: waking a
-         * sleeping engine costs ~20-50 us on these VMs, and the next task of
-         * a busy client usually comes sooner. Adaptive: the engine spins
-         * only if its last wait was shorter than the spin, so that it would
-         * have paid. Tasks that come one after another (a client's round
-         * trips) keep it spinning; tasks that come far apart (a push to
-         * every engine, now and then) do not, and the engines that still
-         * work keep the cores. SHOAL_ENGINE_SPIN (seconds) sets it. */
         if (waited(e) < 0)
             return -1;
         int64_t started = now_ns();
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = shoal_doorbell_wait(e->bell, e->waited, e->nwaited, spin, -1);
+        rc = wait_for_work(e, spin);
         Py_END_ALLOW_THREADS
-        spin = now_ns() - started < e->spin_ns ? e->spin_ns : 0;
+        spin = next_spin(e, now_ns() - started);
         if (rc < 0 && rc != -ETIMEDOUT) {
             errno = -rc;
             PyErr_SetFromErrno(PyExc_OSError);
