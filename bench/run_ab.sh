@@ -10,7 +10,8 @@
 # multiprocessing as the peer. BASE is checked out into a worktree under
 # /tmp with a virtual environment of its own (the project's pinned
 # packages, shoal built from it); this tree's shoal is the one installed
-# in .venv (scripts/setup.sh). Results: bench/results/ab-STAMP-{before,after}-N.txt.
+# in .venv (scripts/setup.sh). Both run this tree's bench/suite.py.
+# Results: bench/results/ab-STAMP-{before,after}-N.txt.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -37,7 +38,8 @@ for n in $(seq "$rounds"); do
     if [ "$side" = before ]; then dir=$wt; else dir=$root; fi
     out=$root/bench/results/ab-$stamp-$side-$n.txt
     echo "# $side: $(git -C "$dir" rev-parse --short HEAD); round $n of $rounds" > "$out"
-    (cd "$dir" && .venv/bin/python bench/suite.py "${args[@]}") 2>/dev/null | grep -E '^(system|ratio|#)' >> "$out"
+    # This tree's suite.py for both: the same measurement of either shoal.
+    (cd "$dir" && .venv/bin/python "$root/bench/suite.py" "${args[@]}") 2>/dev/null | grep -E '^(system|ratio|#)' >> "$out"
     grep 'system=shoal' "$out" | sed "s/^/$side $n: /"
   done
 done

@@ -54,8 +54,7 @@ _Static_assert(sizeof(slot_t) == SHOAL_RING_SLOT, "a slot is 64 bytes");
 #define MAX_FRAMES 4096u /* _msgblock.MAX_FRAMES */
 #define OUTPUT_MAX_PIECES 256 /* a task's output blocks in flight; the reply carries the rest */
 #define FINISH_NS 5000000000LL
-#define SPIN_WINDOW 4            /* spin after a wait shorter than this many spins (next_spin) */
-#define SPIN_STRETCH_NS 20000LL /* spin this long between yields (wait_for_work) */
+#define SPIN_WINDOW 4 /* spin after a wait shorter than this many spins (next_spin) */
 
 typedef struct {
     shoal_ring r;
@@ -799,23 +798,6 @@ static int64_t next_spin(const engine_t *e, int64_t waited_ns)
     return spin < e->spin_ns ? e->spin_ns : spin > window ? window : spin;
 }
 
-/* Waits until a ring of ours has something: spins up to spin ns, in
- * stretches of SPIN_STRETCH_NS that each end in a sched_yield (a process
- * that shares our core, the client say, runs first), then sleeps on the
- * doorbell. Called without the GIL. */
-static int wait_for_work(engine_t *e, int64_t spin)
-{
-    int64_t until = now_ns() + spin;
-    while (spin > 0) {
-        int64_t stretch = spin < SPIN_STRETCH_NS ? spin : SPIN_STRETCH_NS;
-        if (shoal_doorbell_wait(e->bell, e->waited, e->nwaited, stretch, 0) == 0)
-            return 0;
-        sched_yield();
-        spin = until - now_ns();
-    }
-    return shoal_doorbell_wait(e->bell, e->waited, e->nwaited, 0, -1);
-}
-
 /* The loop; returns the engine's exit code, or -1 with an error set. */
 static int loop(engine_t *e)
 {
@@ -826,7 +808,7 @@ static int loop(engine_t *e)
         int64_t started = now_ns();
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = wait_for_work(e, spin);
+        rc = shoal_doorbell_wait(e->bell, e->waited, e->nwaited, spin, -1);
         Py_END_ALLOW_THREADS
         spin = next_spin(e, now_ns() - started);
         if (rc < 0 && rc != -ETIMEDOUT) {

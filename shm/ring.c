@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <sched.h>
 #include <stddef.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
@@ -309,16 +310,36 @@ void shoal_ring_awake(shoal_ring *r)
     atomic_store_explicit(&r->db->sleeping, 0, memory_order_relaxed);
 }
 
+/* A spinning consumer looks at the clock every 64 turns, and every
+ * SPIN_YIELD_NS gives its core away (sched_yield): on a machine with fewer
+ * cores than busy processes, the one it waits for may share its core, and
+ * must not wait for the spin to end before it runs. Returns 1 once spin_ns
+ * have passed since start. */
+#define SPIN_YIELD_NS 20000
+static int spin_over(uint32_t turn, int64_t start, int64_t spin_ns, int64_t *yielded)
+{
+    if ((turn & 63) != 63)
+        return 0;
+    int64_t t = now_ns();
+    if (t - start >= spin_ns)
+        return 1;
+    if (t - *yielded >= SPIN_YIELD_NS) {
+        sched_yield();
+        *yielded = t;
+    }
+    return 0;
+}
+
 int shoal_ring_wait(shoal_ring *r, int64_t spin_ns, int64_t timeout_ns)
 {
     struct shoal_ring_shared *s = r->shared;
-    int64_t start = now_ns();
+    int64_t start = now_ns(), yielded = start;
     /* Spin first: a round trip through the kernel costs 17-28 us here, a
-     * spinning hand-off about 0.1 us. Look at the clock every 64 turns. */
+     * spinning hand-off about 0.1 us. */
     for (uint32_t i = 0; spin_ns > 0; i++) {
         if (ready(s))
             goto done;
-        if ((i & 63) == 63 && now_ns() - start >= spin_ns)
+        if (spin_over(i, start, spin_ns, &yielded))
             break;
         cpu_relax();
     }
@@ -364,11 +385,11 @@ int shoal_doorbell_wait_n(void *dbp, shoal_ring *const *rings, size_t n, uint32_
     shoal_doorbell *db = dbp;
     if (want == 0)
         want = 1;
-    int64_t start = now_ns();
+    int64_t start = now_ns(), yielded = start;
     for (uint32_t i = 0; spin_ns > 0; i++) {
         if (any_ready(rings, n))
             return 0;
-        if ((i & 63) == 63 && now_ns() - start >= spin_ns)
+        if (spin_over(i, start, spin_ns, &yielded))
             break;
         cpu_relax();
     }
