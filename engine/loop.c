@@ -46,12 +46,8 @@ typedef struct {
 } slot_t;
 _Static_assert(sizeof(slot_t) == SHOAL_RING_SLOT, "a slot is 64 bytes");
 
-/* A message block's header (_msgblock.FRAMES_HDR): magic, frames, payload frames, flags. */
-#define FRAMES_MAGIC 0x464D4853u
-#define FRAMES_HDR 16u
 #define LANE_HDR_SIZE 128u
 #define POP_MAX 64u
-#define MAX_FRAMES 4096u /* _msgblock.MAX_FRAMES */
 #define OUTPUT_MAX_PIECES 256 /* a task's output blocks in flight; the reply carries the rest */
 #define FINISH_NS 5000000000LL
 #define SPIN_WINDOW 4 /* spin after a wait shorter than this many spins (next_spin) */
@@ -73,7 +69,7 @@ typedef struct {
 } sink_t;
 
 typedef struct {
-    PyObject *py, *arena, *task, *lane_type;
+    PyObject *py, *arena, *task, *lane_type, *unpack;
     uint32_t id;
     void *bell;         /* the doorbell every ring of ours rings */
     int64_t spin_ns;
@@ -182,44 +178,17 @@ static int sink_push(sink_t *k, const slot_t *s)
     }
 }
 
-/* Writes frames (bytes-like objects) into one new arena block: the
- * _msgblock.pack_frames format. Returns the Block, or NULL with an error. */
+/* frames (n bytes-like objects, the first npayload the payload) in one
+ * new message block (Arena.pack); the Block, or NULL with an error. */
 static PyObject *pack_frames(engine_t *e, PyObject *const *frames, Py_ssize_t n, Py_ssize_t npayload)
 {
-    Py_buffer *v = PyMem_Calloc((size_t)n, sizeof *v);
-    if (!v)
-        return PyErr_NoMemory();
-    Py_ssize_t got = 0;
-    size_t total = FRAMES_HDR + 8 * (size_t)n;
-    PyObject *block = NULL;
-    for (; got < n; got++) {
-        if (PyObject_GetBuffer(frames[got], &v[got], PyBUF_SIMPLE) < 0)
-            goto out;
-        total += (size_t)v[got].len;
-    }
-    block = PyObject_CallMethod(e->arena, "alloc", "K", (unsigned long long)total);
-    size_t len = 0;
-    uint8_t *p = block ? block_bytes(block, &len) : NULL;
-    if (!p || len < total) {
-        if (p)
-            PyErr_SetString(PyExc_MemoryError, "an arena block smaller than asked for");
-        Py_CLEAR(block);
-        goto out;
-    }
-    uint32_t hdr[4] = {FRAMES_MAGIC, (uint32_t)n, (uint32_t)npayload, 0};
-    memcpy(p, hdr, sizeof hdr);
-    size_t pos = FRAMES_HDR + 8 * (size_t)n;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t flen = (uint64_t)v[i].len;
-        memcpy(p + FRAMES_HDR + 8 * (size_t)i, &flen, 8);
-        if (flen)
-            memcpy(p + pos, v[i].buf, flen);
-        pos += flen;
-    }
-out:
-    for (Py_ssize_t i = 0; i < got; i++)
-        PyBuffer_Release(&v[i]);
-    PyMem_Free(v);
+    PyObject *list = PyList_New(n);
+    if (!list)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyList_SET_ITEM(list, i, Py_NewRef(frames[i]));
+    PyObject *block = PyObject_CallMethod(e->arena, "pack", "On", list, npayload);
+    Py_DECREF(list);
     return block;
 }
 
@@ -452,62 +421,31 @@ static int abort_queued_behind(engine_t *e, sink_t *k)
     }
 }
 
-/* The frames of a task's message block (_msgblock.unpack_frames): sets
+/* The frames of a task's message block (_core.unpack_frames): sets
  * *payload and *buffers to lists of memoryviews of msg and *flags to its
  * flags. Returns 0; 1 if msg is not a well-formed message block (the
  * task's Python side says why); -1 with an error set. */
-static int frames_of(PyObject *msg, PyObject **payload, PyObject **buffers, uint32_t *flags)
+static int frames_of(engine_t *e, PyObject *msg, PyObject **payload, PyObject **buffers, uint32_t *flags)
 {
     *payload = *buffers = NULL;
+    PyObject *both = PyObject_CallOneArg(e->unpack, msg);
+    if (!both) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            return -1;
+        PyErr_Clear();
+        return 1;
+    }
     Py_buffer v;
-    if (PyObject_GetBuffer(msg, &v, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(msg, &v, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(both);
         return -1;
-    const uint8_t *p = v.buf;
-    size_t len = (size_t)v.len;
-    uint32_t hdr[4];
-    int rc = 1;
-    PyObject *view = NULL;
-    if (len < FRAMES_HDR)
-        goto out;
-    memcpy(hdr, p, sizeof hdr);
-    uint32_t n = hdr[1], np = hdr[2];
-    if (hdr[0] != FRAMES_MAGIC || np > n || n > MAX_FRAMES || FRAMES_HDR + 8 * (size_t)n > len)
-        goto out;
-    rc = -1;
-    if (!(view = PyMemoryView_FromObject(msg)) || !(*payload = PyList_New(np)) || !(*buffers = PyList_New(n - np)))
-        goto out;
-    size_t pos = FRAMES_HDR + 8 * (size_t)n;
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t flen;
-        memcpy(&flen, p + FRAMES_HDR + 8 * (size_t)i, 8);
-        if (flen > len - pos) {
-            rc = 1; /* a frame runs past its block */
-            goto out;
-        }
-        PyObject *lo = PyLong_FromSize_t(pos), *hi = PyLong_FromSize_t(pos + flen), *frame;
-        PyObject *slice = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
-        Py_XDECREF(lo);
-        Py_XDECREF(hi);
-        frame = slice ? PyObject_GetItem(view, slice) : NULL;
-        Py_XDECREF(slice);
-        if (!frame)
-            goto out;
-        if (i < np)
-            PyList_SET_ITEM(*payload, i, frame);
-        else
-            PyList_SET_ITEM(*buffers, i - np, frame);
-        pos += flen;
     }
-    *flags = hdr[3];
-    rc = 0;
-out:
+    memcpy(flags, (const uint8_t *)v.buf + 12, 4); /* unpack_frames checked the header is there */
     PyBuffer_Release(&v);
-    Py_XDECREF(view);
-    if (rc != 0) {
-        Py_CLEAR(*payload);
-        Py_CLEAR(*buffers);
-    }
-    return rc;
+    *payload = Py_NewRef(PyTuple_GET_ITEM(both, 0));
+    *buffers = Py_NewRef(PyTuple_GET_ITEM(both, 1));
+    Py_DECREF(both);
+    return 0;
 }
 
 /* Runs one task and answers it: Engine.task() runs it and returns (meta,
@@ -527,7 +465,7 @@ static int run_task(engine_t *e, uint64_t task_id, const slot_t *in, sink_t *k)
     uint32_t flags = 0;
     if (!msg)
         PyErr_Clear();
-    else if (frames_of(msg, &payload, &buffers, &flags) < 0) {
+    else if (frames_of(e, msg, &payload, &buffers, &flags) < 0) {
         Py_DECREF(msg);
         return -1;
     }
@@ -721,6 +659,7 @@ static void engine_clear(engine_t *e)
     Py_CLEAR(e->outputs);
     Py_CLEAR(e->task);
     Py_CLEAR(e->lane_type);
+    Py_CLEAR(e->unpack);
     Py_CLEAR(e->arena);
 }
 
@@ -749,7 +688,8 @@ static int engine_init(engine_t *e, PyObject *py)
     e->spin_ns = (int64_t)(spin * 1e9);
     if (!(e->arena = PyObject_GetAttrString(py, "arena")) || !(e->task = PyObject_GetAttrString(py, "task")) ||
         !(rings = PyObject_GetAttrString(py, "rings")) || !(msgblock = PyImport_ImportModule("shoal._msgblock")) ||
-        !(e->lane_type = PyObject_GetAttrString(msgblock, "Lane")) || sink_init(&e->agent, 0) < 0)
+        !(e->lane_type = PyObject_GetAttrString(msgblock, "Lane")) ||
+        !(e->unpack = PyObject_GetAttrString(msgblock, "unpack_frames")) || sink_init(&e->agent, 0) < 0)
         goto fail;
     size_t len = 0;
     uint8_t *mem = block_bytes(rings, &len);

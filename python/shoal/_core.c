@@ -358,6 +358,140 @@ static PyObject *arena_alloc(ArenaObject *self, PyObject *args)
     return (PyObject *)b;
 }
 
+/* ---- message blocks (docs/engine.md, "Message blocks") ---- */
+
+#define MSGBLOCK_MAGIC 0x464D4853u /* "SHMF" */
+#define MSGBLOCK_HDR 16u           /* magic, frames, payload frames, flags; then a length per frame */
+#define MSGBLOCK_MAX_FRAMES 4096u
+
+/* pack(frames, npayload) -> Block: the frames (bytes-like objects) written
+ * into one new block as a message block, the first npayload of them its
+ * payload. */
+static PyObject *arena_pack(ArenaObject *self, PyObject *args)
+{
+    PyObject *seq;
+    Py_ssize_t npayload;
+    if (!PyArg_ParseTuple(args, "On:pack", &seq, &npayload) || arena_usable(self) < 0)
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "pack takes a sequence of bytes-like frames");
+    if (!fast)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > (Py_ssize_t)MSGBLOCK_MAX_FRAMES || npayload < 0 || npayload > n) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "a message block has at most %u frames, the payload among them",
+                     MSGBLOCK_MAX_FRAMES);
+        return NULL;
+    }
+    Py_buffer *v = PyMem_Calloc((size_t)(n ? n : 1), sizeof *v);
+    if (!v) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    PyObject *out = NULL;
+    Py_ssize_t got = 0;
+    uint64_t total = MSGBLOCK_HDR + 8 * (uint64_t)n;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &v[got], PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        total += (uint64_t)v[got].len;
+    }
+    shoal_handle h;
+    int rc = shoal_arena_alloc(self->arena, total, &h);
+    if (rc < 0) {
+        raise_alloc_error(self->arena, rc, total);
+        goto done;
+    }
+    void *mem = NULL;
+    if ((rc = shoal_arena_ptr(self->arena, h, &mem)) < 0) {
+        shoal_arena_release(self->arena, h);
+        raise_errno(rc, "a new block cannot be mapped");
+        goto done;
+    }
+    uint8_t *p = mem;
+    uint32_t hdr[4] = {MSGBLOCK_MAGIC, (uint32_t)n, (uint32_t)npayload, 0};
+    memcpy(p, hdr, sizeof hdr);
+    uint64_t pos = MSGBLOCK_HDR + 8 * (uint64_t)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t len = (uint64_t)v[i].len;
+        memcpy(p + MSGBLOCK_HDR + 8 * (size_t)i, &len, 8);
+        if (len)
+            memcpy(p + pos, v[i].buf, len);
+        pos += len;
+    }
+    out = (PyObject *)block_new(self, h, 0);
+    if (!out)
+        shoal_arena_release(self->arena, h);
+done:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&v[i]);
+    PyMem_Free(v);
+    Py_DECREF(fast);
+    return out;
+}
+
+/* unpack_frames(buf) -> (payload frames, buffer frames): lists of
+ * memoryviews of buf, a message block, without a copy. The block is input:
+ * ValueError if it does not add up. */
+static PyObject *core_unpack_frames(PyObject *mod, PyObject *buf)
+{
+    (void)mod;
+    PyObject *view = PyMemoryView_FromObject(buf);
+    if (!view)
+        return NULL;
+    Py_buffer *b = PyMemoryView_GET_BUFFER(view);
+    if (b->ndim != 1 || b->itemsize != 1 || !PyBuffer_IsContiguous(b, 'C')) {
+        PyObject *cast = PyObject_CallMethod(view, "cast", "s", "B");
+        Py_DECREF(view);
+        if (!cast)
+            return NULL;
+        view = cast;
+        b = PyMemoryView_GET_BUFFER(view);
+    }
+    const uint8_t *p = b->buf;
+    uint64_t len = (uint64_t)b->len;
+    PyObject *payload = NULL, *buffers = NULL, *out = NULL;
+    uint32_t w[4];
+    if (len < MSGBLOCK_HDR)
+        goto bad;
+    memcpy(w, p, sizeof w);
+    if (w[0] != MSGBLOCK_MAGIC || w[2] > w[1] || w[1] > MSGBLOCK_MAX_FRAMES || MSGBLOCK_HDR + 8 * (uint64_t)w[1] > len)
+        goto bad;
+    if (!(payload = PyList_New(w[2])) || !(buffers = PyList_New(w[1] - w[2])))
+        goto done;
+    uint64_t pos = MSGBLOCK_HDR + 8 * (uint64_t)w[1];
+    for (uint32_t i = 0; i < w[1]; i++) {
+        uint64_t n;
+        memcpy(&n, p + MSGBLOCK_HDR + 8 * (size_t)i, 8);
+        if (n > len - pos) {
+            PyErr_SetString(PyExc_ValueError, "a frame runs past its message block");
+            goto done;
+        }
+        PyObject *lo = PyLong_FromUnsignedLongLong(pos), *hi = PyLong_FromUnsignedLongLong(pos + n);
+        PyObject *slice = lo && hi ? PySlice_New(lo, hi, NULL) : NULL;
+        Py_XDECREF(lo);
+        Py_XDECREF(hi);
+        PyObject *frame = slice ? PyObject_GetItem(view, slice) : NULL;
+        Py_XDECREF(slice);
+        if (!frame)
+            goto done;
+        if (i < w[2])
+            PyList_SET_ITEM(payload, i, frame);
+        else
+            PyList_SET_ITEM(buffers, i - w[2], frame);
+        pos += n;
+    }
+    out = PyTuple_Pack(2, payload, buffers);
+    goto done;
+bad:
+    PyErr_SetString(PyExc_ValueError, "not a shoal message block");
+done:
+    Py_XDECREF(payload);
+    Py_XDECREF(buffers);
+    Py_DECREF(view);
+    return out;
+}
+
 /* Builds an ndarray over p with base `block` (reference stolen). */
 static PyObject *make_array(PyArray_Descr *descr, int nd, npy_intp *dims, npy_intp *strides, void *p,
                             int flags, BlockObject *block)
@@ -710,6 +844,8 @@ static PyMethodDef arena_methods[] = {
     {"close", (PyCFunction)arena_close, METH_NOARGS,
      "Release this process's references and unmap. Refused while arrays still use the arena."},
     {"alloc", (PyCFunction)arena_alloc, METH_VARARGS, "alloc(nbytes) -> Block holding one reference."},
+    {"pack", (PyCFunction)arena_pack, METH_VARARGS,
+     "pack(frames, npayload) -> Block: a new message block of the frames, the first npayload the payload."},
     {"empty", (PyCFunction)(void (*)(void))arena_empty, METH_VARARGS | METH_KEYWORDS,
      "empty(shape, dtype=float, order='C') -> writable ndarray in a new block."},
     {"describe", (PyCFunction)arena_describe, METH_VARARGS,
@@ -911,6 +1047,8 @@ static PyMethodDef core_methods[] = {
     {"bulk_write", (PyCFunction)(void (*)(void))core_bulk_write, METH_VARARGS | METH_KEYWORDS,
      "bulk_write(path, offset, src, depth=0, chunk=0, uring=True, direct=True, register=True) -> dict: writes "
      "src's bytes into the existing file from offset, through io_uring (docs/bulk.md)."},
+    {"unpack_frames", core_unpack_frames, METH_O,
+     "unpack_frames(buf) -> (payload frames, buffer frames): memoryviews of a message block's frames."},
     {"address", core_address, METH_O, "address(obj) -> int: where a contiguous buffer's bytes are in memory."},
     {"copy", (PyCFunction)(void (*)(void))core_copy, METH_VARARGS | METH_KEYWORDS,
      "copy(dst, src, threads=0): copy src's bytes into dst, split between threads (0: one per core, at most one "

@@ -40,7 +40,7 @@ except ImportError:
 OUTPUT_INTERVAL = 0.05
 OUTPUT_CHUNK = 8192
 
-_json_load = json.JSONDecoder().scan_once  # json.loads without its checks of the input's type
+_json_load = json.JSONDecoder().raw_decode  # json.loads without its look at the input's type and encoding
 _json_dump = json.JSONEncoder(default=str).encode
 _PLAIN_META = '{"status": "ok", "engine_id": %d, "started": %r, "buffers": [], "stdout": "", "stderr": "", ' \
     '"completed": %r}'
@@ -214,7 +214,7 @@ class Engine:
                 payload, buffers = unpack_frames(msg)  # raises why it is not a message block
             if flags & ABORTED:
                 raise TaskAborted(f"task {task_id} was aborted before it started")
-            request = _json_load(bytes(payload[0]).decode(), 0)[0]
+            request = _json_load(bytes(payload[0]).decode())[0]
             if request.get("notes"):  # what the client was told to tell (a memmap sent by value, and why)
                 meta["notes"] = list(request["notes"])
             if aborting:

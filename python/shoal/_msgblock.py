@@ -4,6 +4,7 @@ ring slots, message blocks and lanes (docs/engine.md has the byte tables).
 
 import struct
 
+from . import _core
 from ._core import RING_BELL_OFFSET, Ring
 
 # A ring slot: task_id, kind, flags, block offset, length, generation, sender.
@@ -19,22 +20,12 @@ POOL_SLOTS = 4096
 FRAMES_MAGIC = 0x464D4853  # "SHMF"
 FRAMES_HDR = struct.Struct("<IIII")
 ABORTED = 1  # flags: the sender aborted the task; an engine that has not started it answers TaskAborted
-MAX_FRAMES = 4096
 
 
 def pack_frames(arena, payload, buffers=()):
-    """Writes frames into one new arena block; returns the Block (one reference)."""
-    frames = [memoryview(f).cast("B") for f in list(payload) + list(buffers)]
-    head = FRAMES_HDR.pack(FRAMES_MAGIC, len(frames), len(payload), 0) + struct.pack(
-        f"<{len(frames)}Q", *(f.nbytes for f in frames))
-    block = arena.alloc(len(head) + sum(f.nbytes for f in frames))
-    view = memoryview(block).cast("B")
-    view[:len(head)] = head
-    pos = len(head)
-    for f in frames:
-        view[pos:pos + f.nbytes] = f
-        pos += f.nbytes
-    return block
+    """Writes frames into one new arena block (Arena.pack, in C); returns
+    the Block (one reference)."""
+    return arena.pack(list(payload) + list(buffers), len(payload))
 
 
 def block_flags(buf):
@@ -42,24 +33,10 @@ def block_flags(buf):
     return FRAMES_HDR.unpack_from(memoryview(buf).cast("B"))[3]
 
 
-def unpack_frames(buf):
-    """Splits a message block into (payload frames, buffer frames): zero-copy
-    memoryviews. The block is input: raises ValueError if it does not add up."""
-    view = memoryview(buf).cast("B")
-    if view.nbytes < FRAMES_HDR.size:
-        raise ValueError("not a shoal message block")
-    magic, n, npayload, _ = FRAMES_HDR.unpack_from(view)
-    if magic != FRAMES_MAGIC or npayload > n or n > MAX_FRAMES or FRAMES_HDR.size + 8 * n > view.nbytes:
-        raise ValueError("not a shoal message block")
-    lens = struct.unpack_from(f"<{n}Q", view, FRAMES_HDR.size)
-    pos = FRAMES_HDR.size + 8 * n
-    frames = []
-    for length in lens:
-        if length > view.nbytes - pos:
-            raise ValueError("a frame runs past its message block")
-        frames.append(view[pos:pos + length])
-        pos += length
-    return frames[:npayload], frames[npayload:]
+# unpack_frames(buf) -> (payload frames, buffer frames): zero-copy
+# memoryviews of a message block's frames (in C). The block is input:
+# raises ValueError if it does not add up.
+unpack_frames = _core.unpack_frames
 
 
 # A lane's header: magic, version, engine id, slots per ring, the client's

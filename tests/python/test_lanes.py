@@ -412,3 +412,48 @@ def test_a_ctrl_c_while_taking_replies_loses_none_and_hangs_nothing(rc, where):
     # Each reply's block was released once: the engines go on as before.
     for _ in range(3):
         assert dv.apply_sync(abs, -3) == [3] * len(rc.ids)
+
+
+class _Handle:
+    """What route_lane takes for a message block: only its handle is read."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+
+@pytest.mark.parametrize("bad", ["magic", "frame past the end", "request", "handle"])
+def test_a_malformed_task_block_gets_an_error_and_the_engine_goes_on(rc, monkeypatch, bad):
+    """The engine's loop (engine/loop.c) decodes each task's block: one
+    that is not a message block, whose frames run past it, whose request
+    is not JSON, or whose handle names no block, is answered with an error
+    saying so, and the engine serves the next task."""
+    import shoal.route_lane as route_lane
+    from shoal._msgblock import FRAMES_HDR, FRAMES_MAGIC
+    arena = rc.arena
+
+    def block_of(data):
+        block = arena.alloc(len(data))
+        memoryview(block).cast("B")[:] = data
+        return block
+
+    def malformed(_arena, payload, buffers=()):
+        if bad == "magic":
+            return block_of(b"\x00" * 64)
+        if bad == "frame past the end":
+            return block_of(FRAMES_HDR.pack(FRAMES_MAGIC, 2, 2, 0) + (1 << 40).to_bytes(8, "little") * 2 + b"x" * 8)
+        if bad == "request":
+            return arena.pack([b"{not json", bytes(payload[1])], 2)
+        return _Handle((arena.stats()["heap_size"] + (1 << 20), 4096, 1))  # past the arena's end
+
+    monkeypatch.setattr(route_lane, "pack_frames", malformed)
+    ar = rc[0].apply_async(abs, -3)
+    with pytest.raises(shoal.RemoteError) as err:
+        ar.get(10)
+    monkeypatch.undo()
+    expect = {"magic": ("ValueError", "not a shoal message block"),
+              "frame past the end": ("ValueError", "a frame runs past its message block"),
+              "request": ("JSONDecodeError", ""),
+              "handle": ("OSError", "cannot use this arena handle")}[bad]
+    assert err.value.ename == expect[0] and expect[1] in str(err.value.evalue), err.value
+    assert rc[0].apply_sync(abs, -4) == 4, "the engine serves the next task"
+    assert rc[:].apply_sync(abs, -5) == [5, 5]
