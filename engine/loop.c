@@ -83,9 +83,8 @@ typedef struct {
     sink_t *cur;
     uint64_t task_id;
     PyObject *outputs;  /* its output Blocks */
+    int pushing;        /* sink_push waits for room, without the GIL */
 } engine_t;
-
-static engine_t *running_engine; /* while serve() runs: output() needs it */
 
 static int64_t now_ns(void)
 {
@@ -157,11 +156,15 @@ static void release(sink_t *k, uint64_t off)
     Py_XDECREF(key);
 }
 
+static engine_t *running_engine; /* while serve() runs: output() needs it */
+
 /* Puts a completion on the sink's ring; 0, or -1 if the other side is gone.
- * The agent drains its ring at once; a client drains its lane whenever it
- * waits or submits. The GIL stays held: a user's thread printing meanwhile
- * would be a second producer on the ring. */
-static int sink_push(sink_t *k, const slot_t *s)
+ * The agent drains its ring at once: a full one is waited for with a
+ * yield. A client drains its lane only when it waits or submits: a full
+ * lane is waited for in sleeps of 200 us, without the GIL, so that the
+ * user's threads on this engine go on meanwhile; output() sends nothing
+ * while we wait (e->pushing), so that the ring keeps one producer. */
+static int sink_push(engine_t *e, sink_t *k, const slot_t *s)
 {
     for (;;) {
         int rc = shoal_ring_push(&k->cq, s, 1);
@@ -169,12 +172,16 @@ static int sink_push(sink_t *k, const slot_t *s)
             return 0;
         if (rc < 0)
             return -1;
-        if (k->in_arena) {
+        if (!k->in_arena) {
             sched_yield();
-        } else {
-            struct timespec ts = {0, 200000};
-            nanosleep(&ts, NULL);
+            continue;
         }
+        struct timespec ts = {0, 200000};
+        e->pushing = 1;
+        Py_BEGIN_ALLOW_THREADS
+        nanosleep(&ts, NULL);
+        Py_END_ALLOW_THREADS
+        e->pushing = 0;
     }
 }
 
@@ -423,22 +430,21 @@ static int abort_queued_behind(engine_t *e, sink_t *k)
 
 /* The frames of a task's message block (_core.unpack_frames): sets
  * *payload and *buffers to lists of memoryviews of msg and *flags to its
- * flags. Returns 0; 1 if msg is not a well-formed message block (the
- * task's Python side says why); -1 with an error set. */
+ * flags. Returns 0, or 1 if they cannot be had (msg is not a well-formed
+ * message block, say): the task's Python side then says why. */
 static int frames_of(engine_t *e, PyObject *msg, PyObject **payload, PyObject **buffers, uint32_t *flags)
 {
     *payload = *buffers = NULL;
     PyObject *both = PyObject_CallOneArg(e->unpack, msg);
     if (!both) {
-        if (!PyErr_ExceptionMatches(PyExc_ValueError))
-            return -1;
-        PyErr_Clear();
+        PyErr_Clear(); /* Engine.task unpacks it again, and answers with the error */
         return 1;
     }
     Py_buffer v;
     if (PyObject_GetBuffer(msg, &v, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
         Py_DECREF(both);
-        return -1;
+        return 1;
     }
     memcpy(flags, (const uint8_t *)v.buf + 12, 4); /* unpack_frames checked the header is there */
     PyBuffer_Release(&v);
@@ -465,10 +471,8 @@ static int run_task(engine_t *e, uint64_t task_id, const slot_t *in, sink_t *k)
     uint32_t flags = 0;
     if (!msg)
         PyErr_Clear();
-    else if (frames_of(e, msg, &payload, &buffers, &flags) < 0) {
-        Py_DECREF(msg);
-        return -1;
-    }
+    else
+        frames_of(e, msg, &payload, &buffers, &flags);
     PyObject *res = PyObject_CallFunction(e->task, "K(KKK)OOOIii", (unsigned long long)task_id,
                                           (unsigned long long)in->off, (unsigned long long)in->len,
                                           (unsigned long long)in->gen, msg ? msg : Py_None,
@@ -541,7 +545,7 @@ static int run_task(engine_t *e, uint64_t task_id, const slot_t *in, sink_t *k)
             return -1;
         }
     }
-    if (sink_push(k, &out) < 0 && PyDict_DelItem(k->replies, key) < 0) /* its client is gone */
+    if (sink_push(e, k, &out) < 0 && PyDict_DelItem(k->replies, key) < 0) /* its client is gone */
         PyErr_Clear();
     Py_DECREF(key);
     return 0;
@@ -818,7 +822,7 @@ static PyObject *output(PyObject *mod, PyObject *piece)
 {
     (void)mod;
     engine_t *e = running_engine;
-    if (!e || !e->outputs || PyList_GET_SIZE(e->outputs) >= OUTPUT_MAX_PIECES)
+    if (!e || !e->outputs || e->pushing || PyList_GET_SIZE(e->outputs) >= OUTPUT_MAX_PIECES)
         Py_RETURN_FALSE; /* the reply carries the whole text anyway */
     PyObject *block = pack_frames(e, &piece, 1, 1);
     if (!block) {

@@ -233,7 +233,6 @@ class Engine:
             finally:
                 self.running = False
                 sys.stdout, sys.stderr = saved
-            del msg, payload, buffers
             if kind == "execute":
                 # A cell's value is shown, not returned, as by ipyparallel's
                 # engines (an ExecuteReply on the client): its display data,

@@ -204,20 +204,30 @@ def _function_blob(func):
     for name in _cp._extract_code_globals(func.__code__):
         value = g.get(name)
         if isinstance(value, _CODE):
-            if not isinstance(value, types.ModuleType) and getattr(value, "__module__", None) == "__main__":
+            if not _by_reference(value):
                 return None  # sent by value: it may change without changing its identity
             named.append((name, value))
     made_of = (func.__code__, func.__name__, func.__qualname__, func.__doc__, tuple(named))
     kept = _FUNCTIONS.get(func)
     if kept is not None and kept[0] == made_of:
         return kept[1]
-    f = io.BytesIO()
-    p = _Pickler(f, protocol=5)
-    p._whole = True
-    p.dump(func)
-    kept = (f.getvalue(), tuple(name for name, _ in named))
+    kept = (_dump(func, pickler=_WholePickler), tuple(name for name, _ in named))
     _FUNCTIONS[func] = (made_of, kept)
     return kept
+
+
+def _by_reference(value):
+    """Whether value (one of _CODE) pickles as a reference to where it lives,
+    not as its contents: a module, a function or class of an importable
+    module, a builtin function of a module, a ufunc. A method, a partial,
+    and anything of __main__ go by value."""
+    if isinstance(value, types.ModuleType) or isinstance(value, np.ufunc):
+        return True
+    if isinstance(value, types.BuiltinFunctionType):
+        return value.__self__ is None or isinstance(value.__self__, types.ModuleType)
+    if isinstance(value, (types.FunctionType, type)):
+        return _cp._should_pickle_by_reference(value)
+    return False
 
 
 def _load_function(blob, names):
@@ -241,6 +251,12 @@ def _load_function(blob, names):
 def forget_functions():
     """Drops the functions _load_function unpickled (an engine's clear)."""
     _LOADED.clear()
+
+
+class _WholePickler(_Pickler):
+    """_Pickler for the pickle _function_blob keeps: the function itself, not a reference to its pickle."""
+
+    _whole = True
 
 
 _reducer_override = cloudpickle.Pickler.reducer_override

@@ -110,6 +110,18 @@ def floor_of(x):            # redefined: the new one runs
     return math.floor(x) + 100
 
 out["redefined"] = dv.apply_sync(floor_of, 4.5)
+
+# A function that names a method of an object goes with the object's state
+# of the moment, every time: it is not plain, and not pickled once.
+import collections
+letters = collections.Counter("aab")
+top = letters.most_common
+def top_letter():
+    return top(1)[0][0]
+
+out["method_then"] = dv.apply_sync(top_letter)
+letters.update("bbbb")
+out["method_now"] = dv.apply_sync(top_letter)
 rc.close()
 print(json.dumps(out))
 """
@@ -144,6 +156,8 @@ def test_functions_of_a_script_see_the_engine_namespace(cluster, tmp_path, path)
     assert out["after_clear"] == [3] * 3, "a function sent again binds its modules again, after a clear"
     assert out["rebound"] == [4] * 3, "...and over what the engine bound to the name"
     assert out["redefined"] == [104] * 3, "a function redefined on the client is the new one"
+    assert out["method_then"] == ["a"] * 3 and out["method_now"] == ["b"] * 3, \
+        "a method named by the function goes with its object's state of the moment"
 
 
 @pytest.fixture(scope="module")
