@@ -16,7 +16,9 @@
 # COMPAT_VENV and COMPAT_SHOAL_SRC (see tests/compat/setup.sh) run another
 # shoal tree (a baseline) in another venv; COMPAT_K passes -k to pytest.
 # Time: a test is bounded by pytest-timeout (60 s; ClusterTestCase's own
-# alarm, 30 s), a module by COMPAT_MODULE_TIMEOUT (default 300 s; a whole run
+# alarm, 30 s, takes its timer over) and by the plugin's watchdog (45 s, then
+# again every 2 s: an alarm raised inside a weakref callback is dropped), a
+# module by COMPAT_MODULE_TIMEOUT (default 300 s; a whole run
 # takes about 90 s), the whole run by COMPAT_BUDGET (default 900 s): a module
 # that would start after the budget is spent is not run, and counts as an
 # error.

@@ -305,7 +305,9 @@ class _Worker:
                 time.sleep(0.05)
                 continue
             none_since = None
-            if every and self.t.submitted >= next_push and self.t.push_bytes < self.push_share:
+            # A push and its pull are len(ids) + 1 tasks: only while that many are left of the share.
+            if every and self.t.submitted >= next_push and self.t.push_bytes < self.push_share and \
+                    self.share - self.t.submitted >= len(ids) + 1:
                 next_push += every
                 self.push_pull(ids)
             else:

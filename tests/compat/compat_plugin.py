@@ -6,8 +6,49 @@ tests/compat/report.py reads them."""
 import json
 import os
 import signal
+import threading
+
+import pytest
 
 _outcomes = {}  # nodeid -> [outcome, message]
+
+# A test that outlives this (seconds) is interrupted, and again every
+# WATCHDOG_AGAIN seconds until it ends. ipyparallel's ClusterTestCase bounds
+# a test with its own SIGALRM (30 s), which takes pytest-timeout's timer
+# over; when that one alarm's TimeoutError is raised inside a weakref
+# callback, Python prints and drops it, and a test that loops
+# (test_lbview's test_impossible_dependency) ran until the module's 300 s
+# were up. The watchdog's signal is its own (SIGUSR2) and comes again.
+WATCHDOG_AFTER, WATCHDOG_AGAIN = 45.0, 2.0
+_armed = threading.Event()
+
+
+def _time_is_up(signum, frame):
+    if _armed.is_set():
+        raise TimeoutError(f"the compat watchdog: the test ran over {WATCHDOG_AFTER:.0f} s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    done = threading.Event()
+    main = threading.main_thread().ident
+
+    def watch():
+        if done.wait(WATCHDOG_AFTER):
+            return
+        while not done.is_set():
+            signal.pthread_kill(main, signal.SIGUSR2)
+            done.wait(WATCHDOG_AGAIN)
+
+    _armed.set()
+    watcher = threading.Thread(target=watch, name="compat-watchdog", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        _armed.clear()  # a signal still on its way after this is ignored
+        done.set()
+        watcher.join()
 
 
 def pytest_configure(config):
@@ -18,6 +59,7 @@ def pytest_configure(config):
         raise KeyboardInterrupt(f"signal {signum}: the module's time is up")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGUSR2, _time_is_up)
 
 
 def _message(report):
