@@ -19,7 +19,8 @@
  *
  * Every Python object the loop holds is referenced; the rings are views
  * (shoal_ring) into Blocks it holds. One thread (the interpreter's main
- * one) runs the loop and holds the GIL but while it waits.
+ * one) runs the loop and holds the GIL but while it waits (and while it
+ * sleeps for room on a full lane).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
