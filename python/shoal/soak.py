@@ -289,7 +289,10 @@ class _Worker:
                 self.submit("apply", 1, lambda: one.apply_async(abs, -k), [lambda v, k=k: v == k])
 
     def run(self, progress):
-        n_pushes = max(1, self.push_share // (sum(PUSH_SIZES) // len(PUSH_SIZES))) if self.push_share else 0
+        # As many push slots as pushes of the smallest size would need, spread
+        # over the share; pushing stops once push_share is reached, so every
+        # push it takes comes long before the share's end.
+        n_pushes = max(1, -(-self.push_share // min(PUSH_SIZES))) if self.push_share else 0
         every = max(1, self.share // (n_pushes + 1)) if n_pushes else 0
         next_push, last_report = every, time.monotonic()
         none_since = None
