@@ -28,11 +28,6 @@ def pack_frames(arena, payload, buffers=()):
     return arena.pack(list(payload) + list(buffers), len(payload))
 
 
-def block_flags(buf):
-    """The flags word of a message block."""
-    return FRAMES_HDR.unpack_from(memoryview(buf).cast("B"))[3]
-
-
 # unpack_frames(buf) -> (payload frames, buffer frames): zero-copy
 # memoryviews of a message block's frames (in C). The block is input:
 # raises ValueError if it does not add up.
