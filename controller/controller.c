@@ -68,7 +68,8 @@ struct node {
     int alive;
     int32_t pid;
     char host[64];
-    char socket[108]; /* the agent's Unix socket, for local clients */
+    char agent_id[33]; /* the agent's own id (hex): which host's agent this is, for clients */
+    char socket[108];  /* the agent's Unix socket, for local clients */
     char loop[16];    /* the agent's event-loop backend */
     int64_t last_seen_ns;
     struct outq q;    /* tasks, aborts and signals waiting for room */
@@ -195,6 +196,32 @@ static int running_pid(const char *path)
     return pid;
 }
 
+/* The first line of a small file in /proc, or "" (for the connection file). */
+static void read_line(const char *path, char *out, size_t size)
+{
+    out[0] = '\0';
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return;
+    if (fgets(out, (int)size, f))
+        out[strcspn(out, "\n")] = '\0';
+    fclose(f);
+}
+
+/* When this process started, in clock ticks after boot (/proc/self/stat's
+ * field 22), or 0. With the boot id, it tells a reader of the connection
+ * file whether the controller it names is a process on its own machine:
+ * a pid alone may be another process there, or one on another machine. */
+static unsigned long long start_ticks(void)
+{
+    char stat[1024];
+    read_line("/proc/self/stat", stat, sizeof stat);
+    const char *p = strrchr(stat, ')'); /* the command's name may hold spaces */
+    for (int field = 2; p && field < 22; field++)
+        p = strchr(p + 1, ' ');
+    return p ? strtoull(p + 1, NULL, 10) : 0;
+}
+
 static int write_connection_file(struct controller *c, const char *ip)
 {
     char hex[2 * SHOAL_WIRE_KEY + 1];
@@ -203,6 +230,10 @@ static int write_connection_file(struct controller *c, const char *ip)
     cJSON *j = cJSON_CreateObject();
     cJSON_AddNumberToObject(j, "version", 1);
     cJSON_AddNumberToObject(j, "pid", getpid());
+    char boot_id[64];
+    read_line("/proc/sys/kernel/random/boot_id", boot_id, sizeof boot_id);
+    cJSON_AddStringToObject(j, "boot_id", boot_id);
+    cJSON_AddNumberToObject(j, "start_time", (double)start_ticks());
     cJSON_AddStringToObject(j, "ip", ip);
     cJSON_AddStringToObject(j, "client", c->client_ep);
     cJSON_AddStringToObject(j, "agent", c->agent_ep);
@@ -313,6 +344,7 @@ static cJSON *registry_json(struct controller *c)
         cJSON *n = cJSON_CreateObject();
         cJSON_AddNumberToObject(n, "id", i);
         cJSON_AddStringToObject(n, "host", c->nodes[i].host);
+        cJSON_AddStringToObject(n, "agent_id", c->nodes[i].agent_id);
         cJSON_AddStringToObject(n, "socket", c->nodes[i].socket);
         cJSON_AddStringToObject(n, "loop", c->nodes[i].loop);
         cJSON_AddNumberToObject(n, "pid", c->nodes[i].pid);
@@ -387,11 +419,17 @@ static int find_node(struct controller *c, const struct route *r)
 }
 
 /* The node (alive or lost) whose agent is process pid on host, or -1. */
-static int find_node_by_agent(struct controller *c, const char *host, int32_t pid)
+/* The node of an agent that registered before: by its agent id where it
+ * gives one (pids and hostnames repeat across containers), else by host
+ * and pid. */
+static int find_node_by_agent(struct controller *c, const char *host, int32_t pid, const char *agent_id)
 {
-    for (uint32_t i = 0; i < c->nnodes; i++)
-        if (c->nodes[i].pid == pid && !strncmp(c->nodes[i].host, host, sizeof c->nodes[i].host - 1))
+    for (uint32_t i = 0; i < c->nnodes; i++) {
+        const struct node *nd = &c->nodes[i];
+        if (agent_id ? !strcmp(nd->agent_id, agent_id)
+                     : !nd->agent_id[0] && nd->pid == pid && !strncmp(nd->host, host, sizeof nd->host - 1))
             return (int)i;
+    }
     return -1;
 }
 
@@ -1185,7 +1223,16 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
             reply_error(c, c->agents, from, m->hdr.msg_id, "REGISTER needs {\"host\": str, \"pid\": int}");
             break;
         }
-        int back = n < 0 ? find_node_by_agent(c, host->valuestring, pid->valueint) : -1;
+        cJSON *aid = cJSON_GetObjectItemCaseSensitive(body, "agent_id");
+        const char *agent_id = NULL;
+        if (cJSON_IsString(aid)) {
+            agent_id = aid->valuestring;
+            if (strlen(agent_id) != 32 || strspn(agent_id, "0123456789abcdef") != 32) {
+                reply_error(c, c->agents, from, m->hdr.msg_id, "REGISTER's agent_id must be 32 hex digits");
+                break;
+            }
+        }
+        int back = n < 0 ? find_node_by_agent(c, host->valuestring, pid->valueint, agent_id) : -1;
         if (back >= 0) {
             node_back(c, back, from, cJSON_GetObjectItemCaseSensitive(body, "engines"));
             n = back;
@@ -1201,6 +1248,7 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
             outq_init(&nd->q);
             nd->pid = pid->valueint;
             snprintf(nd->host, sizeof nd->host, "%s", host->valuestring);
+            snprintf(nd->agent_id, sizeof nd->agent_id, "%s", agent_id ? agent_id : "");
             cJSON *sock = cJSON_GetObjectItemCaseSensitive(body, "socket");
             if (cJSON_IsString(sock))
                 snprintf(nd->socket, sizeof nd->socket, "%s", sock->valuestring);

@@ -38,6 +38,7 @@
 #include <shoal/ring.h>
 #include <spawn.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -189,6 +190,13 @@ struct agent {
     uint64_t ctlq_bytes, ctlq_max;
     uint8_t key[SHOAL_WIRE_KEY];
     char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    /* Who this agent is, for the controller and for the processes that
+     * reach its socket: 32 random hex digits made at start. The hostname
+     * does not tell hosts apart (two containers may share one, and a
+     * client must not take another host's agent for its own at the same
+     * socket path); neither do the machine and boot ids, which namespaces
+     * and containers on one kernel share. */
+    char agent_id[33];
     int listen_fd, sig_fd;
     int node;
     int64_t heartbeat_ms;
@@ -398,6 +406,7 @@ static void send_register(struct agent *a)
     gethostname(host, sizeof host - 1);
     cJSON *reg = cJSON_CreateObject();
     cJSON_AddStringToObject(reg, "host", host);
+    cJSON_AddStringToObject(reg, "agent_id", a->agent_id);
     cJSON_AddNumberToObject(reg, "pid", getpid());
     cJSON_AddStringToObject(reg, "socket", a->sock_path);
     cJSON_AddStringToObject(reg, "loop", shoal_loop_backend(a->loop));
@@ -569,8 +578,8 @@ static int send_arena(struct agent *a, int fd)
     char text[256];
     shoal_arena_stats st;
     shoal_arena_get_stats(a->arena, &st);
-    int n = snprintf(text, sizeof text, "{\"node\": %d, \"heap_size\": %llu, \"version\": 1}\n", a->node,
-                     (unsigned long long)st.heap_size);
+    int n = snprintf(text, sizeof text, "{\"node\": %d, \"agent_id\": \"%s\", \"heap_size\": %llu, \"version\": 1}\n",
+                     a->node, a->agent_id, (unsigned long long)st.heap_size);
     return send_line_with_fd(fd, text, (size_t)n, shoal_arena_fd(a->arena));
 }
 
@@ -1864,10 +1873,11 @@ static void stop_engines(struct agent *a)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: shoal-agent [--profile NAME] [--engines N] [--restart-engines] [--arena-size BYTES]\n"
-               "                   [--prefault BYTES] [--retain BYTES]\n"
-               "  Joins the cluster whose connection file is $SHOAL_DIR (default ~/.shoal)/profile_NAME/\n"
-               "  connection.json with N engines (default 0) and a shared-memory arena of BYTES\n"
+    fprintf(f, "usage: shoal-agent [--profile NAME] [--join FILE] [--engines N] [--restart-engines]\n"
+               "                   [--arena-size BYTES] [--prefault BYTES] [--retain BYTES]\n"
+               "  Joins the cluster whose connection file is FILE (default $SHOAL_DIR, itself by default\n"
+               "  ~/.shoal, /profile_NAME/connection.json; a copy of it, on another machine)\n"
+               "  with N engines (default 0) and a shared-memory arena of BYTES\n"
                "  (default half of RAM, or of the memory cgroup's limit where that is lower).\n"
                "  --restart-engines starts a new engine (with a new id) in place of one that\n"
                "  dies. --prefault: how much fresh arena memory a background\n"
@@ -1888,11 +1898,12 @@ static int option_number(const char *name, const char *arg, uint64_t max, uint64
 
 int main(int argc, char **argv)
 {
-    const char *profile = "default";
+    const char *profile = "default", *join = NULL;
     uint64_t arena_size = 0, prefault = ~0ull, retain = ~0ull, n;
     int nengines = 0;
     int restart = 0;
     static const struct option opts[] = {{"profile", required_argument, NULL, 'p'},
+                                         {"join", required_argument, NULL, 'j'},
                                          {"restart-engines", no_argument, NULL, 'r'},
                                          {"arena-size", required_argument, NULL, 's'},
                                          {"engines", required_argument, NULL, 'n'},
@@ -1912,6 +1923,9 @@ int main(int argc, char **argv)
             break;
         case 'p':
             profile = optarg;
+            break;
+        case 'j':
+            join = optarg;
             break;
         case 's':
             if (option_number("arena-size", optarg, UINT64_MAX, &arena_size) < 0)
@@ -1962,12 +1976,26 @@ int main(int argc, char **argv)
         logf_("the profile directory's path is too long");
         return 1;
     }
-    snprintf(conn, sizeof conn, "%s/connection.json", dir);
+    if (join)
+        snprintf(conn, sizeof conn, "%s", join);
+    else
+        snprintf(conn, sizeof conn, "%s/connection.json", dir);
     int rc = read_connection(conn, endpoint, sizeof endpoint, a.key);
     if (rc < 0) {
-        logf_("cannot read %s (%s): is a controller running for profile '%s'?", conn, strerror(-rc), profile);
+        if (join)
+            logf_("cannot read the connection file %s (%s): give --join a copy of the cluster's own "
+                  "(profile_NAME/connection.json where the controller runs)", conn, strerror(-rc));
+        else
+            logf_("cannot read %s (%s): is a controller running for profile '%s'?", conn, strerror(-rc), profile);
         return 1;
     }
+    uint8_t id[16];
+    if (getrandom(id, sizeof id, 0) != (ssize_t)sizeof id) {
+        logf_("getrandom: %s", strerror(errno));
+        return 1;
+    }
+    for (size_t i = 0; i < sizeof id; i++)
+        snprintf(a.agent_id + 2 * i, 3, "%02x", id[i]);
 
     /* Fresh shared pages cost ~5 us each to fault in here (0.6 s per GiB):
      * a thread keeps some ahead of use, so that a first large push finds

@@ -3,6 +3,8 @@
     shoal start -n 4 [--daemonize] [--profile NAME] [--ip ADDR] [--arena-size BYTES] [--prefault BYTES]
                 [--retain BYTES] [--heartbeat-ms N] [--node-timeout-ms N] [--client-backlog BYTES]
                 [--max-frame BYTES] [--max-payload BYTES]
+    shoal agent [--join FILE] [-n N] [--daemonize] [--profile NAME] [--arena-size BYTES] [--prefault BYTES]
+                [--retain BYTES] [--restart-engines]
     shoal stop [--profile NAME]
     shoal status [--profile NAME]
     shoal bench tradeoff [-n N] [--sizes 1K,1M,...] [--costs 0,1,4,16] [--reps R] [--png PATH | --no-png]
@@ -23,7 +25,9 @@ import sys
 import time
 
 from . import _bin, _core
+from ._host import controller_here
 from .client import Client, _alive, _connection_file, _profile_dir
+from .local import listener_pid
 
 
 def _wait_gone(pids, timeout):
@@ -156,23 +160,135 @@ def start(args):
     return 0
 
 
+def agent(args):
+    """Starts a node agent and its engines on this machine, joining the
+    cluster of a connection file (--join: a copy of the file that `shoal
+    start --ip ADDR` wrote where the controller runs; else the profile's
+    own). In the foreground until the agent ends (Ctrl-C or SIGTERM stops
+    it); with --daemonize, returns once its engines are registered."""
+    conn = args.join or _connection_file(args.profile, None)
+    try:
+        with open(conn) as f:
+            info = json.load(f)
+        endpoint = info["agent"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "it is not a shoal connection file"
+        print(f"shoal: cannot read the connection file {conn}: {why}"
+              + ("" if args.join else f" (is a cluster running for profile '{args.profile}'? on another "
+                                       f"machine, give --join a copy of its connection file)"), file=sys.stderr)
+        return 1
+    if endpoint.startswith("tcp://127.") and controller_here(info) is None:
+        print(f"shoal: warning: the controller of {conn} listens on loopback ({endpoint}) and does not run on "
+              f"this machine: start it with `shoal start --ip ADDR` (an address this machine reaches)",
+              file=sys.stderr)
+    pdir = _profile_dir(args.profile)
+    os.makedirs(pdir, mode=0o700, exist_ok=True)
+    env = dict(os.environ, SHOAL_PYTHON=sys.executable)
+    cmd = [_bin.find("shoal-agent"), "--profile", args.profile, "--join", os.path.abspath(conn), "--engines",
+           str(args.n)]
+    if args.restart_engines:
+        cmd.append("--restart-engines")
+    for flag in ("arena_size", "prefault", "retain"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    log = open(os.path.join(pdir, "cluster.log"), "ab")
+    log_start = log.tell()
+    detach = {"start_new_session": True, "stdout": log, "stderr": log} if args.daemonize else {}
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, **detach)
+    try:
+        rc = Client(url_file=conn, timeout=min(args.timeout, 30))
+    except OSError as e:
+        print(f"shoal: cannot reach the controller of {conn}: {e}", file=sys.stderr)
+        proc.terminate()
+        proc.wait()
+        return 1
+    try:
+        deadline = time.monotonic() + args.timeout
+        while True:
+            reg = rc._control(_core.MSG_REGISTER)
+            node = next((n for n in reg["nodes"] if n["alive"] and n["pid"] == proc.pid and n.get("socket")
+                         and listener_pid(n["socket"]) == proc.pid), None)
+            ids = [e["id"] for e in reg["engines"] if node and e["node"] == node["id"] and e["alive"]]
+            if len(ids) >= args.n:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                for line in _agent_said(log.name, log_start)[-3:]:
+                    print(line, file=sys.stderr)
+                print(f"shoal: the agent {'exited' if proc.poll() is not None else 'did not register'} with "
+                      f"{len(ids)} of {args.n} engines (see {log.name if args.daemonize else 'above'})",
+                      file=sys.stderr)
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                return 1
+            time.sleep(0.05)
+    finally:
+        rc.close()
+    print(f"shoal: node {node['id']} ({node['host']}, agent pid {proc.pid}) joined the cluster of {conn}: "
+          f"engines {ids}", flush=True)
+    if args.daemonize:
+        return 0
+    stop_now = []
+    signal.signal(signal.SIGTERM, lambda *a: stop_now.append(1))
+    try:
+        while proc.poll() is None and not stop_now:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return 0
+
+
+def _local_nodes(nodes):
+    """The nodes whose agents run on this machine: each one's socket is here,
+    and the process that listens on it is its agent's pid (an agent that
+    is stopped or wedged is found too: it need not answer)."""
+    return [n for n in nodes if n["alive"] and n.get("socket") and os.path.exists(n["socket"])
+            and listener_pid(n["socket"]) == n["pid"]]
+
+
 def stop(args):
+    """Stops the cluster of the profile: the controller tells every agent,
+    on every host, to stop its engines and itself. Here, it waits for the
+    processes of this machine (the controller, if it runs here, and the
+    agents and engines of this machine's nodes) and kills what is left of
+    them; a pid of another machine is never signalled here."""
     conn = _connection_file(args.profile, None)
     try:
         with open(conn) as f:
-            ctl_pid = json.load(f)["pid"]
+            info = json.load(f)
+        ctl_pid = info["pid"]
     except (OSError, ValueError, KeyError):
         print(f"shoal: no cluster is running for profile '{args.profile}'", file=sys.stderr)
         return 1
-    pids = [ctl_pid]
+    here = controller_here(info)
+    if here is None and (info.get("ip") or "").startswith("127."):
+        here = _alive(ctl_pid)  # a file that does not say, of a controller on loopback
+    pids = [ctl_pid] if here else []
     sockets = []  # the agents' sockets, to remove if an agent could not
     try:
         with Client(profile=args.profile, timeout=5) as rc:
             reg = rc._control(_core.MSG_REGISTER)
-            pids += [n["pid"] for n in reg["nodes"] if n["alive"]] + [e["pid"] for e in reg["engines"] if e["alive"]]
-            sockets = [n["socket"] for n in reg["nodes"] if n.get("socket")]
+            mine = _local_nodes(reg["nodes"])
+            ids = {n["id"] for n in mine}
+            pids += [n["pid"] for n in mine] + [e["pid"] for e in reg["engines"] if e["alive"] and e["node"] in ids]
+            sockets = [n["socket"] for n in mine]
             rc.shutdown(hub=True)
     except Exception as e:  # the controller may be wedged: fall back to a signal
+        if not here:
+            print(f"shoal: the controller did not answer ({e}), and it does not run on this machine",
+                  file=sys.stderr)
+            return 1
         print(f"shoal: the controller did not answer ({e}); sending SIGTERM", file=sys.stderr)
         if _alive(ctl_pid):
             os.kill(ctl_pid, signal.SIGTERM)
@@ -356,13 +472,25 @@ def main(argv=None):
                        ("--max-payload", "the largest payload (the signed part) a message to the controller may "
                                          "have, in bytes (default 256 MiB)")):
         s.add_argument(flag, type=int, default=None, help=what)
+    g = sub.add_parser("agent", help="start a node agent and its engines here, joining a cluster (on another "
+                                     "machine: give --join a copy of its connection file)")
+    g.add_argument("--join", default=None, metavar="FILE",
+                   help="the cluster's connection file (default: the profile's own); `shoal start --ip ADDR` "
+                        "makes a cluster that other machines can join")
+    g.add_argument("-n", type=int, default=os.cpu_count(), help="engines (default: one per core)")
+    g.add_argument("--daemonize", action="store_true", help="return once the engines are registered")
+    g.add_argument("--arena-size", type=int, default=None, help="bytes of shared memory (default: as shoal start)")
+    g.add_argument("--prefault", type=int, default=None, help="as shoal start")
+    g.add_argument("--retain", type=int, default=None, help="as shoal start")
+    g.add_argument("--restart-engines", action="store_true", help="as shoal start")
+    g.add_argument("--timeout", type=float, default=60, help="seconds to wait for the engines")
     for name in ("stop", "status"):
         sub.add_parser(name, help=f"{name} the cluster")
     for sp in sub.choices.values():
         sp.add_argument("--profile", default="default")
     _, tradeoff_parser, soak_parser = _bench_parser(sub)
     args = p.parse_args(argv)
-    if args.cmd == "start" and args.n < 1:
+    if args.cmd in ("start", "agent") and args.n < 1:
         p.error("-n must be at least 1")
     if args.cmd == "bench" and args.bench_cmd == "soak":
         for name in ("n", "tasks", "clients"):
@@ -377,7 +505,7 @@ def main(argv=None):
         if args.reps < 3:
             tradeoff_parser.error(f"--reps must be at least 3 (the table shows medians), not {args.reps}")
         return bench_tradeoff(args)
-    return {"start": start, "stop": stop, "status": status}[args.cmd](args)
+    return {"start": start, "agent": agent, "stop": stop, "status": status}[args.cmd](args)
 
 
 if __name__ == "__main__":

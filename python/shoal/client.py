@@ -21,7 +21,6 @@ import collections.abc
 import itertools
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ import weakref
 import numpy as np
 
 from . import _core, serialize
+from ._host import alive as _alive
 from ._records import History, ending, ending_of
 from .asyncresult import AsyncResult
 from .error import EngineError, TimeoutError
@@ -89,21 +89,6 @@ def _profile_dir(profile):
     """Where profile `profile` lives: $SHOAL_DIR (else ~/.shoal)/profile_<profile>."""
     root = os.environ.get("SHOAL_DIR") or os.path.join(os.path.expanduser("~"), ".shoal")
     return os.path.join(root, f"profile_{profile}")
-
-
-def _alive(pid):
-    """Whether process pid runs (a zombie does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
 
 
 def _connection_file(profile, url_file):
@@ -183,19 +168,37 @@ class Client:
             self._routes.close()
             raise
         self._registry(registry["engines"])
-        host = socket.gethostname()
-        for node in registry["nodes"]:
-            if node["alive"] and node["host"] == host and node.get("socket") and os.path.exists(node["socket"]):
-                try:
-                    self.local = LocalArena(node["socket"], timeout=min(timeout, 5))
-                    self._local_node = node["id"]
-                    lane.attach(self.local, node["id"])
-                except ConnectionError as e:  # the controller's path still works: go on without lanes
-                    self.local = None
-                    warnings.warn(f"{e}; this client goes without the node's arena and lanes (tasks go "
-                                  f"through the controller)", RuntimeWarning, stacklevel=2)
-                break
+        self._attach_local(registry["nodes"], lane, timeout)
         self._auto_activate()
+
+    def _attach_local(self, nodes, lane, timeout):
+        """Attaches to the arena and lanes of this host's agent, if one of
+        the cluster's nodes runs here. Its socket must exist here, and the
+        agent behind it must say the id it registered with: neither the
+        hostname (containers share one) nor the socket's path (the same
+        path on another host's /tmp) tells hosts apart."""
+        for node in nodes:
+            if not (node["alive"] and node.get("socket") and os.path.exists(node["socket"])):
+                continue
+            try:
+                local = LocalArena(node["socket"], timeout=min(timeout, 5))
+            except ConnectionError as e:  # the controller's path still works: go on without lanes
+                warnings.warn(f"{e}; this client goes without the node's arena and lanes (tasks go "
+                              f"through the controller)", RuntimeWarning, stacklevel=3)
+                continue
+            if node.get("agent_id") and local.info.get("agent_id") != node["agent_id"]:
+                local.close()  # another host's agent, at the same path there
+                continue
+            try:
+                self.local = local
+                self._local_node = node["id"]
+                lane.attach(local, node["id"])
+            except ConnectionError as e:
+                self.local = None
+                local.close()
+                warnings.warn(f"{e}; this client goes without the node's arena and lanes (tasks go "
+                              f"through the controller)", RuntimeWarning, stacklevel=3)
+            return
 
     def _auto_activate(self):
         """Inside IPython, a client registers %px for all its engines, as

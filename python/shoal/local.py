@@ -37,6 +37,23 @@ def _peer_pid(sock):
         return None
 
 
+def listener_pid(path, timeout=1.0):
+    """The pid of the process that listens on the Unix socket at path, as
+    this machine sees it (SO_PEERCRED of a connection, taken even while
+    that process is stopped: the kernel holds it in the backlog), or None
+    where nobody listens there. A node's agent runs on this machine if its
+    socket is here and its listener is its pid."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        return _peer_pid(s)
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
 class LocalArena:
     """The node's arena, attached through the agent at ``path``.
 

@@ -18,6 +18,7 @@ import warnings
 import weakref
 
 from . import _core, serialize
+from ._host import controller_here
 from .error import EngineError, TimeoutError
 from .routes import Route, request
 
@@ -70,20 +71,24 @@ class ControllerRoute(Route):
 
     @staticmethod
     def _watch_process(info, path, profile, alive):
-        """(pid, pidfd) of the controller when it runs on this machine
-        (a loopback address), so that its death is seen at once; (pid,
-        None) otherwise, or where pidfds are missing. Raises OSError for a
-        connection file whose local controller no longer runs."""
-        pid, ip = info.get("pid"), info.get("ip", "")
-        if not isinstance(pid, int) or pid <= 0 or not ip.startswith("127."):
+        """(pid, pidfd) of the controller when it runs on this machine, so
+        that its death is seen at once; (pid, None) when it runs on
+        another (its heartbeat is watched instead), or where pidfds are
+        missing. Raises OSError for a connection file whose controller ran
+        on this machine and no longer runs."""
+        pid = info.get("pid")
+        here = controller_here(info)
+        if here is None:
             return pid, None
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            fd = None
-        except OSError:
-            return pid, None  # no pidfds here: the heartbeat watch still works
-        if fd is None or not alive(pid):
+        fd = None
+        if here:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                here = False
+            except OSError:
+                return pid, None  # no pidfds here: the heartbeat watch still works
+        if not here or not alive(pid) or controller_here(info) is False:
             if fd is not None:
                 os.close(fd)
             raise OSError(f"the controller of profile '{profile}' (pid {pid}) is not running: its connection file "
