@@ -14,8 +14,9 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # 1. Debian packages.
 # clang and libclang-rt-14-dev (libFuzzer, the sanitizers' runtimes) build the fuzz targets (scripts/fuzz.sh).
+# iproute2 (ip, tc) makes the test hosts and tcpdump records their traffic (tests/python/hosts.py).
 apt_pkgs=(build-essential pkg-config libzmq3-dev liburing-dev libsodium-dev libcriterion-dev libcjson-dev
-          clang libclang-rt-14-dev)
+          clang libclang-rt-14-dev iproute2 tcpdump)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
