@@ -446,7 +446,12 @@ static void node_lost(struct controller *c, uint32_t n, const char *why)
         if (c->engines[i].node == n)
             c->engines[i].alive = 0;
     logf_("node %u (%s, pid %d) lost: %s", n, c->nodes[n].host, c->nodes[n].pid, why);
-    fail_engine_tasks(c, UINT32_MAX, n, "was lost with its node");
+    /* The user is told which node, on which host, and why: with many
+     * machines, "its node" alone does not say where to look. */
+    char text[320];
+    snprintf(text, sizeof text, "was lost with its node %u (host %s, agent pid %d): %s", n, c->nodes[n].host,
+             c->nodes[n].pid, why);
+    fail_engine_tasks(c, UINT32_MAX, n, text);
 }
 
 /* ---- queues: sends that never block ----------------------------------------- */

@@ -494,6 +494,8 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
             cJSON_Delete(j);
         }
         break;
+    case SHOAL_MSG_HEARTBEAT_ACK:
+        break; /* the answer to a HEARTBEAT we asked while it was silent: it lives (last heard above) */
     default:
         logf_("ignoring a message of type %u from the controller", (unsigned)m->hdr.type);
     }
@@ -550,7 +552,8 @@ static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
 /* ---- the Unix socket: local processes get the arena ------------------------------ */
 
 /* Sends one line of text on a Unix connection with file descriptor
- * `passfd` attached (SCM_RIGHTS). Returns 0 or -EIO. */
+ * `passfd` attached (SCM_RIGHTS). Returns 0, -EPIPE or -ECONNRESET (the
+ * peer closed first), or -EIO. */
 static int send_line_with_fd(int fd, const char *text, size_t len, int passfd)
 {
     struct iovec iov = {(void *)text, len};
@@ -569,6 +572,8 @@ static int send_line_with_fd(int fd, const char *text, size_t len, int passfd)
     do {
         sent = sendmsg(fd, &msg, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
+    if (sent < 0 && (errno == EPIPE || errno == ECONNRESET))
+        return -errno;
     return sent == (ssize_t)len ? 0 : -EIO;
 }
 
@@ -847,7 +852,10 @@ static void on_listen(shoal_loop *l, int fd, uint32_t events, void *arg)
         if (rc == 0)
             rc = shoal_loop_watch(l, c, POLLIN, on_peer, a);
         if (rc < 0) {
-            logf_("could not serve process %d: %s", (int)cred.pid, strerror(-rc));
+            /* A process that only asked who listens here (SO_PEERCRED:
+             * `shoal stop` finding this machine's agents) has gone already. */
+            if (rc != -EPIPE && rc != -ECONNRESET)
+                logf_("could not serve process %d: %s", (int)cred.pid, strerror(-rc));
             close(c);
             forget_idle_proc(a, j);
             continue;

@@ -206,8 +206,9 @@ def agent(args):
         deadline = time.monotonic() + args.timeout
         while True:
             reg = rc._control(_core.MSG_REGISTER)
+            # Our child: the node that registered with its pid, its socket here.
             node = next((n for n in reg["nodes"] if n["alive"] and n["pid"] == proc.pid and n.get("socket")
-                         and listener_pid(n["socket"]) == proc.pid), None)
+                         and os.path.exists(n["socket"])), None)
             ids = [e["id"] for e in reg["engines"] if node and e["node"] == node["id"] and e["alive"]]
             if len(ids) >= args.n:
                 break

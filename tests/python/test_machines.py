@@ -1,0 +1,295 @@
+"""A cluster of several machines: hosts made by the test (hosts.py: each a
+network, mount, UTS and IPC namespace of its own, joined by a bridge), the
+controller on the first, listening on its bridge address, the others joined
+with `shoal agent --join` and a copy of the connection file.
+
+Every process runs inside a host; the test's own process only reads what
+they print. Skips, with the reason, where namespaces cannot be made (not
+root, no iproute2)."""
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import hosts
+
+topo = hosts.fixture(3)
+
+PROFILE_FILE = "/tmp/shoal/profile_default/connection.json"
+JOIN_FILE = "/tmp/cluster.json"
+ENGINES = 2  # per host
+HEARTBEAT_MS, NODE_TIMEOUT_MS = 250, 3000
+
+
+_backend = {}  # SHOAL_NO_URING for the agents, per the cluster fixture's parameter
+
+
+def _env(host):
+    env = dict(os.environ, SHOAL_DIR="/tmp/shoal", HOME="/tmp", **_backend)
+    env.pop("XDG_RUNTIME_DIR", None)  # each host's own /tmp/shoal-<uid> then
+    return env
+
+
+def shoal(host, *args, timeout=60, check=True):
+    """`python -m shoal ARGS` in host; its CompletedProcess."""
+    p = host.run([sys.executable, "-m", "shoal", *args], env=_env(host), capture_output=True, text=True,
+                 timeout=timeout)
+    if check and p.returncode:
+        raise AssertionError(f"shoal {' '.join(args)} on {host.name} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def client(host, body, timeout=120, **names):
+    """Runs body in a Python client on host (rc: a Client of the cluster,
+    `out`: what it returns, as JSON) and returns out."""
+    conn = PROFILE_FILE if host.index == 0 else JOIN_FILE
+    code = "\n".join([
+        "import json, os, socket, sys, time",
+        "import numpy as np",
+        "import shoal as ipp",
+        *(f"{k} = {v!r}" for k, v in names.items()),
+        f"rc = ipp.Client(url_file={conn!r}, timeout=20)",
+        "out = None",
+        textwrap.dedent(body),
+        "rc.close()",
+        "print('OUT' + json.dumps(out))",
+    ])
+    p = host.run([sys.executable, "-c", code], env=_env(host), capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("OUT")]
+    if p.returncode or not lines:
+        raise AssertionError(f"client on {host.name} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return json.loads(lines[-1][3:])
+
+
+def registry(host):
+    return client(host, "out = rc._control(ipp._core.MSG_REGISTER)")
+
+
+def copy_connection(topo, to):
+    text = topo[0].path(PROFILE_FILE).read_bytes()
+    for path in (JOIN_FILE, PROFILE_FILE):  # --join's, and the profile's (shoal status and stop)
+        dest = to.path(path)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+
+
+def join(host):
+    p = shoal(host, "agent", "--join", JOIN_FILE, "-n", str(ENGINES), "--daemonize")
+    assert "joined the cluster" in p.stdout, p.stdout
+    return p
+
+
+def shoal_pids(topo):
+    """The pids of shoal's processes in each host (by their namespaces)."""
+    found = {}
+    for h in topo:
+        mine = os.readlink(f"/proc/{h.holder_pid}/ns/mnt")
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.readlink(f"/proc/{entry}/ns/mnt") != mine:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(os.path.basename(a).startswith(b"shoal-") for a in cmd[:1]):
+                pids.append(int(entry))
+        found[h.index] = pids
+    return found
+
+
+@pytest.fixture(scope="module", params=["io_uring", "epoll"])
+def cluster(request, topo):
+    """The controller and 2 engines on host 0, listening on its bridge
+    address; hosts 1 and 2 joined with 2 engines each; the agents on each
+    event-loop backend in turn."""
+    _backend.clear()
+    if request.param == "epoll":
+        _backend["SHOAL_NO_URING"] = "1"
+    h0 = topo[0]
+    shoal(h0, "start", "-n", str(ENGINES), "--ip", h0.addr, "--daemonize", "--heartbeat-ms", str(HEARTBEAT_MS),
+          "--node-timeout-ms", str(NODE_TIMEOUT_MS))
+    try:
+        for h in topo[1], topo[2]:
+            copy_connection(topo, h)
+            join(h)
+        yield topo
+    finally:
+        shoal(h0, "stop", check=False, timeout=60)
+
+
+def test_hosts_join_and_share_the_work(cluster):
+    topo = cluster
+    reg = registry(topo[1])
+    nodes = [n for n in reg["nodes"] if n["alive"]]
+    assert sorted(n["host"] for n in nodes) == sorted(h.hostname for h in topo)
+    assert len({n["agent_id"] for n in nodes}) == 3
+    if _backend:
+        assert {n["loop"] for n in nodes} == {"epoll"}
+    out = client(topo[1], """
+        rc.wait_for_engines(6, timeout=30)
+        dv = rc[:]
+        where = dv.apply_sync(socket.gethostname)
+        a = np.arange(1 << 20, dtype=np.float64)
+        dv.push({"a": a}, block=True)
+        sums = dv.apply_sync(lambda: float(a.sum()))
+        pulled = rc[-1].pull("a", block=True)
+        dv.scatter("part", np.arange(1000), block=True)
+        gathered = dv.gather("part", block=True)
+        squares = rc.load_balanced_view().map_sync(lambda x: x * x, range(200))
+        out = {"where": where, "sums": sums, "pulled_ok": bool((pulled == a).all()),
+               "gathered_ok": bool((gathered == np.arange(1000)).all()), "squares_ok": squares == [x * x for x in range(200)],
+               "ids": rc.ids, "local_node": rc._local_node, "lanes": sorted(e for e, l in rc._routes.lane.lanes.items() if l),
+               "engine_nodes": {str(e["id"]): e["node"] for e in rc._control(ipp._core.MSG_REGISTER)["engines"]},
+               "hostname": socket.gethostname()}
+    """)
+    assert sorted(set(out["where"])) == sorted(h.hostname for h in topo)
+    assert out["sums"] == [float(sum(range(1 << 20)))] * 6
+    assert out["pulled_ok"] and out["gathered_ok"] and out["squares_ok"]
+    # The client uses the arena and lanes of its own host's agent only.
+    mine = next(n for n in nodes if n["host"] == out["hostname"])
+    assert out["local_node"] == mine["id"]
+    assert out["lanes"] and all(out["engine_nodes"][str(e)] == mine["id"] for e in out["lanes"])
+
+
+def test_status_on_a_joined_host_lists_every_node(cluster):
+    p = shoal(cluster[2], "status")
+    assert "3 node(s), 6 engine(s)" in p.stdout, p.stdout
+    for h in cluster:
+        assert h.hostname in p.stdout
+
+
+def test_a_short_link_drop_loses_nothing(cluster):
+    """A link down for less than the node timeout: tasks sent to the
+    host's engines meanwhile wait, and every one is answered after."""
+    topo = cluster
+    h2 = topo[2]
+    reg = registry(topo[0])
+    node2 = next(n["id"] for n in reg["nodes"] if n["alive"] and n["host"] == h2.hostname)
+    targets = [e["id"] for e in reg["engines"] if e["alive"] and e["node"] == node2]
+    code = """
+        ar = rc[targets].apply_async(lambda: (time.sleep(2.5), socket.gethostname())[1])
+        rs = [rc[targets].apply_async(lambda x: x + 1, i) for i in range(20)]
+        out = {"first": ar.get(timeout=60), "rest": [r.get(timeout=60) for r in rs]}
+    """
+    result = {}
+    th = threading.Thread(target=lambda: result.update(client(topo[0], code, targets=targets)))
+    th.start()
+    time.sleep(0.8)
+    h2.link_down()
+    time.sleep(NODE_TIMEOUT_MS / 1000 / 2)
+    h2.link_up()
+    th.join(120)
+    assert result["first"] == [h2.hostname] * len(targets)
+    assert result["rest"] == [[i + 1] * len(targets) for i in range(20)]
+
+
+def test_losing_a_host_fails_its_tasks_and_it_can_join_again(cluster):
+    topo = cluster
+    h2 = topo[2]
+    reg = registry(topo[0])
+    node = next(n for n in reg["nodes"] if n["alive"] and n["host"] == h2.hostname)
+    targets = [e["id"] for e in reg["engines"] if e["alive"] and e["node"] == node["id"]]
+    others = [e["id"] for e in reg["engines"] if e["alive"] and e["node"] != node["id"]]
+    code = """
+        ar = rc[targets].apply_async(time.sleep, 60)
+        time.sleep(0.5)
+        open("/tmp/submitted", "w").close()
+        t0 = time.monotonic()
+        try:
+            ar.get(timeout=60)
+            err = None
+        except (ipp.EngineError, ipp.CompositeError) as e:
+            err = str(e)
+        waited = time.monotonic() - t0
+        rest = rc[others].apply_sync(lambda: 7)
+        out = {"err": err, "waited": waited, "rest": rest}
+    """
+    result = {}
+    topo[0].path("/tmp/submitted").unlink(missing_ok=True)
+    th = threading.Thread(target=lambda: result.update(client(topo[0], code, targets=targets, others=others)))
+    th.start()
+    deadline = time.monotonic() + 30
+    while not topo[0].path("/tmp/submitted").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(node["pid"], signal.SIGKILL)
+    th.join(120)
+    assert result["err"] and f"lost with its node {node['id']} (host {h2.hostname}" in result["err"], result
+    assert result["waited"] < 10  # a connection closed: one heartbeat, not the node timeout
+    assert result["rest"] == [7] * len(others)
+    # Nothing of that host's node is left: its engines went with their agent.
+    deadline = time.monotonic() + 10
+    while shoal_pids(topo)[2] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert shoal_pids(topo)[2] == []
+    # It joins again, with new engines, which work.
+    join(h2)
+    out = client(topo[1], """
+        rc.wait_for_engines(6, timeout=30)
+        out = sorted(set(rc[:].apply_sync(socket.gethostname)))
+    """)
+    assert out == sorted(h.hostname for h in topo)
+
+
+def test_a_long_link_drop_fails_its_tasks_then_the_host_comes_back(cluster):
+    """A link down for longer than the node timeout: the node is lost and
+    its tasks fail, naming it; when the link is back its agent registers
+    again and its engines, with their ids and namespaces, work again."""
+    topo = cluster
+    h1 = topo[1]
+    reg = registry(topo[0])
+    node = next(n for n in reg["nodes"] if n["alive"] and n["host"] == h1.hostname)
+    targets = [e["id"] for e in reg["engines"] if e["alive"] and e["node"] == node["id"]]
+    client(topo[0], "rc[targets].push({'kept': 41}, block=True)", targets=targets)
+    code = """
+        ar = rc[targets].apply_async(time.sleep, 30)
+        time.sleep(0.3)
+        open("/tmp/submitted", "w").close()
+        try:
+            ar.get(timeout=90)
+            err = None
+        except (ipp.EngineError, ipp.CompositeError) as e:
+            err = str(e)
+        out = {"err": err}
+    """
+    result = {}
+    topo[0].path("/tmp/submitted").unlink(missing_ok=True)
+    th = threading.Thread(target=lambda: result.update(client(topo[0], code, targets=targets)))
+    th.start()
+    deadline = time.monotonic() + 30
+    while not topo[0].path("/tmp/submitted").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    h1.link_down()
+    try:
+        th.join(60)
+    finally:
+        h1.link_up()
+    assert result["err"] and f"lost with its node {node['id']} (host {h1.hostname}" in result["err"], result
+    out = client(topo[0], """
+        deadline = time.monotonic() + 30
+        while not set(targets) <= set(rc.ids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out = rc[targets].apply_sync(lambda: (kept, socket.gethostname()))
+    """, targets=targets)
+    assert out == [[41, h1.hostname]] * len(targets)
+
+
+def test_stop_from_a_joined_host_stops_every_host(topo, cluster):
+    p = shoal(cluster[2], "stop")
+    assert "stopped" in p.stdout
+    deadline = time.monotonic() + 20
+    while any(shoal_pids(topo).values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert shoal_pids(topo) == {0: [], 1: [], 2: []}
+    assert not topo[0].path(PROFILE_FILE).exists()
