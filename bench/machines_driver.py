@@ -1,0 +1,121 @@
+"""The client's side of bench/machines_bench.py: runs inside host 0 of the
+namespaced topology, connects to the cluster (shoal or ipyparallel), and
+runs the cases the orchestrator asks for, one at a time, so that it can
+read each host's link counters between them.
+
+Protocol on stdin/stdout, one JSON object per line: the driver says
+{"ready": ...} once connected; then for each line {"case": name, ...} it
+runs the case and answers {"case": name, "seconds": s, ...} (or
+{"error": text}); an empty line ends it.
+
+    python machines_driver.py shoal|ipyparallel CONNECTION_FILE ENGINES
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+MiB = 1 << 20
+
+
+def noop():
+    return None
+
+
+def answer(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def hostname():
+    import socket
+    return socket.gethostname()
+
+
+def main():
+    system, conn, engines = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if system == "shoal":
+        import shoal as ipp
+        rc = ipp.Client(url_file=conn, timeout=60)
+    else:
+        import ipyparallel as ipp
+        rc = ipp.Client(conn, timeout=60)  # its url_file= is ignored (9.2: positional only)
+    rc.wait_for_engines(engines, timeout=120)
+    ids = sorted(rc.ids)[:engines]
+    dv = rc[ids]
+    where = dict(zip(ids, dv.apply_sync(hostname)))
+    here = hostname()
+    remote = [e for e in ids if where[e] != here]
+    dv.apply_sync(noop)
+    answer({"ready": True, "where": {str(k): v for k, v in where.items()}, "remote": remote})
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        req = json.loads(line)
+        try:
+            answer(run(req, rc, dv, ids, remote))
+        except Exception as e:  # the orchestrator records it and goes on
+            answer({"case": req["case"], "error": f"{type(e).__name__}: {e}"})
+    rc.close()
+
+
+def run(req, rc, dv, ids, remote):
+    case, size = req["case"], req.get("bytes", 0)
+    if case == "push":
+        a = np.ones(size // 8)
+        t = time.perf_counter()
+        dv.push({"bench_a": a}, block=True)
+        took = time.perf_counter() - t
+        ok = dv.apply_sync(lambda n: float(bench_a[-1]) + len(bench_a) == 1.0 + n, len(a))  # noqa: F821
+        dv.execute("del bench_a", block=True)
+        return {"case": case, "bytes": size, "seconds": took, "ok": all(ok)}
+    if case == "pull":
+        e = rc[remote[-1]]
+        e.execute(f"import numpy\nbench_r = numpy.ones({size // 8})", block=True)
+        t = time.perf_counter()
+        got = e.pull("bench_r", block=True)
+        took = time.perf_counter() - t
+        ok = got.shape == (size // 8,) and float(got[-1]) == 1.0
+        e.execute("del bench_r", block=True)
+        return {"case": case, "bytes": size, "seconds": took, "ok": ok, "engine": remote[-1]}
+    if case == "scatter_gather":
+        a = np.arange(size // 8, dtype=np.float64)
+        t = time.perf_counter()
+        dv.scatter("bench_s", a, block=True)
+        mid = time.perf_counter()
+        back = dv.gather("bench_s", block=True)
+        took = time.perf_counter() - t
+        ok = bool(np.array_equal(back, a))
+        dv.execute("del bench_s", block=True)
+        return {"case": case, "bytes": size, "seconds": took, "scatter_s": mid - t, "gather_s": took - (mid - t),
+                "ok": ok}
+    if case == "rtt":
+        e = rc[remote[0]]
+        e.apply_sync(noop)
+        lat = []
+        for _ in range(req.get("n", 300)):
+            t = time.perf_counter()
+            e.apply_sync(noop)
+            lat.append(time.perf_counter() - t)
+        lat.sort()
+        return {"case": case, "p50_us": statistics.median(lat) * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+                "engine": remote[0], "ok": True}
+    if case == "lbmap":
+        n = req.get("n", 2000)
+        lv = rc.load_balanced_view(ids)
+        t = time.perf_counter()
+        got = lv.map_sync(lambda x: (x, __import__("socket").gethostname()), range(n))
+        took = time.perf_counter() - t
+        per_host = {}
+        for _, h in got:
+            per_host[h] = per_host.get(h, 0) + 1
+        return {"case": case, "n": n, "seconds": took, "per_s": n / took, "per_host": per_host,
+                "ok": [x for x, _ in got] == list(range(n))}
+    raise ValueError(f"unknown case {case}")
+
+
+if __name__ == "__main__":
+    main()
