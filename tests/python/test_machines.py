@@ -285,6 +285,121 @@ def test_a_long_link_drop_fails_its_tasks_then_the_host_comes_back(cluster):
     assert out == [[41, h1.hostname]] * len(targets)
 
 
+# ---- what crosses the links: encrypted, members only, no replays ------------------
+
+MARKER = "shoal-machines-marker-9c41"
+
+
+def tcp_streams(pcap):
+    """{(src, sport, dst, dport): bytes} of the TCP payloads in a pcap file
+    (Ethernet, IPv4), each stream's segments in sequence order, a segment
+    seen twice (a retransmission) taken once."""
+    import struct
+    magic = struct.unpack_from("<I", pcap)[0]
+    order = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    pos, segs = 24, {}
+    while pos + 16 <= len(pcap):
+        _, _, incl, _ = struct.unpack_from(order + "IIII", pcap, pos)
+        frame = pcap[pos + 16:pos + 16 + incl]
+        pos += 16 + incl
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+            continue
+        ihl = (frame[14] & 15) * 4
+        total = struct.unpack_from(">H", frame, 16)[0]
+        src, dst = ".".join(map(str, frame[26:30])), ".".join(map(str, frame[30:34]))
+        tcp = 14 + ihl
+        sport, dport, seq = struct.unpack_from(">HHI", frame, tcp)
+        payload = frame[tcp + (frame[tcp + 12] >> 4) * 4:14 + total]
+        if payload:
+            segs.setdefault((src, sport, dst, dport), {}).setdefault(seq, payload)
+    return {k: b"".join(v[s] for s in sorted(v)) for k, v in segs.items()}
+
+
+def test_what_crosses_the_links_is_encrypted(cluster):
+    """The controller listens beyond loopback: Curve is on by default, and a
+    capture on the bridge during a push of an array and code that carry a
+    marker finds the bytes but not the marker."""
+    topo = cluster
+    info = json.loads(topo[0].path(PROFILE_FILE).read_text())
+    assert info.get("curve"), "a cluster listening beyond loopback has Curve keys in its connection file"
+    with topo.capture() as cap:
+        client(topo[1], """
+            a = np.frombuffer((marker * 40000).encode(), dtype=np.uint8)
+            rc[:].push({"m": a}, block=True)
+            rc[:].execute(f"seen = {marker!r} in bytes(m).decode()", block=True)
+            out = rc[:].pull("seen", block=True)
+        """, marker=MARKER)
+    streams = tcp_streams(cap.data)
+    assert sum(map(len, streams.values())) > 5 * 40000 * len(MARKER)  # the pushes crossed the bridge
+    assert MARKER.encode() not in cap.data
+
+
+def test_a_stranger_is_refused_across_the_link(cluster):
+    """A client on another host with a connection file whose member keys
+    are not the cluster's is refused at once, with a clear error."""
+    topo = cluster
+    info = json.loads(topo[0].path(PROFILE_FILE).read_text())
+    out = client(topo[2], """
+        from shoal import _core
+        pub, sec = _core.curve_keypair()
+        info = json.load(open(path))
+        info["curve"] = dict(info["curve"], public_key=pub, secret_key=sec)
+        json.dump(info, open("/tmp/stranger.json", "w"))
+        os.chmod("/tmp/stranger.json", 0o600)
+        t0 = time.monotonic()
+        try:
+            ipp.Client(url_file="/tmp/stranger.json", timeout=30)
+            out = {"err": None}
+        except ConnectionError as e:
+            out = {"err": str(e), "took": time.monotonic() - t0}
+    """, path=JOIN_FILE)
+    assert out["err"] and "Curve key" in out["err"], out
+    assert out["took"] < 5
+    assert info["curve"]  # (the cluster's own keys were not touched)
+
+
+def test_a_replayed_capture_runs_nothing_and_returns_nothing(cluster):
+    """The bytes a client on host 1 sent the controller, captured on the
+    bridge and sent again verbatim from host 2 on a new connection: the
+    recorded code does not run again, and the replayer gets no result."""
+    topo = cluster
+    info = json.loads(topo[0].path(PROFILE_FILE).read_text())
+    host, port = info["client"][len("tcp://"):].rsplit(":", 1)
+    with topo.capture() as cap:
+        client(topo[1], """
+            rc[:].execute("replayed = globals().get('replayed', 0) + 1", block=True)
+            out = rc[:].pull("replayed", block=True)
+        """)
+    streams = {k: v for k, v in tcp_streams(cap.data).items() if k[0] == topo[1].addr and k[2] == host
+               and k[3] == int(port)}
+    assert streams, "the client's connection to the controller was captured"
+    before = client(topo[0], "out = rc[:].pull('replayed', block=True)")
+    got = b""
+    for data in streams.values():
+        got += topo[2].run([sys.executable, "-c", textwrap.dedent("""
+            import socket, sys, time
+            data = sys.stdin.buffer.read()
+            s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+            s.sendall(data)
+            s.settimeout(2)
+            got = b""
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                try:
+                    chunk = s.recv(65536)
+                except (socket.timeout, OSError):
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            sys.stdout.buffer.write(got)
+        """), host, port], input=data, capture_output=True, timeout=30).stdout
+    time.sleep(0.5)
+    after = client(topo[0], "out = rc[:].pull('replayed', block=True)")
+    assert after == before, "the recorded code ran again"
+    assert b"SHWP" not in got and len(got) < 512 * len(streams), f"{len(got)} bytes came back"
+
+
 def test_stop_from_a_joined_host_stops_every_host(topo, cluster):
     p = shoal(cluster[2], "stop")
     assert "stopped" in p.stdout
