@@ -646,9 +646,12 @@ static int grow(uint8_t **buf, size_t *cap, size_t len)
     return 0;
 }
 
-/* Sends one record; h's type, flags, id and offset are taken as they are. */
-static int send_record(shoal_xfer *c, uint8_t type, uint16_t flags, uint64_t id, uint64_t offset,
-                       const void *payload, size_t len)
+/*
+ * Seals (or MACs) the clear header raw and the payload, and writes them;
+ * the record's number, and so its nonce, is the connection's next, whatever
+ * raw says.
+ */
+static int write_record(shoal_xfer *c, const uint8_t raw[SHOAL_XFER_HDR], const void *payload, size_t len)
 {
     if (c->tx_err)
         return c->tx_err;
@@ -656,26 +659,23 @@ static int send_record(shoal_xfer *c, uint8_t type, uint16_t flags, uint64_t id,
         return -EMSGSIZE;
     if (c->tx_seq == UINT64_MAX)
         return tx_fail(c, -EOVERFLOW);
-    shoal_xfer_hdr h = {
-        .type = type, .flags = flags, .length = (uint32_t)len, .seq = c->tx_seq, .id = id, .offset = offset};
-    uint8_t raw[SHOAL_XFER_HDR], wire[SHOAL_XFER_WIRE_HDR], tag[SHOAL_XFER_TAG], nonce[NONCE_BYTES];
-    shoal__xfer_hdr_encode(&h, raw);
+    uint8_t wire[SHOAL_XFER_WIRE_HDR], tag[SHOAL_XFER_TAG], nonce[NONCE_BYTES];
     struct iovec iov[3];
     int n = 0;
     if (c->cipher != SHOAL_XFER_CIPHER_NONE) {
         if (grow(&c->stage, &c->stage_cap, len) < 0)
             return -ENOMEM;
-        make_nonce(nonce, h.seq, PART_HDR);
-        seal(c, wire, wire + SHOAL_XFER_HDR, raw, sizeof raw, NULL, 0, nonce);
+        make_nonce(nonce, c->tx_seq, PART_HDR);
+        seal(c, wire, wire + SHOAL_XFER_HDR, raw, SHOAL_XFER_HDR, NULL, 0, nonce);
         iov[n++] = (struct iovec){wire, sizeof wire};
         if (len > 0) {
-            make_nonce(nonce, h.seq, PART_PAYLOAD);
-            seal(c, c->stage, tag, payload, len, raw, sizeof raw, nonce);
+            make_nonce(nonce, c->tx_seq, PART_PAYLOAD);
+            seal(c, c->stage, tag, payload, len, raw, SHOAL_XFER_HDR, nonce);
             iov[n++] = (struct iovec){c->stage, len};
             iov[n++] = (struct iovec){tag, sizeof tag};
         }
     } else {
-        memcpy(wire, raw, sizeof raw);
+        memcpy(wire, raw, SHOAL_XFER_HDR);
         header_mac(c->tx_key, raw, wire + SHOAL_XFER_HDR);
         iov[n++] = (struct iovec){wire, sizeof wire};
         if (len > 0)
@@ -686,6 +686,29 @@ static int send_record(shoal_xfer *c, uint8_t type, uint16_t flags, uint64_t id,
         return tx_fail(c, rc);
     c->tx_seq++;
     return 0;
+}
+
+/* Sends one record of the library's making. */
+static int send_record(shoal_xfer *c, uint8_t type, uint16_t flags, uint64_t id, uint64_t offset,
+                       const void *payload, size_t len)
+{
+    shoal_xfer_hdr h = {
+        .type = type, .flags = flags, .length = (uint32_t)len, .seq = c->tx_seq, .id = id, .offset = offset};
+    uint8_t raw[SHOAL_XFER_HDR];
+    shoal__xfer_hdr_encode(&h, raw);
+    return write_record(c, raw, payload, len);
+}
+
+int shoal__xfer_send_raw(shoal_xfer *c, const uint8_t raw[SHOAL_XFER_HDR], const void *payload, size_t len)
+{
+    if ((len > 0 && !payload) || len > SHOAL_XFER_MAX_RECORD)
+        return -EINVAL;
+    return write_record(c, raw, payload, len);
+}
+
+uint64_t shoal__xfer_tx_seq(const shoal_xfer *c)
+{
+    return c->tx_seq;
 }
 
 int shoal_xfer_send(shoal_xfer *c, const shoal_xfer_hdr *hdr, const void *payload, size_t len)

@@ -2,8 +2,9 @@
  * bridge/xfer_format.h - the bulk channel's byte formats (docs/xfer.md): the
  * hello and the record header, encoded and decoded without any I/O, so that
  * the fuzz target (tests/fuzz/fuzz_xfer.c) and the tests can run the very
- * checks a connection runs on its peer's bytes. Pure computation on caller
- * memory: safe from any thread.
+ * checks a connection runs on its peer's bytes (pure computation on caller
+ * memory: safe from any thread); and a way for them to send records that a
+ * real sender never would.
  */
 #ifndef SHOAL_XFER_FORMAT_H
 #define SHOAL_XFER_FORMAT_H
@@ -54,5 +55,19 @@ void shoal__xfer_hdr_encode(const shoal_xfer_hdr *h, uint8_t out[SHOAL_XFER_HDR]
  * written either way.
  */
 int shoal__xfer_hdr_decode(const uint8_t in[SHOAL_XFER_HDR], shoal_xfer_hdr *h);
+
+/*
+ * For the tests and the fuzz target: a peer that holds the key but breaks
+ * the rules. Seals (or MACs) the clear header bytes raw as they are, with
+ * len bytes of payload whatever raw's length field says, under the
+ * connection's next record number (which raw's seq field need not match).
+ * Returns 0, -EINVAL (payload NULL with len, len over
+ * SHOAL_XFER_MAX_RECORD) or an error of shoal_xfer_send. Never use it to
+ * talk to a real peer.
+ */
+int shoal__xfer_send_raw(shoal_xfer *c, const uint8_t raw[SHOAL_XFER_HDR], const void *payload, size_t len);
+
+/* The number the connection's next record will have. */
+uint64_t shoal__xfer_tx_seq(const shoal_xfer *c);
 
 #endif /* SHOAL_XFER_FORMAT_H */

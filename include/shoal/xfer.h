@@ -113,7 +113,8 @@ typedef struct shoal_xfer_hdr {
  * The peer's proof is checked before anything after it is read.
  *
  * Ownership: the caller keeps fd (shoal_xfer_close does not close it) and
- * key (copied: it may be wiped once this returns); the caller owns *out.
+ * key (used during the call only, not kept: the connection holds only the
+ * keys derived from it); the caller owns *out.
  * On failure fd is left mid-handshake: close it. The fd's O_NONBLOCK flag
  * does not matter and is not changed. Thread-safe (separate connections).
  */

@@ -1528,6 +1528,77 @@ Test(xfer, send_rejects_what_the_peer_would)
     close_pair(fd);
 }
 
+/* A peer that holds the key but breaks the rules (shoal__xfer_send_raw
+ * seals any header bytes): the receiver's answer to one record. */
+static int raw_record(unsigned flags, const shoal_xfer_hdr *h, uint8_t reserved, const void *payload,
+                      size_t len)
+{
+    int fd[2];
+    unix_pair(fd);
+    shoal_xfer *xc, *xs;
+    connect_xfer(fd, flags, &xc, &xs);
+    shoal_xfer_set_idle_timeout(xs, 1000);
+    /* A good record first: the bad one is not the first of the stream. */
+    shoal_xfer_hdr ok = {.type = SHOAL_XFER_APP};
+    cr_assert_eq(shoal_xfer_send(xc, &ok, "x", 1), 0);
+    uint8_t raw[SHOAL_XFER_HDR];
+    shoal__xfer_hdr_encode(h, raw);
+    raw[1] = reserved;
+    cr_assert_eq(shoal__xfer_send_raw(xc, raw, payload, len), 0);
+    shutdown(fd[0], SHUT_WR);
+    shoal_xfer_hdr got;
+    uint8_t one;
+    cr_assert_eq(shoal_xfer_recv_hdr(xs, &got, 1000), 0);
+    cr_assert_eq(shoal_xfer_recv_payload(xs, &one, 1), 0);
+    int rc = shoal_xfer_recv_hdr(xs, &got, 1000);
+    if (rc == 0 && got.length > 0) {
+        uint8_t *p = xmalloc(got.length);
+        rc = shoal_xfer_recv_payload(xs, p, got.length);
+        free(p);
+    }
+    shoal_xfer_close(xc);
+    shoal_xfer_close(xs);
+    close_pair(fd);
+    return rc;
+}
+
+static void rule_breaks(unsigned flags)
+{
+    static uint8_t payload[SHOAL_XFER_MAX_META + 1];
+    shoal_xfer_hdr h = {.type = SHOAL_XFER_APP, .seq = 1, .length = 10};
+    /* The control: a good record this way is taken. */
+    cr_assert_eq(raw_record(flags, &h, 0, payload, 10), 0);
+    h.type = SHOAL_XFER_CLOSE + 1; /* unknown type */
+    cr_assert_eq(raw_record(flags, &h, 0, payload, 10), -EPROTO);
+    h.type = SHOAL_XFER_APP;
+    cr_assert_eq(raw_record(flags, &h, 1, payload, 10), -EPROTO); /* reserved byte */
+    h = (shoal_xfer_hdr){.type = SHOAL_XFER_DATA, .flags = 2, .seq = 1, .length = 10};
+    cr_assert_eq(raw_record(flags, &h, 0, payload, 10), -EPROTO); /* flags on a library type */
+    h = (shoal_xfer_hdr){.type = SHOAL_XFER_END, .seq = 1, .length = 10};
+    cr_assert_eq(raw_record(flags, &h, 0, payload, 10), -EPROTO); /* a payload on END */
+    h = (shoal_xfer_hdr){.type = SHOAL_XFER_APP, .seq = 1, .length = SHOAL_XFER_MAX_RECORD + 1};
+    cr_assert_eq(raw_record(flags, &h, 0, NULL, 0), -EMSGSIZE); /* refused at the header */
+    h = (shoal_xfer_hdr){.type = SHOAL_XFER_BEGIN, .seq = 1, .length = SHOAL_XFER_MAX_META + 1};
+    cr_assert_eq(raw_record(flags, &h, 0, payload, sizeof payload), -EMSGSIZE);
+    h = (shoal_xfer_hdr){.type = SHOAL_XFER_APP, .seq = 2, .length = 10};
+    cr_assert_eq(raw_record(flags, &h, 0, payload, 10), -EBADMSG); /* authentic, but another number */
+    /* A length that is not the payload's: the stream is out of step, and
+     * the next header (or the payload's tag) fails. */
+    h = (shoal_xfer_hdr){.type = SHOAL_XFER_APP, .seq = 1, .length = 100};
+    int rc = raw_record(flags, &h, 0, payload, 50);
+    cr_assert(rc == -EBADMSG || rc == -ECONNRESET, "%s", shoal_xfer_strerror(rc));
+}
+
+Test(xfer, authentic_records_that_break_the_rules_encrypted)
+{
+    rule_breaks(ENC);
+}
+
+Test(xfer, authentic_records_that_break_the_rules_plain)
+{
+    rule_breaks(0);
+}
+
 Test(xfer, header_decoder_checks)
 {
     shoal_xfer_hdr h = {.type = SHOAL_XFER_DATA, .length = 5, .seq = 7, .id = 8, .offset = 9}, back;
