@@ -19,7 +19,7 @@ cd "$root"
 secs=${1:-30}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire slot array request)
+[ ${#targets[@]} -gt 0 ] || targets=(wire slot array request xfer)
 case $secs in '' | *[!0-9]*) echo "fuzz: SECONDS must be a number, not '$secs'" >&2; exit 2 ;; esac
 
 build=build/fuzz

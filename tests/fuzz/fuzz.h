@@ -45,4 +45,16 @@ enum { KIND_RESULT = 3, KIND_OUTPUT = 5 };
 /* Request target: the agent's line buffer (struct peer in node_agent/agent.c). */
 #define FUZZ_REQUEST_LINE 512u
 
+/* Xfer target: its first input byte is a set of these flags; records
+ * follow, each 32 bytes of clear header, a 2-byte little-endian payload
+ * length and the payload (fuzz_xfer.c). */
+enum {
+    FUZZ_XFER_ENCRYPT = 1, /* an encrypted connection (ChaCha20-Poly1305); else plain */
+    FUZZ_XFER_REFUSE = 2,  /* the accept callback refuses every transfer */
+    FUZZ_XFER_DISCARD = 4, /* it accepts with no memory (the records go nowhere) */
+    FUZZ_XFER_HEADERS = 8, /* read header by header, not by transfer */
+    FUZZ_XFER_RAW_SEQ = 16, /* keep the input's sequence numbers (else the right ones) */
+};
+#define FUZZ_XFER_MAX_TOTAL (1u << 20) /* the largest transfer given memory */
+
 #endif /* SHOAL_FUZZ_H */

@@ -1,9 +1,9 @@
 /*
  * tests/fuzz/make_corpus.c - writes the seed corpus of the fuzz targets,
  * tests/fuzz/corpus/<target>/<name>, with the project's own encoders (the
- * wire messages signed under fuzz.h's key), so that the seeds follow the
- * formats as the code has them. Run from the repository's root after
- * changing a format:
+ * wire messages signed under fuzz.h's key, the bulk channel's headers), so
+ * that the seeds follow the formats as the code has them. Run from the
+ * repository's root after changing a format:
  *   build/fuzz/tests/fuzz/make_corpus tests/fuzz/corpus
  * docs/fuzzing.md says what each target's input is.
  */
@@ -12,6 +12,9 @@
 #include <shoal/array.h>
 #include <shoal/ring.h>
 #include <shoal/wire.h>
+#include <shoal/xfer.h>
+
+#include "../../bridge/xfer_format.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -324,6 +327,89 @@ static void request(void)
     request_seed("long", long_line);
 }
 
+/* ---- xfer: a flags byte, then records: 32-byte clear header, 2-byte
+ * payload length, payload ---- */
+
+static void add_record(struct buf *o, uint8_t type, uint64_t id, uint64_t offset, const void *p, size_t len)
+{
+    shoal_xfer_hdr h = {.type = type, .length = (uint32_t)len, .id = id, .offset = offset};
+    if (o->n + SHOAL_XFER_HDR + 2 + len > sizeof o->b)
+        die("seed too large");
+    shoal__xfer_hdr_encode(&h, o->b + o->n); /* seq 0: the target puts the right one */
+    o->n += SHOAL_XFER_HDR;
+    o->b[o->n++] = (uint8_t)len;
+    o->b[o->n++] = (uint8_t)(len >> 8);
+    memcpy(o->b + o->n, p, len);
+    o->n += len;
+}
+
+/* BEGIN (100 bytes, metadata "next=b"), DATA 60 + 40, END. */
+static void xfer_transfer(struct buf *o, uint64_t id)
+{
+    static uint8_t bytes[100];
+    for (size_t i = 0; i < sizeof bytes; i++)
+        bytes[i] = (uint8_t)i;
+    add_record(o, SHOAL_XFER_BEGIN, id, 100, "next=b", 6);
+    add_record(o, SHOAL_XFER_DATA, id, 0, bytes, 60);
+    add_record(o, SHOAL_XFER_DATA, id, 60, bytes + 60, 40);
+    add_record(o, SHOAL_XFER_END, id, 100, NULL, 0);
+}
+
+static void xfer_seed(const char *name, uint8_t flags, void (*records)(struct buf *))
+{
+    static struct buf o;
+    o.n = 0;
+    o.b[o.n++] = flags;
+    records(&o);
+    put("xfer", name, o.b, o.n);
+}
+
+static void two_transfers(struct buf *o)
+{
+    xfer_transfer(o, 1);
+    xfer_transfer(o, 2);
+}
+
+static void aborted(struct buf *o)
+{
+    add_record(o, SHOAL_XFER_BEGIN, 7, 1000, NULL, 0);
+    add_record(o, SHOAL_XFER_DATA, 7, 0, "abcdefgh", 8);
+    add_record(o, SHOAL_XFER_ABORT, 7, 8, NULL, 0);
+    xfer_transfer(o, 8);
+}
+
+static void app_and_close(struct buf *o)
+{
+    add_record(o, SHOAL_XFER_APP, 0, 0, "hello", 5);
+    add_record(o, SHOAL_XFER_APP + 5, 1, 2, NULL, 0);
+    add_record(o, SHOAL_XFER_CLOSE, 0, 0, NULL, 0);
+}
+
+/* A hello as the first bytes (for the decoders), then what follows. */
+static void hello_first(struct buf *o)
+{
+    shoal__xfer_hello h = {.role = SHOAL_XFER_CLIENT, .ciphers = 3, .flags = 1, .max_record = SHOAL_XFER_MAX_RECORD};
+    for (int i = 0; i < 32; i++) {
+        h.pk[i] = (uint8_t)i;
+        h.nonce[i] = (uint8_t)(255 - i);
+    }
+    shoal__xfer_hello_encode(&h, o->b + o->n);
+    o->n += SHOAL_XFER_HELLO;
+}
+
+static void xfer(void)
+{
+    xfer_seed("transfers-plain", 0, two_transfers);
+    xfer_seed("transfers-encrypted", FUZZ_XFER_ENCRYPT, two_transfers);
+    xfer_seed("transfers-headers", FUZZ_XFER_HEADERS, two_transfers);
+    xfer_seed("transfers-refused", FUZZ_XFER_REFUSE, two_transfers);
+    xfer_seed("transfers-discarded", FUZZ_XFER_DISCARD | FUZZ_XFER_ENCRYPT, two_transfers);
+    xfer_seed("transfers-raw-seq", FUZZ_XFER_RAW_SEQ, two_transfers);
+    xfer_seed("aborted", 0, aborted);
+    xfer_seed("app-close", FUZZ_XFER_HEADERS, app_and_close);
+    xfer_seed("hello", 0, hello_first);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -338,5 +424,6 @@ int main(int argc, char **argv)
     slot();
     array();
     request();
+    xfer();
     return 0;
 }
