@@ -49,7 +49,8 @@ def test_client_registers_and_queries(ctl):
     assert kind == _core.MSG_REGISTER_REPLY and body == {"nodes": [], "engines": []}
     kind, body = ctl.ask(s, _core.MSG_QUERY, {"what": "status"})
     assert kind == _core.MSG_QUERY_REPLY
-    assert body["refused"]["from_clients"] == {"malformed": 0, "oversized": 0, "bad_signature": 0}
+    assert body["refused"]["from_clients"] == {"malformed": 0, "oversized": 0, "bad_signature": 0, "stale": 0,
+                                               "unauthenticated": 0, "handshake_failed": 0}
 
 
 def test_bad_signature_is_refused_and_the_controller_keeps_serving(ctl):
