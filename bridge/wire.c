@@ -242,6 +242,8 @@ const char *shoal_wire_strerror(int rc)
         return "message too large";
     case -EACCES:
         return "bad signature";
+    case -ESTALE:
+        return "stamp outside the receiver's window (a replay, or a clock that is off)";
     case -EIO:
         return "crypto library unavailable";
     default:

@@ -11,6 +11,32 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+static uint64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* h, stamped now unless the caller stamped it. */
+static shoal_msg_header stamped(const shoal_msg_header *h)
+{
+    shoal_msg_header out = *h;
+    if (!out.stamp_ns)
+        out.stamp_ns = realtime_ns();
+    return out;
+}
+
+/* Whether stamp is within max_skew_ns of our clock, either way: a message
+ * from the future is as suspect as one from the past (and a host whose clock
+ * runs ahead is the same error as one behind). */
+static bool fresh(uint64_t stamp, uint64_t max_skew_ns)
+{
+    uint64_t now = realtime_ns();
+    return max_skew_ns == 0 || (stamp <= now ? now - stamp : stamp - now) <= max_skew_ns;
+}
 
 /* Receives one part into msg; returns 0 or a negative errno. */
 static int recv_part(void *sock, zmq_msg_t *msg, int flags)
@@ -63,6 +89,8 @@ static void count(shoal_wire_counters *c, int rc)
         c->oversized++;
     else if (rc == -EACCES)
         c->bad_signature++;
+    else if (rc == -ESTALE)
+        c->stale++;
     else
         c->malformed++;
 }
@@ -143,6 +171,9 @@ int shoal_wire_recv(void *sock, const uint8_t key[SHOAL_WIRE_KEY], bool router, 
     rc = shoal_wire_decode(key, fr, n, limits, &m->hdr);
     if (fr != stack)
         free(fr);
+    /* After the signature: only an authentic stamp says anything. */
+    if (rc == 0 && limits && !fresh(m->hdr.stamp_ns, limits->max_skew_ns))
+        rc = -ESTALE;
     count(counters, rc);
     if (rc < 0)
         goto fail;
@@ -174,7 +205,8 @@ int shoal_wire_send(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_f
                     const shoal_msg_header *h, const shoal_frame *frames, size_t nframes)
 {
     uint8_t hdr[SHOAL_WIRE_HDR];
-    int rc = shoal_wire_encode(key, h, frames, nframes, hdr);
+    shoal_msg_header sh = stamped(h);
+    int rc = shoal_wire_encode(key, &sh, frames, nframes, hdr);
     if (rc < 0)
         return rc;
     if (route && (rc = send_part(sock, route->data, route->len, ZMQ_SNDMORE)) < 0)
@@ -201,7 +233,8 @@ int shoal_wire_sign(const uint8_t key[SHOAL_WIRE_KEY], const shoal_msg_header *h
         all[i] = new_frames[i];
     for (size_t i = 0; i < n_msgs; i++)
         all[n_new + i] = (shoal_frame){zmq_msg_data(&msgs[i]), zmq_msg_size(&msgs[i])};
-    int rc = shoal_wire_encode(key, h, all, n, hdr);
+    shoal_msg_header sh = stamped(h);
+    int rc = shoal_wire_encode(key, &sh, all, n, hdr);
     if (all != stack)
         free(all);
     return rc;

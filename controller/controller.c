@@ -12,11 +12,19 @@
  * or failed; results pass through to the client without being copied.
  * Bad input is counted, logged and answered with an ERROR where the sender
  * can be told.
+ *
+ * Beyond loopback (or with --curve) both sockets speak CurveZMQ: every frame
+ * encrypted, fresh session keys per connection, and a ZAP handler served
+ * from the poll loop that admits only the member key of the connection file.
+ * A signed message stamped further than --max-skew-ms from our clock is
+ * refused: a replay, on plaintext clusters too.
  */
 #define _GNU_SOURCE
+#include <shoal/curve.h>
 #include <shoal/util.h>
 #include <shoal/zwire.h>
 
+#include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -135,9 +143,23 @@ struct task {
 #define REFUSALS_LOGGED 10
 #define REFUSAL_WINDOW_NS (10 * 1000000000ll)
 
+/* Where a refusal came from: the sockets, and what QUERY_REPLY calls them. */
+enum { FROM_CLIENTS, FROM_AGENTS };
+static const char *const from_names[2] = {"from_clients", "from_agents"};
+
 struct controller {
     void *ctx, *clients, *agents;
     uint8_t key[SHOAL_WIRE_KEY];
+    /* Curve (curve set): the server's key pair, whose secret half never
+     * leaves this process, and the members' public key, the one the ZAP
+     * handler admits (the pair goes into the connection file). */
+    int curve;
+    uint8_t server_public[SHOAL_CURVE_KEY], server_secret[SHOAL_CURVE_KEY];
+    uint8_t member_public[SHOAL_CURVE_KEY], member_secret[SHOAL_CURVE_KEY];
+    void *zap;         /* the ZAP handler (curve only) */
+    void *monitors[2]; /* handshake events of the two sockets */
+    uint64_t unauthenticated[2];  /* connections ZAP refused: not the member key */
+    uint64_t handshake_failed[2]; /* connections whose handshake failed (a replay, a plaintext peer) */
     char client_ep[256], agent_ep[256];
     char conn_path[PATH_MAX + 32];
     int64_t heartbeat_ns;
@@ -161,6 +183,7 @@ struct controller {
     int64_t next_flush_ns, flush_backoff_ns;
     uint64_t results_dropped;    /* past a client's backlog limit */
     int64_t refusal_window_ns;
+    uint64_t max_skew_ms; /* --max-skew-ms; 0: stamps unchecked */
     uint64_t refusals_in_window, refusals_unlogged;
     int stopping;
 };
@@ -239,6 +262,24 @@ static int write_connection_file(struct controller *c, const char *ip)
     cJSON_AddStringToObject(j, "agent", c->agent_ep);
     cJSON_AddStringToObject(j, "key", hex);
     cJSON_AddStringToObject(j, "signature_scheme", "hmac-sha256");
+    /* The server's public key and the member key pair: whoever holds this
+     * file is a member (it is 0600, as for the HMAC key). Never the
+     * server's secret key. */
+    char z85[3][SHOAL_CURVE_Z85 + 1];
+    if (c->curve) {
+        shoal_curve_z85_encode(c->server_public, z85[0]);
+        shoal_curve_z85_encode(c->member_public, z85[1]);
+        shoal_curve_z85_encode(c->member_secret, z85[2]);
+        cJSON *k = cJSON_AddObjectToObject(j, "curve");
+        cJSON_AddStringToObject(k, "server_key", z85[0]);
+        cJSON_AddStringToObject(k, "public_key", z85[1]);
+        cJSON_AddStringToObject(k, "secret_key", z85[2]);
+        memset(z85, 0, sizeof z85);
+    } else {
+        cJSON_AddNullToObject(j, "curve");
+    }
+    /* How far from the controller's clock a message's stamp may be. */
+    cJSON_AddNumberToObject(j, "max_skew_ms", (double)c->max_skew_ms);
     /* So that a client refuses what we would refuse, with a clear error,
      * before sending it. */
     cJSON_AddNumberToObject(j, "max_frame", (double)c->client_limits.max_frame);
@@ -246,6 +287,10 @@ static int write_connection_file(struct controller *c, const char *ip)
     /* How long a client may wait on a silent controller before giving up. */
     cJSON_AddNumberToObject(j, "node_timeout_ms", (double)(c->node_timeout_ns / 1000000));
     char *text = cJSON_Print(j);
+    if (c->curve) /* cJSON keeps its copy of the secret in memory it frees */
+        memset(cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(j, "curve"), "secret_key")
+                   ->valuestring, 0, SHOAL_CURVE_Z85);
+    memset(cJSON_GetObjectItemCaseSensitive(j, "key")->valuestring, 0, 2 * SHOAL_WIRE_KEY);
     cJSON_Delete(j);
     memset(hex, 0, sizeof hex);
     if (!text)
@@ -391,13 +436,16 @@ static cJSON *status_json(struct controller *c)
     }
     cJSON *in = cJSON_AddObjectToObject(j, "refused");
     shoal_wire_counters *k[2] = {&c->client_counters, &c->agent_counters};
-    const char *names[2] = {"from_clients", "from_agents"};
     for (int i = 0; i < 2; i++) {
-        cJSON *o = cJSON_AddObjectToObject(in, names[i]);
+        cJSON *o = cJSON_AddObjectToObject(in, from_names[i]);
         cJSON_AddNumberToObject(o, "malformed", (double)k[i]->malformed);
         cJSON_AddNumberToObject(o, "oversized", (double)k[i]->oversized);
         cJSON_AddNumberToObject(o, "bad_signature", (double)k[i]->bad_signature);
+        cJSON_AddNumberToObject(o, "stale", (double)k[i]->stale);
+        cJSON_AddNumberToObject(o, "unauthenticated", (double)c->unauthenticated[i]);
+        cJSON_AddNumberToObject(o, "handshake_failed", (double)c->handshake_failed[i]);
     }
+    cJSON_AddBoolToObject(j, "curve", c->curve);
     return j;
 }
 
@@ -977,24 +1025,21 @@ static void route_result(struct controller *c, shoal_wire_msg *m)
     shoal_msg_header h = m->hdr;
     h.msg_id = ++c->next_msg_id;
     h.reply_to = t->client_msg;
+    h.stamp_ns = 0; /* signed anew here: stamped now */
     client_send(c, t->cl, &h, NULL, 0, m->frames, m->nframes);
     if (m->hdr.type == SHOAL_MSG_RESULT)
         task_target_done(c, slot, m->hdr.sender);
 }
 
-/* A result past our limits, from an agent that holds the key (its header
- * authentic, its body unread): its part fails, or its client would wait
- * for it for ever. */
-static void result_refused(struct controller *c, const shoal_msg_header *h)
+/* A result refused from an agent that holds the key (its header
+ * authentic; its body unread: past our limits, or stamped outside our
+ * window): its part fails, said why, or its client would wait for it for
+ * ever. */
+static void result_refused(struct controller *c, const shoal_msg_header *h, const char *why)
 {
     struct task **slot = task_slot(c, h->task_id);
     if (!*slot || !part_pending(*slot, h->sender))
         return;
-    char why[192];
-    snprintf(why, sizeof why,
-             "sent a result of %" PRIu64 " bytes, past this controller's limits (--max-payload %" PRIu64
-             ", --max-frame %" PRIu64 ")",
-             h->body_len, c->agent_limits.max_payload, c->agent_limits.max_frame);
     fail_target(c, (*slot)->cl, (*slot)->client_msg, (*slot)->id, h->sender, why);
     task_target_done(c, slot, h->sender);
 }
@@ -1358,13 +1403,32 @@ static void refusal_window(struct controller *c, int64_t now)
     c->refusals_in_window = c->refusals_unlogged = 0;
 }
 
-static void log_refusal(struct controller *c, int from_agents, int rc)
+/* Logs one refusal (a message, a connection) as fmt says, within the
+ * limit of a window. */
+static void log_refusal(struct controller *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void log_refusal(struct controller *c, const char *fmt, ...)
 {
     refusal_window(c, now_ns());
-    if (c->refusals_in_window++ < REFUSALS_LOGGED)
-        logf_("refused a message from %s: %s", from_agents ? "an agent" : "a client", shoal_wire_strerror(rc));
-    else
+    if (c->refusals_in_window++ >= REFUSALS_LOGGED) {
         c->refusals_unlogged++;
+        return;
+    }
+    char text[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    logf_("%s", text);
+}
+
+/* How far stamp is from our clock, in words: "86400 s before" or "after". */
+static void skew_words(uint64_t stamp, char *out, size_t len)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    uint64_t d = stamp <= now ? now - stamp : stamp - now;
+    snprintf(out, len, "%.1f s %s", (double)d / 1e9, stamp <= now ? "before" : "after");
 }
 
 /* The answer to a message refused unread: sent at once or not at all, with
@@ -1397,11 +1461,38 @@ static void drain_socket(struct controller *c, void *sock, int from_agents)
         }
         struct route from;
         route_of(&m, &from);
+        if (rc == -ESTALE) {
+            /* Authentic, but signed too long ago (or ahead): a replay, or a
+             * clock that is off. Its sender holds the key, so it is told, as
+             * for -EFBIG; a replayed request gets the answer, not the run. */
+            char skew[64], why[320];
+            skew_words(m.hdr.stamp_ns, skew, sizeof skew);
+            snprintf(why, sizeof why, "was stamped %s this controller's clock, past --max-skew-ms %" PRIu64
+                     ": a replayed message, or a clock that is off (keep the hosts' clocks in step, e.g. NTP)",
+                     skew, c->max_skew_ms);
+            log_refusal(c, "refused a message (type %u) from %s: it %s", (unsigned)m.hdr.type,
+                        from_agents ? "an agent" : "a client", why);
+            if (from_agents && m.hdr.type == SHOAL_MSG_RESULT) {
+                char part[400];
+                snprintf(part, sizeof part, "sent a result that %s", why);
+                result_refused(c, &m.hdr, part);
+            } else {
+                reply_error(c, sock, &from, m.hdr.msg_id, "message refused: it %s", why);
+            }
+            shoal_wire_msg_close(&m);
+            continue;
+        }
         if (rc < 0) {
-            log_refusal(c, from_agents, rc);
-            if (rc == -EFBIG && from_agents && m.hdr.type == SHOAL_MSG_RESULT)
-                result_refused(c, &m.hdr);
-            else if (rc == -EFBIG && !from_agents) /* a client's, signed: its request fails, said why */
+            log_refusal(c, "refused a message from %s: %s", from_agents ? "an agent" : "a client",
+                        shoal_wire_strerror(rc));
+            if (rc == -EFBIG && from_agents && m.hdr.type == SHOAL_MSG_RESULT) {
+                char why[192];
+                snprintf(why, sizeof why,
+                         "sent a result of %" PRIu64 " bytes, past this controller's limits (--max-payload %" PRIu64
+                         ", --max-frame %" PRIu64 ")",
+                         m.hdr.body_len, c->agent_limits.max_payload, c->agent_limits.max_frame);
+                result_refused(c, &m.hdr, why);
+            } else if (rc == -EFBIG && !from_agents) /* a client's, signed: its request fails, said why */
                 reply_error(c, sock, &from, m.hdr.msg_id,
                             "message refused: %s, %" PRIu64 " bytes, past this controller's limits (--max-payload %"
                             PRIu64 ", --max-frame %" PRIu64 ")",
@@ -1419,6 +1510,53 @@ static void drain_socket(struct controller *c, void *sock, int from_agents)
         else
             on_client(c, &m, &from);
         shoal_wire_msg_close(&m);
+    }
+}
+
+/* Answers what the ZAP handler was asked: libzmq holds each Curve
+ * connection's handshake until we do, so this runs at every turn of the
+ * loop and never waits (shoal_curve_zap_serve does not). */
+static void serve_zap(struct controller *c)
+{
+    for (int budget = 0; budget < 1024; budget++) {
+        shoal_curve_zap_request req;
+        int rc = shoal_curve_zap_serve(c->zap, c->member_public, &req);
+        if (rc == 0)
+            return;
+        if (rc < 0) {
+            log_refusal(c, "the ZAP handler failed: %s", zmq_strerror(-rc));
+            return;
+        }
+        if (req.admitted)
+            continue;
+        int from = strcmp(req.domain, SHOAL_CURVE_DOMAIN_AGENTS) ? FROM_CLIENTS : FROM_AGENTS;
+        c->unauthenticated[from]++;
+        log_refusal(c, "refused a connection from %s to the %s port: its Curve key is not this cluster's member "
+                    "key (an old connection file, or not a member)", req.address[0] ? req.address : "?",
+                    from == FROM_AGENTS ? "agents'" : "clients'");
+    }
+}
+
+/* Reads the handshake events of socket `from`: a failed handshake (a
+ * plaintext peer of a Curve socket, a replayed Curve stream, a peer that
+ * closed half-way) is counted and logged like a refused message. Refusals
+ * by ZAP are counted by serve_zap. */
+static void read_handshakes(struct controller *c, int from)
+{
+    shoal_curve_event ev;
+    for (int budget = 0; budget < 1024 && shoal_curve_monitor_read(c->monitors[from], &ev) == 1; budget++) {
+        if (ev.event != ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL && ev.event != ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            continue;
+        c->handshake_failed[from]++;
+        const char *what = ev.event == ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL ? "the peer went (or was cut off)" :
+                           ev.value == ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH ?
+                               (c->curve ? "the peer does not speak Curve" : "the peer speaks Curve, we do not") :
+                           ev.value == ZMQ_PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC ?
+                               "a cryptographic error (another server key, or a replayed handshake)" :
+                           c->curve ? "a protocol error (a replayed or corrupted handshake, or not ZeroMQ)" :
+                                      "a protocol error (not ZeroMQ?)";
+        log_refusal(c, "a connection to the %s port failed its handshake: %s (ZeroMQ event %#x, %#x)",
+                    from == FROM_AGENTS ? "agents'" : "clients'", what, ev.event, (unsigned)ev.value);
     }
 }
 
@@ -1464,10 +1602,34 @@ static void shutdown_agents(struct controller *c)
 
 /* ---- main -------------------------------------------------------------------- */
 
+/*
+ * Whether listening on ip stays on this machine: "localhost", Linux's
+ * loopback interface "lo" (ZeroMQ binds to interface names), an IPv4
+ * address in 127.0.0.0/8, or IPv6's ::1. Anything else reaches beyond it,
+ * or may: "*", 0.0.0.0 and :: are every interface, and another host or
+ * interface name may stand for any address.
+ */
+static int loopback_only(const char *ip)
+{
+    if (!strcmp(ip, "localhost") || !strcmp(ip, "lo"))
+        return 1;
+    struct in_addr a4;
+    if (inet_pton(AF_INET, ip, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    char v6[64];
+    size_t n = strlen(ip);
+    if (n >= 2 && n < sizeof v6 + 2 && ip[0] == '[' && ip[n - 1] == ']')
+        snprintf(v6, sizeof v6, "%.*s", (int)(n - 2), ip + 1);
+    else
+        snprintf(v6, sizeof v6, "%s", ip);
+    struct in6_addr a6;
+    return inet_pton(AF_INET6, v6, &a6) == 1 && IN6_IS_ADDR_LOOPBACK(&a6);
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: shoal-controller [--profile NAME] [--ip ADDR] [--heartbeat-ms N] [--node-timeout-ms N]\n"
-               "                        [--client-backlog BYTES]\n"
+               "                        [--client-backlog BYTES] [--curve | --no-curve] [--max-skew-ms N]\n"
                "                        [--max-frame BYTES] [--max-payload BYTES] [--max-client-parts N]\n"
                "  Binds on ADDR (default 127.0.0.1) and writes the connection file under\n"
                "  $SHOAL_DIR (default ~/.shoal)/profile_NAME/connection.json (mode 0600).\n"
@@ -1477,7 +1639,12 @@ static void usage(FILE *f)
                "  --max-client-parts: task parts (one per target engine) one client may have\n"
                "  in flight (default 1048576). --node-timeout-ms: how long a node may be silent\n"
                "  before it is declared lost, its tasks failed (default 30000; a node whose\n"
-               "  connection closes is lost at the next heartbeat).\n");
+               "  connection closes is lost at the next heartbeat).\n"
+               "  --curve, --no-curve: CurveZMQ on both ports (encrypted, only holders of the\n"
+               "  connection file admitted); on by default when ADDR is not loopback.\n"
+               "  --max-skew-ms: how far from this host's clock a message's stamp may be\n"
+               "  (default 300000, and at least what an agent waits for a silent controller;\n"
+               "  0: unchecked).\n");
 }
 
 /*
@@ -1486,14 +1653,24 @@ static void usage(FILE *f)
  * peer never stops the others. max_frame also goes to ZeroMQ, which drops
  * a connection that sends a larger frame before holding the frame.
  */
-static int bind_router(struct controller *c, void **sock, const char *ip, char *ep, size_t eplen,
+static int bind_router(struct controller *c, int from, void **sock, const char *ip, char *ep, size_t eplen,
                        uint64_t max_frame)
 {
     *sock = zmq_socket(c->ctx, ZMQ_ROUTER);
     if (!*sock)
         return -zmq_errno();
+    int rc;
+    /* Before the bind: no connection is accepted before it is encrypted,
+     * asked about (the ZAP handler is bound already) and watched. */
+    if (c->curve && (rc = shoal_curve_server(*sock, c->server_secret, from == FROM_AGENTS ?
+                                             SHOAL_CURVE_DOMAIN_AGENTS : SHOAL_CURVE_DOMAIN_CLIENTS)) < 0)
+        return rc;
+    if ((rc = shoal_curve_monitor(c->ctx, *sock, &c->monitors[from])) < 0)
+        return rc;
     int zero = 0, one = 1, sndtimeo_ms = 0;
-    int64_t maxmsg = (int64_t)max_frame;
+    /* Curve's own bytes are not the sender's: a frame of max_frame bytes
+     * passes, encrypted or not. */
+    int64_t maxmsg = (int64_t)max_frame + (c->curve ? SHOAL_CURVE_FRAME_OVERHEAD : 0);
     zmq_setsockopt(*sock, ZMQ_LINGER, &zero, sizeof zero);
     zmq_setsockopt(*sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     /* Replies to a peer that has gone fail instead of vanishing silently. */
@@ -1513,15 +1690,34 @@ int main(int argc, char **argv)
 {
     const char *profile = "default", *ip = "127.0.0.1";
     long hb_ms = 1000, node_timeout_ms = 30000;
+    int curve = -1; /* -1: by the address */
+    uint64_t max_skew_ms = UINT64_MAX; /* UINT64_MAX: the default */
     uint64_t backlog = 1ull << 30, max_frame = 1ull << 30, max_payload = 256ull << 20, parts = MAX_CLIENT_PARTS;
     static const struct option opts[] = {
         {"profile", required_argument, NULL, 'p'}, {"ip", required_argument, NULL, 'i'},
         {"heartbeat-ms", required_argument, NULL, 'b'}, {"client-backlog", required_argument, NULL, 'B'},
         {"max-frame", required_argument, NULL, 'F'}, {"max-payload", required_argument, NULL, 'P'},
         {"max-client-parts", required_argument, NULL, 'T'}, {"node-timeout-ms", required_argument, NULL, 'N'},
+        {"curve", no_argument, NULL, 'C'}, {"no-curve", no_argument, NULL, 'c'},
+        {"max-skew-ms", required_argument, NULL, 'S'},
         {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     for (int o; (o = getopt_long(argc, argv, "p:i:b:h", opts, NULL)) != -1;) {
         switch (o) {
+        case 'C':
+        case 'c':
+            if (curve >= 0 && curve != (o == 'C')) {
+                fprintf(stderr, "shoal-controller: --curve and --no-curve contradict each other\n");
+                return 2;
+            }
+            curve = o == 'C';
+            break;
+        case 'S':
+            if (shoal_parse_u64(optarg, 86400000, &max_skew_ms) < 0 || (max_skew_ms && max_skew_ms < 1000)) {
+                fprintf(stderr, "shoal-controller: --max-skew-ms wants a number of milliseconds (1000 to 86400000, "
+                                "or 0 for no check), not '%s'\n", optarg);
+                return 2;
+            }
+            break;
         case 'N': {
             uint64_t v;
             if (shoal_parse_u64(optarg, 3600000, &v) < 0 || v < 100) {
@@ -1585,6 +1781,28 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    /* A message an agent signed may reach us this late without anything
+     * being wrong: it waits that long for a controller that is paused
+     * before it gives up (docs/agent.md). A window shorter than that would
+     * refuse its results after a pause the node survives. */
+    uint64_t agent_patience_ms = (uint64_t)node_timeout_ms + 2 * (uint64_t)hb_ms + 2000;
+    if (max_skew_ms == UINT64_MAX) {
+        max_skew_ms = agent_patience_ms > 300000 ? agent_patience_ms : 300000;
+    } else if (max_skew_ms && max_skew_ms < agent_patience_ms) {
+        fprintf(stderr, "shoal-controller: --max-skew-ms (%" PRIu64 ") must be at least %" PRIu64 " ms, what an "
+                "agent waits for a silent controller (--node-timeout-ms + two heartbeats + 2 s): its messages "
+                "may be that old when they arrive\n", max_skew_ms, agent_patience_ms);
+        return 2;
+    }
+    int local = loopback_only(ip);
+    if (curve < 0)
+        curve = !local;
+    if (curve && !shoal_curve_available()) {
+        fprintf(stderr, "shoal-controller: this libzmq was built without CURVE: %s\n",
+                local ? "--curve cannot be had" : "run with --no-curve on a network you trust, or build libzmq "
+                                                   "with libsodium");
+        return 2;
+    }
 
     static struct controller c;
     c.heartbeat_ns = hb_ms * 1000000;
@@ -1593,7 +1811,17 @@ int main(int argc, char **argv)
     c.max_client_parts = parts;
     c.client_limits = (shoal_wire_limits){.max_frame = max_frame, .max_body = shoal_wire_default_limits.max_body,
                                           .max_payload = max_payload};
+    c.client_limits.max_skew_ns = max_skew_ms * 1000000;
     c.agent_limits = c.client_limits;
+    c.max_skew_ms = max_skew_ms;
+    c.curve = curve;
+    if (!curve && !local)
+        logf_("warning: --no-curve: listening on %s, beyond loopback, in plaintext: anyone on the network can read "
+              "every message and buffer, and replay what it recorded within --max-skew-ms; use it only on a "
+              "network you trust", ip);
+    if (!max_skew_ms)
+        logf_("warning: --max-skew-ms 0: stamps are not checked: a recorded message replayed%s runs again",
+              curve ? " on a plaintext connection (refused here: Curve is on)" : "");
     c.engines = calloc(MAX_ENGINES, sizeof *c.engines);
     if (!c.engines || shoal_wire_keygen(c.key) < 0) {
         logf_("cannot initialise");
@@ -1633,9 +1861,19 @@ int main(int argc, char **argv)
     int sfd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK);
 
     c.ctx = zmq_ctx_new();
-    int rc = bind_router(&c, &c.clients, ip, c.client_ep, sizeof c.client_ep, max_frame);
+    int rc = 0;
+    /* Fresh keys at each start: the server's secret half stays here; the
+     * connection file carries the rest. The ZAP handler comes before the
+     * sockets: a connection accepted while none is bound is not asked about. */
+    if (curve && ((rc = shoal_curve_keypair(c.server_public, c.server_secret)) < 0 ||
+                  (rc = shoal_curve_keypair(c.member_public, c.member_secret)) < 0 ||
+                  (rc = shoal_curve_zap_bind(c.ctx, &c.zap)) < 0)) {
+        logf_("cannot set up Curve: %s", strerror(-rc));
+        return 1;
+    }
+    rc = bind_router(&c, FROM_CLIENTS, &c.clients, ip, c.client_ep, sizeof c.client_ep, max_frame);
     if (rc == 0)
-        rc = bind_router(&c, &c.agents, ip, c.agent_ep, sizeof c.agent_ep, max_frame);
+        rc = bind_router(&c, FROM_AGENTS, &c.agents, ip, c.agent_ep, sizeof c.agent_ep, max_frame);
     if (rc < 0) {
         logf_("cannot bind on %s: %s", ip, zmq_strerror(-rc));
         return 1;
@@ -1644,17 +1882,20 @@ int main(int argc, char **argv)
         logf_("cannot write %s: %s", c.conn_path, strerror(-rc));
         return 1;
     }
-    logf_("listening: clients %s, agents %s; connection file %s", c.client_ep, c.agent_ep, c.conn_path);
+    logf_("listening: clients %s, agents %s (%s); connection file %s", c.client_ep, c.agent_ep,
+          curve ? "CurveZMQ" : "plaintext", c.conn_path);
 
     c.next_beat_ns = now_ns() + c.heartbeat_ns;
     while (!c.stopping) {
-        zmq_pollitem_t items[3] = {
-            {c.clients, 0, ZMQ_POLLIN, 0}, {c.agents, 0, ZMQ_POLLIN, 0}, {NULL, sfd, ZMQ_POLLIN, 0}};
+        /* The ZAP handler last: without Curve, none (poll is given 5 items). */
+        zmq_pollitem_t items[6] = {{c.clients, 0, ZMQ_POLLIN, 0},     {c.agents, 0, ZMQ_POLLIN, 0},
+                                   {NULL, sfd, ZMQ_POLLIN, 0},        {c.monitors[0], 0, ZMQ_POLLIN, 0},
+                                   {c.monitors[1], 0, ZMQ_POLLIN, 0}, {c.zap, 0, ZMQ_POLLIN, 0}};
         int64_t next = c.nqueued && c.next_flush_ns < c.next_beat_ns ? c.next_flush_ns : c.next_beat_ns;
         int64_t wait = (next - now_ns() + 999999) / 1000000;
         if (wait < 0)
             wait = 0;
-        int n = zmq_poll(items, 3, (long)wait);
+        int n = zmq_poll(items, c.zap ? 6 : 5, (long)wait);
         if (n < 0 && zmq_errno() != EINTR) {
             logf_("poll failed: %s", zmq_strerror(zmq_errno()));
             break;
@@ -1665,6 +1906,12 @@ int main(int argc, char **argv)
                 logf_("stopping on signal %u", si.ssi_signo);
             break;
         }
+        /* Handshakes first: a peer's connection waits for them. */
+        if (c.zap && n > 0 && (items[5].revents & ZMQ_POLLIN))
+            serve_zap(&c);
+        for (int i = 0; i < 2; i++)
+            if (n > 0 && (items[3 + i].revents & ZMQ_POLLIN))
+                read_handshakes(&c, i);
         if (n > 0 && (items[0].revents & ZMQ_POLLIN))
             drain_socket(&c, c.clients, 0);
         if (n > 0 && (items[1].revents & ZMQ_POLLIN))
@@ -1692,9 +1939,16 @@ int main(int argc, char **argv)
     for (uint32_t b = 0; b < TASK_BUCKETS; b++)
         while (c.tasks[b])
             task_free(&c, &c.tasks[b]);
+    for (int i = 0; i < 2; i++)
+        if (c.monitors[i])
+            zmq_close(c.monitors[i]);
     zmq_close(c.clients);
     zmq_close(c.agents);
+    if (c.zap)
+        zmq_close(c.zap);
     zmq_ctx_term(c.ctx);
+    explicit_bzero(c.server_secret, sizeof c.server_secret);
+    explicit_bzero(c.member_secret, sizeof c.member_secret);
     free(c.engines);
     logf_("stopped");
     return 0;

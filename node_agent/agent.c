@@ -11,10 +11,12 @@
  * once, and each target's ring gets a 64-byte descriptor of it. When a
  * process dies, what it held in the arena is released; when an engine dies,
  * its unfinished tasks fail with an EngineError naming it. Everything waits
- * in one event loop (loop.c).
+ * in one event loop (loop.c). Its connection to the controller speaks
+ * CurveZMQ when the connection file carries Curve keys.
  */
 #define _GNU_SOURCE
 #include <shoal/arena.h>
+#include <shoal/curve.h>
 #include <shoal/util.h>
 #include <shoal/zwire.h>
 
@@ -185,6 +187,7 @@ struct agent {
     shoal_loop *loop;
     shoal_arena *arena;
     void *ctx, *ctl;
+    void *ctl_monitor; /* the handshakes of ctl: a refused key ends the agent */
     int ctl_fd;
     struct ctlmsg *ctlq, **ctlq_tail; /* messages waiting for room (ctl_send) */
     uint64_t ctlq_bytes, ctlq_max;
@@ -239,12 +242,23 @@ static char log_name[32] = "shoal-agent"; /* then "shoal-agent <pid>" */
 
 /* ---- the connection file ----------------------------------------------------- */
 
-/* Reads the controller's address and key from the connection file. */
-static int read_connection(const char *path, char *endpoint, size_t eplen, uint8_t key[SHOAL_WIRE_KEY])
+/*
+ * Reads the controller's address, the cluster key and, if the file has
+ * them ("curve": {"server_key", "public_key", "secret_key"}; null or absent
+ * for a plaintext cluster), the Curve keys from the connection file.
+ * Returns 0 with *curve set to 1 (keys in *member) or 0, -errno if the file
+ * cannot be read, -EPROTO for a file without a usable address or key, or
+ * -EINVAL for bad Curve keys; why[len] says what is wrong (naming the field).
+ */
+static int read_connection(const char *path, char *endpoint, size_t eplen, uint8_t key[SHOAL_WIRE_KEY],
+                           int *curve, shoal_curve_member *member, char *why, size_t len)
 {
     FILE *f = fopen(path, "r");
-    if (!f)
-        return -errno;
+    if (!f) {
+        int e = errno;
+        snprintf(why, len, "%s", strerror(e));
+        return -e;
+    }
     char buf[8192];
     size_t n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);
@@ -252,7 +266,9 @@ static int read_connection(const char *path, char *endpoint, size_t eplen, uint8
     cJSON *j = cJSON_Parse(buf);
     cJSON *ep = cJSON_GetObjectItemCaseSensitive(j, "agent");
     cJSON *k = cJSON_GetObjectItemCaseSensitive(j, "key");
+    cJSON *cv = cJSON_GetObjectItemCaseSensitive(j, "curve");
     int rc = -EPROTO;
+    snprintf(why, len, "no \"agent\" address and \"key\" of 64 hex digits in it");
     if (cJSON_IsString(ep) && cJSON_IsString(k) && strlen(k->valuestring) == 2 * SHOAL_WIRE_KEY &&
         strlen(ep->valuestring) < eplen) {
         rc = 0;
@@ -264,7 +280,27 @@ static int read_connection(const char *path, char *endpoint, size_t eplen, uint8
         }
         strcpy(endpoint, ep->valuestring);
     }
+    *curve = 0;
+    if (rc == 0 && cv && !cJSON_IsNull(cv)) {
+        if (!cJSON_IsObject(cv)) {
+            rc = -EINVAL;
+            snprintf(why, len, "\"curve\" is neither null nor an object of three keys");
+        } else {
+            const char *names[3] = {"server_key", "public_key", "secret_key"}, *text[3], *field = "";
+            for (int i = 0; i < 3; i++) {
+                cJSON *v = cJSON_GetObjectItemCaseSensitive(cv, names[i]);
+                text[i] = cJSON_IsString(v) ? v->valuestring : NULL;
+            }
+            rc = shoal_curve_member_parse(text[0], text[1], text[2], member, &field);
+            if (rc < 0) {
+                snprintf(why, len, "curve.%s %s", field, shoal_curve_strerror(rc));
+                rc = -EINVAL;
+            }
+            *curve = rc == 0;
+        }
+    }
     cJSON_Delete(j);
+    explicit_bzero(buf, sizeof buf);
     return rc;
 }
 
@@ -535,6 +571,18 @@ static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
     on_ctl_fd(l, a->ctl_fd, POLLIN, a);
     if (a->nkept)
         poll_kept_lanes(a);
+    /* A controller that refuses our keys (or speaks Curve when we do not)
+     * would otherwise look like one that is silent: say why, and stop,
+     * rather than retrying for ever. */
+    shoal_curve_event ev;
+    char why[512];
+    while (shoal_curve_monitor_read(a->ctl_monitor, &ev) == 1)
+        if (shoal_curve_event_fatal(&ev, why, sizeof why)) {
+            logf_("cannot connect to the controller: %s; stopping", why);
+            a->exit_code = 1;
+            a->running = 0;
+            return;
+        }
     int64_t now = now_ns(), silent_ms = (now - a->last_ctl_ns) / 1000000;
     if (silent_ms > a->node_timeout_ms + 2 * a->heartbeat_ms + 2000) {
         logf_("no word from the controller for %lld ms, asked or not (its node timeout is %lld ms): it is gone; "
@@ -1979,7 +2027,9 @@ int main(int argc, char **argv)
     /* Kept to be given up when we run out of fds: we then still accept a
      * connection, to tell it why we refuse it (on_listen). */
     a.spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-    char dir[PATH_MAX - 32], conn[PATH_MAX], endpoint[512];
+    char dir[PATH_MAX - 32], conn[PATH_MAX], endpoint[512], why[256];
+    shoal_curve_member member;
+    int curve = 0;
     if (shoal_profile_dir(profile, dir, sizeof dir) < 0) {
         logf_("the profile directory's path is too long");
         return 1;
@@ -1988,13 +2038,15 @@ int main(int argc, char **argv)
         snprintf(conn, sizeof conn, "%s", join);
     else
         snprintf(conn, sizeof conn, "%s/connection.json", dir);
-    int rc = read_connection(conn, endpoint, sizeof endpoint, a.key);
+    int rc = read_connection(conn, endpoint, sizeof endpoint, a.key, &curve, &member, why, sizeof why);
     if (rc < 0) {
-        if (join)
+        if (rc == -EINVAL)
+            logf_("the connection file %s is not usable: %s", conn, why);
+        else if (join)
             logf_("cannot read the connection file %s (%s): give --join a copy of the cluster's own "
-                  "(profile_NAME/connection.json where the controller runs)", conn, strerror(-rc));
+                  "(profile_NAME/connection.json where the controller runs)", conn, why);
         else
-            logf_("cannot read %s (%s): is a controller running for profile '%s'?", conn, strerror(-rc), profile);
+            logf_("cannot read %s (%s): is a controller running for profile '%s'?", conn, why, profile);
         return 1;
     }
     uint8_t id[16];
@@ -2050,6 +2102,15 @@ int main(int argc, char **argv)
      * and what the controller cannot take yet waits in ctlq (ctl_send). */
     zmq_setsockopt(a.ctl, ZMQ_SNDTIMEO, &zero, sizeof zero);
     a.ctlq_tail = &a.ctlq;
+    if (curve && (rc = shoal_curve_client(a.ctl, &member)) < 0) {
+        logf_("cannot set up Curve with the keys of %s: %s", conn, zmq_strerror(-rc));
+        return 1;
+    }
+    explicit_bzero(&member, sizeof member);
+    if ((rc = shoal_curve_monitor(a.ctx, a.ctl, &a.ctl_monitor)) < 0) {
+        logf_("cannot watch the connection to the controller: %s", zmq_strerror(-rc));
+        return 1;
+    }
     if (zmq_connect(a.ctl, endpoint) < 0) {
         logf_("cannot connect to %s: %s", endpoint, zmq_strerror(zmq_errno()));
         return 1;
@@ -2083,7 +2144,8 @@ int main(int argc, char **argv)
     /* The ZeroMQ fd only signals changes: look once, in case the reply came
      * in before we watched it. */
     on_ctl_fd(a.loop, a.ctl_fd, POLLIN, &a);
-    logf_("serving: arena fd on %s, event loop on %s", a.sock_path, shoal_loop_backend(a.loop));
+    logf_("serving: arena fd on %s, event loop on %s; controller %s (%s)", a.sock_path, shoal_loop_backend(a.loop),
+          endpoint, curve ? "CurveZMQ" : "plaintext");
 
     /* ZeroMQ's fd is edge-triggered, and sending on the socket (results,
      * engine events) can consume the edge of a message that arrived
@@ -2116,6 +2178,7 @@ int main(int argc, char **argv)
         a.ctlq = m->next;
         ctlmsg_free(m);
     }
+    zmq_close(a.ctl_monitor);
     zmq_close(a.ctl);
     zmq_ctx_term(a.ctx);
     shoal_loop_destroy(a.loop);

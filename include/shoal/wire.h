@@ -68,7 +68,8 @@ typedef struct shoal_msg_header {
     uint32_t target;    /* engine id it is for, or SHOAL_WIRE_TARGET_ALL */
     uint64_t reply_to;  /* msg_id this answers, 0 if none */
     uint64_t body_len;  /* bytes in all payload and buffer frames together */
-    uint64_t stamp_ns;  /* sender's CLOCK_REALTIME when sent */
+    uint64_t stamp_ns;  /* sender's CLOCK_REALTIME when signed (shoal_wire_send
+                         * and the others of zwire.h write it if it is 0) */
 } shoal_msg_header;
 
 /* A frame: bytes owned by the caller. */
@@ -83,10 +84,13 @@ typedef struct shoal_wire_limits {
     uint64_t max_body;  /* bytes in all of them together */
     uint64_t max_payload; /* bytes in the payload frames together (the ones
                            * the MAC hashes); 0: only max_body bounds them */
+    uint64_t max_skew_ns; /* shoal_wire_recv refuses an authentic message whose
+                           * stamp_ns is further than this from the receiver's
+                           * CLOCK_REALTIME, either way (-ESTALE); 0: no check */
 } shoal_wire_limits;
 
 /* Generous defaults: 4 GiB per frame and 16 GiB per message, payload
- * unbounded but by those. */
+ * unbounded but by those, stamps unchecked. */
 extern const shoal_wire_limits shoal_wire_default_limits;
 
 /* Initialises libsodium once. Returns 0 or -EIO. Safe to call repeatedly and

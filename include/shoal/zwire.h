@@ -35,6 +35,7 @@ typedef struct shoal_wire_counters {
     uint64_t malformed; /* -EBADMSG and -EPROTO */
     uint64_t oversized; /* -EMSGSIZE, -EFBIG */
     uint64_t bad_signature; /* -EACCES */
+    uint64_t stale; /* -ESTALE: authentic, stamped too far from our clock */
 } shoal_wire_counters;
 
 /*
@@ -43,7 +44,11 @@ typedef struct shoal_wire_counters {
  * ZMQ_DONTWAIT not to. On success returns 0 and *m holds the message; the
  * caller must shoal_wire_msg_close it. On refusal returns the decode error,
  * counts it in counters (may be NULL), and *m holds only the route (close it
- * too). Returns -EAGAIN when nothing is waiting (ZMQ_DONTWAIT), or another
+ * too) and, for -EFBIG, the header. With limits->max_skew_ns set, a message
+ * that passes every check of shoal_wire_decode but whose stamp_ns is further
+ * than that from this host's CLOCK_REALTIME is refused as -ESTALE (a replay,
+ * or a sender whose clock is off), its header in m->hdr as for -EFBIG.
+ * Returns -EAGAIN when nothing is waiting (ZMQ_DONTWAIT), or another
  * negative errno from ZeroMQ (-ETERM when the context is ending).
  */
 int shoal_wire_recv(void *sock, const uint8_t key[SHOAL_WIRE_KEY], bool router, const shoal_wire_limits *limits,
@@ -62,8 +67,10 @@ static inline shoal_frame shoal_wire_frame(shoal_wire_msg *m, size_t i)
 /*
  * Signs and sends one message: route (the peer's identity on a ROUTER
  * socket; NULL otherwise), the header, then frames. The frames are copied
- * into ZeroMQ. Returns 0 or a negative errno (-EINVAL for bad counts, or
- * ZeroMQ's, e.g. -EHOSTUNREACH for an unknown route with
+ * into ZeroMQ. A header whose stamp_ns is 0 is stamped with CLOCK_REALTIME
+ * now (so do shoal_wire_forward and shoal_wire_sign): the receiver's
+ * freshness check reads it. Returns 0 or a negative errno (-EINVAL for bad
+ * counts, or ZeroMQ's, e.g. -EHOSTUNREACH for an unknown route with
  * ZMQ_ROUTER_MANDATORY).
  */
 int shoal_wire_send(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoal_frame *route,
@@ -83,8 +90,9 @@ int shoal_wire_forward(void *sock, const uint8_t key[SHOAL_WIRE_KEY], const shoa
 /*
  * shoal_wire_forward in two steps, for a message that may wait in a queue
  * and be tried again: shoal_wire_sign writes its header frame (the HMACs
- * over the frames: the costly part, done once), shoal_wire_send_signed
- * sends it with the same frames. Both return as shoal_wire_send.
+ * over the frames: the costly part, done once; the stamp is of that moment),
+ * shoal_wire_send_signed sends it with the same frames. Both return as
+ * shoal_wire_send.
  */
 int shoal_wire_sign(const uint8_t key[SHOAL_WIRE_KEY], const shoal_msg_header *h, const shoal_frame *new_frames,
                     size_t n_new, zmq_msg_t *msgs, size_t n_msgs, uint8_t hdr[SHOAL_WIRE_HDR]);

@@ -6,11 +6,16 @@
  * bridge/zwire.c, so Python never re-implements the protocol. Received
  * frames are Frame objects that export ZeroMQ's own memory through the
  * buffer protocol: a large buffer frame is never copied on its way into
- * numpy. The GIL is released while a call blocks.
+ * numpy. The GIL is released while a call blocks. Given the Curve keys of a
+ * connection file (curve=), a DEALER connects with CurveZMQ and watches its
+ * handshakes, so that a controller that refuses its key is an error, not
+ * a silence.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <shoal/curve.h>
+#include <shoal/util.h>
 #include <shoal/zwire.h>
 
 #include <errno.h>
@@ -91,6 +96,9 @@ typedef struct {
     shoal_wire_limits limits;
     shoal_wire_counters counters;
     uint64_t next_id;
+    void *monitor;           /* handshake events (curve= sockets) */
+    uint64_t handshakes_ok, handshakes_failed;
+    char refused[512];       /* why the peer refused us for good ("" if it has not) */
 } SocketObject;
 
 static int sock_open(SocketObject *self)
@@ -108,16 +116,49 @@ static PyObject *zmq_error(const char *what)
     return shoal__raise_oserror(e, what, zmq_strerror(e));
 }
 
+/*
+ * Reads curve=: None, or a dict with the connection file's "server_key",
+ * "public_key" and "secret_key" (Z85 strings). Returns 1 with *k set, 0 for
+ * None, -1 with ValueError naming the field.
+ */
+static int curve_keys(PyObject *curve, shoal_curve_member *k)
+{
+    if (!curve || curve == Py_None)
+        return 0;
+    if (!PyDict_Check(curve)) {
+        PyErr_SetString(PyExc_ValueError, "curve must be null, or an object with server_key, public_key and "
+                                          "secret_key");
+        return -1;
+    }
+    static const char *names[3] = {"server_key", "public_key", "secret_key"};
+    const char *text[3] = {NULL, NULL, NULL};
+    for (int i = 0; i < 3; i++) {
+        PyObject *v = PyDict_GetItemString(curve, names[i]); /* borrowed; missing: said below */
+        if (v && PyUnicode_Check(v) && !(text[i] = PyUnicode_AsUTF8(v)))
+            return -1;
+    }
+    const char *field = "";
+    int e = shoal_curve_member_parse(text[0], text[1], text[2], k, &field);
+    if (e < 0) {
+        PyErr_Format(PyExc_ValueError, "curve.%s %s", field, shoal_curve_strerror(e));
+        return -1;
+    }
+    return 1;
+}
+
 static PyObject *socket_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"kind", "key", "bind", "connect", "identity", "max_frame", NULL};
+    static char *kwlist[] = {"kind", "key", "bind", "connect", "identity", "max_frame", "curve", NULL};
     const char *kind, *bind = NULL, *connect = NULL;
     Py_buffer key, ident = {0};
     unsigned long long max_frame = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*|$zzy*K:Socket", kwlist, &kind, &key, &bind, &connect, &ident,
-                                     &max_frame))
+    PyObject *curve = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*|$zzy*KO:Socket", kwlist, &kind, &key, &bind, &connect, &ident,
+                                     &max_frame, &curve))
         return NULL;
     SocketObject *self = NULL;
+    shoal_curve_member ck;
+    int use_curve = 0;
     int zkind = !strcmp(kind, "router") ? ZMQ_ROUTER : !strcmp(kind, "dealer") ? ZMQ_DEALER : -1;
     if (zkind < 0) {
         PyErr_SetString(PyExc_ValueError, "kind must be 'router' or 'dealer'");
@@ -129,6 +170,12 @@ static PyObject *socket_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     }
     if (!!bind == !!connect) {
         PyErr_SetString(PyExc_ValueError, "give exactly one of bind= and connect=");
+        goto out;
+    }
+    if ((use_curve = curve_keys(curve, &ck)) < 0)
+        goto out;
+    if (use_curve && (zkind != ZMQ_DEALER || !connect)) {
+        PyErr_SetString(PyExc_ValueError, "curve= is for a dealer that connects (a member of a cluster)");
         goto out;
     }
     if (!zctx && !(zctx = zmq_ctx_new())) {
@@ -150,9 +197,10 @@ static PyObject *socket_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         goto out;
     }
     int zero = 0;
-    int64_t maxmsg = (int64_t)self->limits.max_frame;
+    int64_t maxmsg = (int64_t)self->limits.max_frame + (use_curve ? SHOAL_CURVE_FRAME_OVERHEAD : 0);
     zmq_setsockopt(self->sock, ZMQ_LINGER, &zero, sizeof zero);
-    /* ZeroMQ drops a peer that sends a frame over the limit before holding it. */
+    /* ZeroMQ drops a peer that sends a frame over the limit before holding
+     * it (Curve's own bytes on top: they are not the peer's). */
     zmq_setsockopt(self->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     if (ident.buf && zmq_setsockopt(self->sock, ZMQ_ROUTING_ID, ident.buf, (size_t)ident.len) < 0) {
         zmq_error("bad identity");
@@ -160,6 +208,16 @@ static PyObject *socket_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         goto out;
     }
     int rc;
+    if (use_curve) {
+        /* Before connecting: no handshake goes unseen. */
+        if ((rc = shoal_curve_client(self->sock, &ck)) < 0 ||
+            (rc = shoal_curve_monitor(zctx, self->sock, &self->monitor)) < 0) {
+            errno = -rc;
+            zmq_error("cannot set up Curve");
+            Py_CLEAR(self);
+            goto out;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
     rc = bind ? zmq_bind(self->sock, bind) : zmq_connect(self->sock, connect);
     Py_END_ALLOW_THREADS
@@ -168,6 +226,7 @@ static PyObject *socket_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         Py_CLEAR(self);
     }
 out:
+    explicit_bzero(&ck, sizeof ck);
     PyBuffer_Release(&key);
     if (ident.buf)
         PyBuffer_Release(&ident);
@@ -176,6 +235,8 @@ out:
 
 static void socket_dealloc(SocketObject *self)
 {
+    if (self->monitor)
+        zmq_close(self->monitor);
     if (self->sock)
         zmq_close(self->sock);
     memset(self->key, 0, sizeof self->key);
@@ -185,6 +246,10 @@ static void socket_dealloc(SocketObject *self)
 static PyObject *socket_close(SocketObject *self, PyObject *unused)
 {
     (void)unused;
+    if (self->monitor) {
+        zmq_close(self->monitor);
+        self->monitor = NULL;
+    }
     if (self->sock) {
         zmq_close(self->sock);
         self->sock = NULL;
@@ -220,13 +285,13 @@ static int collect(PyObject *seq, Py_buffer *views, shoal_frame *frames, Py_ssiz
 static PyObject *socket_send(SocketObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"type", "payload", "buffers", "route", "msg_id", "task_id", "sender", "target",
-                             "reply_to", "flags", NULL};
+                             "reply_to", "flags", "stamp_ns", NULL};
     unsigned int type, sender = 0, target = SHOAL_WIRE_TARGET_ALL, flags = 0;
     PyObject *payload = NULL, *buffers = NULL;
     Py_buffer route = {0};
-    unsigned long long msg_id = 0, task_id = 0, reply_to = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "I|OO$y*KKIIKI:send", kwlist, &type, &payload, &buffers, &route,
-                                     &msg_id, &task_id, &sender, &target, &reply_to, &flags))
+    unsigned long long msg_id = 0, task_id = 0, reply_to = 0, stamp_ns = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "I|OO$y*KKIIKIK:send", kwlist, &type, &payload, &buffers, &route,
+                                     &msg_id, &task_id, &sender, &target, &reply_to, &flags, &stamp_ns))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = 0, np = 0;
@@ -251,7 +316,7 @@ static PyObject *socket_send(SocketObject *self, PyObject *args, PyObject *kw)
         msg_id = ++self->next_id;
     shoal_msg_header h = {.type = (uint16_t)type, .flags = (uint16_t)flags, .n_payload = (uint16_t)np,
                           .n_buffers = (uint16_t)(n - np), .msg_id = msg_id, .task_id = task_id,
-                          .sender = sender, .target = target, .reply_to = reply_to};
+                          .sender = sender, .target = target, .reply_to = reply_to, .stamp_ns = stamp_ns};
     shoal_frame rt = {route.buf, (size_t)route.len};
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -311,19 +376,40 @@ static PyObject *socket_recv(SocketObject *self, PyObject *args, PyObject *kw)
     double timeout = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|d:recv", kwlist, &timeout) || sock_open(self) < 0)
         return NULL;
-    zmq_pollitem_t item = {self->sock, 0, ZMQ_POLLIN, 0};
     long ms = timeout < 0 ? -1 : (long)(timeout * 1000);
     int rc;
-    Py_BEGIN_ALLOW_THREADS
-    do {
-        rc = zmq_poll(&item, 1, ms);
-    } while (rc < 0 && zmq_errno() == EINTR);
-    Py_END_ALLOW_THREADS
-    if (rc < 0)
-        return zmq_error("poll failed");
-    if (rc == 0) {
-        PyErr_SetString(PyExc_TimeoutError, "no message arrived in time");
-        return NULL;
+    for (;;) {
+        if (self->refused[0])
+            return PyErr_Format(PyExc_ConnectionRefusedError, "%s", self->refused);
+        zmq_pollitem_t items[2] = {{self->sock, 0, ZMQ_POLLIN, 0}, {self->monitor, 0, ZMQ_POLLIN, 0}};
+        int64_t start = shoal_now_ns();
+        Py_BEGIN_ALLOW_THREADS
+        do {
+            rc = zmq_poll(items, self->monitor ? 2 : 1, ms);
+        } while (rc < 0 && zmq_errno() == EINTR);
+        Py_END_ALLOW_THREADS
+        if (rc < 0)
+            return zmq_error("poll failed");
+        if (rc == 0) {
+            PyErr_SetString(PyExc_TimeoutError, "no message arrived in time");
+            return NULL;
+        }
+        if (items[0].revents & ZMQ_POLLIN)
+            break;
+        /* Only handshake events: read them, and wait for what is left. */
+        shoal_curve_event ev;
+        while (shoal_curve_monitor_read(self->monitor, &ev) == 1) {
+            if (ev.event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED)
+                self->handshakes_ok++;
+            else if (ev.event != ZMQ_EVENT_HANDSHAKE_FAILED_AUTH && ev.event != ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL &&
+                     ev.event != ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+                continue;
+            else
+                self->handshakes_failed++;
+            shoal_curve_event_fatal(&ev, self->refused, sizeof self->refused);
+        }
+        if (ms > 0 && (ms -= (long)((shoal_now_ns() - start) / 1000000)) < 0)
+            ms = 0;
     }
     shoal_wire_msg m;
     Py_BEGIN_ALLOW_THREADS
@@ -374,10 +460,21 @@ out:
 static PyObject *socket_get_counters(SocketObject *self, void *closure)
 {
     (void)closure;
-    return Py_BuildValue("{sKsKsKsK}", "received", (unsigned long long)self->counters.received, "malformed",
+    return Py_BuildValue("{sKsKsKsKsK}", "received", (unsigned long long)self->counters.received, "malformed",
                          (unsigned long long)self->counters.malformed, "oversized",
                          (unsigned long long)self->counters.oversized, "bad_signature",
-                         (unsigned long long)self->counters.bad_signature);
+                         (unsigned long long)self->counters.bad_signature, "stale",
+                         (unsigned long long)self->counters.stale);
+}
+
+static PyObject *socket_get_handshakes(SocketObject *self, void *closure)
+{
+    (void)closure;
+    if (!self->monitor)
+        Py_RETURN_NONE;
+    return Py_BuildValue("{sKsKsz}", "succeeded", (unsigned long long)self->handshakes_ok, "failed",
+                         (unsigned long long)self->handshakes_failed, "refused",
+                         self->refused[0] ? self->refused : NULL);
 }
 
 static PyObject *socket_get_endpoint(SocketObject *self, void *closure)
@@ -395,10 +492,12 @@ static PyObject *socket_get_endpoint(SocketObject *self, void *closure)
 static PyMethodDef socket_methods[] = {
     {"send", (PyCFunction)(void (*)(void))socket_send, METH_VARARGS | METH_KEYWORDS,
      "send(type, payload=(), buffers=(), *, route=None, msg_id=0, task_id=0, sender=0, target=ALL, reply_to=0, "
-     "flags=0) -> msg_id: sign and send one message."},
+     "flags=0, stamp_ns=0) -> msg_id: sign and send one message, stamped now (or stamp_ns, to test a receiver's "
+     "window)."},
     {"recv", (PyCFunction)(void (*)(void))socket_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(timeout=-1) -> (header, payload, buffers, route): the next message that passes every check. Raises "
-     "TimeoutError, or WireError for a refused message (its route says who sent it)."},
+     "TimeoutError, WireError for a refused message (its route says who sent it), or ConnectionRefusedError "
+     "when a curve= socket's peer refused its keys for good."},
     {"send_raw", (PyCFunction)socket_send_raw, METH_O,
      "send_raw(frames): send these frames as one multipart message, unsigned and unchecked (for probing a "
      "peer with bad input)."},
@@ -408,6 +507,9 @@ static PyMethodDef socket_methods[] = {
 
 static PyGetSetDef socket_getset[] = {
     {"counters", (getter)socket_get_counters, NULL, "what this socket received and refused", NULL},
+    {"handshakes", (getter)socket_get_handshakes, NULL,
+     "a curve= socket's Curve handshakes, as recv() has seen them: {succeeded, failed, refused (why the peer "
+     "refused us for good, or None)}; None without curve=", NULL},
     {"endpoint", (getter)socket_get_endpoint, NULL, "the last endpoint bound or connected", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -417,8 +519,10 @@ static PyTypeObject SocketType = {
     .tp_basicsize = sizeof(SocketObject),
     .tp_dealloc = (destructor)socket_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Socket(kind, key, *, bind=None, connect=None, identity=None, max_frame=0)\n\n"
-              "A ZeroMQ 'router' or 'dealer' socket that speaks shoal's signed wire protocol.",
+    .tp_doc = "Socket(kind, key, *, bind=None, connect=None, identity=None, max_frame=0, curve=None)\n\n"
+              "A ZeroMQ 'router' or 'dealer' socket that speaks shoal's signed wire protocol. curve: a dealer's "
+              "Curve keys, the connection file's {server_key, public_key, secret_key} (Z85 strings); a bad one "
+              "is a ValueError naming the field.",
     .tp_methods = socket_methods,
     .tp_getset = socket_getset,
     .tp_new = socket_new,
@@ -475,7 +579,26 @@ static PyObject *core_keygen(PyObject *mod, PyObject *unused)
     return PyBytes_FromStringAndSize((const char *)key, sizeof key);
 }
 
+static PyObject *core_curve_keypair(PyObject *mod, PyObject *unused)
+{
+    (void)mod;
+    (void)unused;
+    uint8_t pub[SHOAL_CURVE_KEY], sec[SHOAL_CURVE_KEY];
+    int rc = shoal_curve_keypair(pub, sec);
+    if (rc < 0)
+        return shoal__raise_oserror(-rc, "no Curve key pair", strerror(-rc));
+    char p[SHOAL_CURVE_Z85 + 1], s[SHOAL_CURVE_Z85 + 1];
+    shoal_curve_z85_encode(pub, p);
+    shoal_curve_z85_encode(sec, s);
+    explicit_bzero(sec, sizeof sec);
+    PyObject *r = Py_BuildValue("(ss)", p, s);
+    explicit_bzero(s, sizeof s);
+    return r;
+}
+
 PyMethodDef shoal__socket_functions[] = {
     {"keygen", core_keygen, METH_NOARGS, "keygen() -> 32 random bytes: a fresh cluster key."},
+    {"curve_keypair", core_curve_keypair, METH_NOARGS,
+     "curve_keypair() -> (public, secret): a fresh Curve key pair as Z85 strings (zmq_curve_keypair)."},
     {NULL, NULL, 0, NULL},
 };

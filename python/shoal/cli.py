@@ -97,9 +97,11 @@ def start(args):
     log_start = log.tell()
     out = log if args.daemonize else None
     policy = []
-    for flag in ("heartbeat_ms", "node_timeout_ms", "client_backlog", "max_frame", "max_payload"):
+    for flag in ("heartbeat_ms", "node_timeout_ms", "client_backlog", "max_frame", "max_payload", "max_skew_ms"):
         if getattr(args, flag) is not None:
             policy += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    if args.curve is not None:
+        policy.append("--curve" if args.curve else "--no-curve")
     ctl = subprocess.Popen([_bin.find("shoal-controller"), "--profile", args.profile, "--ip", args.ip, *policy],
                            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, **detach)
     deadline = time.monotonic() + 10
@@ -307,7 +309,7 @@ def stop(args):
 def status(args):
     try:
         rc = Client(profile=args.profile, timeout=5)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # no cluster; a connection file that is not usable
         print(f"shoal: {e}", file=sys.stderr)
         return 1
     with rc:
@@ -471,8 +473,16 @@ def main(argv=None):
                        ("--max-frame", "the largest frame a message to the controller may have, in bytes "
                                        "(default 1 GiB)"),
                        ("--max-payload", "the largest payload (the signed part) a message to the controller may "
-                                         "have, in bytes (default 256 MiB)")):
+                                         "have, in bytes (default 256 MiB)"),
+                       ("--max-skew-ms", "how far from the controller's clock a message's stamp may be before it "
+                                         "is refused as a replay (default 300000; 0: unchecked)")):
         s.add_argument(flag, type=int, default=None, help=what)
+    enc = s.add_mutually_exclusive_group()
+    enc.add_argument("--curve", dest="curve", action="store_true", default=None,
+                     help="encrypt and authenticate the controller's TCP sockets with CurveZMQ (the default when "
+                          "--ip is not loopback)")
+    enc.add_argument("--no-curve", dest="curve", action="store_false",
+                     help="plaintext even beyond loopback (warned of: only on a network you trust)")
     g = sub.add_parser("agent", help="start a node agent and its engines here, joining a cluster (on another "
                                      "machine: give --join a copy of its connection file)")
     g.add_argument("--join", default=None, metavar="FILE",

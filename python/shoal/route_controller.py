@@ -1,5 +1,7 @@
 """The controller route: tasks through the controller's signed ZeroMQ
 socket, to any engine on any node (docs/protocol.md, docs/controller.md).
+The socket speaks CurveZMQ when the connection file carries Curve keys
+(a cluster that listens beyond loopback, or started with --curve).
 
 The same socket carries the client's questions to the controller (the
 registry, queues, signals, aborts, shutdown: control()). The route watches
@@ -53,13 +55,20 @@ class ControllerRoute(Route):
         self._close_pidfd = weakref.finalize(self, os.close, self.pidfd) if self.pidfd is not None \
             else (lambda: None)
         self.dead = None  # why the controller is known to be gone (see gone)
+        self.refused = False  # it is there, but refused our Curve keys
         self.last_heard = time.monotonic()  # when the controller last said anything
         self.asked_at = 0.0  # when we first asked a silent controller (HEARTBEAT), not answered since
         self.probe_at = 0.0  # when we last asked it
         # How long a controller may be silent, asked, before its tasks fail
         # (its own node timeout: the agents give it up then, too).
         self.timeout = (info.get("node_timeout_ms") or 30000) / 1000 + 2
-        self.sock = _core.Socket("dealer", bytes.fromhex(info["key"]), connect=info["client"])
+        try:
+            # The connection file's Curve keys (or null) go to the C core as
+            # they are: it checks them, and names the field that is wrong.
+            self.sock = _core.Socket("dealer", bytes.fromhex(info["key"]), connect=info["client"],
+                                     curve=info.get("curve"))
+        except ValueError as e:
+            raise ValueError(f"the connection file {path} is not usable: {e}") from None
         # What the controller accepts at most (docs/protocol.md, "Limits"):
         # a task past it is refused here, with a clear error, not sent.
         self.max_frame = info.get("max_frame") or 1 << 62
@@ -139,7 +148,7 @@ class ControllerRoute(Route):
         ConnectionError if the controller is gone, TimeoutError if it does
         not answer, RuntimeError if it refuses."""
         if self.dead is not None:
-            raise ConnectionError(f"{self.dead}: start the cluster again (`shoal start`) and make a new Client")
+            raise ConnectionError(self._dead_words())
         with self.lock:
             mid = self.sock.send(kind, [json.dumps(body).encode()] if body is not None else [])
             self.waits += 1
@@ -148,10 +157,9 @@ class ControllerRoute(Route):
             while mid not in self.replies:
                 left = deadline - time.monotonic()
                 if self.dead is not None:
-                    raise ConnectionError(f"{self.dead}: start the cluster again (`shoal start`) and make a "
-                                          f"new Client")
+                    raise ConnectionError(self._dead_words())
                 if left <= 0:
-                    raise TimeoutError(f"the controller did not answer within {timeout:g} s")
+                    raise TimeoutError(f"the controller did not answer within {timeout:g} s{self._handshakes()}")
                 receive(left)
         finally:
             with self.lock:
@@ -161,6 +169,22 @@ class ControllerRoute(Route):
         if hdr["type"] == _core.MSG_ERROR:
             raise RuntimeError(f"the controller refused: {body.get('error')}")
         return body
+
+    def _dead_words(self):
+        """Why control() cannot ask, and what to do."""
+        if self.refused:  # the controller runs, but not for our keys
+            return self.dead
+        return f"{self.dead}: start the cluster again (`shoal start`) and make a new Client"
+
+    def _handshakes(self):
+        """What the socket's Curve handshakes say, for an error: a
+        controller whose handshakes all failed is not silent, it does not
+        take our keys."""
+        h = self.sock.handshakes if self.sock is not None else None
+        if not h or h["succeeded"] or not h["failed"]:
+            return ""
+        return (f" (every Curve handshake with it failed, {h['failed']} so far: is the connection file's "
+                f"curve.server_key the running controller's?)")
 
     def check_limits(self, s, group):
         """Raises ValueError for a task that the controller would refuse
@@ -258,6 +282,10 @@ class ControllerRoute(Route):
                 return False
             except _core.WireError:
                 return True  # counted by the socket; nothing we can use
+            except ConnectionRefusedError as e:  # it refused our Curve keys: nothing will come
+                self.refused = True
+                self.gone(str(e))
+                return True
             self.last_heard = time.monotonic()
             if hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] in self.pending:
                 # The controller refused a task outright: every target of that message fails.

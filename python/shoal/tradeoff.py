@@ -26,6 +26,7 @@ a run, so that the machine's noise falls on all of them.
 docs/tradeoff.md says how to read the table and the plot.
 """
 
+import hmac
 import json
 import os
 import pickle
@@ -153,12 +154,18 @@ def _recv_obj(sock):
     return pickle.loads(payload, buffers=[_recv_exactly(sock, length) for length in lengths])
 
 
+TOKEN_BYTES = 32
+
+
 def _worker_main(port):
     """A socket worker: keeps what it is sent by name, calls what it is asked
-    to on it, until the connection closes."""
+    to on it, until the connection closes. It first reads the parent's token
+    from stdin and sends it: see SocketWorkers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us, on Ctrl-C too
+    token = sys.stdin.buffer.read(TOKEN_BYTES)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(token)
     ns = {}
     while True:
         try:
@@ -180,7 +187,13 @@ def _worker_main(port):
 
 
 class SocketWorkers:
-    """n worker processes, each behind a loopback TCP connection."""
+    """n worker processes, each behind a loopback TCP connection.
+
+    Both sides unpickle what they receive, and any user of this machine may
+    connect to a loopback port: so a connection counts as a worker only if
+    it first sends a random token, which each worker reads from its stdin
+    (a pipe; not its command line, which every user can read). Other
+    connections are closed unread."""
 
     def __init__(self, n, timeout=30):
         self.procs, self.socks = [], []
@@ -188,11 +201,25 @@ class SocketWorkers:
         try:
             listener.settimeout(timeout)
             port = listener.getsockname()[1]
+            token = os.urandom(TOKEN_BYTES)
             code = f"import sys; from shoal.tradeoff import _worker_main; sys.exit(_worker_main({port}))"
             for _ in range(n):
-                self.procs.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL))
-            for _ in range(n):
+                p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+                self.procs.append(p)
+                p.stdin.write(token)
+                p.stdin.close()
+            deadline = time.monotonic() + timeout
+            while len(self.socks) < n:
+                listener.settimeout(max(deadline - time.monotonic(), 0.001))
                 conn, _ = listener.accept()
+                try:
+                    conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                    ok = hmac.compare_digest(bytes(_recv_exactly(conn, TOKEN_BYTES)), token)
+                except (OSError, ConnectionError):
+                    ok = False
+                if not ok:
+                    conn.close()
+                    continue
                 conn.settimeout(None)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.socks.append(conn)

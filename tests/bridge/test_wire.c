@@ -244,4 +244,5 @@ Test(wire, strerror_names_each_error)
     cr_assert_str_eq(shoal_wire_strerror(-EBADMSG), "malformed message");
     cr_assert_str_eq(shoal_wire_strerror(-EPROTO), "unsupported protocol version");
     cr_assert_str_eq(shoal_wire_strerror(-EMSGSIZE), "message too large");
+    cr_assert(strstr(shoal_wire_strerror(-ESTALE), "stamp"));
 }

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static uint8_t key[SHOAL_WIRE_KEY];
@@ -111,6 +112,65 @@ Test(zwire, bad_signature_is_refused_and_the_stream_goes_on)
     cr_assert_eq(c.bad_signature, 1);
     shoal_wire_msg_close(&m);
     expect_task(6, "good");
+}
+
+static uint64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+Test(zwire, a_message_is_stamped_when_sent)
+{
+    uint64_t before = realtime_ns();
+    send_task(dealer, 1, "now", NULL, 0);
+    shoal_msg_header h = {.type = SHOAL_MSG_TASK, .msg_id = 2, .stamp_ns = 42};
+    cr_assert_eq(shoal_wire_send(dealer, key, NULL, &h, NULL, 0), 0);
+    shoal_wire_msg m;
+    cr_assert_eq(shoal_wire_recv(router, key, true, NULL, 0, &m, NULL), 0);
+    cr_assert(m.hdr.stamp_ns >= before && m.hdr.stamp_ns <= realtime_ns(), "0 is stamped with the clock");
+    shoal_wire_msg_close(&m);
+    cr_assert_eq(shoal_wire_recv(router, key, true, NULL, 0, &m, NULL), 0);
+    cr_assert_eq(m.hdr.stamp_ns, 42, "a stamp of the caller's is kept (and no window: accepted)");
+    shoal_wire_msg_close(&m);
+}
+
+Test(zwire, a_stamp_outside_the_window_is_refused_either_way)
+{
+    const uint64_t day = 86400ull * 1000000000u;
+    shoal_wire_limits lim = shoal_wire_default_limits;
+    lim.max_skew_ns = 300ull * 1000000000u;
+    uint64_t stamps[] = {realtime_ns() - day, realtime_ns() + day, realtime_ns() - 200ull * 1000000000u};
+    for (int i = 0; i < 3; i++) {
+        shoal_msg_header h = {.type = SHOAL_MSG_TASK, .msg_id = 10 + (uint64_t)i, .stamp_ns = stamps[i]};
+        cr_assert_eq(shoal_wire_send(dealer, key, NULL, &h, NULL, 0), 0);
+    }
+    send_task(dealer, 13, "fresh", NULL, 0);
+    shoal_wire_counters c = {0};
+    shoal_wire_msg m;
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(shoal_wire_recv(router, key, true, &lim, 0, &m, &c), -ESTALE, "stamp %d", i);
+        cr_assert(m.has_route);
+        cr_assert_eq(m.hdr.msg_id, 10 + (uint64_t)i, "the authentic header is kept, to answer it");
+        shoal_wire_msg_close(&m);
+    }
+    cr_assert_eq(c.stale, 2);
+    cr_assert_eq(shoal_wire_recv(router, key, true, &lim, 0, &m, &c), 0, "200 s is within 300 s");
+    cr_assert_eq(m.hdr.msg_id, 12);
+    shoal_wire_msg_close(&m);
+    cr_assert_eq(shoal_wire_recv(router, key, true, &lim, 0, &m, &c), 0);
+    cr_assert_eq(m.hdr.msg_id, 13);
+    shoal_wire_msg_close(&m);
+    cr_assert_eq(c.received, 2);
+    /* A stale stamp under another key is a bad signature: the stamp of a
+     * message that is not authentic says nothing. */
+    uint8_t other[SHOAL_WIRE_KEY] = {1};
+    shoal_msg_header h = {.type = SHOAL_MSG_TASK, .msg_id = 14, .stamp_ns = 1};
+    cr_assert_eq(shoal_wire_send(dealer, other, NULL, &h, NULL, 0), 0);
+    cr_assert_eq(shoal_wire_recv(router, key, true, &lim, 0, &m, &c), -EACCES);
+    shoal_wire_msg_close(&m);
+    cr_assert_eq(c.stale, 2);
 }
 
 Test(zwire, garbage_from_a_raw_socket_is_refused_and_the_stream_goes_on)

@@ -83,7 +83,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     bool router = flags & FUZZ_WIRE_ROUTER;
     shoal_wire_limits tight = {FUZZ_WIRE_MAX_FRAME, FUZZ_WIRE_MAX_BODY};
     const shoal_wire_limits *limits = flags & FUZZ_WIRE_TIGHT ? &tight : NULL;
-    shoal_wire_counters c = {0, 0, 0, 0};
+    shoal_wire_counters c = {0};
     shoal_wire_msg m;
     int rc = shoal_wire_recv(rx, key, router, limits, 0, &m, &c);
     CHECK(rc == 0 || rc == -EBADMSG || rc == -EPROTO || rc == -EMSGSIZE || rc == -EFBIG || rc == -EACCES);

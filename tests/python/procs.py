@@ -1,5 +1,6 @@
 """Starting and stopping real shoal processes for the tests."""
 
+import ctypes
 import json
 import os
 import signal
@@ -35,9 +36,13 @@ class Controller:
         self.key = bytes.fromhex(self.info["key"])
         self.sockets = []
 
-    def socket(self, which="client", key=None, identity=None):
+    def socket(self, which="client", key=None, identity=None, curve=False):
+        """A dealer to one of the controller's ports, with the cluster key
+        (or key) and the connection file's Curve keys (or curve's: a dict
+        of them, or None for plaintext)."""
         kw = {"identity": identity} if identity else {}
-        s = _core.Socket("dealer", key or self.key, connect=self.info[which], **kw)
+        s = _core.Socket("dealer", key or self.key, connect=self.info[which],
+                         curve=self.info.get("curve") if curve is False else curve, **kw)
         self.sockets.append(s)
         return s
 
@@ -110,6 +115,25 @@ def evaluate(view, code):
         return view.pull("_shoal_test_value", block=True)
     finally:
         view.execute("del _shoal_test_value", block=True)
+
+
+# ---- a node of its own: a private mount namespace -------------------------------------
+
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x20000, 0x4000, 1 << 18
+
+
+def private_mount(over, options=None):
+    """For preexec_fn: a mount namespace of the child's own, with an empty
+    tmpfs over the directory `over` (the files there are not the child's,
+    and the child's there are not ours), mounted with options (e.g.
+    b"mode=0700"). Needs root."""
+    def setup():
+        if libc.unshare(CLONE_NEWNS) != 0 or \
+                libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or \
+                libc.mount(b"tmpfs", str(over).encode(), b"tmpfs", 0, options) != 0:
+            raise OSError(ctypes.get_errno(), "cannot make a private mount namespace")
+    return setup
 
 
 # ---- memory cgroups ------------------------------------------------------------------

@@ -116,12 +116,16 @@ def test_start_passes_the_arena_options_to_the_agent(env):
 
 def test_start_passes_the_controller_policies_on(env):
     p = shoal_cmd(env, "start", "-n", "1", "--daemonize", "--node-timeout-ms", "5000", "--heartbeat-ms", "500",
-                  "--client-backlog", str(8 << 20), "--max-frame", str(64 << 20), "--max-payload", str(1 << 20))
+                  "--client-backlog", str(8 << 20), "--max-frame", str(64 << 20), "--max-payload", str(1 << 20),
+                  "--max-skew-ms", "60000", "--no-curve")
     assert p.returncode == 0, p.stderr
     try:
         info = json.loads(open(os.path.join(env["SHOAL_DIR"], "profile_default", "connection.json")).read())
         assert (info["node_timeout_ms"], info["max_frame"], info["max_payload"]) == (5000, 64 << 20, 1 << 20)
+        assert info["max_skew_ms"] == 60000 and info["curve"] is None
     finally:
         assert shoal_cmd(env, "stop").returncode == 0
     p = shoal_cmd(env, "start", "-n", "1", "--daemonize", "--node-timeout-ms", "100", "--heartbeat-ms", "500")
     assert p.returncode == 1 and "--node-timeout-ms (100) must be at least two heartbeats" in p.stderr, p.stderr
+    p = shoal_cmd(env, "start", "-n", "1", "--curve", "--no-curve")
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr, p.stderr

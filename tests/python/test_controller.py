@@ -9,6 +9,7 @@ it speaks that side itself and says so.
 import json
 import os
 import stat
+import struct
 import subprocess
 import time
 
@@ -49,7 +50,8 @@ def test_client_registers_and_queries(ctl):
     assert kind == _core.MSG_REGISTER_REPLY and body == {"nodes": [], "engines": []}
     kind, body = ctl.ask(s, _core.MSG_QUERY, {"what": "status"})
     assert kind == _core.MSG_QUERY_REPLY
-    assert body["refused"]["from_clients"] == {"malformed": 0, "oversized": 0, "bad_signature": 0}
+    assert body["refused"]["from_clients"] == {"malformed": 0, "oversized": 0, "bad_signature": 0, "stale": 0,
+                                               "unauthenticated": 0, "handshake_failed": 0}
 
 
 def test_bad_signature_is_refused_and_the_controller_keeps_serving(ctl):
@@ -233,5 +235,103 @@ def test_a_result_past_the_limits_fails_its_task_and_says_why(tmp_path):
         hdr, payload, _, _ = s.recv(timeout=5)
         assert hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] == mid
         assert "past this controller's limits (--max-payload 65536" in json.loads(bytes(payload[0]))["error"]
+    finally:
+        ctl.stop()
+
+
+def test_a_day_old_stamp_is_refused_counted_and_answered(tmp_path):
+    """A message signed with the cluster key but stamped a day ago (or a day
+    ahead) is refused: before, it was answered, so a recorded message ran
+    again whenever it was replayed. A client's request gets an ERROR that
+    says why; an agent's stale RESULT fails its task part with the reason,
+    so that no client waits for it; both are counted and logged."""
+    import shoal
+    ctl = Controller(tmp_path / "home")
+    try:
+        a, eid = fake_node(ctl)
+        s = ctl.socket()
+        day = 86400 * 10**9
+        for stamp, side in ((time.time_ns() - day, "before"), (time.time_ns() + day, "after")):
+            mid = s.send(_core.MSG_TASK, [struct.pack("<I", eid), b"{}", b""], stamp_ns=stamp)
+            hdr, payload, _, _ = s.recv(timeout=5)
+            assert hdr["type"] == _core.MSG_ERROR and hdr["reply_to"] == mid
+            error = json.loads(bytes(payload[0]))["error"]
+            assert f"was stamped 86400.0 s {side} this controller's clock, past --max-skew-ms 300000" in error
+        with pytest.raises(TimeoutError):
+            next_task(a, timeout=1)  # nothing reached the node
+        with shoal.Client(url_file=str(ctl.conn), lanes=False) as rc:
+            ar = rc[eid].apply_async(abs, -1)
+            task = next_task(a)
+            a.send(_core.MSG_RESULT, [json.dumps({"status": "ok"}).encode(), serialize.dumps(1).payload],
+                   task_id=task["task_id"], sender=eid, reply_to=task["msg_id"], stamp_ns=time.time_ns() - day)
+            with pytest.raises(shoal.EngineError, match=f"engine {eid} sent a result that was stamped 86400"):
+                ar.get(10)
+        kind, body = ctl.ask(s, _core.MSG_QUERY, {})
+        assert body["refused"]["from_clients"]["stale"] == 2 and body["refused"]["from_agents"]["stale"] == 1
+        log = ctl.log.read_text()
+        assert "refused a message (type 6) from a client: it was stamped 86400.0 s before" in log
+        assert "refused a message (type 7) from an agent" in log
+        assert json.loads(ctl.conn.read_text())["max_skew_ms"] == 300000
+        assert ctl.ask(s, _core.MSG_QUERY, {})[0] == _core.MSG_QUERY_REPLY, "a fresh stamp is answered"
+    finally:
+        ctl.stop()
+
+
+@pytest.mark.parametrize("ip, curve", [("127.0.0.1", False), ("127.8.9.10", False), ("lo", False),
+                                       ("0.0.0.0", True), ("*", True)])
+def test_curve_is_on_by_default_beyond_loopback(tmp_path, ip, curve):
+    """0.0.0.0 and * listen on every interface: beyond loopback."""
+    ctl = Controller(tmp_path / "home", extra=("--ip", ip))
+    try:
+        info = ctl.info
+        assert (info["curve"] is not None) == curve
+        if curve:
+            assert "(CurveZMQ)" in ctl.log.read_text()
+            assert "secret" not in json.dumps(info).replace("secret_key", ""), "only the member's secret"
+            kind, body = ctl.ask(ctl.socket(), _core.MSG_QUERY, {})
+            assert body["curve"] is True
+    finally:
+        ctl.stop()
+
+
+def test_curve_can_be_turned_on_and_off_and_off_is_warned_of_beyond_loopback(tmp_path):
+    on = Controller(tmp_path / "a", extra=("--curve",))
+    try:
+        assert on.info["curve"] is not None
+        kind, body = on.ask(on.socket(), _core.MSG_QUERY, {})
+        assert body["curve"] is True
+    finally:
+        on.stop()
+    off = Controller(tmp_path / "b", extra=("--ip", "*", "--no-curve"))
+    try:
+        assert off.info["curve"] is None
+        assert "warning: --no-curve: listening on *, beyond loopback, in plaintext" in off.log.read_text()
+    finally:
+        off.stop()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--curve", "--no-curve"], "contradict"),
+    (["--max-skew-ms", "abc"], "--max-skew-ms wants a number of milliseconds"),
+    (["--max-skew-ms", "999"], "--max-skew-ms wants a number of milliseconds"),
+    (["--max-skew-ms", "10000"], "--max-skew-ms (10000) must be at least 34000 ms"),
+])
+def test_the_controller_refuses_curve_and_skew_options_it_cannot_use(tmp_path, args, words):
+    p = subprocess.run([controller_binary(), *args], env=dict(os.environ, SHOAL_DIR=str(tmp_path)),
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and words in p.stderr, p.stderr
+
+
+def test_max_skew_0_checks_no_stamp_and_says_so(tmp_path):
+    """For hosts whose clocks cannot be kept in step: no window, a warning."""
+    ctl = Controller(tmp_path / "home", extra=("--max-skew-ms", "0"))
+    try:
+        assert ctl.info["max_skew_ms"] == 0
+        assert "warning: --max-skew-ms 0: stamps are not checked" in ctl.log.read_text()
+        s = ctl.socket()
+        mid = s.send(_core.MSG_QUERY, [b"{}"], stamp_ns=time.time_ns() - 86400 * 10**9)
+        hdr, payload, _, _ = s.recv(timeout=5)
+        assert hdr["type"] == _core.MSG_QUERY_REPLY and hdr["reply_to"] == mid
+        assert json.loads(bytes(payload[0]))["refused"]["from_clients"]["stale"] == 0
     finally:
         ctl.stop()

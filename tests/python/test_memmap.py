@@ -4,7 +4,6 @@ arrays"), on a real cluster of three engines on both event-loop backends,
 through lanes and through the controller; and a node in a mount namespace
 of its own, where the client's file is not the same file."""
 
-import ctypes
 import os
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 import shoal
 
-from procs import Agent, Controller, evaluate, make_cgroup, remove_cgroup
+from procs import Agent, Controller, evaluate, make_cgroup, private_mount, remove_cgroup
 
 MiB = 1 << 20
 
@@ -279,21 +278,6 @@ def test_shared_refuses_what_cannot_be_shared():
 
 
 # ---- a node where the client's file is not the same file ---------------------------------
-
-libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x20000, 0x4000, 1 << 18
-
-
-def private_mount(over):
-    """For preexec_fn: a mount namespace of the child's own, with an empty
-    tmpfs over the directory `over` (the files there are not the child's)."""
-    def setup():
-        if libc.unshare(CLONE_NEWNS) != 0 or \
-                libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or \
-                libc.mount(b"tmpfs", str(over).encode(), b"tmpfs", 0, None) != 0:
-            raise OSError(ctypes.get_errno(), "cannot make a private mount namespace")
-    return setup
-
 
 @pytest.fixture
 def elsewhere(tmp_path):

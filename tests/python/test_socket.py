@@ -98,3 +98,53 @@ def test_oversized_frames_are_refused(tmp_path):
     finally:
         dealer.close()
         router.close()
+
+
+def test_messages_are_stamped_and_a_stamp_can_be_given(pair):
+    import time
+    key, ep, router, dealer = pair
+    before = time.time_ns()
+    dealer.send(_core.MSG_HEARTBEAT)
+    dealer.send(_core.MSG_HEARTBEAT, stamp_ns=12345)
+    hdr, *_ = router.recv(timeout=5)
+    assert before <= hdr["stamp_ns"] <= time.time_ns()
+    hdr, *_ = router.recv(timeout=5)
+    assert hdr["stamp_ns"] == 12345, "this socket checks no window: accepted"
+    assert router.counters["stale"] == 0
+
+
+def test_curve_keys_are_checked_field_by_field(pair):
+    key, ep, router, dealer = pair
+    server, _ = _core.curve_keypair()
+    pub, sec = _core.curve_keypair()
+    assert len(pub) == len(sec) == 40 and pub != sec and _core.curve_keypair()[0] != pub
+    good = {"server_key": server, "public_key": pub, "secret_key": sec}
+    s = _core.Socket("dealer", key, connect=ep, curve=good)
+    assert s.handshakes == {"succeeded": 0, "failed": 0, "refused": None}
+    s.close()
+    assert _core.Socket("dealer", key, connect=ep, curve=None).handshakes is None
+    for change, words in (({"server_key": "x" * 39}, "curve.server_key is not 40 characters long"),
+                          ({"public_key": "~" * 40}, "curve.public_key has a character that is not Z85's"),
+                          ({"secret_key": 7}, "curve.secret_key is missing"),
+                          ({"public_key": server}, "curve.public_key is not the public half of secret_key")):
+        with pytest.raises(ValueError, match=words):
+            _core.Socket("dealer", key, connect=ep, curve=dict(good, **change))
+    with pytest.raises(ValueError, match="curve must be null, or an object"):
+        _core.Socket("dealer", key, connect=ep, curve="keys")
+    with pytest.raises(ValueError, match="for a dealer that connects"):
+        _core.Socket("router", key, bind=ep + "-2", curve=good)
+
+
+def test_a_plaintext_peer_refuses_a_curve_socket_and_it_says_so(pair):
+    """A curve= socket whose peer does not speak Curve hears why at once,
+    instead of waiting for an answer that cannot come."""
+    key, ep, router, dealer = pair
+    server, _ = _core.curve_keypair()
+    pub, sec = _core.curve_keypair()
+    s = _core.Socket("dealer", key, connect=ep, curve={"server_key": server, "public_key": pub, "secret_key": sec})
+    try:
+        with pytest.raises(ConnectionRefusedError, match="disagree on Curve"):
+            s.recv(timeout=5)
+        assert s.handshakes["failed"] >= 1 and "disagree" in s.handshakes["refused"]
+    finally:
+        s.close()

@@ -247,3 +247,54 @@ def test_missing_matplotlib_is_said_before_anything_starts(env):
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "needs matplotlib" in p.stderr and "--no-png" in p.stderr, p.stderr
     assert "starting a cluster" not in p.stdout
+
+
+def _own_listening_ports():
+    """The loopback TCP ports this process listens on (its sockets' inodes
+    found in /proc/net/tcp in state LISTEN)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    ports = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:
+                ports.add(int(cols[1].split(":")[1], 16))
+    return ports
+
+
+def test_socket_workers_take_only_connections_that_know_their_token(tmp_path):
+    """Any user of the machine may connect to a loopback port, and the
+    socket path unpickles what its workers answer: a stranger that connects
+    first (and would answer with a pickle that runs code) is closed unread."""
+    import socket
+    import struct
+    import threading
+
+    before = _own_listening_ports()
+    made = {}
+    t = threading.Thread(target=lambda: made.setdefault("w", tradeoff.SocketWorkers(2, timeout=30)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not (_own_listening_ports() - before) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    port, = _own_listening_ports() - before
+    # An answer as a worker frames it (_send_obj) that runs a command when unpickled.
+    evil = b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR."
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(struct.pack("<QI", len(evil), 0) + evil)
+        t.join(30)
+        w = made["w"]
+        try:
+            assert len(w.socks) == 2
+            w.scatter("a", __import__("numpy").arange(4.0))
+            assert w.call(__import__("numpy").sum, "a") == [1.0, 5.0]
+        finally:
+            w.close()
+    assert not (tmp_path / "pwned").exists()
