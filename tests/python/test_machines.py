@@ -330,7 +330,9 @@ def test_what_crosses_the_links_is_encrypted(cluster):
             out = rc[:].pull("seen", block=True)
         """, marker=MARKER)
     streams = tcp_streams(cap.data)
-    assert sum(map(len, streams.values())) > 5 * 40000 * len(MARKER)  # the pushes crossed the bridge
+    # The array crossed the bridge (twice: host 1's client to the controller
+    # on host 0, and on to host 2; a capture may miss a few frames).
+    assert sum(map(len, streams.values())) > 1.5 * 40000 * len(MARKER)
     assert MARKER.encode() not in cap.data
 
 
