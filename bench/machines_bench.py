@@ -103,7 +103,7 @@ class Shoal:
             self.shoal(h, "agent", "--join", "/tmp/cluster.json", "-n", str(self.engines), "--daemonize")
 
     def stop(self):
-        self.shoal(self.topo[0], "stop")
+        self.topo[0].run([PY, "-m", "shoal", "stop"], env=env(), capture_output=True, timeout=180)
 
 
 class IPyParallel:
@@ -160,8 +160,8 @@ def reply(drv):
 def run_system(topo, cls, engines, cases, shape, out):
     system = cls(topo, engines)
     total = engines * len(topo)
-    system.start()
     try:
+        system.start()
         drv = topo[0].popen([PY, DRIVER, cls.name, cls.conn, str(total)], env=env(), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
         hello = reply(drv)

@@ -257,6 +257,12 @@ static int write_connection_file(struct controller *c, const char *ip)
     read_line("/proc/sys/kernel/random/boot_id", boot_id, sizeof boot_id);
     cJSON_AddStringToObject(j, "boot_id", boot_id);
     cJSON_AddNumberToObject(j, "start_time", (double)start_ticks());
+    /* Containers on one kernel share the boot id, not the pid namespace:
+     * the pid means this process only to readers of the same one. */
+    char pid_ns[64];
+    ssize_t len = readlink("/proc/self/ns/pid", pid_ns, sizeof pid_ns - 1);
+    pid_ns[len > 0 ? len : 0] = '\0';
+    cJSON_AddStringToObject(j, "pid_ns", pid_ns);
     cJSON_AddStringToObject(j, "ip", ip);
     cJSON_AddStringToObject(j, "client", c->client_ep);
     cJSON_AddStringToObject(j, "agent", c->agent_ep);

@@ -45,14 +45,23 @@ def started(pid):
         return None
 
 
+def pid_namespace():
+    """This process's pid namespace ("pid:[inode]"), or None."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def controller_here(info):
     """Whether the controller that a connection file names is a process of
     this machine: True (it runs here), False (it ran here and is gone:
-    the file is stale), None (another machine's, or a file that does not
-    say). The file's pid alone cannot tell: on another machine, a copy of
-    the file names a pid of that one; the controller's boot id and start
-    time can."""
+    the file is stale), None (another machine's, a container's of its own
+    pid namespace, or a file that does not say). The file's pid alone
+    cannot tell: on another machine, a copy of the file names a pid of that
+    one; the controller's boot id, pid namespace and start time can."""
     pid, boot, start = info.get("pid"), info.get("boot_id"), info.get("start_time")
-    if not isinstance(pid, int) or pid <= 0 or not boot or not start or boot != boot_id():
+    if not isinstance(pid, int) or pid <= 0 or not boot or not start or boot != boot_id() \
+            or info.get("pid_ns", pid_namespace()) != pid_namespace():
         return None
     return started(pid) == start and alive(pid)

@@ -18,6 +18,7 @@
 import argparse
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -27,16 +28,7 @@ import time
 from . import _bin, _core
 from ._host import controller_here
 from .client import Client, _alive, _connection_file, _profile_dir
-from .local import listener_pid
-
-
-def _wait_gone(pids, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(_alive(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return not any(_alive(p) for p in pids)
+from .local import who_listens
 
 
 def _agent_said(log_path, offset, who="[shoal-agent "):
@@ -76,12 +68,19 @@ def start(args):
     if os.path.exists(conn):
         try:
             with open(conn) as f:
-                pid = json.load(f)["pid"]
-            if _alive(pid):
+                info = json.load(f)
+            pid = info["pid"]
+            here = controller_here(info)
+            if here is None and "boot_id" in info:
+                print(f"shoal: profile '{args.profile}' has the connection file of a cluster of another machine "
+                      f"({conn}, controller at {info.get('client')}): `shoal stop --profile {args.profile}` "
+                      f"stops it, or use another profile", file=sys.stderr)
+                return 1
+            if here or (here is None and _alive(pid)):
                 print(f"shoal: a cluster for profile '{args.profile}' is already running (controller pid {pid}); "
                       f"`shoal stop --profile {args.profile}` stops it", file=sys.stderr)
                 return 1
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
         os.unlink(conn)
     try:
@@ -162,12 +161,42 @@ def start(args):
     return 0
 
 
+def _ending(proc, timeout=10):
+    """Stops proc (SIGTERM, then SIGKILL) and reaps it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _install_connection(conn, profile):
+    """A 0600 copy of the connection file conn at the profile's place, so that
+    `shoal status` and `shoal stop` of this machine find the cluster that an
+    agent joined with --join; unless the profile has a file already (one of
+    its own, or the same copy), which is left as it is."""
+    dest = _connection_file(profile, None)
+    if os.path.abspath(conn) == os.path.abspath(dest) or os.path.exists(dest):
+        return
+    with open(conn, "rb") as f:
+        data = f.read()
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.rename(tmp, dest)
+
+
 def agent(args):
     """Starts a node agent and its engines on this machine, joining the
     cluster of a connection file (--join: a copy of the file that `shoal
     start --ip ADDR` wrote where the controller runs; else the profile's
-    own). In the foreground until the agent ends (Ctrl-C or SIGTERM stops
-    it); with --daemonize, returns once its engines are registered."""
+    own; the copy is also put at the profile's place, for `shoal status`
+    and `shoal stop`, where the profile has none). In the foreground until
+    the agent ends (Ctrl-C or SIGTERM stops it), exiting with its status;
+    with --daemonize, returns once its engines are registered."""
     conn = args.join or _connection_file(args.profile, None)
     try:
         with open(conn) as f:
@@ -185,6 +214,7 @@ def agent(args):
               file=sys.stderr)
     pdir = _profile_dir(args.profile)
     os.makedirs(pdir, mode=0o700, exist_ok=True)
+    _install_connection(conn, args.profile)
     env = dict(os.environ, SHOAL_PYTHON=sys.executable)
     cmd = [_bin.find("shoal-agent"), "--profile", args.profile, "--join", os.path.abspath(conn), "--engines",
            str(args.n)]
@@ -193,71 +223,98 @@ def agent(args):
     for flag in ("arena_size", "prefault", "retain"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    log = open(os.path.join(pdir, "cluster.log"), "ab")
-    log_start = log.tell()
-    detach = {"start_new_session": True, "stdout": log, "stderr": log} if args.daemonize else {}
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, **detach)
+    stop_now = []  # SIGTERM, from now on, stops the agent too (below)
+    signal.signal(signal.SIGTERM, lambda *a: stop_now.append(1))
+    with open(os.path.join(pdir, "cluster.log"), "ab") as log:
+        log_start = log.tell()
+        detach = {"start_new_session": True, "stdout": log, "stderr": log} if args.daemonize else {}
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, **detach)
+    joined = False
     try:
-        rc = Client(url_file=conn, timeout=min(args.timeout, 30))
-    except OSError as e:
+        with Client(url_file=conn, timeout=min(args.timeout, 30)) as rc:
+            deadline = time.monotonic() + args.timeout
+            node, ids = None, []
+            while not stop_now:
+                reg = rc._control(_core.MSG_REGISTER)
+                # Our child: its pid, and the agent id that its socket says
+                # (another machine's node may have the same pid and path).
+                if node is None:
+                    for n in reg["nodes"]:
+                        if n["alive"] and n["pid"] == proc.pid and n.get("socket") and \
+                                who_listens(n["socket"])[1] == n.get("agent_id"):
+                            node = n
+                ids = [e["id"] for e in reg["engines"] if node and e["node"] == node["id"] and e["alive"]]
+                if node and len(ids) >= args.n:
+                    joined = True
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    if args.daemonize:
+                        for line in _agent_said(log.name, log_start)[-3:]:
+                            print(line, file=sys.stderr)
+                    print(f"shoal: the agent {'exited' if proc.poll() is not None else 'did not register'} with "
+                          f"{len(ids)} of {args.n} engines (see {log.name if args.daemonize else 'above'})",
+                          file=sys.stderr)
+                    return 1
+                time.sleep(0.05)
+    except (OSError, RuntimeError) as e:
         print(f"shoal: cannot reach the controller of {conn}: {e}", file=sys.stderr)
-        proc.terminate()
-        proc.wait()
         return 1
-    try:
-        deadline = time.monotonic() + args.timeout
-        while True:
-            reg = rc._control(_core.MSG_REGISTER)
-            # Our child: the node that registered with its pid, its socket here.
-            node = next((n for n in reg["nodes"] if n["alive"] and n["pid"] == proc.pid and n.get("socket")
-                         and os.path.exists(n["socket"])), None)
-            ids = [e["id"] for e in reg["engines"] if node and e["node"] == node["id"] and e["alive"]]
-            if len(ids) >= args.n:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                for line in _agent_said(log.name, log_start)[-3:]:
-                    print(line, file=sys.stderr)
-                print(f"shoal: the agent {'exited' if proc.poll() is not None else 'did not register'} with "
-                      f"{len(ids)} of {args.n} engines (see {log.name if args.daemonize else 'above'})",
-                      file=sys.stderr)
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-                return 1
-            time.sleep(0.05)
     finally:
-        rc.close()
+        if not joined:
+            _ending(proc)
     print(f"shoal: node {node['id']} ({node['host']}, agent pid {proc.pid}) joined the cluster of {conn}: "
           f"engines {ids}", flush=True)
     if args.daemonize:
         return 0
-    stop_now = []
-    signal.signal(signal.SIGTERM, lambda *a: stop_now.append(1))
     try:
         while proc.poll() is None and not stop_now:
             time.sleep(0.2)
     except KeyboardInterrupt:
-        pass
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return 0
+        stop_now.append(1)
+    _ending(proc)
+    return 0 if stop_now else proc.returncode
 
 
 def _local_nodes(nodes):
-    """The nodes whose agents run on this machine: each one's socket is here,
-    and the process that listens on it is its agent's pid (an agent that
-    is stopped or wedged is found too: it need not answer)."""
-    return [n for n in nodes if n["alive"] and n.get("socket") and os.path.exists(n["socket"])
-            and listener_pid(n["socket"]) == n["pid"]]
+    """The nodes whose agents run on this machine (lost ones too): each
+    one's socket is here, and the agent that listens on it says the id the
+    node registered with; an agent that is stopped or wedged says nothing,
+    and is known by its pid (the listener's, as this machine sees it)."""
+    mine = []
+    for n in nodes:
+        if n.get("socket") and os.path.exists(n["socket"]):
+            pid, agent_id = who_listens(n["socket"])
+            if agent_id is not None:
+                if agent_id == n.get("agent_id"):
+                    mine.append(n)
+            elif pid == n["pid"]:
+                mine.append(n)
+    return mine
+
+
+def _pidfds(pids):
+    """Pidfds of those of pids that run (the processes themselves: a pid
+    reused later is not signalled through them)."""
+    fds = []
+    for p in pids:
+        try:
+            fds.append(os.pidfd_open(p))
+        except OSError:
+            pass
+    return fds
+
+
+def _wait_pidfds(fds, timeout):
+    """Waits until every process of fds has ended; whether they all did."""
+    deadline = time.monotonic() + timeout
+    left = list(fds)
+    while left:
+        wait = deadline - time.monotonic()
+        if wait <= 0:
+            return False
+        ready, _, _ = select.select(left, [], [], wait)
+        left = [fd for fd in left if fd not in ready]
+    return True
 
 
 def stop(args):
@@ -275,31 +332,46 @@ def stop(args):
         print(f"shoal: no cluster is running for profile '{args.profile}'", file=sys.stderr)
         return 1
     here = controller_here(info)
-    if here is None and (info.get("ip") or "").startswith("127."):
+    if here is None and "boot_id" not in info and (info.get("ip") or "").startswith("127."):
         here = _alive(ctl_pid)  # a file that does not say, of a controller on loopback
-    pids = [ctl_pid] if here else []
+    if here is False:
+        os.unlink(conn)
+        print(f"shoal: the controller of profile '{args.profile}' (pid {ctl_pid}) is not running: removed its "
+              f"stale connection file {conn}", file=sys.stderr)
+        return 1
+    fds = _pidfds([ctl_pid]) if here else []
     sockets = []  # the agents' sockets, to remove if an agent could not
     try:
         with Client(profile=args.profile, timeout=5) as rc:
             reg = rc._control(_core.MSG_REGISTER)
             mine = _local_nodes(reg["nodes"])
             ids = {n["id"] for n in mine}
-            pids += [n["pid"] for n in mine] + [e["pid"] for e in reg["engines"] if e["alive"] and e["node"] in ids]
+            fds += _pidfds([n["pid"] for n in mine] +
+                           [e["pid"] for e in reg["engines"] if e["alive"] and e["node"] in ids])
             sockets = [n["socket"] for n in mine]
             rc.shutdown(hub=True)
+            for n in mine:  # a lost node's agent is not told by the controller
+                if not n["alive"] and _alive(n["pid"]):
+                    os.kill(n["pid"], signal.SIGTERM)
     except Exception as e:  # the controller may be wedged: fall back to a signal
         if not here:
             print(f"shoal: the controller did not answer ({e}), and it does not run on this machine",
                   file=sys.stderr)
             return 1
         print(f"shoal: the controller did not answer ({e}); sending SIGTERM", file=sys.stderr)
-        if _alive(ctl_pid):
-            os.kill(ctl_pid, signal.SIGTERM)
-    if not _wait_gone(pids, 15):
-        for p in pids:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
-        _wait_gone(pids, 5)
+        if fds:
+            signal.pidfd_send_signal(fds[0], signal.SIGTERM)
+    try:
+        if not _wait_pidfds(fds, 15):
+            for fd in fds:
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            _wait_pidfds(fds, 5)
+    finally:
+        for fd in fds:
+            os.close(fd)
     for path in sockets:  # a killed agent leaves its socket behind
         _remove_stale_socket(path)
     print(f"shoal: cluster '{args.profile}' stopped")

@@ -37,19 +37,32 @@ def _peer_pid(sock):
         return None
 
 
-def listener_pid(path, timeout=1.0):
-    """The pid of the process that listens on the Unix socket at path, as
-    this machine sees it (SO_PEERCRED of a connection, taken even while
-    that process is stopped: the kernel holds it in the backlog), or None
-    where nobody listens there. A node's agent runs on this machine if its
-    socket is here and its listener is its pid."""
+def who_listens(path, timeout=1.0):
+    """(pid, agent_id) of the agent that listens on the Unix socket at
+    path: its pid as this machine sees it (SO_PEERCRED, known even while
+    that process is stopped: the kernel holds the connection in its
+    backlog), and the id it says in its greeting (None if it says none
+    within timeout: stopped, or busy). (None, None) where nobody listens
+    there. The id is what tells an agent from another machine's at the
+    same path and pid (containers); the pid is all there is of a stopped
+    agent."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         s.connect(path)
-        return _peer_pid(s)
+        pid = _peer_pid(s)
+        try:
+            msg, fds, _, _ = socket.recv_fds(s, 4096, 1)
+        except OSError:
+            return pid, None
+        for fd in fds:
+            os.close(fd)
+        try:
+            return pid, json.loads(msg.decode()).get("agent_id")
+        except (ValueError, AttributeError):
+            return pid, None
     except OSError:
-        return None
+        return None, None
     finally:
         s.close()
 

@@ -129,3 +129,78 @@ def test_start_passes_the_controller_policies_on(env):
     assert p.returncode == 1 and "--node-timeout-ms (100) must be at least two heartbeats" in p.stderr, p.stderr
     p = shoal_cmd(env, "start", "-n", "1", "--curve", "--no-curve")
     assert p.returncode == 2 and "not allowed with argument" in p.stderr, p.stderr
+
+
+def foreign_connection_file(env, pid, **change):
+    """A connection file at the profile's place as a copy from another machine
+    has it: its controller's pid is pid (here, a process of ours), its boot
+    id another kernel's, its controller's address one that nothing answers."""
+    pdir = os.path.join(env["SHOAL_DIR"], "profile_default")
+    os.makedirs(pdir, mode=0o700, exist_ok=True)
+    info = {"version": 1, "pid": pid, "boot_id": "00000000-0000-0000-0000-000000000000", "start_time": 1,
+            "ip": "192.0.2.1", "client": "tcp://127.0.0.1:9", "agent": "tcp://127.0.0.1:9", "key": "00" * 32,
+            "signature_scheme": "hmac-sha256", "node_timeout_ms": 2000, **change}
+    path = os.path.join(pdir, "connection.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    return path
+
+
+def test_a_copied_connection_files_pids_are_never_signalled_here(env):
+    """A copy of another machine's connection file names that machine's pids:
+    `shoal stop` here never signals them (a process of ours with that pid
+    lives on), and `shoal start` leaves the copy alone, saying whose it is."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path = foreign_connection_file(env, sleeper.pid)
+        p = shoal_cmd(env, "stop", timeout=60)
+        assert p.returncode == 1 and "does not run on this machine" in p.stderr, p.stderr
+        time.sleep(0.2)
+        assert sleeper.poll() is None, "shoal stop signalled a pid of the file's machine here"
+        p = shoal_cmd(env, "start", "-n", "1", "--daemonize")
+        assert p.returncode == 1 and "of another machine" in p.stderr, p.stderr
+        assert os.path.exists(path)
+        # The same file from this machine's boot, but another pid namespace (a container's).
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        foreign_connection_file(env, sleeper.pid, boot_id=boot, pid_ns="pid:[1]")
+        p = shoal_cmd(env, "stop", timeout=60)
+        assert p.returncode == 1 and "does not run on this machine" in p.stderr, p.stderr
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_stale_connection_file_of_this_machine_is_said_and_removed(env):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    path = foreign_connection_file(env, gone.pid, boot_id=boot, pid_ns=os.readlink("/proc/self/ns/pid"))
+    p = shoal_cmd(env, "stop", timeout=60)
+    assert p.returncode == 1 and "stale" in p.stderr, p.stderr
+    assert not os.path.exists(path)
+
+
+def test_agent_joins_a_cluster_in_the_foreground_and_exits_with_its_agent(env, tmp_path):
+    """`shoal agent --join FILE` adds a node with its engines; the copy goes
+    to the profile's place where there was none; in the foreground it exits
+    with the agent's status (here 0, stopped by the cluster's stop)."""
+    other = dict(env, SHOAL_DIR=str(tmp_path / "other"))
+    p = shoal_cmd(env, "start", "-n", "1", "--daemonize")
+    assert p.returncode == 0, p.stderr
+    conn = os.path.join(env["SHOAL_DIR"], "profile_default", "connection.json")
+    try:
+        agent = subprocess.Popen([sys.executable, "-m", "shoal", "agent", "--join", conn, "-n", "2"], env=other,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = agent.stdout.readline()
+        assert "joined the cluster" in line and "engines [1, 2]" in line, (line, agent.stderr.read())
+        copy = os.path.join(other["SHOAL_DIR"], "profile_default", "connection.json")
+        assert os.stat(copy).st_mode & 0o777 == 0o600
+        p = shoal_cmd(other, "status")
+        assert "2 node(s), 3 engine(s)" in p.stdout, p.stdout
+    finally:
+        shoal_cmd(env, "stop")
+    assert agent.wait(timeout=30) == 0

@@ -171,8 +171,9 @@ def test_status_on_a_joined_host_lists_every_node(cluster):
 
 
 def test_a_short_link_drop_loses_nothing(cluster):
-    """A link down for less than the node timeout: tasks sent to the
-    host's engines meanwhile wait, and every one is answered after."""
+    """A link down for less than the node timeout: a task running on the
+    host's engines, and tasks sent to them while the link is down, are all
+    answered once it is back."""
     topo = cluster
     h2 = topo[2]
     reg = registry(topo[0])
@@ -180,16 +181,26 @@ def test_a_short_link_drop_loses_nothing(cluster):
     targets = [e["id"] for e in reg["engines"] if e["alive"] and e["node"] == node2]
     code = """
         ar = rc[targets].apply_async(lambda: (time.sleep(2.5), socket.gethostname())[1])
+        open("/tmp/submitted", "w").close()
+        while not os.path.exists("/tmp/down"):
+            time.sleep(0.02)
         rs = [rc[targets].apply_async(lambda x: x + 1, i) for i in range(20)]
         out = {"first": ar.get(timeout=60), "rest": [r.get(timeout=60) for r in rs]}
     """
+    for f in ("/tmp/submitted", "/tmp/down"):
+        topo[0].path(f).unlink(missing_ok=True)
     result = {}
     th = threading.Thread(target=lambda: result.update(client(topo[0], code, targets=targets)))
     th.start()
-    time.sleep(0.8)
+    deadline = time.monotonic() + 30
+    while not topo[0].path("/tmp/submitted").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     h2.link_down()
-    time.sleep(NODE_TIMEOUT_MS / 1000 / 2)
-    h2.link_up()
+    try:
+        topo[0].path("/tmp/down").touch()
+        time.sleep(NODE_TIMEOUT_MS / 1000 / 2)
+    finally:
+        h2.link_up()
     th.join(120)
     assert result["first"] == [h2.hostname] * len(targets)
     assert result["rest"] == [[i + 1] * len(targets) for i in range(20)]
@@ -323,12 +334,13 @@ def test_what_crosses_the_links_is_encrypted(cluster):
     info = json.loads(topo[0].path(PROFILE_FILE).read_text())
     assert info.get("curve"), "a cluster listening beyond loopback has Curve keys in its connection file"
     with topo.capture() as cap:
-        client(topo[1], """
+        seen = client(topo[1], """
             a = np.frombuffer((marker * 40000).encode(), dtype=np.uint8)
             rc[:].push({"m": a}, block=True)
             rc[:].execute(f"seen = {marker!r} in bytes(m).decode()", block=True)
             out = rc[:].pull("seen", block=True)
         """, marker=MARKER)
+    assert seen == [True] * 6  # every engine got the marker
     streams = tcp_streams(cap.data)
     # The array crossed the bridge (twice: host 1's client to the controller
     # on host 0, and on to host 2; a capture may miss a few frames).
