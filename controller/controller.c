@@ -260,8 +260,8 @@ static int write_connection_file(struct controller *c, const char *ip)
     /* Containers on one kernel share the boot id, not the pid namespace:
      * the pid means this process only to readers of the same one. */
     char pid_ns[64];
-    ssize_t len = readlink("/proc/self/ns/pid", pid_ns, sizeof pid_ns - 1);
-    pid_ns[len > 0 ? len : 0] = '\0';
+    ssize_t ns_len = readlink("/proc/self/ns/pid", pid_ns, sizeof pid_ns - 1);
+    pid_ns[ns_len > 0 ? ns_len : 0] = '\0';
     cJSON_AddStringToObject(j, "pid_ns", pid_ns);
     cJSON_AddStringToObject(j, "ip", ip);
     cJSON_AddStringToObject(j, "client", c->client_ep);
