@@ -79,6 +79,7 @@ struct node {
     char agent_id[33]; /* the agent's own id (hex): which host's agent this is, for clients */
     char socket[108];  /* the agent's Unix socket, for local clients */
     char loop[16];    /* the agent's event-loop backend */
+    char bulk[80];    /* where its bulk server listens, "tcp://IP:PORT" ("": none; docs/machines.md) */
     int64_t last_seen_ns;
     struct outq q;    /* tasks, aborts and signals waiting for room */
 };
@@ -398,6 +399,8 @@ static cJSON *registry_json(struct controller *c)
         cJSON_AddStringToObject(n, "agent_id", c->nodes[i].agent_id);
         cJSON_AddStringToObject(n, "socket", c->nodes[i].socket);
         cJSON_AddStringToObject(n, "loop", c->nodes[i].loop);
+        if (c->nodes[i].bulk[0])
+            cJSON_AddStringToObject(n, "bulk", c->nodes[i].bulk);
         cJSON_AddNumberToObject(n, "pid", c->nodes[i].pid);
         cJSON_AddBoolToObject(n, "alive", c->nodes[i].alive);
         cJSON_AddItemToArray(nodes, n);
@@ -1232,6 +1235,17 @@ static void tell_register_again(struct controller *c, const struct route *to, ui
  * engines it lists ({"id", "pid"}) that were its own, with their ids (and,
  * on the engines, their namespaces). Tasks failed meanwhile stay failed.
  */
+/* A REGISTER's "bulk": the agent's bulk server, which clients send large
+ * task data to (a string of "tcp://" and at most 79 bytes; else none). */
+static void node_bulk(struct node *nd, const cJSON *body)
+{
+    const cJSON *bulk = cJSON_GetObjectItemCaseSensitive(body, "bulk");
+    nd->bulk[0] = '\0';
+    if (cJSON_IsString(bulk) && strncmp(bulk->valuestring, "tcp://", 6) == 0 &&
+        strlen(bulk->valuestring) < sizeof nd->bulk)
+        snprintf(nd->bulk, sizeof nd->bulk, "%s", bulk->valuestring);
+}
+
 static void node_back(struct controller *c, int n, const struct route *from, const cJSON *engines)
 {
     struct node *nd = &c->nodes[n];
@@ -1292,6 +1306,7 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
         if (back >= 0) {
             node_back(c, back, from, cJSON_GetObjectItemCaseSensitive(body, "engines"));
             n = back;
+            node_bulk(&c->nodes[n], body);
         } else if (n < 0) {
             if (c->nnodes == MAX_NODES) {
                 reply_error(c, c->agents, from, m->hdr.msg_id, "too many nodes (%d)", MAX_NODES);
@@ -1311,6 +1326,7 @@ static void on_agent(struct controller *c, shoal_wire_msg *m, const struct route
             cJSON *loop = cJSON_GetObjectItemCaseSensitive(body, "loop");
             if (cJSON_IsString(loop))
                 snprintf(nd->loop, sizeof nd->loop, "%s", loop->valuestring);
+            node_bulk(nd, body);
             nd->last_seen_ns = now_ns();
             logf_("node %d registered: %s, agent pid %d", n, nd->host, nd->pid);
         }

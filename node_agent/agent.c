@@ -20,6 +20,7 @@
 #include <shoal/util.h>
 #include <shoal/zwire.h>
 
+#include "bulk.h"
 #include "loop.h"
 #include "parse.h"
 
@@ -161,6 +162,25 @@ struct kept_lane {
     size_t nheld;
 };
 
+/*
+ * The bulk path (docs/machines.md, "The bulk path"): a transfer that
+ * arrived (or failed) before its TASK waits in arrivals; a TASK whose
+ * transfer has not arrived waits in parked. Either is given up after
+ * bulk_wait_ms: an arrival's block is released, a parked task's targets
+ * fail with an error that says why.
+ */
+struct arrival {
+    shoal_bulk_arrival a;
+    int64_t at_ns;
+};
+
+struct parked {
+    uint64_t task_id, xfer_id;
+    uint32_t *targets;
+    uint32_t nt;
+    int64_t at_ns;
+};
+
 struct agent;
 
 struct engine {
@@ -226,6 +246,12 @@ struct agent {
     int nkept, capkept;
     uint64_t next_serial;
     uint64_t backlog_timer; /* armed while any engine has a backlog */
+    shoal_bulk *bulk; /* the bulk server (NULL: none; tasks then come whole through the controller) */
+    struct arrival *arrivals;
+    size_t narrivals, caparrivals;
+    struct parked *parked;
+    size_t nparked, capparked;
+    int64_t bulk_wait_ms;
     int restart;  /* start a new engine in place of one that dies */
     int stopping;
     int running;  /* the main loop goes on while set */
@@ -446,6 +472,8 @@ static void send_register(struct agent *a)
     cJSON_AddNumberToObject(reg, "pid", getpid());
     cJSON_AddStringToObject(reg, "socket", a->sock_path);
     cJSON_AddStringToObject(reg, "loop", shoal_loop_backend(a->loop));
+    if (a->bulk)
+        cJSON_AddStringToObject(reg, "bulk", shoal__bulk_endpoint(a->bulk));
     cJSON *engines = cJSON_AddArrayToObject(reg, "engines");
     for (int i = 0; i < a->nengines; i++) {
         const struct engine *e = &a->engines[i];
@@ -560,6 +588,7 @@ static void on_ctl_fd(shoal_loop *l, int fd, uint32_t events, void *arg)
 }
 
 static void poll_kept_lanes(struct agent *a);
+static void expire_bulk(struct agent *a, int all);
 
 static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
 {
@@ -571,6 +600,8 @@ static void on_heartbeat_check(shoal_loop *l, uint64_t id, void *arg)
     on_ctl_fd(l, a->ctl_fd, POLLIN, a);
     if (a->nkept)
         poll_kept_lanes(a);
+    if (a->nparked || a->narrivals)
+        expire_bulk(a, 0);
     /* A controller that refuses our keys (or speaks Curve when we do not)
      * would otherwise look like one that is silent: say why, and stop,
      * rather than retrying for ever. */
@@ -1503,6 +1534,128 @@ static int pack_frames(struct agent *a, const shoal_frame *f, uint32_t n, uint32
     return 0;
 }
 
+/* Fails engine id's part of task_id with an EngineError that says evalue. */
+static void fail_part(struct agent *a, uint32_t id, uint64_t task_id, const char *evalue)
+{
+    char meta[SHOAL_WIRE_ENGINE_ERROR_MAX];
+    int n = shoal_wire_engine_error_meta(id, evalue, meta, sizeof meta);
+    if (n < 0)
+        return;
+    shoal_frame f[2] = {{meta, (size_t)n}, {"", 0}};
+    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++a->next_msg_id,
+                          .task_id = task_id, .sender = id, .target = id};
+    ctl_send(a, &h, f, 2);
+}
+
+/* Fails every target (nt ids of 4 bytes, little-endian, at t) of task_id:
+ * its data did not come over the bulk channel, for the reason why. */
+static void fail_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, const char *why)
+{
+    char evalue[320];
+    snprintf(evalue, sizeof evalue, "the data of task %llu did not arrive over the bulk channel: %s",
+             (unsigned long long)task_id, why);
+    for (uint32_t i = 0; i < nt; i++) {
+        uint32_t id;
+        memcpy(&id, t + 4 * i, 4);
+        fail_part(a, id, task_id, evalue);
+    }
+    logf_("%s", evalue);
+}
+
+/*
+ * Gives task_id's message block h to its targets here (nt engine ids of 4
+ * bytes at t): one slot in each one's task ring, the block shared. rc < 0
+ * says that there is no block (the arena had no room): each target fails.
+ * Takes over our reference to h.
+ */
+static void dispatch_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, shoal_handle h, int rc)
+{
+    int b = rc < 0 ? rc : blk_new(a, h, 0);
+    if (rc == 0 && b < 0)
+        shoal_arena_release(a->arena, h); /* no room to track it: give it back */
+    for (uint32_t i = 0; i < nt; i++) {
+        uint32_t id;
+        memcpy(&id, t + 4 * i, 4);
+        struct engine *e = engine_by_id(a, id);
+        if (!e || !e->ready) {
+            struct engine gone = {.id = (int32_t)id, .pid = e ? e->pid : 0};
+            send_engine_error(a, &gone, task_id, "is not running");
+            continue;
+        }
+        if (b < 0) {
+            send_engine_error(a, e, task_id, "could not get arena memory for the task");
+            continue;
+        }
+        if (e->nout == e->capout) {
+            size_t cap = e->capout ? 2 * e->capout : 64;
+            struct outstanding *o = realloc(e->out, cap * sizeof *o);
+            if (!o) {
+                send_engine_error(a, e, task_id, "ran out of memory");
+                continue;
+            }
+            e->out = o;
+            e->capout = cap;
+        }
+        struct slot sl = {.task_id = task_id, .kind = KIND_TASK, .offset = h.offset, .length = h.length,
+                          .generation = h.generation};
+        if (sq_push(e, &sl) < 0) {
+            send_engine_error(a, e, task_id, "ran out of memory for its task queue");
+            continue;
+        }
+        e->out[e->nout++] = (struct outstanding){task_id, b};
+        a->blks[b].users++;
+    }
+    if (b >= 0 && a->blks[b].users == 0) {
+        a->blks[b].users = 1;
+        blk_unuse(a, b);
+    }
+}
+
+/* The transfer xid that ended here, if it did (taken out of the table). */
+static int take_arrival(struct agent *a, uint64_t xid, shoal_bulk_arrival *out)
+{
+    for (size_t i = 0; i < a->narrivals; i++)
+        if (a->arrivals[i].a.id == xid) {
+            *out = a->arrivals[i].a;
+            a->arrivals[i] = a->arrivals[--a->narrivals];
+            return 1;
+        }
+    return 0;
+}
+
+/* A TASK with the bulk flag: its block is transfer xid's, there or to come. */
+static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, uint64_t xid)
+{
+    shoal_bulk_arrival arr;
+    if (take_arrival(a, xid, &arr)) {
+        if (arr.status == 0)
+            dispatch_task(a, task_id, t, nt, arr.h, 0);
+        else
+            fail_bulk_task(a, task_id, t, nt, arr.why);
+        return;
+    }
+    if (!a->bulk) {
+        fail_bulk_task(a, task_id, t, nt, "this node's agent has no bulk server");
+        return;
+    }
+    uint32_t *copy = malloc(nt ? (size_t)nt * 4 : 1);
+    if (a->nparked == a->capparked && copy) {
+        size_t cap = a->capparked ? 2 * a->capparked : 16;
+        struct parked *p = realloc(a->parked, cap * sizeof *p);
+        if (p) {
+            a->parked = p;
+            a->capparked = cap;
+        }
+    }
+    if (!copy || a->nparked == a->capparked) {
+        free(copy);
+        fail_bulk_task(a, task_id, t, nt, "its agent ran out of memory to wait for it");
+        return;
+    }
+    memcpy(copy, t, (size_t)nt * 4);
+    a->parked[a->nparked++] = (struct parked){task_id, xid, copy, nt, now_ns()};
+}
+
 /* A TASK from the controller: payload 0 lists the target engines (ours). */
 static void route_task(struct agent *a, shoal_wire_msg *m)
 {
@@ -1510,53 +1663,104 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
         return;
     shoal_frame tf = shoal_wire_frame(m, 0);
     uint32_t nt = (uint32_t)(tf.len / 4);
-    uint32_t n = (uint32_t)m->nframes - 1;
+    uint32_t first = 1; /* the first frame of the message block */
+    if (m->hdr.flags & SHOAL_TASK_BULK) {
+        shoal_frame inf = m->hdr.n_payload >= 2 ? shoal_wire_frame(m, 1) : (shoal_frame){NULL, 0};
+        if (inf.len != SHOAL_TASK_BULK_INFO) {
+            fail_bulk_task(a, m->hdr.task_id, tf.data, nt, "its TASK has no info frame of 16 bytes");
+            return;
+        }
+        uint64_t xid;
+        memcpy(&xid, inf.data, 8);
+        if (xid) {
+            route_bulk_task(a, m->hdr.task_id, tf.data, nt, xid);
+            return;
+        }
+        first = 2; /* no bulk data: the block's frames follow the info */
+    }
+    uint32_t n = (uint32_t)m->nframes - first;
     shoal_frame *f = malloc((n ? n : 1) * sizeof *f);
     if (!f)
         return;
     for (uint32_t i = 0; i < n; i++)
-        f[i] = shoal_wire_frame(m, i + 1);
+        f[i] = shoal_wire_frame(m, i + first);
     shoal_handle h;
-    int rc = pack_frames(a, f, n, (uint32_t)m->hdr.n_payload - 1, &h);
+    int rc = pack_frames(a, f, n, (uint32_t)m->hdr.n_payload - first, &h);
     free(f);
-    int b = rc < 0 ? rc : blk_new(a, h, 0);
-    if (rc == 0 && b < 0)
-        shoal_arena_release(a->arena, h); /* no room to track it: give it back */
-    for (uint32_t i = 0; i < nt; i++) {
-        uint32_t id;
-        memcpy(&id, (const uint8_t *)tf.data + 4 * i, 4);
-        struct engine *e = engine_by_id(a, id);
-        if (!e || !e->ready) {
-            struct engine gone = {.id = (int32_t)id, .pid = e ? e->pid : 0};
-            send_engine_error(a, &gone, m->hdr.task_id, "is not running");
-            continue;
-        }
-        if (b < 0) {
-            send_engine_error(a, e, m->hdr.task_id, "could not get arena memory for the task");
-            continue;
-        }
-        if (e->nout == e->capout) {
-            size_t cap = e->capout ? 2 * e->capout : 64;
-            struct outstanding *o = realloc(e->out, cap * sizeof *o);
-            if (!o) {
-                send_engine_error(a, e, m->hdr.task_id, "ran out of memory");
+    dispatch_task(a, m->hdr.task_id, tf.data, nt, h, rc);
+}
+
+/* The bulk server's eventfd: transfers ended. Each goes to the task that
+ * waits for it, or waits for its task. */
+static void on_bulk(shoal_loop *l, int fd, uint32_t events, void *arg)
+{
+    (void)l;
+    (void)events;
+    struct agent *a = arg;
+    uint64_t v;
+    while (read(fd, &v, sizeof v) == (ssize_t)sizeof v)
+        ;
+    shoal_bulk_arrival got[16];
+    size_t n;
+    while ((n = shoal__bulk_take(a->bulk, got, 16)) > 0)
+        for (size_t i = 0; i < n; i++) {
+            size_t k = 0;
+            while (k < a->nparked && a->parked[k].xfer_id != got[i].id)
+                k++;
+            if (k < a->nparked) {
+                struct parked p = a->parked[k];
+                a->parked[k] = a->parked[--a->nparked];
+                if (got[i].status == 0)
+                    dispatch_task(a, p.task_id, (const uint8_t *)p.targets, p.nt, got[i].h, 0);
+                else
+                    fail_bulk_task(a, p.task_id, (const uint8_t *)p.targets, p.nt, got[i].why);
+                free(p.targets);
                 continue;
             }
-            e->out = o;
-            e->capout = cap;
+            if (a->narrivals == a->caparrivals) {
+                size_t cap = a->caparrivals ? 2 * a->caparrivals : 16;
+                struct arrival *ar = realloc(a->arrivals, cap * sizeof *ar);
+                if (!ar) {
+                    if (got[i].status == 0)
+                        shoal_arena_release(a->arena, got[i].h);
+                    continue; /* its task fails when it comes and waits out bulk_wait_ms */
+                }
+                a->arrivals = ar;
+                a->caparrivals = cap;
+            }
+            a->arrivals[a->narrivals++] = (struct arrival){got[i], now_ns()};
         }
-        struct slot sl = {.task_id = m->hdr.task_id, .kind = KIND_TASK, .offset = h.offset, .length = h.length,
-                          .generation = h.generation};
-        if (sq_push(e, &sl) < 0) {
-            send_engine_error(a, e, m->hdr.task_id, "ran out of memory for its task queue");
+}
+
+/* Gives up what waited longer than bulk_wait_ms (all of it when stopping). */
+static void expire_bulk(struct agent *a, int all)
+{
+    int64_t now = now_ns(), limit = a->bulk_wait_ms * 1000000;
+    for (size_t i = 0; i < a->nparked;) {
+        struct parked *p = &a->parked[i];
+        if (!all && now - p->at_ns <= limit) {
+            i++;
             continue;
         }
-        e->out[e->nout++] = (struct outstanding){m->hdr.task_id, b};
-        a->blks[b].users++;
+        char why[160];
+        if (all)
+            snprintf(why, sizeof why, "its node's agent stopped while it waited for it");
+        else
+            snprintf(why, sizeof why, "it did not come within %lld ms of the task (transfer %016llx)",
+                     (long long)a->bulk_wait_ms, (unsigned long long)p->xfer_id);
+        fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, why);
+        free(p->targets);
+        *p = a->parked[--a->nparked];
     }
-    if (b >= 0 && a->blks[b].users == 0) {
-        a->blks[b].users = 1;
-        blk_unuse(a, b);
+    for (size_t i = 0; i < a->narrivals;) {
+        struct arrival *r = &a->arrivals[i];
+        if (!all && now - r->at_ns <= limit) {
+            i++;
+            continue;
+        }
+        if (r->a.status == 0)
+            shoal_arena_release(a->arena, r->a.h);
+        *r = a->arrivals[--a->narrivals];
     }
 }
 
@@ -2091,6 +2295,19 @@ int main(int argc, char **argv)
     }
     if (listen_unix(&a, profile, dir) < 0)
         return 1;
+    a.bulk_wait_ms = 60000;
+    const char *bulk_wait = getenv("SHOAL_AGENT_BULK_WAIT_MS");
+    if (bulk_wait && (shoal_parse_u64(bulk_wait, 3600000, &n) < 0 || n == 0)) {
+        logf_("SHOAL_AGENT_BULK_WAIT_MS wants a number of milliseconds (1 to 3600000), not '%s'", bulk_wait);
+        return 2;
+    }
+    if (bulk_wait)
+        a.bulk_wait_ms = (int64_t)n;
+    /* Without a bulk server the node still works: its tasks come whole
+     * through the controller (clients use the bulk path only for nodes
+     * that registered one). */
+    if ((rc = shoal__bulk_start(a.arena, a.key, curve, endpoint, &a.bulk, why, sizeof why)) < 0)
+        logf_("no bulk server (large data comes through the controller): %s", why);
 
     a.sig_fd = signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK);
 
@@ -2125,7 +2342,8 @@ int main(int argc, char **argv)
     if (shoal_loop_watch(a.loop, a.ctl_fd, POLLIN, on_ctl_fd, &a) < 0 ||
         shoal_loop_watch(a.loop, a.listen_fd, POLLIN, on_listen, &a) < 0 ||
         shoal_loop_watch(a.loop, a.sig_fd, POLLIN, on_signal, &a) < 0 ||
-        shoal_loop_timer(a.loop, 500, 500, on_heartbeat_check, &a, &tid) < 0) {
+        shoal_loop_timer(a.loop, 500, 500, on_heartbeat_check, &a, &tid) < 0 ||
+        (a.bulk && shoal_loop_watch(a.loop, shoal__bulk_eventfd(a.bulk), POLLIN, on_bulk, &a) < 0)) {
         logf_("cannot set up the event loop");
         return 1;
     }
@@ -2144,8 +2362,9 @@ int main(int argc, char **argv)
     /* The ZeroMQ fd only signals changes: look once, in case the reply came
      * in before we watched it. */
     on_ctl_fd(a.loop, a.ctl_fd, POLLIN, &a);
-    logf_("serving: arena fd on %s, event loop on %s; controller %s (%s)", a.sock_path, shoal_loop_backend(a.loop),
-          endpoint, curve ? "CurveZMQ" : "plaintext");
+    logf_("serving: arena fd on %s, event loop on %s; controller %s (%s); bulk server %s", a.sock_path,
+          shoal_loop_backend(a.loop), endpoint, curve ? "CurveZMQ" : "plaintext",
+          a.bulk ? shoal__bulk_endpoint(a.bulk) : "none");
 
     /* ZeroMQ's fd is edge-triggered, and sending on the socket (results,
      * engine events) can consume the edge of a message that arrived
@@ -2161,6 +2380,15 @@ int main(int argc, char **argv)
     if (rc < 0)
         logf_("event loop failed: %s", strerror(-rc));
 
+    /* No task goes unanswered: those that waited for their data fail (the
+     * controller gets the errors if it is still there to read them). */
+    expire_bulk(&a, 1);
+    ctl_flush(&a);
+    if (a.bulk)
+        shoal_loop_unwatch(a.loop, shoal__bulk_eventfd(a.bulk));
+    shoal__bulk_stop(a.bulk);
+    free(a.parked);
+    free(a.arrivals);
     stop_engines(&a);
     while (a.nprocs)
         drop_proc(&a, a.nprocs - 1, 1); /* releases only what the dead held: the arena refuses the living */

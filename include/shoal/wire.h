@@ -56,6 +56,13 @@ enum shoal_msg_type {
 /* Flags of REGISTER messages: who registers. */
 enum { SHOAL_REG_CLIENT = 1, SHOAL_REG_NODE = 2 };
 
+/* Flags of TASK messages. SHOAL_TASK_BULK: the task's message block comes
+ * over the bulk channel (docs/machines.md, "The bulk path"); the payload
+ * frame after the targets is 16 bytes, the transfer id and the client's
+ * token (u64 each, little-endian), and no other frames follow. */
+enum { SHOAL_TASK_BULK = 1 };
+#define SHOAL_TASK_BULK_INFO 16u
+
 /* The decoded header. */
 typedef struct shoal_msg_header {
     uint16_t type;      /* enum shoal_msg_type */

@@ -20,6 +20,7 @@
 #include "_common.h"
 #include "_ring.h"
 #include "_socket.h"
+#include "_xfer.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -893,7 +894,7 @@ static int core_exec(PyObject *m)
         PyModule_AddObjectRef(m, "Block", (PyObject *)&BlockType) < 0)
         return -1;
     if (shoal__socket_init(m) < 0 || PyModule_AddFunctions(m, shoal__socket_functions) < 0 ||
-        shoal__ring_init(m) < 0)
+        shoal__ring_init(m) < 0 || shoal__xfer_init(m) < 0)
         return -1;
     if (PyModule_AddIntConstant(m, "ALIGN", SHOAL_ARENA_ALIGN) < 0 ||
         PyModule_AddIntConstant(m, "CHUNK", SHOAL_ARENA_CHUNK) < 0)

@@ -135,6 +135,7 @@ class Client:
         self.timeout = timeout
         self.local = None
         self._local_node = None
+        self._bulk_at = {}  # node id -> its agent's bulk server (docs/machines.md, "The bulk path")
         # Ids of lane tasks and load-balanced tasks: apart from the socket's msg_ids (1, 2, ...).
         self._lane_ids = itertools.count(1 << 40)
         self._due = []  # AsyncResults finished whose callbacks are still to run
@@ -167,7 +168,7 @@ class Client:
         except BaseException:
             self._routes.close()
             raise
-        self._registry(registry["engines"])
+        self._registry(registry["engines"], registry["nodes"])
         self._attach_local(registry["nodes"], lane, timeout)
         self._auto_activate()
 
@@ -226,8 +227,10 @@ class Client:
     def _live_ids(self):
         return list(self._alive)
 
-    def _registry(self, engines):
-        """Takes the controller's list of engines."""
+    def _registry(self, engines, nodes=None):
+        """Takes the controller's list of engines (and of nodes)."""
+        if nodes is not None:  # where each node's bulk server listens (None: it has none)
+            self._bulk_at = {n["id"]: n.get("bulk") for n in nodes if n["alive"]}
         self._engines = engines
         self._alive = [e["id"] for e in engines if e["alive"] and e["id"] not in self._lost_engines]
         self._registry_at = time.monotonic()
@@ -235,7 +238,8 @@ class Client:
 
     def refresh(self):
         """Reads the registry (engines, nodes) from the controller again."""
-        self._registry(self._control(_core.MSG_REGISTER)["engines"])
+        registry = self._control(_core.MSG_REGISTER)
+        self._registry(registry["engines"], registry["nodes"])
         with self._lock:  # engines that had no lane may have one now (a new engine of this node)
             self._routes.lane.retry()
 
@@ -440,6 +444,13 @@ class Client:
         self._by_id[ar.task_id] = ar
         return ar
 
+    def _bulk_chain(self, group, s):
+        """The bulk servers of the nodes of group's engines, in node order,
+        if s should go to them by the bulk path; else None."""
+        nodes = sorted({self._node_of(t) for t in group}, key=lambda n: (n is None, n))
+        endpoints = [self._bulk_at.get(n) for n in nodes]
+        return endpoints if self._routes.controller.bulk.wanted(s, endpoints) else None
+
     def _node_of(self, eid):
         """The id of the node engine eid runs on (None if unknown)."""
         return next((e["node"] for e in self._engines if e["id"] == eid), None)
@@ -497,12 +508,19 @@ class Client:
         if s_here is not None:
             ar._keep.extend(s_here.keep)
         controller = routes.controller
+        # Large buffers for other nodes go on the bulk channel, once along
+        # the chain of those nodes' agents; the controller gets the TASK
+        # without them (and its limits do not apply).
+        chain = self._bulk_chain(away, s_away) if away else None
         for group, s in ((here, s_here), (away, s_away)):
-            if group:
+            if group and not (group is away and chain):
                 controller.check_limits(s, group)
-        for group, s in ((here, s_here), (away, s_away)):
-            if group:
-                controller.submit(ar, group, meta, s, obj)
+        if here:
+            controller.submit(ar, here, meta, s_here, obj)
+        if away and not (chain and controller.submit_bulk(ar, away, meta, s_away, obj, chain)):
+            if chain:
+                controller.check_limits(s_away, away)
+            controller.submit(ar, away, meta, s_away, obj)
         if not lanes:
             return []
         return routes.lane.submit(ar, lanes, meta, s_here, obj)

@@ -22,6 +22,7 @@ import weakref
 from . import _core, serialize
 from ._host import controller_here
 from .error import EngineError, TimeoutError
+from .route_bulk import BulkSender
 from .routes import Route, request
 
 
@@ -77,6 +78,7 @@ class ControllerRoute(Route):
         self.parts = 0  # task parts in flight through the controller (client.CONTROLLER_WINDOW)
         self.replies = {}  # msg_id -> (header, payload) of control replies
         self.waits = 0  # threads waiting for a controller reply
+        self.bulk = BulkSender(info)  # large data for other nodes' engines (submit_bulk)
 
     @staticmethod
     def _watch_process(info, path, profile, alive):
@@ -216,6 +218,30 @@ class ControllerRoute(Route):
         m = request(meta, s)
         frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
         mid = self.sock.send(_core.MSG_TASK, frames, s.frames)
+        self._sent(ar, mid, group, meta, s, obj)
+        return ()
+
+    def submit_bulk(self, ar, group, meta, s, obj, endpoints):
+        """Sends one task to the engines of group (on the nodes whose bulk
+        servers are endpoints, in node order) by the bulk path: its message
+        block as one transfer along the chain of those agents, then the
+        TASK, with the bulk flag and the transfer's id, through the
+        controller. Returns False, having sent nothing through the
+        controller, if the transfer could not be sent (or the controller is
+        gone): submit() then does it all."""
+        if self.dead is not None:
+            return False
+        parts = [json.dumps(request(meta, s)).encode(), s.payload, *s.frames]
+        tid = self.bulk.send(endpoints, parts)
+        if tid is None:
+            return False
+        frames = [struct.pack(f"<{len(group)}I", *group), struct.pack("<QQ", tid, 0)]
+        mid = self.sock.send(_core.MSG_TASK, frames, flags=_core.TASK_BULK)
+        self._sent(ar, mid, group, meta, s, obj)
+        return True
+
+    def _sent(self, ar, mid, group, meta, s, obj):
+        """Notes task message mid (for group) as sent for ar."""
         ar._own("_mids")[mid] = group
         self.pending[mid] = ar
         if s.files:
@@ -226,7 +252,6 @@ class ControllerRoute(Route):
         self.parts += len(group)
         if ar.msg_id is None:
             ar.msg_id = mid
-        return ()
 
     def busy(self):
         """Whether replies are due from the controller (task results, or answers to questions)."""
@@ -259,6 +284,7 @@ class ControllerRoute(Route):
     def close(self):
         self.pending.clear()
         self.parts = 0
+        self.bulk.close()
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -1,0 +1,309 @@
+/*
+ * python/shoal/_xfer.c - the Bulk part of shoal._core: a client's
+ * connection to one agent's bulk server (docs/machines.md, "The bulk
+ * path"). send() streams a task's message block (docs/engine.md, "Message
+ * blocks") as one transfer, its header made here and each frame sent from
+ * the caller's memory record by record: nothing is packed or copied first
+ * (encrypted, each record is sealed through the connection's one-chunk
+ * staging buffer). The GIL is released while bytes move.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <shoal/xfer.h>
+
+#include "_common.h"
+#include "_xfer.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MSGBLOCK_MAGIC 0x464D4853u /* "SHMF" */
+
+typedef struct {
+    PyObject_HEAD
+    shoal_xfer *x;
+    int fd;
+    int busy; /* a send runs (without the GIL): another thread must not start one */
+    char endpoint[128];
+} BulkObject;
+
+static PyObject *raise_on(BulkObject *self, int neg, const char *what)
+{
+    char reason[256];
+    snprintf(reason, sizeof reason, "%s (bulk server %s)", shoal_xfer_strerror(neg), self->endpoint);
+    return shoal__raise_oserror(-neg, what, reason);
+}
+
+/* A TCP connection to "tcp://HOST:PORT" within timeout_ms: the fd or -errno. */
+static int connect_endpoint(const char *ep, int timeout_ms)
+{
+    char host[256], port[16];
+    if (strncmp(ep, "tcp://", 6) != 0)
+        return -EINVAL;
+    ep += 6;
+    const char *colon = strrchr(ep, ':');
+    if (!colon)
+        return -EINVAL;
+    const char *h = ep, *he = colon;
+    if (*h == '[' && he > h && he[-1] == ']')
+        h++, he--;
+    if ((size_t)(he - h) >= sizeof host || strlen(colon + 1) >= sizeof port)
+        return -EINVAL;
+    memcpy(host, h, (size_t)(he - h));
+    host[he - h] = '\0';
+    strcpy(port, colon + 1);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
+    if (getaddrinfo(host, port, &hints, &ai) != 0)
+        return -EHOSTUNREACH;
+    int rc, fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        rc = -errno;
+        goto out;
+    }
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        if (errno != EINPROGRESS) {
+            rc = -errno;
+            goto fail;
+        }
+        struct pollfd p = {fd, POLLOUT, 0};
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (poll(&p, 1, timeout_ms) != 1) {
+            rc = -ETIMEDOUT;
+            goto fail;
+        }
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) {
+            rc = -(err ? err : errno);
+            goto fail;
+        }
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    freeaddrinfo(ai);
+    return fd;
+fail:
+    close(fd);
+out:
+    freeaddrinfo(ai);
+    return rc;
+}
+
+static int bulk_init(BulkObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"endpoint", "key", "encrypt", "timeout_ms", NULL};
+    const char *ep;
+    Py_buffer key;
+    int encrypt = 1, timeout_ms = 5000;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*|pi:Bulk", kwlist, &ep, &key, &encrypt, &timeout_ms))
+        return -1;
+    snprintf(self->endpoint, sizeof self->endpoint, "%s", ep);
+    if (key.len != SHOAL_XFER_KEY) {
+        PyBuffer_Release(&key);
+        PyErr_Format(PyExc_ValueError, "a cluster key is %u bytes, not %zd", SHOAL_XFER_KEY, key.len);
+        return -1;
+    }
+    int fd, rc;
+    shoal_xfer *x = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    fd = connect_endpoint(ep, timeout_ms);
+    rc = fd < 0 ? fd : shoal_xfer_open(fd, SHOAL_XFER_CLIENT, key.buf, encrypt ? SHOAL_XFER_ENCRYPT : 0,
+                                       timeout_ms, &x);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&key);
+    if (rc < 0) {
+        if (fd >= 0)
+            close(fd);
+        raise_on(self, rc, fd < 0 ? "cannot connect" : "the bulk channel's handshake failed");
+        return -1;
+    }
+    self->fd = fd;
+    self->x = x;
+    return 0;
+}
+
+static void bulk_shut(BulkObject *self)
+{
+    if (self->x) {
+        shoal_xfer_shutdown(self->x);
+        shoal_xfer_close(self->x);
+        self->x = NULL;
+    }
+    if (self->fd >= 0) {
+        close(self->fd);
+        self->fd = -1;
+    }
+}
+
+static PyObject *bulk_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    (void)args;
+    (void)kw;
+    BulkObject *self = (BulkObject *)type->tp_alloc(type, 0);
+    if (self)
+        self->fd = -1;
+    return (PyObject *)self;
+}
+
+static void bulk_dealloc(BulkObject *self)
+{
+    if (!self->busy)
+        bulk_shut(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *bulk_close(BulkObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "a send runs on this bulk connection");
+        return NULL;
+    }
+    bulk_shut(self);
+    Py_RETURN_NONE;
+}
+
+/*
+ * send(transfer_id, meta, parts, npayload): one transfer of the message
+ * block [SHMF header, lengths, parts back to back]: BEGIN (its total,
+ * meta), DATA records of at most 1 MiB each from each part's memory, END.
+ */
+static PyObject *bulk_send(BulkObject *self, PyObject *args)
+{
+    unsigned long long id;
+    Py_buffer meta;
+    PyObject *parts;
+    unsigned int npayload;
+    if (!PyArg_ParseTuple(args, "Ky*OI:send", &id, &meta, &parts, &npayload))
+        return NULL;
+    PyObject *seq = PySequence_Fast(parts, "parts must be a sequence of buffers");
+    if (!seq) {
+        PyBuffer_Release(&meta);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), got = 0;
+    Py_buffer *views = PyMem_Calloc((size_t)n + 1, sizeof *views);
+    uint8_t *head = PyMem_Malloc(16 + 8 * (size_t)n);
+    PyObject *result = NULL;
+    if (!views || !head) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    if (!self->x) {
+        PyErr_Format(PyExc_ConnectionError, "the bulk connection to %s is closed", self->endpoint);
+        goto out;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "a send runs on this bulk connection");
+        goto out;
+    }
+    uint32_t w[4] = {MSGBLOCK_MAGIC, (uint32_t)n, npayload, 0};
+    memcpy(head, w, sizeof w);
+    uint64_t total = 16 + 8 * (uint64_t)n;
+    for (; got < n; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, got), &views[got], PyBUF_C_CONTIGUOUS) < 0)
+            goto out;
+        uint64_t len = (uint64_t)views[got].len;
+        memcpy(head + 16 + 8 * got, &len, 8);
+        total += len;
+    }
+    int rc;
+    size_t headlen = 16 + 8 * (size_t)n;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    shoal_xfer_hdr h = {.type = SHOAL_XFER_BEGIN, .id = id, .offset = total};
+    rc = shoal_xfer_send(self->x, &h, meta.buf, (size_t)meta.len);
+    uint64_t off = 0;
+    if (rc == 0) {
+        h = (shoal_xfer_hdr){.type = SHOAL_XFER_DATA, .id = id, .offset = 0};
+        rc = shoal_xfer_send(self->x, &h, head, headlen);
+        off = headlen;
+    }
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        const uint8_t *p = views[i].buf;
+        size_t left = (size_t)views[i].len;
+        while (rc == 0 && left) {
+            size_t k = left < SHOAL_XFER_CHUNK ? left : SHOAL_XFER_CHUNK;
+            h = (shoal_xfer_hdr){.type = SHOAL_XFER_DATA, .id = id, .offset = off};
+            rc = shoal_xfer_send(self->x, &h, p, k);
+            p += k;
+            left -= k;
+            off += k;
+        }
+    }
+    if (rc == 0) {
+        h = (shoal_xfer_hdr){.type = SHOAL_XFER_END, .id = id, .offset = total};
+        rc = shoal_xfer_send(self->x, &h, NULL, 0);
+    }
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc < 0) {
+        raise_on(self, rc, "a bulk transfer failed");
+        goto out;
+    }
+    result = PyLong_FromUnsignedLongLong(total);
+out:
+    for (Py_ssize_t i = 0; i < got; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(head);
+    Py_DECREF(seq);
+    PyBuffer_Release(&meta);
+    return result;
+}
+
+static PyObject *bulk_get_endpoint(BulkObject *self, void *closure)
+{
+    (void)closure;
+    return PyUnicode_FromString(self->endpoint);
+}
+
+static PyObject *bulk_get_cipher(BulkObject *self, void *closure)
+{
+    (void)closure;
+    static const char *names[] = {"none", "aes256gcm", "chacha20poly1305"};
+    int c = self->x ? shoal_xfer_cipher(self->x) : 0;
+    return PyUnicode_FromString(c >= 0 && c <= 2 ? names[c] : "?");
+}
+
+static PyMethodDef bulk_methods[] = {
+    {"send", (PyCFunction)bulk_send, METH_VARARGS,
+     "send(transfer_id, meta, parts, npayload) -> total bytes: one transfer of the message block of parts "
+     "(npayload of them payload frames), sent from their memory; raises OSError (naming the endpoint) when the "
+     "connection fails."},
+    {"close", (PyCFunction)bulk_close, METH_NOARGS, "close(): says CLOSE to the server and closes."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef bulk_getset[] = {
+    {"endpoint", (getter)bulk_get_endpoint, NULL, "the bulk server's tcp:// address", NULL},
+    {"cipher", (getter)bulk_get_cipher, NULL, "the cipher the handshake chose (\"none\" when plain)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject BulkType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shoal._core.Bulk",
+    .tp_basicsize = sizeof(BulkObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Bulk(endpoint, key, encrypt=True, timeout_ms=5000): a connection to an agent's bulk server "
+              "(docs/machines.md, \"The bulk path\"), its handshake made with the cluster key.",
+    .tp_new = bulk_new,
+    .tp_init = (initproc)bulk_init,
+    .tp_dealloc = (destructor)bulk_dealloc,
+    .tp_methods = bulk_methods,
+    .tp_getset = bulk_getset,
+};
+
+int shoal__xfer_init(PyObject *m)
+{
+    if (PyType_Ready(&BulkType) < 0)
+        return -1;
+    return PyModule_AddObjectRef(m, "Bulk", (PyObject *)&BulkType);
+}

@@ -1,0 +1,153 @@
+"""The bulk path across machines (docs/machines.md, "The bulk path"): large
+task data for other nodes goes from the client straight to their agents,
+along a chain, on the bulk channel; the controller gets only the TASK.
+
+Three hosts as in test_machines.py (its helpers are reused), each with an
+agent and 2 engines, the agents on each event-loop backend in turn.
+"""
+
+import json
+import time
+
+import pytest
+
+import hosts
+import test_machines as tm
+from test_machines import client, copy_connection, join, registry, shoal, tcp_streams
+
+topo = hosts.fixture(3)
+
+MiB = 1 << 20
+WAIT_MS = 3000  # how long an agent waits for a task's data (SHOAL_AGENT_BULK_WAIT_MS)
+
+
+@pytest.fixture(scope="module", params=["io_uring", "epoll"])
+def cluster(request, topo):
+    tm._backend.clear()
+    tm._backend["SHOAL_AGENT_BULK_WAIT_MS"] = str(WAIT_MS)
+    if request.param == "epoll":
+        tm._backend["SHOAL_NO_URING"] = "1"
+    h0 = topo[0]
+    shoal(h0, "start", "-n", str(tm.ENGINES), "--ip", h0.addr, "--daemonize", "--heartbeat-ms",
+          str(tm.HEARTBEAT_MS), "--node-timeout-ms", str(tm.NODE_TIMEOUT_MS))
+    try:
+        for h in topo[1], topo[2]:
+            copy_connection(topo, h)
+            join(h)
+        client(topo[0], "rc.wait_for_engines(6, timeout=30)")
+        yield topo
+    finally:
+        shoal(h0, "stop", check=False, timeout=60)
+        tm._backend.clear()
+
+
+def test_the_registry_lists_each_nodes_bulk_server(cluster):
+    nodes = [n for n in registry(cluster[0])["nodes"] if n["alive"]]
+    by_host = {n["host"]: n for n in nodes}
+    for h in cluster:
+        ep = by_host[h.hostname].get("bulk")
+        assert ep and ep.startswith(f"tcp://{h.addr}:"), by_host[h.hostname]
+
+
+def test_a_push_crosses_each_link_once(cluster):
+    """64 MiB pushed from host 0 to all 6 engines arrives everywhere; it
+    leaves host 0 once (the controller's host used to send it once per
+    other host) and enters each other host once."""
+    topo = cluster
+    size = 64 * MiB
+    before = [h.link_bytes() for h in topo]
+    out = client(topo[0], """
+        a = np.arange(size // 8, dtype=np.int64)
+        sent = rc._routes.controller.bulk.sent
+        rc[:].push({"a": a}, block=True)
+        out = {"bulk": rc._routes.controller.bulk.sent - sent,
+               "ok": rc[:].apply_sync(lambda n: bool(a.shape == (n,) and (a == np.arange(n)).all()), size // 8),
+               "where": rc[:].apply_sync(socket.gethostname)}
+    """, size=size, timeout=180)
+    after = [h.link_bytes() for h in topo]
+    rx = [a[0] - b[0] for a, b in zip(after, before)]
+    tx = [a[1] - b[1] for a, b in zip(after, before)]
+    assert out["bulk"] == 1, out
+    assert out["ok"] == [True] * 6 and sorted(set(out["where"])) == sorted(h.hostname for h in topo)
+    assert tx[0] < 1.2 * size, f"host 0 sent {tx[0] / size:.2f}x the array"
+    for i in (1, 2):
+        assert 0.95 * size < rx[i] < 1.1 * size, f"host {i} received {rx[i] / size:.2f}x the array"
+    assert tx[1] + tx[2] < 1.2 * size  # one of them passed it on
+
+
+def test_a_task_whose_data_never_comes_fails_with_a_clear_error(cluster):
+    """A TASK with the bulk flag whose transfer never came: its targets
+    fail within the agent's wait, saying why, and the cluster goes on."""
+    topo = cluster
+    reg = registry(topo[0])
+    node1 = next(n["id"] for n in reg["nodes"] if n["alive"] and n["host"] == topo[1].hostname)
+    targets = [e["id"] for e in reg["engines"] if e["alive"] and e["node"] == node1]
+    out = client(topo[0], """
+        import struct
+        from shoal import _core
+        info = json.load(open(path))
+        s = _core.Socket("dealer", bytes.fromhex(info["key"]), connect=info["client"], curve=info.get("curve"))
+        t0 = time.monotonic()
+        s.send(_core.MSG_TASK, [struct.pack(f"<{len(targets)}I", *targets), struct.pack("<QQ", 0x5eed, 0)],
+               flags=_core.TASK_BULK)
+        errs = {}
+        while len(errs) < len(targets) and time.monotonic() - t0 < 30:
+            try:
+                hdr, payload, buffers, _ = s.recv(timeout=1)
+            except TimeoutError:
+                continue
+            if hdr["type"] == _core.MSG_RESULT:
+                errs[hdr["sender"]] = bytes(payload[0]).decode()
+        s.close()
+        out = {"errs": errs, "took": time.monotonic() - t0,
+               "after": rc[targets].apply_sync(lambda: 5)}
+    """, path=tm.PROFILE_FILE, targets=targets)
+    assert sorted(map(int, out["errs"])) == sorted(targets), out
+    for text in out["errs"].values():
+        assert "did not arrive over the bulk channel" in text and f"within {WAIT_MS} ms" in text, text
+    assert out["took"] < WAIT_MS / 1000 + 5
+    assert out["after"] == [5] * len(targets)
+
+
+def test_an_unreachable_bulk_server_falls_back_to_the_controller(cluster):
+    """A node whose bulk server cannot be reached: the push goes through
+    the controller instead (warned), and arrives all the same."""
+    topo = cluster
+    out = client(topo[0], """
+        import warnings
+        reg = rc._control(ipp._core.MSG_REGISTER)
+        node1 = next(n["id"] for n in reg["nodes"] if n["alive"] and n["host"] == host1)
+        rc._bulk_at[node1] = f"tcp://{addr1}:1"  # nothing listens there
+        a = np.arange(2 * (1 << 20), dtype=np.float64)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            rc[:].push({"b": a}, block=True)
+        out = {"warned": [str(x.message) for x in w],
+               "ok": rc[:].apply_sync(lambda: bool((b == np.arange(2 * (1 << 20))).all()))}
+    """, host1=topo[1].hostname, addr1=topo[1].addr)
+    assert out["ok"] == [True] * 6
+    assert any("bulk channel" in m for m in out["warned"]), out
+
+
+def test_a_bulk_push_is_encrypted_on_the_wire(cluster):
+    """Curve is on (the cluster listens beyond loopback): the bulk channel
+    encrypts, and a capture on the bridge during a bulk push of a marker
+    array finds the bytes but not the marker."""
+    topo = cluster
+    info = json.loads(topo[0].path(tm.PROFILE_FILE).read_text())
+    assert info.get("curve")
+    reps = 60000  # 1.5 MiB: past the bulk threshold
+    with topo.capture() as cap:
+        out = client(topo[1], """
+            a = np.frombuffer((marker * reps).encode(), dtype=np.uint8)
+            sent = rc._routes.controller.bulk.sent
+            rc[:].push({"m": a}, block=True)
+            out = {"bulk": rc._routes.controller.bulk.sent - sent,
+                   "cipher": [c.cipher for c in rc._routes.controller.bulk.conns.values()],
+                   "seen": rc[:].apply_sync(lambda k: bytes(m).count(k), marker.encode())}
+        """, marker=tm.MARKER, reps=reps)
+    assert out["bulk"] == 1 and out["seen"] == [reps] * 6
+    assert out["cipher"] and "none" not in out["cipher"], out
+    streams = tcp_streams(cap.data)
+    assert sum(map(len, streams.values())) > 1.5 * reps * len(tm.MARKER)
+    assert tm.MARKER.encode() not in cap.data
