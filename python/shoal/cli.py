@@ -348,7 +348,9 @@ def stop(args):
             ids = {n["id"] for n in mine}
             fds += _pidfds([n["pid"] for n in mine] +
                            [e["pid"] for e in reg["engines"] if e["alive"] and e["node"] in ids])
-            sockets = [n["socket"] for n in mine]
+            # Any node's socket here that nobody listens on is a dead agent's
+            # of this machine (_remove_stale_socket leaves a live one alone).
+            sockets = [n["socket"] for n in reg["nodes"] if n.get("socket") and os.path.exists(n["socket"])]
             rc.shutdown(hub=True)
             for n in mine:  # a lost node's agent is not told by the controller
                 if not n["alive"] and _alive(n["pid"]):
