@@ -280,6 +280,14 @@ int shoal_curve_monitor(void *ctx, void *sock, void **monitor)
         goto fail_socket;
     int zero = 0;
     zmq_setsockopt(m, ZMQ_LINGER, &zero, sizeof zero);
+    /* libzmq 4.3 sends monitor events from its I/O thread with a blocking
+     * send: once a pipe of events nobody reads is full (a socket whose
+     * handshakes fail ten times a second, unread for a few minutes), that
+     * thread stops, and with it every socket of the context. A receive
+     * limit of 0 makes the inproc pipe unbounded (its limit is the sum of
+     * both sides' only when both have one): unread events cost memory, a
+     * few dozen bytes each, never a stalled context. */
+    zmq_setsockopt(m, ZMQ_RCVHWM, &zero, sizeof zero);
     if (zmq_connect(m, ep) < 0)
         goto fail_connect;
     *monitor = m;

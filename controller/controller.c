@@ -1962,8 +1962,10 @@ int main(int argc, char **argv)
         while (c.tasks[b])
             task_free(&c, &c.tasks[b]);
     for (int i = 0; i < 2; i++)
-        if (c.monitors[i])
+        if (c.monitors[i]) {
+            zmq_socket_monitor(i == FROM_AGENTS ? c.agents : c.clients, NULL, 0); /* before its reader goes: see bridge/curve.c */
             zmq_close(c.monitors[i]);
+        }
     zmq_close(c.clients);
     zmq_close(c.agents);
     if (c.zap)

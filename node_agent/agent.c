@@ -2406,7 +2406,10 @@ int main(int argc, char **argv)
         a.ctlq = m->next;
         ctlmsg_free(m);
     }
-    zmq_close(a.ctl_monitor);
+    if (a.ctl_monitor) {
+        zmq_socket_monitor(a.ctl, NULL, 0); /* before its reader goes: see bridge/curve.c */
+        zmq_close(a.ctl_monitor);
+    }
     zmq_close(a.ctl);
     zmq_ctx_term(a.ctx);
     shoal_loop_destroy(a.loop);

@@ -235,8 +235,12 @@ out:
 
 static void socket_dealloc(SocketObject *self)
 {
-    if (self->monitor)
+    /* The monitor stops before its reader goes: an event sent to a PAIR
+     * with no reader would block ZeroMQ's I/O thread (see curve.c). */
+    if (self->monitor) {
+        zmq_socket_monitor(self->sock, NULL, 0);
         zmq_close(self->monitor);
+    }
     if (self->sock)
         zmq_close(self->sock);
     memset(self->key, 0, sizeof self->key);
@@ -247,6 +251,7 @@ static PyObject *socket_close(SocketObject *self, PyObject *unused)
 {
     (void)unused;
     if (self->monitor) {
+        zmq_socket_monitor(self->sock, NULL, 0); /* before its reader goes (socket_dealloc) */
         zmq_close(self->monitor);
         self->monitor = NULL;
     }
