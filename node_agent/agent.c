@@ -108,6 +108,7 @@ struct msgblk {
 struct outstanding {
     uint64_t task_id;
     int blk;
+    uint64_t token; /* the client's bulk token (its TASK's info frame; 0: none): where a large reply may go */
 };
 
 /*
@@ -175,7 +176,7 @@ struct arrival {
 };
 
 struct parked {
-    uint64_t task_id, xfer_id;
+    uint64_t task_id, xfer_id, token;
     uint32_t *targets;
     uint32_t nt;
     int64_t at_ns;
@@ -252,6 +253,8 @@ struct agent {
     struct parked *parked;
     size_t nparked, capparked;
     int64_t bulk_wait_ms;
+    uint64_t bulk_threshold; /* reply bytes from which a result goes on the client's bulk connection */
+    uint64_t next_xfer;      /* the last result transfer's id (made unique per agent start) */
     int restart;  /* start a new engine in place of one that dies */
     int stopping;
     int running;  /* the main loop goes on while set */
@@ -1568,7 +1571,8 @@ static void fail_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, 
  * says that there is no block (the arena had no room): each target fails.
  * Takes over our reference to h.
  */
-static void dispatch_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, shoal_handle h, int rc)
+static void dispatch_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, shoal_handle h, int rc,
+                          uint64_t token)
 {
     int b = rc < 0 ? rc : blk_new(a, h, 0);
     if (rc == 0 && b < 0)
@@ -1602,7 +1606,7 @@ static void dispatch_task(struct agent *a, uint64_t task_id, const uint8_t *t, u
             send_engine_error(a, e, task_id, "ran out of memory for its task queue");
             continue;
         }
-        e->out[e->nout++] = (struct outstanding){task_id, b};
+        e->out[e->nout++] = (struct outstanding){task_id, b, token};
         a->blks[b].users++;
     }
     if (b >= 0 && a->blks[b].users == 0) {
@@ -1624,12 +1628,13 @@ static int take_arrival(struct agent *a, uint64_t xid, shoal_bulk_arrival *out)
 }
 
 /* A TASK with the bulk flag: its block is transfer xid's, there or to come. */
-static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, uint64_t xid)
+static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, uint64_t xid,
+                            uint64_t token)
 {
     shoal_bulk_arrival arr;
     if (take_arrival(a, xid, &arr)) {
         if (arr.status == 0)
-            dispatch_task(a, task_id, t, nt, arr.h, 0);
+            dispatch_task(a, task_id, t, nt, arr.h, 0, token);
         else
             fail_bulk_task(a, task_id, t, nt, arr.why);
         return;
@@ -1653,7 +1658,7 @@ static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t,
         return;
     }
     memcpy(copy, t, (size_t)nt * 4);
-    a->parked[a->nparked++] = (struct parked){task_id, xid, copy, nt, now_ns()};
+    a->parked[a->nparked++] = (struct parked){task_id, xid, token, copy, nt, now_ns()};
 }
 
 /* A TASK from the controller: payload 0 lists the target engines (ours). */
@@ -1664,6 +1669,7 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
     shoal_frame tf = shoal_wire_frame(m, 0);
     uint32_t nt = (uint32_t)(tf.len / 4);
     uint32_t first = 1; /* the first frame of the message block */
+    uint64_t token = 0;
     if (m->hdr.flags & SHOAL_TASK_BULK) {
         shoal_frame inf = m->hdr.n_payload >= 2 ? shoal_wire_frame(m, 1) : (shoal_frame){NULL, 0};
         if (inf.len != SHOAL_TASK_BULK_INFO) {
@@ -1672,8 +1678,9 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
         }
         uint64_t xid;
         memcpy(&xid, inf.data, 8);
+        memcpy(&token, (const uint8_t *)inf.data + 8, 8);
         if (xid) {
-            route_bulk_task(a, m->hdr.task_id, tf.data, nt, xid);
+            route_bulk_task(a, m->hdr.task_id, tf.data, nt, xid, token);
             return;
         }
         first = 2; /* no bulk data: the block's frames follow the info */
@@ -1687,7 +1694,7 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
     shoal_handle h;
     int rc = pack_frames(a, f, n, (uint32_t)m->hdr.n_payload - first, &h);
     free(f);
-    dispatch_task(a, m->hdr.task_id, tf.data, nt, h, rc);
+    dispatch_task(a, m->hdr.task_id, tf.data, nt, h, rc, token);
 }
 
 /* The bulk server's eventfd: transfers ended. Each goes to the task that
@@ -1711,7 +1718,7 @@ static void on_bulk(shoal_loop *l, int fd, uint32_t events, void *arg)
                 struct parked p = a->parked[k];
                 a->parked[k] = a->parked[--a->nparked];
                 if (got[i].status == 0)
-                    dispatch_task(a, p.task_id, (const uint8_t *)p.targets, p.nt, got[i].h, 0);
+                    dispatch_task(a, p.task_id, (const uint8_t *)p.targets, p.nt, got[i].h, 0, p.token);
                 else
                     fail_bulk_task(a, p.task_id, (const uint8_t *)p.targets, p.nt, got[i].why);
                 free(p.targets);
@@ -1764,9 +1771,18 @@ static void expire_bulk(struct agent *a, int all)
     }
 }
 
-/* Sends the controller the reply (or output) that engine e wrote into the
- * block of slot sl, as a message of the given type. */
-static int forward_result(struct agent *a, struct engine *e, const struct slot *sl, uint16_t type)
+/*
+ * Sends the controller the reply (or output) that engine e wrote into the
+ * block of slot sl, as a message of the given type. A RESULT of at least
+ * bulk_threshold bytes for a client whose bulk connection (token) is here
+ * goes on that connection instead (docs/machines.md, "The bulk path"): the
+ * block itself, as one transfer sent by the bulk server's thread from the
+ * arena, our reference to it held until it is sent (the engine's is
+ * released as always); the controller gets the RESULT with the flag
+ * SHOAL_RESULT_BULK and one frame (transfer id, bytes) in place of the
+ * frames. Without such a connection, the old way.
+ */
+static int forward_result(struct agent *a, struct engine *e, const struct slot *sl, uint16_t type, uint64_t token)
 {
     shoal_handle h = {sl->offset, sl->length, sl->generation};
     int rc = shoal_arena_acquire(a->arena, h);
@@ -1782,6 +1798,21 @@ static int forward_result(struct agent *a, struct engine *e, const struct slot *
         shoal_msg_header hd = {.type = type, .n_payload = (uint16_t)np, .n_buffers = (uint16_t)(nf - np),
                                .msg_id = ++a->next_msg_id, .task_id = sl->task_id, .sender = (uint32_t)e->id,
                                .target = (uint32_t)e->id};
+        uint64_t bytes = 16 + 8 * (uint64_t)nf;
+        for (uint32_t i = 0; i < nf; i++)
+            bytes += f[i].len;
+        if (type == SHOAL_MSG_RESULT && token && a->bulk && bytes >= a->bulk_threshold && bytes <= h.length) {
+            uint64_t xid = ++a->next_xfer;
+            if (shoal__bulk_send_result(a->bulk, token, xid, h, bytes) == 0) {
+                free(f);
+                uint64_t info[2] = {xid, bytes};
+                shoal_frame inf = {info, sizeof info};
+                hd.flags = SHOAL_RESULT_BULK;
+                hd.n_payload = 1;
+                hd.n_buffers = 0;
+                return ctl_send(a, &hd, &inf, 1); /* the bulk server owns our reference now */
+            }
+        }
         rc = ctl_send(a, &hd, f, nf);
         free(f);
     }
@@ -1857,9 +1888,13 @@ static int drain_completions(struct agent *a, struct engine *e)
     while ((n = shoal_ring_pop(&e->cq, sl, 64)) > 0) {
         for (int i = 0; i < n; i++) {
             if (sl[i].kind == KIND_OUTPUT) {
-                forward_result(a, e, &sl[i], SHOAL_MSG_OUTPUT); /* best effort: the reply has it all */
+                forward_result(a, e, &sl[i], SHOAL_MSG_OUTPUT, 0); /* best effort: the reply has it all */
             } else if (sl[i].kind == KIND_RESULT) {
-                if (forward_result(a, e, &sl[i], SHOAL_MSG_RESULT) < 0)
+                uint64_t token = 0;
+                for (size_t k = 0; k < e->nout; k++)
+                    if (e->out[k].task_id == sl[i].task_id)
+                        token = e->out[k].token;
+                if (forward_result(a, e, &sl[i], SHOAL_MSG_RESULT, token) < 0)
                     send_engine_error(a, e, sl[i].task_id, "sent a reply that could not be read");
                 finish_task(a, e, sl[i].task_id);
                 struct slot rel = {.kind = KIND_RELEASE, .offset = sl[i].offset, .length = sl[i].length,
@@ -2296,6 +2331,13 @@ int main(int argc, char **argv)
     if (listen_unix(&a, profile, dir) < 0)
         return 1;
     a.bulk_wait_ms = 60000;
+    /* Result transfer ids: the high bits random per start, so that a
+     * client never takes an old start's transfer for a new one's. */
+    a.next_xfer = ((uint64_t)getpid() << 40) ^ ((uint64_t)now_ns() << 20);
+    a.bulk_threshold = 1u << 20;
+    const char *thr = getenv("SHOAL_BULK_THRESHOLD");
+    if (thr && shoal_parse_u64(thr, UINT64_MAX, &n) == 0)
+        a.bulk_threshold = n ? n : 1;
     const char *bulk_wait = getenv("SHOAL_AGENT_BULK_WAIT_MS");
     if (bulk_wait && (shoal_parse_u64(bulk_wait, 3600000, &n) < 0 || n == 0)) {
         logf_("SHOAL_AGENT_BULK_WAIT_MS wants a number of milliseconds (1 to 3600000), not '%s'", bulk_wait);

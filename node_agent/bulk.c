@@ -10,6 +10,14 @@
  * why it failed - waits in a table for the main loop, which an eventfd
  * wakes; the main loop matches it with the task that names it
  * (agent.c, route_task). docs/machines.md, "The bulk path", has the formats.
+ *
+ * Results go the other way on a client's own connection: a client that
+ * sends its token (SHOAL_BULK_TOKEN) has its connection registered under
+ * it, and the main loop queues large reply blocks for it
+ * (shoal__bulk_send_result); a sender thread per such connection sends
+ * them from the arena, so that the main loop never waits on a socket. The
+ * receiving thread and the sender thread share the connection, as
+ * xfer.h allows (one of each).
  */
 #define _GNU_SOURCE
 #include "bulk.h"
@@ -39,6 +47,8 @@
 #define OPEN_TIMEOUT_MS 10000
 #define CONNECT_TIMEOUT_MS 3000
 
+struct conn;
+
 struct shoal_bulk {
     shoal_arena *arena;
     uint8_t key[SHOAL_XFER_KEY];
@@ -50,6 +60,7 @@ struct shoal_bulk {
     pthread_mutex_t mu; /* guards what follows */
     pthread_cond_t idle;
     int conn_fds[MAX_CONNS]; /* -1: free */
+    struct conn *conns[MAX_CONNS]; /* the connection of each slot (NULL: free) */
     int nconns;
     shoal_bulk_arrival *done;
     size_t ndone, capdone;
@@ -62,11 +73,26 @@ struct hop {
     shoal_xfer *x;
 };
 
+/* A reply block to send to a client (shoal__bulk_send_result). */
+struct job {
+    uint64_t xid, len;
+    shoal_handle h; /* our reference, released once sent (or given up) */
+};
+
 struct conn {
     shoal_bulk *b;
     int fd, slot;
     struct hop hops[MAX_HOPS];
     int nhops;
+    /* Results to the client; guarded by b->mu. */
+    shoal_xfer *x;   /* the connection, once its handshake is done */
+    uint64_t token;  /* the client's (0: none, or the connection failed: no more results on it) */
+    int has_sender;  /* the sender thread was started */
+    int closing;     /* the connection ends: the sender sends nothing more */
+    pthread_t sender;
+    pthread_cond_t more; /* a job was queued, or closing was set */
+    struct job *q;
+    size_t nq, capq;
 };
 
 /* One transfer as it is received (the accept callback's context). */
@@ -376,6 +402,92 @@ static int receive_transfer(struct conn *c, shoal_xfer *x, const shoal_xfer_hdr 
     return rc == -ECANCELED || rc == -ECONNABORTED || rc == -EINVAL ? 0 : rc;
 }
 
+/* ---- results to the client ------------------------------------------------------------ */
+
+/* The sender thread of a client's connection: sends each queued reply
+ * block as one transfer, from the arena, and releases it. After a failed
+ * send (the client is gone, or it stopped reading for the idle timeout)
+ * the connection's token is withdrawn, so the next results go through the
+ * controller, and what is queued is released unsent; the client, whose
+ * connection broke, fails the results it was told to expect on it. */
+static void *sender_main(void *arg)
+{
+    struct conn *c = arg;
+    shoal_bulk *b = c->b;
+    int err = 0;
+    pthread_mutex_lock(&b->mu);
+    for (;;) {
+        while (c->nq == 0 && !c->closing)
+            pthread_cond_wait(&c->more, &b->mu);
+        if (c->nq == 0)
+            break; /* closing, and nothing left */
+        struct job j = c->q[0];
+        memmove(c->q, c->q + 1, (c->nq - 1) * sizeof *c->q);
+        c->nq--;
+        int skip = err || c->closing;
+        pthread_mutex_unlock(&b->mu);
+        void *p;
+        if (!skip && shoal_arena_ptr(b->arena, j.h, &p) == 0)
+            err = shoal_xfer_send_buffer(c->x, j.xid, NULL, 0, p, j.len, 0);
+        shoal_arena_release(b->arena, j.h);
+        pthread_mutex_lock(&b->mu);
+        if (err)
+            c->token = 0;
+    }
+    pthread_mutex_unlock(&b->mu);
+    return NULL;
+}
+
+int shoal__bulk_send_result(shoal_bulk *b, uint64_t token, uint64_t xid, shoal_handle h, uint64_t len)
+{
+    if (!token)
+        return -ENOENT;
+    int rc = -ENOENT;
+    pthread_mutex_lock(&b->mu);
+    for (int i = 0; i < MAX_CONNS; i++) {
+        struct conn *c = b->conns[i];
+        if (!c || c->token != token || c->closing || !c->has_sender)
+            continue;
+        if (c->nq == c->capq) {
+            size_t cap = c->capq ? 2 * c->capq : 16;
+            struct job *q = realloc(c->q, cap * sizeof *q);
+            if (!q) {
+                rc = -ENOMEM;
+                break;
+            }
+            c->q = q;
+            c->capq = cap;
+        }
+        c->q[c->nq++] = (struct job){xid, len, h};
+        pthread_cond_signal(&c->more);
+        rc = 0;
+        break;
+    }
+    pthread_mutex_unlock(&b->mu);
+    return rc;
+}
+
+/* The client's token record: registers the connection under it and starts
+ * its sender thread (once). */
+static int take_token(struct conn *c, shoal_xfer *x, const shoal_xfer_hdr *h)
+{
+    uint64_t token;
+    if (h->length != sizeof token)
+        return shoal_xfer_skip_payload(x);
+    int rc = shoal_xfer_recv_payload(x, &token, sizeof token);
+    if (rc < 0)
+        return rc;
+    shoal_bulk *b = c->b;
+    pthread_mutex_lock(&b->mu);
+    c->x = x;
+    if (!c->has_sender && pthread_create(&c->sender, NULL, sender_main, c) == 0)
+        c->has_sender = 1;
+    if (c->has_sender)
+        c->token = token;
+    pthread_mutex_unlock(&b->mu);
+    return 0;
+}
+
 static void *conn_main(void *arg)
 {
     struct conn *c = arg;
@@ -391,11 +503,25 @@ static void *conn_main(void *arg)
                 break;
             if (h.type == SHOAL_XFER_BEGIN)
                 rc = receive_transfer(c, x, &h);
+            else if (h.type == SHOAL_BULK_TOKEN)
+                rc = take_token(c, x, &h);
             else if (h.length)
                 rc = shoal_xfer_skip_payload(x); /* records of later versions (the caller's types) */
             if (rc < 0)
                 break;
         }
+    }
+    /* The sender stops: a send it is blocked in fails at once (the socket
+     * is shut), and what is queued is released. */
+    pthread_mutex_lock(&b->mu);
+    c->closing = 1;
+    c->token = 0;
+    pthread_cond_signal(&c->more);
+    int joined = c->has_sender;
+    pthread_mutex_unlock(&b->mu);
+    if (joined) {
+        shutdown(c->fd, SHUT_RDWR);
+        pthread_join(c->sender, NULL);
     }
     shoal_xfer_close(x);
     for (int i = 0; i < c->nhops; i++)
@@ -406,9 +532,12 @@ static void *conn_main(void *arg)
     pthread_mutex_lock(&b->mu);
     close(c->fd);
     b->conn_fds[c->slot] = -1;
+    b->conns[c->slot] = NULL;
     b->nconns--;
     pthread_cond_broadcast(&b->idle);
     pthread_mutex_unlock(&b->mu);
+    pthread_cond_destroy(&c->more);
+    free(c->q);
     free(c);
     return NULL;
 }
@@ -437,9 +566,13 @@ static void *accept_main(void *arg)
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         if (slot >= 0) {
             *c = (struct conn){.b = b, .fd = fd, .slot = slot};
+            pthread_cond_init(&c->more, NULL);
             b->conn_fds[slot] = fd;
+            b->conns[slot] = c;
             b->nconns++;
             if (pthread_create(&t, &attr, conn_main, c) != 0) {
+                pthread_cond_destroy(&c->more);
+                b->conns[slot] = NULL;
                 b->conn_fds[slot] = -1;
                 b->nconns--;
                 slot = -1;

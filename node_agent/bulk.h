@@ -46,6 +46,21 @@ int shoal__bulk_eventfd(const shoal_bulk *b);
 /* Moves up to max transfers that ended into out; returns how many. Thread-safe. */
 size_t shoal__bulk_take(shoal_bulk *b, shoal_bulk_arrival *out, size_t max);
 
+/*
+ * Results over the bulk channel (docs/machines.md, "The bulk path",
+ * results): a client that sends the record SHOAL_BULK_TOKEN (8 bytes, its
+ * token) on its connection has that connection registered under the token.
+ * shoal__bulk_send_result queues the first len bytes of block h (a reply's
+ * message block) as transfer xid on that connection, to be sent by the
+ * connection's sender thread from the arena, without a copy. Returns 0:
+ * queued, and the server owns our reference to h from then on (it releases
+ * it once the block is sent, or the connection failed); or -ENOENT (no live
+ * connection has that token), -ENOMEM: the caller keeps h. Thread-safe; it
+ * never blocks on a socket.
+ */
+#define SHOAL_BULK_TOKEN 128u /* = SHOAL_XFER_APP: the record a client's token comes in */
+int shoal__bulk_send_result(shoal_bulk *b, uint64_t token, uint64_t xid, shoal_handle h, uint64_t len);
+
 /* Stops accepting, cuts every connection, waits (up to 2 s) for their
  * threads, releases the blocks of arrivals not taken, and frees b.
  * Accepts NULL. */

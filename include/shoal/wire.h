@@ -63,6 +63,13 @@ enum { SHOAL_REG_CLIENT = 1, SHOAL_REG_NODE = 2 };
 enum { SHOAL_TASK_BULK = 1 };
 #define SHOAL_TASK_BULK_INFO 16u
 
+/* Flags of RESULT messages. SHOAL_RESULT_BULK: the reply's message block
+ * comes to the client over its bulk connection to the engine's node
+ * (docs/machines.md, "The bulk path"); the only frame is 16 bytes, the
+ * transfer id and the block's length (u64 each, little-endian). */
+enum { SHOAL_RESULT_BULK = 1 };
+#define SHOAL_RESULT_BULK_INFO 16u
+
 /* The decoded header. */
 typedef struct shoal_msg_header {
     uint16_t type;      /* enum shoal_msg_type */

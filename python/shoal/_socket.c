@@ -559,7 +559,7 @@ int shoal__socket_init(PyObject *m)
         {"MSG_QUERY", SHOAL_MSG_QUERY},       {"MSG_QUERY_REPLY", SHOAL_MSG_QUERY_REPLY},
         {"MSG_SHUTDOWN", SHOAL_MSG_SHUTDOWN}, {"MSG_ENGINE_EVENT", SHOAL_MSG_ENGINE_EVENT},
         {"MSG_ABORT", SHOAL_MSG_ABORT}, {"MSG_SIGNAL", SHOAL_MSG_SIGNAL},
-        {"TASK_BULK", SHOAL_TASK_BULK}, {"REG_CLIENT", SHOAL_REG_CLIENT},     {"REG_NODE", SHOAL_REG_NODE},
+        {"TASK_BULK", SHOAL_TASK_BULK}, {"RESULT_BULK", SHOAL_RESULT_BULK}, {"REG_CLIENT", SHOAL_REG_CLIENT},     {"REG_NODE", SHOAL_REG_NODE},
         {"TARGET_ALL", -1},
     };
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {

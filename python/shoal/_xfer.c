@@ -5,7 +5,9 @@
  * blocks") as one transfer, its header made here and each frame sent from
  * the caller's memory record by record: nothing is packed or copied first
  * (encrypted, each record is sealed through the connection's one-chunk
- * staging buffer). The GIL is released while bytes move.
+ * staging buffer). recv_transfer() takes a result's block the agent sends
+ * back on the same connection, into memory the caller gives. The GIL is
+ * released while bytes move.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,7 +33,8 @@ typedef struct {
     PyObject_HEAD
     shoal_xfer *x;
     int fd;
-    int busy; /* a send runs (without the GIL): another thread must not start one */
+    int busy;  /* a send runs (without the GIL): another thread must not start one */
+    int rbusy; /* a receive runs (without the GIL): likewise */
     char endpoint[128];
 } BulkObject;
 
@@ -98,11 +101,11 @@ out:
 
 static int bulk_init(BulkObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"endpoint", "key", "encrypt", "timeout_ms", NULL};
+    static char *kwlist[] = {"endpoint", "key", "encrypt", "timeout_ms", "idle_ms", NULL};
     const char *ep;
     Py_buffer key;
-    int encrypt = 1, timeout_ms = 5000;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*|pi:Bulk", kwlist, &ep, &key, &encrypt, &timeout_ms))
+    int encrypt = 1, timeout_ms = 5000, idle_ms = SHOAL_XFER_IDLE_MS;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*|pii:Bulk", kwlist, &ep, &key, &encrypt, &timeout_ms, &idle_ms))
         return -1;
     snprintf(self->endpoint, sizeof self->endpoint, "%s", ep);
     if (key.len != SHOAL_XFER_KEY) {
@@ -124,6 +127,7 @@ static int bulk_init(BulkObject *self, PyObject *args, PyObject *kw)
         raise_on(self, rc, fd < 0 ? "cannot connect" : "the bulk channel's handshake failed");
         return -1;
     }
+    shoal_xfer_set_idle_timeout(x, idle_ms);
     self->fd = fd;
     self->x = x;
     return 0;
@@ -154,7 +158,7 @@ static PyObject *bulk_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 
 static void bulk_dealloc(BulkObject *self)
 {
-    if (!self->busy)
+    if (!self->busy && !self->rbusy)
         bulk_shut(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -162,8 +166,8 @@ static void bulk_dealloc(BulkObject *self)
 static PyObject *bulk_close(BulkObject *self, PyObject *unused)
 {
     (void)unused;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "a send runs on this bulk connection");
+    if (self->busy || self->rbusy) {
+        PyErr_SetString(PyExc_RuntimeError, "a send or a receive runs on this bulk connection");
         return NULL;
     }
     bulk_shut(self);
@@ -259,6 +263,127 @@ out:
     return result;
 }
 
+/* send_record(type, payload): one record of a type of the caller's
+ * (SHOAL_XFER_APP and up), id 0: the client's token, say. */
+static PyObject *bulk_send_record(BulkObject *self, PyObject *args)
+{
+    unsigned int type;
+    Py_buffer payload;
+    if (!PyArg_ParseTuple(args, "Iy*:send_record", &type, &payload))
+        return NULL;
+    int rc = -EINVAL;
+    if (!self->x) {
+        PyBuffer_Release(&payload);
+        PyErr_Format(PyExc_ConnectionError, "the bulk connection to %s is closed", self->endpoint);
+        return NULL;
+    }
+    if (self->busy) {
+        PyBuffer_Release(&payload);
+        PyErr_SetString(PyExc_RuntimeError, "a send runs on this bulk connection");
+        return NULL;
+    }
+    if (type >= SHOAL_XFER_APP && type <= 255) {
+        self->busy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        shoal_xfer_hdr h = {.type = (uint8_t)type};
+        rc = shoal_xfer_send(self->x, &h, payload.buf, (size_t)payload.len);
+        Py_END_ALLOW_THREADS
+        self->busy = 0;
+    }
+    PyBuffer_Release(&payload);
+    if (rc < 0)
+        return raise_on(self, rc, "a record could not be sent");
+    Py_RETURN_NONE;
+}
+
+/* The destination recv_transfer got from its callback, for the accept callback. */
+struct rx_dst {
+    Py_buffer *view;
+    uint64_t total;
+};
+
+static int rx_accept(void *ctx, const shoal_xfer_begin *b, shoal_xfer_sink *sink)
+{
+    struct rx_dst *d = ctx;
+    if (b->total != d->total || (uint64_t)d->view->len < b->total)
+        return -EMSGSIZE;
+    sink->dst = d->view->buf;
+    return 0;
+}
+
+/*
+ * recv_transfer(alloc, timeout_ms) -> (id, buffer): waits up to timeout_ms
+ * for the next transfer's BEGIN (-1: for ever), calls alloc(id, total) for
+ * a writable buffer of at least total bytes, and receives the transfer
+ * straight into it (authenticated; opened in place when encrypted). Returns
+ * (id, what alloc returned). Raises builtins TimeoutError when nothing
+ * began within timeout_ms (the connection stays usable), OSError naming
+ * the endpoint when the connection failed, or alloc's exception (the
+ * transfer was then read and dropped).
+ */
+static PyObject *bulk_recv_transfer(BulkObject *self, PyObject *args)
+{
+    PyObject *alloc;
+    int timeout_ms;
+    if (!PyArg_ParseTuple(args, "Oi:recv_transfer", &alloc, &timeout_ms))
+        return NULL;
+    if (!self->x) {
+        PyErr_Format(PyExc_ConnectionError, "the bulk connection to %s is closed", self->endpoint);
+        return NULL;
+    }
+    if (self->rbusy) {
+        PyErr_SetString(PyExc_RuntimeError, "a receive runs on this bulk connection");
+        return NULL;
+    }
+    self->rbusy = 1;
+    shoal_xfer_hdr h;
+    int rc;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = shoal_xfer_recv_hdr(self->x, &h, timeout_ms);
+        if (rc == 0 && h.type != SHOAL_XFER_BEGIN && h.length)
+            rc = shoal_xfer_skip_payload(self->x); /* records of later versions */
+        Py_END_ALLOW_THREADS
+        if (rc < 0 || h.type == SHOAL_XFER_BEGIN)
+            break;
+    }
+    if (rc == -ETIMEDOUT) {
+        self->rbusy = 0;
+        PyErr_SetString(PyExc_TimeoutError, "no transfer began in time");
+        return NULL;
+    }
+    if (rc < 0) {
+        self->rbusy = 0;
+        return raise_on(self, rc, "the bulk connection failed");
+    }
+    PyObject *buf = PyObject_CallFunction(alloc, "KK", (unsigned long long)h.id, (unsigned long long)h.offset);
+    Py_buffer view = {0};
+    int have = buf && PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == 0;
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    if (!have)
+        PyErr_Fetch(&et, &ev, &tb); /* 3.11 has no PyErr_GetRaisedException */
+    struct rx_dst d = {&view, h.offset};
+    Py_buffer none = {0};
+    if (!have)
+        d.view = &none; /* refused: read and dropped */
+    Py_BEGIN_ALLOW_THREADS
+    rc = shoal_xfer_recv_buffer(self->x, &h, -1, rx_accept, &d, NULL);
+    Py_END_ALLOW_THREADS
+    self->rbusy = 0;
+    if (have)
+        PyBuffer_Release(&view);
+    if (!have) {
+        Py_XDECREF(buf);
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    if (rc < 0) {
+        Py_DECREF(buf);
+        return raise_on(self, rc, "a result's transfer failed");
+    }
+    return Py_BuildValue("(KN)", (unsigned long long)h.id, buf);
+}
+
 static PyObject *bulk_get_endpoint(BulkObject *self, void *closure)
 {
     (void)closure;
@@ -278,6 +403,12 @@ static PyMethodDef bulk_methods[] = {
      "send(transfer_id, meta, parts, npayload) -> total bytes: one transfer of the message block of parts "
      "(npayload of them payload frames), sent from their memory; raises OSError (naming the endpoint) when the "
      "connection fails."},
+    {"send_record", (PyCFunction)bulk_send_record, METH_VARARGS,
+     "send_record(type, payload): one record of a caller's type (128 and up), e.g. the client's token."},
+    {"recv_transfer", (PyCFunction)bulk_recv_transfer, METH_VARARGS,
+     "recv_transfer(alloc, timeout_ms) -> (id, buffer): the next transfer, received into alloc(id, total) "
+     "(a writable buffer), the GIL released; builtins TimeoutError if none began in timeout_ms, OSError when "
+     "the connection failed."},
     {"close", (PyCFunction)bulk_close, METH_NOARGS, "close(): says CLOSE to the server and closes."},
     {NULL, NULL, 0, NULL},
 };

@@ -451,6 +451,10 @@ class Client:
         endpoints = [self._bulk_at.get(n) for n in nodes]
         return endpoints if self._routes.controller.bulk.wanted(s, endpoints) else None
 
+    def _bulk_endpoint(self, eid):
+        """The bulk server of engine eid's node (None: none known)."""
+        return self._bulk_at.get(self._node_of(eid))
+
     def _node_of(self, eid):
         """The id of the node engine eid runs on (None if unknown)."""
         return next((e["node"] for e in self._engines if e["id"] == eid), None)
@@ -512,15 +516,20 @@ class Client:
         # the chain of those nodes' agents; the controller gets the TASK
         # without them (and its limits do not apply).
         chain = self._bulk_chain(away, s_away) if away else None
+        # Large results of other nodes' engines come back on our bulk
+        # connections to their agents (made here if need be) when the TASK
+        # carries our token.
+        token = controller.bulk.result_token(
+            sorted({self._bulk_endpoint(t) for t in away} - {None})) if away else 0
         for group, s in ((here, s_here), (away, s_away)):
             if group and not (group is away and chain):
                 controller.check_limits(s, group)
         if here:
             controller.submit(ar, here, meta, s_here, obj)
-        if away and not (chain and controller.submit_bulk(ar, away, meta, s_away, obj, chain)):
+        if away and not (chain and controller.submit_bulk(ar, away, meta, s_away, obj, chain, token)):
             if chain:
                 controller.check_limits(s_away, away)
-            controller.submit(ar, away, meta, s_away, obj)
+            controller.submit(ar, away, meta, s_away, obj, token)
         if not lanes:
             return []
         return routes.lane.submit(ar, lanes, meta, s_here, obj)

@@ -4,12 +4,20 @@ channel to the first of those nodes' agents, which passes it on along the
 chain of the others as it comes in; the TASK through the controller then
 names the transfer and carries none of the data.
 
+Results come back the same way: right after its handshake the client
+sends its token (TOKEN_RECORD, 8 random bytes, one per client) on the
+connection, and every TASK to that node's engines carries the token
+(the bulk info frame); the agent then sends a large reply block on this
+connection, and the RESULT through the controller says so
+(_core.RESULT_BULK) and names the transfer. receive() takes it.
+
 One connection per agent endpoint, made when first used and kept. An
 endpoint that cannot be reached (or whose connection fails) is left alone
 for RETRY seconds, and the tasks meanwhile go through the controller, as
 they would without a bulk server (warned once).
 """
 
+import builtins
 import json
 import os
 import secrets
@@ -20,6 +28,7 @@ from . import _core
 
 THRESHOLD = 1 << 20  # bytes of buffers from which a task goes by the bulk path
 RETRY = 30.0  # seconds an endpoint that failed is left alone
+TOKEN_RECORD = 128  # the record type of the client's token (node_agent/bulk.h, SHOAL_BULK_TOKEN)
 
 
 class BulkSender:
@@ -36,6 +45,13 @@ class BulkSender:
         self.failed = {}  # endpoint -> when it failed
         self.warned = False
         self.sent = 0  # transfers sent (tests look)
+        self.received = 0  # result transfers received (tests look)
+        self.token = secrets.randbits(64) or 1  # ours, for the agents to send our results back by
+        # A connection that stops moving bytes for this long is broken (the
+        # controller's node timeout: the agents give a silent peer up then too).
+        self.idle_ms = int(info.get("node_timeout_ms") or 30000) + 2000
+        self.stash = {}  # (endpoint, transfer id) -> a result's block that came before its RESULT
+        self.broken = {}  # endpoint -> why its connection broke (results due on it fail)
 
     def wanted(self, s, endpoints):
         """Whether s (a Serialized) should go by the bulk path to the
@@ -55,9 +71,7 @@ class BulkSender:
         tid = secrets.randbits(64) or 1
         meta = json.dumps({"chain": list(endpoints[1:])}).encode()
         try:
-            conn = self.conns.get(first)
-            if conn is None:
-                conn = self.conns[first] = _core.Bulk(first, self.key, self.encrypt, 5000)
+            conn = self._conn(first)
             conn.send(tid, meta, parts, npayload)
         except OSError as e:
             bad = self.conns.pop(first, None)
@@ -71,6 +85,87 @@ class BulkSender:
             return None
         self.sent += 1
         return tid
+
+    def _conn(self, ep):
+        """The connection to ep, made (and our token sent on it) if need be.
+        Raises OSError."""
+        conn = self.conns.get(ep)
+        if conn is None:
+            conn = _core.Bulk(ep, self.key, self.encrypt, 5000, self.idle_ms)
+            try:
+                conn.send_record(TOKEN_RECORD, self.token.to_bytes(8, "little"))
+            except OSError:
+                conn.close()
+                raise
+            self.conns[ep] = conn
+            self.broken.pop(ep, None)
+        return conn
+
+    def result_token(self, endpoints):
+        """Our token, for a TASK to engines of the nodes at endpoints, once
+        each of those that can be reached has our connection (made here if
+        need be); 0 when none can (the results then come through the
+        controller, as they do without a token)."""
+        if not self.enabled:
+            return 0
+        ok = False
+        for ep in endpoints:
+            if not ep or time.monotonic() - self.failed.get(ep, -RETRY) < RETRY:
+                continue
+            try:
+                self._conn(ep)
+                ok = True
+            except OSError as e:
+                self.failed[ep] = time.monotonic()
+                if not self.warned:
+                    self.warned = True
+                    warnings.warn(f"the bulk channel to {ep} failed ({e}); large data goes through the "
+                                  f"controller meanwhile", RuntimeWarning, stacklevel=5)
+        return self.token if ok else 0
+
+    def receive(self, ep, tid, total, arena=None):
+        """The block of result transfer tid (total bytes) from the agent at
+        ep: received into a block of arena (when the client has one: the
+        result's arrays are then views of it, as a local result's are) or a
+        bytearray; transfers of other results that come first are kept for
+        their RESULTs. Raises ConnectionError, saying why, when the
+        connection is broken or breaks (the caller fails the result)."""
+        got = self.stash.pop((ep, tid), None)
+        if got is not None:
+            return got
+        conn = self.conns.get(ep)
+        if conn is None:
+            raise ConnectionError(self.broken.get(ep, f"there is no bulk connection to {ep}"))
+
+        def alloc(xid, n):
+            if arena is not None:
+                try:
+                    return arena.alloc(n)
+                except (OSError, MemoryError):
+                    pass  # a full arena: ordinary memory
+            return bytearray(n)
+
+        while True:
+            try:
+                xid, buf = conn.recv_transfer(alloc, self.idle_ms)
+            except builtins.TimeoutError:
+                why = f"nothing came on the bulk connection to {ep} for {self.idle_ms / 1000:g} s"
+            except OSError as e:
+                why = f"the bulk connection to {ep} broke ({e})"
+            else:
+                self.received += 1
+                if xid == tid:
+                    return buf
+                self.stash[(ep, xid)] = buf
+                continue
+            self.conns.pop(ep, None)
+            try:
+                conn.close()
+            except Exception:
+                pass
+            self.failed[ep] = time.monotonic()
+            self.broken[ep] = why
+            raise ConnectionError(why)
 
     def close(self):
         for conn in self.conns.values():

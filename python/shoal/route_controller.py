@@ -41,8 +41,9 @@ class ControllerRoute(Route):
     lock: the client's lock, under which the socket is used.
     ids: the client's counter of lane and load-balanced task ids (a task
     that fails before it is sent takes its msg_id from it).
-    registry: what the route needs of the client's registry, as one
-    method: _arena_for(eid) (our arena if engine eid shares it, else None).
+    registry: what the route needs of the client's registry: _arena_for(eid)
+    (our arena if engine eid shares it, else None), _bulk_endpoint(eid) (the
+    bulk server of engine eid's node, or None) and arena (the client's).
     A weak proxy, so that the client and its routes make no cycle.
     alive(pid): whether process pid runs.
     """
@@ -206,9 +207,11 @@ class ControllerRoute(Route):
 
     # ---- the Route interface ---------------------------------------------------
 
-    def submit(self, ar, group, meta, s, obj):
+    def submit(self, ar, group, meta, s, obj, token=0):
         """Sends one task (s, the Serialized of obj) to the engines of group
-        for ar, as one message; or, if the controller is gone, fails them."""
+        for ar, as one message; or, if the controller is gone, fails them.
+        token: the bulk token (BulkSender.result_token) that lets the
+        agents of group send large results on our bulk connections; 0: none."""
         if self.dead is not None:
             if ar.msg_id is None:
                 ar.msg_id = next(self.ids)
@@ -217,11 +220,15 @@ class ControllerRoute(Route):
             return ()
         m = request(meta, s)
         frames = [struct.pack(f"<{len(group)}I", *group), json.dumps(m).encode(), s.payload]
-        mid = self.sock.send(_core.MSG_TASK, frames, s.frames)
+        if token:  # the bulk info without a transfer: the block's frames follow it
+            frames.insert(1, struct.pack("<QQ", 0, token))
+            mid = self.sock.send(_core.MSG_TASK, frames, s.frames, flags=_core.TASK_BULK)
+        else:
+            mid = self.sock.send(_core.MSG_TASK, frames, s.frames)
         self._sent(ar, mid, group, meta, s, obj)
         return ()
 
-    def submit_bulk(self, ar, group, meta, s, obj, endpoints):
+    def submit_bulk(self, ar, group, meta, s, obj, endpoints, token=0):
         """Sends one task to the engines of group (on the nodes whose bulk
         servers are endpoints, in node order) by the bulk path: its message
         block as one transfer along the chain of those agents, then the
@@ -235,7 +242,7 @@ class ControllerRoute(Route):
         tid = self.bulk.send(endpoints, parts)
         if tid is None:
             return False
-        frames = [struct.pack(f"<{len(group)}I", *group), struct.pack("<QQ", tid, 0)]
+        frames = [struct.pack(f"<{len(group)}I", *group), struct.pack("<QQ", tid, token)]
         mid = self.sock.send(_core.MSG_TASK, frames, flags=_core.TASK_BULK)
         self._sent(ar, mid, group, meta, s, obj)
         return True
@@ -321,6 +328,16 @@ class ControllerRoute(Route):
                 ar._refused(ar._mids.get(hdr["reply_to"], ()), text)
             elif hdr["type"] == _core.MSG_RESULT:
                 ar = self.pending.get(hdr["reply_to"])
+                if hdr["flags"] & _core.RESULT_BULK:
+                    payload, buffers = self._bulk_result(hdr, payload)
+                    if payload is None:  # its connection broke: the part fails, saying so
+                        if ar is not None and hdr["sender"] not in ar._results:
+                            self.parts -= 1
+                            ar._fail(hdr["sender"], buffers)
+                            if ar._zmq_done():
+                                for mid in ar._mids:
+                                    self.pending.pop(mid, None)
+                        return True
                 # A part that has ended already (failed when its node was
                 # lost, which then came back) ends once: its late result is dropped.
                 if ar is not None and hdr["sender"] not in ar._results and \
@@ -339,6 +356,27 @@ class ControllerRoute(Route):
             else:
                 self.replies[hdr["reply_to"]] = (hdr, payload)
             return True
+
+    def _bulk_result(self, hdr, payload):
+        """A RESULT flagged RESULT_BULK: its reply block comes on our bulk
+        connection to the engine's node. Receives it (it must be taken even
+        when nobody waits for it: the agent's next results come behind it)
+        and returns its (payload, buffers) frames; or (None, EngineError)
+        when it cannot come. Called with the lock held."""
+        engine = hdr["sender"]
+        if len(payload) != 1 or len(payload[0]) != 16:
+            return None, EngineError(f"engine {engine}'s result came flagged as on the bulk channel, without its "
+                                     f"16-byte info frame", engine, hdr["task_id"])
+        tid, total = struct.unpack("<QQ", payload[0])
+        ep = self.registry._bulk_endpoint(engine)
+        try:
+            if ep is None:
+                raise ConnectionError("its node has no bulk server in the registry")
+            block = self.bulk.receive(ep, tid, total, self.registry.arena)
+            return _core.unpack_frames(memoryview(block)[:total])
+        except (ConnectionError, ValueError) as e:
+            return None, EngineError(f"engine {engine}'s result of task {hdr['task_id']} ({total} bytes) was to "
+                                     f"come over the bulk channel, and cannot: {e}", engine, hdr["task_id"])
 
     def _resend_by_value(self, ar, hdr, payload):
         """If this reply says that a memmap's file is not the same file on
