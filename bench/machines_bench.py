@@ -84,6 +84,7 @@ def wait_file(host, path, timeout=60):
 class Shoal:
     name = "shoal"
     conn = "/tmp/shoal/profile_default/connection.json"
+    start_args = ()  # Curve: on, the default beyond loopback
 
     def __init__(self, topo, engines):
         self.topo, self.engines = topo, engines
@@ -95,7 +96,7 @@ class Shoal:
 
     def start(self):
         h0 = self.topo[0]
-        self.shoal(h0, "start", "-n", str(self.engines), "--ip", h0.addr, "--daemonize")
+        self.shoal(h0, "start", "-n", str(self.engines), "--ip", h0.addr, "--daemonize", *self.start_args)
         text = wait_file(h0, self.conn)
         for h in list(self.topo)[1:]:
             put_file(h, "/tmp/cluster.json", text)
@@ -104,6 +105,13 @@ class Shoal:
 
     def stop(self):
         self.topo[0].run([PY, "-m", "shoal", "stop"], env=env(), capture_output=True, timeout=180)
+
+
+class ShoalPlain(Shoal):
+    """shoal without encryption (--no-curve): what Curve and the bulk
+    channel's AES-256-GCM cost, beside the default."""
+    name = "shoal-plain"
+    start_args = ("--no-curve",)
 
 
 class IPyParallel:
@@ -141,7 +149,7 @@ class IPyParallel:
         shutil.rmtree(self.topo[0].path("/tmp/ipp"), ignore_errors=True)
 
 
-SYSTEMS = {"shoal": Shoal, "ipyparallel": IPyParallel}
+SYSTEMS = {"shoal": Shoal, "shoal-plain": ShoalPlain, "ipyparallel": IPyParallel}
 
 
 # ---- the cases --------------------------------------------------------------------
@@ -162,7 +170,7 @@ def run_system(topo, cls, engines, cases, shape, out):
     total = engines * len(topo)
     try:
         system.start()
-        drv = topo[0].popen([PY, DRIVER, cls.name, cls.conn, str(total)], env=env(), stdin=subprocess.PIPE,
+        drv = topo[0].popen([PY, DRIVER, cls.name.split("-")[0], cls.conn, str(total)], env=env(), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
         hello = reply(drv)
         if not hello.get("ready"):
@@ -237,6 +245,7 @@ def main():
     p.add_argument("--systems", default="shoal,ipyparallel")
     p.add_argument("--cases", default="rtt,lbmap,pull,push,scatter_gather")
     p.add_argument("--json", default=None)
+    p.add_argument("--png", default=None, help="draw the push, pull and scatter+gather times here (matplotlib)")
     args = p.parse_args()
     ok, why = hosts.available()
     if not ok:
@@ -256,6 +265,61 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    ratios(out)
+    if args.png:
+        plot(out, args.png)
+
+
+def ratios(out):
+    """One line per case and link: each system's time over shoal's (and, for
+    the bulk cases, shoal's over one plain TCP send of the same link)."""
+    for shape in dict.fromkeys(r["shape"] for r in out):
+        rows = [r for r in out if r["shape"] == shape and "error" not in r]
+        tcp = next((r for r in rows if r["system"] == "tcp"), None)
+        for case in dict.fromkeys(r["case"] for r in rows if r["system"] != "tcp"):
+            by = {r["system"]: r for r in rows if r["case"] == case}
+            key = "p50_us" if case == "rtt" else "seconds"
+            if "shoal" not in by:
+                continue
+            line = {"ratio": case, "shape": shape}
+            for name, r in by.items():
+                if name != "shoal":
+                    line[f"{name}_over_shoal"] = r[key] / by["shoal"][key]
+            if tcp and case in ("push", "pull") and by["shoal"].get("bytes"):
+                one_link = tcp["seconds"] * by["shoal"]["bytes"] / tcp["bytes"]
+                line["shoal_over_one_tcp_send"] = by["shoal"][key] / one_link
+            show(line)
+
+
+def plot(out, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = ["push", "pull", "scatter_gather"]
+    shapes = list(dict.fromkeys(r["shape"] for r in out))
+    names = list(dict.fromkeys(r["system"] for r in out if r["system"] != "tcp"))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        width = 0.8 / (len(names) + 1)
+        for k, name in enumerate(names + ["tcp"]):
+            ys = []
+            for case in cases:
+                r = next((r for r in out if r["shape"] == shape and r["system"] == name
+                          and r["case"] == (case if name != "tcp" else "tcp") and "error" not in r), None)
+                if r is not None and name == "tcp":  # one TCP send of the case's bytes over one link
+                    size = next((x["bytes"] for x in out if x["case"] == case and x.get("bytes")), r["bytes"])
+                    ys.append(r["seconds"] * size / r["bytes"])
+                else:
+                    ys.append(r["seconds"] if r else 0)
+            ax.bar([i + k * width for i in range(len(cases))], ys, width,
+                   label="one TCP send (the link)" if name == "tcp" else name)
+        ax.set_xticks([i + width * len(names) / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases)
+        ax.set_ylabel("seconds")
+        ax.set_title(f"4 hosts x 2 engines, links {'unshaped' if shape == 'none' else shape}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -9,5 +9,5 @@ cd "$root"
 . bench/venv.sh
 {
   echo "# $(uname -r), $(nproc) cores, $(grep MemTotal /proc/meminfo | tr -s ' ')"
-  .venv-bench/bin/python bench/machines_bench.py --json "bench/results/machines-$stamp.json" "$@"
+  .venv-bench/bin/python bench/machines_bench.py --json "bench/results/machines-$stamp.json" --png "bench/results/machines-$stamp.png" "$@"
 } | tee "bench/results/machines-$stamp.txt"
