@@ -23,7 +23,11 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <sys/uio.h>
 
 /* Hello offsets (docs/xfer.md). */
@@ -863,7 +867,15 @@ static void forward(shoal_xfer_route *routes, size_t n, uint8_t type, uint64_t i
                 continue;
             }
         }
-        routes[i].status = send_record(routes[i].conn, type, 0, id, offset, p, l);
+        int rc = send_record(routes[i].conn, type, 0, id, offset, p, l);
+        /* A record refused here without breaking the connection (over the
+         * peer's record limit, no memory for sealing) leaves the next hop
+         * mid-transfer: end the transfer there, rather than leave it
+         * waiting for its idle bound (after a broken connection this sends
+         * nothing, and the next hop sees the connection end). */
+        if (rc < 0 && type != SHOAL_XFER_BEGIN)
+            (void)send_record(routes[i].conn, SHOAL_XFER_ABORT, 0, id, 0, NULL, 0);
+        routes[i].status = rc;
     }
 }
 
@@ -1013,4 +1025,67 @@ const char *shoal_xfer_strerror(int rc)
     default:
         return rc < 0 ? strerror(-rc) : "not an error";
     }
+}
+
+/* ---- endpoints ---------------------------------------------------------------- */
+
+int shoal_xfer_endpoint_split(const char *ep, char *host, size_t hlen, char *port, size_t plen)
+{
+    if (strncmp(ep, "tcp://", 6) != 0)
+        return -EINVAL;
+    ep += 6;
+    const char *colon = strrchr(ep, ':');
+    if (!colon || colon == ep)
+        return -EINVAL;
+    const char *h = ep, *he = colon;
+    if (*h == '[' && he[-1] == ']')
+        h++, he--;
+    if ((size_t)(he - h) >= hlen || strlen(colon + 1) >= plen || !colon[1])
+        return -EINVAL;
+    memcpy(host, h, (size_t)(he - h));
+    host[he - h] = '\0';
+    strcpy(port, colon + 1);
+    return 0;
+}
+
+int shoal_xfer_connect(const char *ep, int timeout_ms)
+{
+    char host[256], port[16];
+    if (shoal_xfer_endpoint_split(ep, host, sizeof host, port, sizeof port) < 0)
+        return -EINVAL;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
+    if (getaddrinfo(host, port, &hints, &ai) != 0)
+        return -EHOSTUNREACH;
+    int rc;
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        rc = -errno;
+        goto out;
+    }
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        if (errno != EINPROGRESS) {
+            rc = -errno;
+            goto fail;
+        }
+        struct pollfd p = {fd, POLLOUT, 0};
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (poll(&p, 1, timeout_ms) != 1) {
+            rc = -ETIMEDOUT;
+            goto fail;
+        }
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) {
+            rc = -(err ? err : errno);
+            goto fail;
+        }
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    freeaddrinfo(ai);
+    return fd;
+fail:
+    close(fd);
+out:
+    freeaddrinfo(ai);
+    return rc;
 }

@@ -110,26 +110,6 @@ struct rx {
 
 /* ---- addresses ------------------------------------------------------------------- */
 
-/* Splits "tcp://HOST:PORT" (HOST may be [v6]) into host and port. */
-static int split_endpoint(const char *ep, char *host, size_t hlen, char *port, size_t plen)
-{
-    if (strncmp(ep, "tcp://", 6) != 0)
-        return -EINVAL;
-    ep += 6;
-    const char *colon = strrchr(ep, ':');
-    if (!colon || colon == ep)
-        return -EINVAL;
-    const char *h = ep, *he = colon;
-    if (*h == '[' && he[-1] == ']')
-        h++, he--;
-    if ((size_t)(he - h) >= hlen || strlen(colon + 1) >= plen || !colon[1])
-        return -EINVAL;
-    memcpy(host, h, (size_t)(he - h));
-    host[he - h] = '\0';
-    strcpy(port, colon + 1);
-    return 0;
-}
-
 static void format_endpoint(const struct sockaddr *sa, char *out, size_t len)
 {
     char ip[INET6_ADDRSTRLEN] = "?";
@@ -147,7 +127,7 @@ static void format_endpoint(const struct sockaddr *sa, char *out, size_t len)
 static int resolve(const char *ep, int socktype, struct addrinfo **out)
 {
     char host[256], port[16];
-    if (split_endpoint(ep, host, sizeof host, port, sizeof port) < 0)
+    if (shoal_xfer_endpoint_split(ep, host, sizeof host, port, sizeof port) < 0)
         return -EINVAL;
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = socktype};
     return getaddrinfo(host, port, &hints, out) == 0 ? 0 : -EHOSTUNREACH;
@@ -170,46 +150,6 @@ static int local_addr_for(const char *ep, struct sockaddr_storage *ss, socklen_t
         rc = -errno;
     if (fd >= 0)
         close(fd);
-    freeaddrinfo(ai);
-    return rc;
-}
-
-/* A TCP connection to ep within CONNECT_TIMEOUT_MS; the fd, or -errno. */
-static int connect_to(const char *ep)
-{
-    struct addrinfo *ai;
-    int rc = resolve(ep, SOCK_STREAM, &ai);
-    if (rc < 0)
-        return rc;
-    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) {
-        rc = -errno;
-        goto out;
-    }
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-        if (errno != EINPROGRESS) {
-            rc = -errno;
-            goto fail;
-        }
-        struct pollfd p = {fd, POLLOUT, 0};
-        int err = 0;
-        socklen_t el = sizeof err;
-        if (poll(&p, 1, CONNECT_TIMEOUT_MS) != 1) {
-            rc = -ETIMEDOUT;
-            goto fail;
-        }
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) {
-            rc = -(err ? err : errno);
-            goto fail;
-        }
-    }
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    freeaddrinfo(ai);
-    return fd;
-fail:
-    close(fd);
-out:
     freeaddrinfo(ai);
     return rc;
 }
@@ -276,7 +216,7 @@ static struct hop *hop_for(struct conn *c, const char *ep)
         i = 0; /* full: the oldest goes */
         hop_drop(&c->hops[0]);
     }
-    int fd = connect_to(ep);
+    int fd = shoal_xfer_connect(ep, CONNECT_TIMEOUT_MS);
     if (fd < 0)
         return NULL;
     shoal_xfer *x;

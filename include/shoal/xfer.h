@@ -299,6 +299,23 @@ typedef int (*shoal_xfer_accept_fn)(void *ctx, const shoal_xfer_begin *b, shoal_
 int shoal_xfer_recv_buffer(shoal_xfer *c, const shoal_xfer_hdr *begin, int timeout_ms,
                            shoal_xfer_accept_fn accept, void *ctx, shoal_xfer_begin *info);
 
+/*
+ * Splits "tcp://HOST:PORT" (HOST may be a bracketed IPv6 address) into host
+ * and port, NUL-terminated, within hlen and plen bytes. Returns 0, or
+ * -EINVAL for anything else (no scheme, no port, too long). Thread-safe.
+ */
+int shoal_xfer_endpoint_split(const char *ep, char *host, size_t hlen, char *port, size_t plen);
+
+/*
+ * Connects a TCP socket to ep ("tcp://HOST:PORT"), waiting up to
+ * timeout_ms for the connection, with TCP_NODELAY set. Returns the fd
+ * (close-on-exec and non-blocking; the caller owns it: shoal_xfer_open
+ * takes it as it is), or -EINVAL (not such an endpoint), -EHOSTUNREACH
+ * (the host does not resolve), -ETIMEDOUT, or the errno of socket or
+ * connect (-ECONNREFUSED...). Thread-safe.
+ */
+int shoal_xfer_connect(const char *ep, int timeout_ms);
+
 /* A short English name for an error these functions return. */
 const char *shoal_xfer_strerror(int rc);
 

@@ -45,60 +45,6 @@ static PyObject *raise_on(BulkObject *self, int neg, const char *what)
     return shoal__raise_oserror(-neg, what, reason);
 }
 
-/* A TCP connection to "tcp://HOST:PORT" within timeout_ms: the fd or -errno. */
-static int connect_endpoint(const char *ep, int timeout_ms)
-{
-    char host[256], port[16];
-    if (strncmp(ep, "tcp://", 6) != 0)
-        return -EINVAL;
-    ep += 6;
-    const char *colon = strrchr(ep, ':');
-    if (!colon)
-        return -EINVAL;
-    const char *h = ep, *he = colon;
-    if (*h == '[' && he > h && he[-1] == ']')
-        h++, he--;
-    if ((size_t)(he - h) >= sizeof host || strlen(colon + 1) >= sizeof port)
-        return -EINVAL;
-    memcpy(host, h, (size_t)(he - h));
-    host[he - h] = '\0';
-    strcpy(port, colon + 1);
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
-    if (getaddrinfo(host, port, &hints, &ai) != 0)
-        return -EHOSTUNREACH;
-    int rc, fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0) {
-        rc = -errno;
-        goto out;
-    }
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-        if (errno != EINPROGRESS) {
-            rc = -errno;
-            goto fail;
-        }
-        struct pollfd p = {fd, POLLOUT, 0};
-        int err = 0;
-        socklen_t el = sizeof err;
-        if (poll(&p, 1, timeout_ms) != 1) {
-            rc = -ETIMEDOUT;
-            goto fail;
-        }
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0 || err) {
-            rc = -(err ? err : errno);
-            goto fail;
-        }
-    }
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    freeaddrinfo(ai);
-    return fd;
-fail:
-    close(fd);
-out:
-    freeaddrinfo(ai);
-    return rc;
-}
-
 static int bulk_init(BulkObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"endpoint", "key", "encrypt", "timeout_ms", "idle_ms", NULL};
@@ -116,7 +62,7 @@ static int bulk_init(BulkObject *self, PyObject *args, PyObject *kw)
     int fd, rc;
     shoal_xfer *x = NULL;
     Py_BEGIN_ALLOW_THREADS
-    fd = connect_endpoint(ep, timeout_ms);
+    fd = shoal_xfer_connect(ep, timeout_ms);
     rc = fd < 0 ? fd : shoal_xfer_open(fd, SHOAL_XFER_CLIENT, key.buf, encrypt ? SHOAL_XFER_ENCRYPT : 0,
                                        timeout_ms, &x);
     Py_END_ALLOW_THREADS

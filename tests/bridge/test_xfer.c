@@ -1636,3 +1636,39 @@ Test(xfer, header_decoder_checks)
     }
     cr_assert_str_neq(shoal_xfer_strerror(-EACCES), shoal_xfer_strerror(-EPROTO));
 }
+
+Test(xfer, endpoints_split_and_refuse)
+{
+    char host[64], port[8];
+    cr_assert_eq(shoal_xfer_endpoint_split("tcp://10.0.0.1:5555", host, sizeof host, port, sizeof port), 0);
+    cr_assert_str_eq(host, "10.0.0.1");
+    cr_assert_str_eq(port, "5555");
+    cr_assert_eq(shoal_xfer_endpoint_split("tcp://[::1]:80", host, sizeof host, port, sizeof port), 0);
+    cr_assert_str_eq(host, "::1");
+    cr_assert_str_eq(port, "80");
+    const char *bad[] = {"10.0.0.1:5555", "udp://10.0.0.1:1", "tcp://10.0.0.1", "tcp://:80", "tcp://h:",
+                         "tcp://h:123456789"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        cr_assert_eq(shoal_xfer_endpoint_split(bad[i], host, sizeof host, port, sizeof port), -EINVAL, "%s", bad[i]);
+    char tiny[4];
+    cr_assert_eq(shoal_xfer_endpoint_split("tcp://10.0.0.1:1", tiny, sizeof tiny, port, sizeof port), -EINVAL);
+}
+
+Test(xfer, connect_reaches_a_listener_and_says_why_not)
+{
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    cr_assert_eq(bind(l, (struct sockaddr *)&a, sizeof a), 0);
+    cr_assert_eq(listen(l, 1), 0);
+    socklen_t al = sizeof a;
+    getsockname(l, (struct sockaddr *)&a, &al);
+    char ep[64];
+    snprintf(ep, sizeof ep, "tcp://127.0.0.1:%u", (unsigned)ntohs(a.sin_port));
+    int fd = shoal_xfer_connect(ep, 2000);
+    cr_assert_geq(fd, 0, "%s", strerror(-fd));
+    close(fd);
+    close(l); /* nobody listens there now */
+    cr_assert_eq(shoal_xfer_connect(ep, 2000), -ECONNREFUSED);
+    cr_assert_eq(shoal_xfer_connect("127.0.0.1:1", 2000), -EINVAL);
+    cr_assert_eq(shoal_xfer_connect("tcp://no-such-host.invalid:1", 2000), -EHOSTUNREACH);
+}
