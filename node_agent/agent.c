@@ -555,6 +555,13 @@ static void on_controller_msg(struct agent *a, shoal_wire_msg *m)
                     a->last_register_ns = now_ns();
                     send_register(a);
                 }
+            } else if (m->hdr.reply_to && m->hdr.reply_to == a->register_msg && a->node < 0) {
+                /* Refused, not lost (a stamp outside the controller's window,
+                 * too many nodes): waiting would leave the engines of a node
+                 * that never serves. */
+                logf_("the controller refused to register this node: %.*s", (int)f.len, (const char *)f.data);
+                a->exit_code = 1;
+                a->running = 0;
             } else {
                 logf_("the controller says: %.*s", (int)f.len, (const char *)f.data);
             }
