@@ -27,7 +27,11 @@ def cluster(tmp_path_factory, request):
     """A controller and a node agent with three engines, for one test module."""
     root = tmp_path_factory.mktemp(request.module.__name__)
     ctl = Controller(root / "home", heartbeat_ms=500)
-    agent = Agent(ctl, root / "run", engines=3)
+    try:
+        agent = Agent(ctl, root / "run", engines=3)
+    except BaseException:  # not left running when the fixture fails
+        ctl.stop()
+        raise
     yield ctl, agent
     agent.stop()
     ctl.stop()

@@ -80,6 +80,13 @@ class Agent:
                                           str(engines), "--arena-size", str(arena_size), *extra], env=e,
                                          stderr=log, preexec_fn=preexec_fn)
         self.client = ctl.socket()
+        try:
+            self._wait_registered(ctl, engines)
+        except BaseException:  # the agent and its engines must not outlive a failed start
+            self.stop(signal.SIGKILL, timeout=5)
+            raise
+
+    def _wait_registered(self, ctl, engines):
         deadline = time.monotonic() + 10
         while True:
             assert self.proc.poll() is None, self.log.read_text()
