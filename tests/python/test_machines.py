@@ -67,6 +67,21 @@ def client(host, body, timeout=120, **names):
     return json.loads(lines[-1][3:])
 
 
+def client_submitted(host, body, **names):
+    """Runs client(host, body) in a thread, and returns (thread, result: the
+    dict its out fills) once body has written /tmp/submitted on host (its
+    tasks are in flight): the test then breaks something under them."""
+    host.path("/tmp/submitted").unlink(missing_ok=True)
+    result = {}
+    th = threading.Thread(target=lambda: result.update(client(host, body, **names)))
+    th.start()
+    deadline = time.monotonic() + 30
+    while not host.path("/tmp/submitted").exists():
+        assert th.is_alive() and time.monotonic() < deadline, f"the client on {host.name} did not submit"
+        time.sleep(0.02)
+    return th, result
+
+
 def registry(host):
     return client(host, "out = rc._control(ipp._core.MSG_REGISTER)")
 
@@ -187,14 +202,8 @@ def test_a_short_link_drop_loses_nothing(cluster):
         rs = [rc[targets].apply_async(lambda x: x + 1, i) for i in range(20)]
         out = {"first": ar.get(timeout=60), "rest": [r.get(timeout=60) for r in rs]}
     """
-    for f in ("/tmp/submitted", "/tmp/down"):
-        topo[0].path(f).unlink(missing_ok=True)
-    result = {}
-    th = threading.Thread(target=lambda: result.update(client(topo[0], code, targets=targets)))
-    th.start()
-    deadline = time.monotonic() + 30
-    while not topo[0].path("/tmp/submitted").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    topo[0].path("/tmp/down").unlink(missing_ok=True)
+    th, result = client_submitted(topo[0], code, targets=targets)
     h2.link_down()
     try:
         topo[0].path("/tmp/down").touch()
@@ -227,13 +236,7 @@ def test_losing_a_host_fails_its_tasks_and_it_can_join_again(cluster):
         rest = rc[others].apply_sync(lambda: 7)
         out = {"err": err, "waited": waited, "rest": rest}
     """
-    result = {}
-    topo[0].path("/tmp/submitted").unlink(missing_ok=True)
-    th = threading.Thread(target=lambda: result.update(client(topo[0], code, targets=targets, others=others)))
-    th.start()
-    deadline = time.monotonic() + 30
-    while not topo[0].path("/tmp/submitted").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    th, result = client_submitted(topo[0], code, targets=targets, others=others)
     os.kill(node["pid"], signal.SIGKILL)
     th.join(120)
     assert result["err"] and f"lost with its node {node['id']} (host {h2.hostname}" in result["err"], result
@@ -274,13 +277,7 @@ def test_a_long_link_drop_fails_its_tasks_then_the_host_comes_back(cluster):
             err = str(e)
         out = {"err": err}
     """
-    result = {}
-    topo[0].path("/tmp/submitted").unlink(missing_ok=True)
-    th = threading.Thread(target=lambda: result.update(client(topo[0], code, targets=targets)))
-    th.start()
-    deadline = time.monotonic() + 30
-    while not topo[0].path("/tmp/submitted").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    th, result = client_submitted(topo[0], code, targets=targets)
     h1.link_down()
     try:
         th.join(60)
