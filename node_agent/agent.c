@@ -168,7 +168,9 @@ struct kept_lane {
  * arrived (or failed) before its TASK waits in arrivals; a TASK whose
  * transfer has not arrived waits in parked. Either is given up after
  * bulk_wait_ms: an arrival's block is released, a parked task's targets
- * fail with an error that says why.
+ * fail with an error that says why. Tasks run in the order they came: a
+ * TASK for an engine that a parked task is for waits in parked behind it
+ * (ready, its block with it), even one that needs no transfer.
  */
 struct arrival {
     shoal_bulk_arrival a;
@@ -176,10 +178,15 @@ struct arrival {
 };
 
 struct parked {
-    uint64_t task_id, xfer_id, token;
+    uint64_t task_id, xfer_id, token; /* xfer_id 0: its block came with its TASK */
     uint32_t *targets;
     uint32_t nt;
     int64_t at_ns;
+    int ready;      /* its block is here (h, or status says why there is none) */
+    int status;     /* 0, or the transfer failed: why */
+    int aborted;    /* the controller aborted it while it waited */
+    shoal_handle h; /* its message block, our reference, once ready and status == 0 */
+    char why[sizeof(((shoal_bulk_arrival *)0)->why)];
 };
 
 struct agent;
@@ -1634,22 +1641,78 @@ static int take_arrival(struct agent *a, uint64_t xid, shoal_bulk_arrival *out)
     return 0;
 }
 
-/* A TASK with the bulk flag: its block is transfer xid's, there or to come. */
-static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, uint64_t xid,
-                            uint64_t token)
+/* Whether any of the nt engines at t is one a parked task is for. */
+static int behind_parked(struct agent *a, const uint8_t *t, uint32_t nt)
 {
-    shoal_bulk_arrival arr;
-    if (take_arrival(a, xid, &arr)) {
-        if (arr.status == 0)
-            dispatch_task(a, task_id, t, nt, arr.h, 0, token);
-        else
-            fail_bulk_task(a, task_id, t, nt, arr.why);
-        return;
+    for (size_t k = 0; k < a->nparked; k++)
+        for (uint32_t i = 0; i < nt; i++) {
+            uint32_t id;
+            memcpy(&id, t + 4 * i, 4);
+            for (uint32_t j = 0; j < a->parked[k].nt; j++)
+                if (a->parked[k].targets[j] == id)
+                    return 1;
+        }
+    return 0;
+}
+
+/* Marks the message block h aborted: docs/engine.md, "Message blocks". */
+static void mark_aborted(struct agent *a, shoal_handle h)
+{
+    uint8_t *p;
+    if (h.length >= 16 && shoal_arena_ptr(a->arena, h, (void **)&p) == 0) {
+        _Atomic uint32_t *flags = (_Atomic uint32_t *)(p + 12);
+        atomic_fetch_or_explicit(flags, MSG_ABORTED, memory_order_release);
     }
-    if (!a->bulk) {
-        fail_bulk_task(a, task_id, t, nt, "this node's agent has no bulk server");
-        return;
+}
+
+/*
+ * Gives each parked task whose block is here to its engines, in the order
+ * they came, unless a task before it that is still waiting shares one of
+ * its engines. Takes the transfers that arrived for parked tasks.
+ */
+static void release_parked(struct agent *a)
+{
+    size_t keep = 0;
+    for (size_t k = 0; k < a->nparked; k++) {
+        struct parked *p = &a->parked[k];
+        shoal_bulk_arrival arr;
+        if (!p->ready && take_arrival(a, p->xfer_id, &arr)) {
+            p->ready = 1;
+            p->status = arr.status;
+            p->h = arr.h;
+            snprintf(p->why, sizeof p->why, "%s", arr.why);
+        }
+        /* The ones kept so far (a->parked[0..keep)) are waiting, or behind one that is. */
+        int held = !p->ready;
+        for (size_t w = 0; w < keep && !held; w++)
+            for (uint32_t i = 0; i < p->nt && !held; i++)
+                for (uint32_t j = 0; j < a->parked[w].nt && !held; j++)
+                    held = a->parked[w].targets[j] == p->targets[i];
+        if (held) {
+            a->parked[keep++] = *p;
+            continue;
+        }
+        if (p->status == 0) {
+            if (p->aborted)
+                mark_aborted(a, p->h);
+            dispatch_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->h, 0, p->token);
+        } else {
+            fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->why);
+        }
+        free(p->targets);
     }
+    a->nparked = keep;
+}
+
+/*
+ * Parks task_id (nt engine ids at t): its block is transfer xid's, to come
+ * (xid != 0), or h, here (rc < 0: none, the arena had no room), held
+ * behind a parked task for one of its engines. Takes over our reference
+ * to h.
+ */
+static void park_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, uint64_t xid,
+                      shoal_handle h, int rc, uint64_t token)
+{
     uint32_t *copy = malloc(nt ? (size_t)nt * 4 : 1);
     if (a->nparked == a->capparked && copy) {
         size_t cap = a->capparked ? 2 * a->capparked : 16;
@@ -1661,11 +1724,29 @@ static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t,
     }
     if (!copy || a->nparked == a->capparked) {
         free(copy);
+        if (!xid && rc == 0)
+            shoal_arena_release(a->arena, h);
         fail_bulk_task(a, task_id, t, nt, "its agent ran out of memory to wait for it");
         return;
     }
     memcpy(copy, t, (size_t)nt * 4);
-    a->parked[a->nparked++] = (struct parked){task_id, xid, token, copy, nt, now_ns()};
+    struct parked *p = &a->parked[a->nparked++];
+    *p = (struct parked){.task_id = task_id, .xfer_id = xid, .token = token, .targets = copy, .nt = nt,
+                         .at_ns = now_ns(), .ready = !xid, .status = rc, .h = h};
+    if (!xid && rc < 0)
+        snprintf(p->why, sizeof p->why, "its agent could not get arena memory for it");
+    release_parked(a);
+}
+
+/* A TASK with the bulk flag: its block is transfer xid's, there or to come. */
+static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, uint64_t xid,
+                            uint64_t token)
+{
+    if (!a->bulk) {
+        fail_bulk_task(a, task_id, t, nt, "this node's agent has no bulk server");
+        return;
+    }
+    park_task(a, task_id, t, nt, xid, (shoal_handle){0, 0, 0}, 0, token);
 }
 
 /* A TASK from the controller: payload 0 lists the target engines (ours). */
@@ -1701,7 +1782,10 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
     shoal_handle h;
     int rc = pack_frames(a, f, n, (uint32_t)m->hdr.n_payload - first, &h);
     free(f);
-    dispatch_task(a, m->hdr.task_id, tf.data, nt, h, rc, token);
+    if (a->nparked && behind_parked(a, tf.data, nt))
+        park_task(a, m->hdr.task_id, tf.data, nt, 0, h, rc, token);
+    else
+        dispatch_task(a, m->hdr.task_id, tf.data, nt, h, rc, token);
 }
 
 /* The bulk server's eventfd: transfers ended. Each goes to the task that
@@ -1718,19 +1802,6 @@ static void on_bulk(shoal_loop *l, int fd, uint32_t events, void *arg)
     size_t n;
     while ((n = shoal__bulk_take(a->bulk, got, 16)) > 0)
         for (size_t i = 0; i < n; i++) {
-            size_t k = 0;
-            while (k < a->nparked && a->parked[k].xfer_id != got[i].id)
-                k++;
-            if (k < a->nparked) {
-                struct parked p = a->parked[k];
-                a->parked[k] = a->parked[--a->nparked];
-                if (got[i].status == 0)
-                    dispatch_task(a, p.task_id, (const uint8_t *)p.targets, p.nt, got[i].h, 0, p.token);
-                else
-                    fail_bulk_task(a, p.task_id, (const uint8_t *)p.targets, p.nt, got[i].why);
-                free(p.targets);
-                continue;
-            }
             if (a->narrivals == a->caparrivals) {
                 size_t cap = a->caparrivals ? 2 * a->caparrivals : 16;
                 struct arrival *ar = realloc(a->arrivals, cap * sizeof *ar);
@@ -1744,16 +1815,19 @@ static void on_bulk(shoal_loop *l, int fd, uint32_t events, void *arg)
             }
             a->arrivals[a->narrivals++] = (struct arrival){got[i], now_ns()};
         }
+    if (a->nparked)
+        release_parked(a);
 }
 
 /* Gives up what waited longer than bulk_wait_ms (all of it when stopping). */
 static void expire_bulk(struct agent *a, int all)
 {
     int64_t now = now_ns(), limit = a->bulk_wait_ms * 1000000;
-    for (size_t i = 0; i < a->nparked;) {
+    size_t keep = 0;
+    for (size_t i = 0; i < a->nparked; i++) {
         struct parked *p = &a->parked[i];
-        if (!all && now - p->at_ns <= limit) {
-            i++;
+        if (!all && (p->ready || now - p->at_ns <= limit)) {
+            a->parked[keep++] = *p;
             continue;
         }
         char why[160];
@@ -1762,10 +1836,14 @@ static void expire_bulk(struct agent *a, int all)
         else
             snprintf(why, sizeof why, "it did not come within %lld ms of the task (transfer %016llx)",
                      (long long)a->bulk_wait_ms, (unsigned long long)p->xfer_id);
+        if (p->ready && p->status == 0)
+            shoal_arena_release(a->arena, p->h);
         fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, why);
         free(p->targets);
-        *p = a->parked[--a->nparked];
     }
+    a->nparked = keep;
+    if (!all && keep)
+        release_parked(a); /* those behind the ones given up go now */
     for (size_t i = 0; i < a->narrivals;) {
         struct arrival *r = &a->arrivals[i];
         if (!all && now - r->at_ns <= limit) {
@@ -1832,17 +1910,17 @@ static int forward_result(struct agent *a, struct engine *e, const struct slot *
  * TaskAborted instead; one that has started it finishes it. */
 static void abort_task(struct agent *a, uint64_t task_id)
 {
+    for (size_t k = 0; k < a->nparked; k++)
+        if (a->parked[k].task_id == task_id) {
+            a->parked[k].aborted = 1; /* its block is marked when it goes to its engines */
+            return;
+        }
     for (int i = 0; i < a->nengines; i++) {
         struct engine *e = &a->engines[i];
         for (size_t k = 0; k < e->nout; k++) {
             if (e->out[k].task_id != task_id)
                 continue;
-            shoal_handle h = a->blks[e->out[k].blk].h;
-            uint8_t *p;
-            if (h.length >= 16 && shoal_arena_ptr(a->arena, h, (void **)&p) == 0) {
-                _Atomic uint32_t *flags = (_Atomic uint32_t *)(p + 12);
-                atomic_fetch_or_explicit(flags, MSG_ABORTED, memory_order_release);
-            }
+            mark_aborted(a, a->blks[e->out[k].blk].h);
             return; /* one block for all of the node's engines */
         }
     }

@@ -267,3 +267,34 @@ def test_killing_the_agent_while_a_result_is_in_flight_fails_it_clearly(cluster)
     th.join(120)
     assert result.get("err") and "bulk" in result["err"], result
     assert result["waited"] < tm.NODE_TIMEOUT_MS / 1000 + 5, result
+
+
+def test_a_task_after_a_bulk_push_waits_for_its_data(cluster):
+    """Tasks to an engine run in the order sent, across the two paths: a
+    push whose data still crosses the links (sent without waiting for it),
+    then at once a small task that uses it, on every engine. The push's
+    TASK waits at each agent for its data; the task after it waits behind
+    it, and does not run first (it did: the later hosts of the chain ran
+    it before the data came, and raised NameError)."""
+    topo = cluster
+    for h in topo:
+        h.shape("200mbit")
+    try:
+        out = client(topo[0], """
+            a = np.ones(3 * (1 << 20), dtype=np.float64)  # 24 MiB: 1 s a link at 200 Mbit/s
+            outs = []
+            for k in range(2):
+                pushed = rc[:].push({"ordered": a * k}, block=False)
+                sums = rc[:].apply_async(lambda: float(ordered.sum()))
+                outs.append(sums.get(timeout=120))
+                pushed.get(timeout=10)
+            rc[:].execute("del ordered", block=True)
+            out = {"sums": outs, "bulk": rc._routes.controller.bulk.sent,
+                   "hosts": len(set(rc[:].apply_sync(socket.gethostname)))}
+        """, timeout=240)
+    finally:
+        for h in topo:
+            h.unshape()
+    n, k = 3 * (1 << 20), len(out["sums"][0])  # engines: those the module's earlier tests left running
+    assert k >= 4 and out["hosts"] >= 2, out
+    assert out["sums"] == [[0.0] * k, [float(n)] * k], out
