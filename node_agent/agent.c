@@ -105,10 +105,23 @@ struct msgblk {
     int users; /* engines that have yet to answer */
 };
 
+/*
+ * Who sent a task, and so where its replies go: the controller (task 0;
+ * token: the client's bulk token from the TASK's info frame, where a large
+ * reply may go, 0: none), or a client straight on its bulk connection
+ * (docs/machines.md, "Direct tasks"; task: the client's id for it, token:
+ * that connection's).
+ */
+struct origin {
+    uint64_t token, task;
+};
+/* The task ids we give direct tasks: apart from the controller's. */
+#define DIRECT_TASK (1ull << 63)
+
 struct outstanding {
     uint64_t task_id;
     int blk;
-    uint64_t token; /* the client's bulk token (its TASK's info frame; 0: none): where a large reply may go */
+    struct origin o;
 };
 
 /*
@@ -178,7 +191,8 @@ struct arrival {
 };
 
 struct parked {
-    uint64_t task_id, xfer_id, token; /* xfer_id 0: its block came with its TASK */
+    uint64_t task_id, xfer_id; /* xfer_id 0: its block came with its TASK */
+    struct origin o;
     uint32_t *targets;
     uint32_t nt;
     int64_t at_ns;
@@ -262,6 +276,7 @@ struct agent {
     int64_t bulk_wait_ms;
     uint64_t bulk_threshold; /* reply bytes from which a result goes on the client's bulk connection */
     uint64_t next_xfer;      /* the last result transfer's id (made unique per agent start) */
+    uint64_t next_direct;    /* the last direct task's id (with DIRECT_TASK) */
     int restart;  /* start a new engine in place of one that dies */
     int stopping;
     int running;  /* the main loop goes on while set */
@@ -1246,19 +1261,63 @@ static int sq_push(struct engine *e, const struct slot *sl)
 }
 
 /* Sends the controller a RESULT that says engine e could not finish task_id. */
-static void send_engine_error(struct agent *a, struct engine *e, uint64_t task_id, const char *why)
+static int pack_frames(struct agent *a, const shoal_frame *f, uint32_t n, uint32_t npayload, shoal_handle *out);
+
+/* The id its sender knows task_id by (a direct task's is the client's). */
+static unsigned long long task_name(uint64_t task_id, struct origin o)
 {
-    char evalue[300];
-    snprintf(evalue, sizeof evalue, "engine %d (pid %d) %s while running task %llu", e->id, (int)e->pid, why,
-             (unsigned long long)task_id);
+    return (unsigned long long)(o.task ? o.task : task_id);
+}
+
+/*
+ * Ends engine id's part of task_id with an EngineError that says evalue,
+ * sent to whoever sent the task: the controller, or the client of a direct
+ * task on its connection (nowhere if that is gone: so is the client, or it
+ * fails the task when its connection broke).
+ */
+static void reply_error(struct agent *a, uint32_t id, uint64_t task_id, struct origin o, const char *evalue)
+{
     char meta[SHOAL_WIRE_ENGINE_ERROR_MAX];
-    int n = shoal_wire_engine_error_meta((uint32_t)e->id, evalue, meta, sizeof meta);
+    int n = shoal_wire_engine_error_meta(id, evalue, meta, sizeof meta);
     if (n < 0)
         return;
     shoal_frame f[2] = {{meta, (size_t)n}, {"", 0}};
+    if (o.task) {
+        shoal_handle h;
+        if (!a->bulk || pack_frames(a, f, 2, 2, &h) < 0) {
+            logf_("could not tell a client that its task %llu failed: %s", (unsigned long long)o.task, evalue);
+            return;
+        }
+        if (shoal__bulk_send_reply(a->bulk, o.token, ++a->next_xfer, o.task, id, SHOAL_MSG_RESULT, h,
+                                   16 + 16 + (uint64_t)n) < 0)
+            shoal_arena_release(a->arena, h);
+        return;
+    }
     shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++a->next_msg_id,
-                          .task_id = task_id, .sender = (uint32_t)e->id, .target = (uint32_t)e->id};
+                          .task_id = task_id, .sender = id, .target = id};
     ctl_send(a, &h, f, 2);
+}
+
+/* Who sent engine e's task task_id (one it has: the controller if none). */
+static struct origin origin_of(const struct engine *e, uint64_t task_id)
+{
+    for (size_t k = 0; k < e->nout; k++)
+        if (e->out[k].task_id == task_id)
+            return e->out[k].o;
+    return (struct origin){0, 0};
+}
+
+static void engine_error(struct agent *a, struct engine *e, uint64_t task_id, struct origin o, const char *why)
+{
+    char evalue[300];
+    snprintf(evalue, sizeof evalue, "engine %d (pid %d) %s while running task %llu", e->id, (int)e->pid, why,
+             task_name(task_id, o));
+    reply_error(a, (uint32_t)e->id, task_id, o, evalue);
+}
+
+static void send_engine_error(struct agent *a, struct engine *e, uint64_t task_id, const char *why)
+{
+    engine_error(a, e, task_id, origin_of(e, task_id), why);
 }
 
 static struct engine *engine_by_id(struct agent *a, uint32_t id)
@@ -1551,30 +1610,18 @@ static int pack_frames(struct agent *a, const shoal_frame *f, uint32_t n, uint32
     return 0;
 }
 
-/* Fails engine id's part of task_id with an EngineError that says evalue. */
-static void fail_part(struct agent *a, uint32_t id, uint64_t task_id, const char *evalue)
-{
-    char meta[SHOAL_WIRE_ENGINE_ERROR_MAX];
-    int n = shoal_wire_engine_error_meta(id, evalue, meta, sizeof meta);
-    if (n < 0)
-        return;
-    shoal_frame f[2] = {{meta, (size_t)n}, {"", 0}};
-    shoal_msg_header h = {.type = SHOAL_MSG_RESULT, .n_payload = 2, .msg_id = ++a->next_msg_id,
-                          .task_id = task_id, .sender = id, .target = id};
-    ctl_send(a, &h, f, 2);
-}
-
 /* Fails every target (nt ids of 4 bytes, little-endian, at t) of task_id:
  * its data did not come over the bulk channel, for the reason why. */
-static void fail_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, const char *why)
+static void fail_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, const char *why,
+                           struct origin o)
 {
     char evalue[320];
     snprintf(evalue, sizeof evalue, "the data of task %llu did not arrive over the bulk channel: %s",
-             (unsigned long long)task_id, why);
+             task_name(task_id, o), why);
     for (uint32_t i = 0; i < nt; i++) {
         uint32_t id;
         memcpy(&id, t + 4 * i, 4);
-        fail_part(a, id, task_id, evalue);
+        reply_error(a, id, task_id, o, evalue);
     }
     logf_("%s", evalue);
 }
@@ -1586,7 +1633,7 @@ static void fail_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t, 
  * Takes over our reference to h.
  */
 static void dispatch_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, shoal_handle h, int rc,
-                          uint64_t token)
+                          struct origin o)
 {
     int b = rc < 0 ? rc : blk_new(a, h, 0);
     if (rc == 0 && b < 0)
@@ -1597,30 +1644,30 @@ static void dispatch_task(struct agent *a, uint64_t task_id, const uint8_t *t, u
         struct engine *e = engine_by_id(a, id);
         if (!e || !e->ready) {
             struct engine gone = {.id = (int32_t)id, .pid = e ? e->pid : 0};
-            send_engine_error(a, &gone, task_id, "is not running");
+            engine_error(a, &gone, task_id, o, "is not running");
             continue;
         }
         if (b < 0) {
-            send_engine_error(a, e, task_id, "could not get arena memory for the task");
+            engine_error(a, e, task_id, o, "could not get arena memory for the task");
             continue;
         }
         if (e->nout == e->capout) {
             size_t cap = e->capout ? 2 * e->capout : 64;
-            struct outstanding *o = realloc(e->out, cap * sizeof *o);
-            if (!o) {
-                send_engine_error(a, e, task_id, "ran out of memory");
+            struct outstanding *grown = realloc(e->out, cap * sizeof *grown);
+            if (!grown) {
+                engine_error(a, e, task_id, o, "ran out of memory");
                 continue;
             }
-            e->out = o;
+            e->out = grown;
             e->capout = cap;
         }
         struct slot sl = {.task_id = task_id, .kind = KIND_TASK, .offset = h.offset, .length = h.length,
                           .generation = h.generation};
         if (sq_push(e, &sl) < 0) {
-            send_engine_error(a, e, task_id, "ran out of memory for its task queue");
+            engine_error(a, e, task_id, o, "ran out of memory for its task queue");
             continue;
         }
-        e->out[e->nout++] = (struct outstanding){task_id, b, token};
+        e->out[e->nout++] = (struct outstanding){task_id, b, o};
         a->blks[b].users++;
     }
     if (b >= 0 && a->blks[b].users == 0) {
@@ -1695,9 +1742,9 @@ static void release_parked(struct agent *a)
         if (p->status == 0) {
             if (p->aborted)
                 mark_aborted(a, p->h);
-            dispatch_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->h, 0, p->token);
+            dispatch_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->h, 0, p->o);
         } else {
-            fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->why);
+            fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->why, p->o);
         }
         free(p->targets);
     }
@@ -1711,7 +1758,7 @@ static void release_parked(struct agent *a)
  * to h.
  */
 static void park_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint32_t nt, uint64_t xid,
-                      shoal_handle h, int rc, uint64_t token)
+                      shoal_handle h, int rc, struct origin o)
 {
     uint32_t *copy = malloc(nt ? (size_t)nt * 4 : 1);
     if (a->nparked == a->capparked && copy) {
@@ -1726,12 +1773,12 @@ static void park_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint3
         free(copy);
         if (!xid && rc == 0)
             shoal_arena_release(a->arena, h);
-        fail_bulk_task(a, task_id, t, nt, "its agent ran out of memory to wait for it");
+        fail_bulk_task(a, task_id, t, nt, "its agent ran out of memory to wait for it", o);
         return;
     }
     memcpy(copy, t, (size_t)nt * 4);
     struct parked *p = &a->parked[a->nparked++];
-    *p = (struct parked){.task_id = task_id, .xfer_id = xid, .token = token, .targets = copy, .nt = nt,
+    *p = (struct parked){.task_id = task_id, .xfer_id = xid, .o = o, .targets = copy, .nt = nt,
                          .at_ns = now_ns(), .ready = !xid, .status = rc, .h = h};
     if (!xid && rc < 0)
         snprintf(p->why, sizeof p->why, "its agent could not get arena memory for it");
@@ -1743,10 +1790,10 @@ static void route_bulk_task(struct agent *a, uint64_t task_id, const uint8_t *t,
                             uint64_t token)
 {
     if (!a->bulk) {
-        fail_bulk_task(a, task_id, t, nt, "this node's agent has no bulk server");
+        fail_bulk_task(a, task_id, t, nt, "this node's agent has no bulk server", (struct origin){token, 0});
         return;
     }
-    park_task(a, task_id, t, nt, xid, (shoal_handle){0, 0, 0}, 0, token);
+    park_task(a, task_id, t, nt, xid, (shoal_handle){0, 0, 0}, 0, (struct origin){token, 0});
 }
 
 /* A TASK from the controller: payload 0 lists the target engines (ours). */
@@ -1761,7 +1808,8 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
     if (m->hdr.flags & SHOAL_TASK_BULK) {
         shoal_frame inf = m->hdr.n_payload >= 2 ? shoal_wire_frame(m, 1) : (shoal_frame){NULL, 0};
         if (inf.len != SHOAL_TASK_BULK_INFO) {
-            fail_bulk_task(a, m->hdr.task_id, tf.data, nt, "its TASK has no info frame of 16 bytes");
+            fail_bulk_task(a, m->hdr.task_id, tf.data, nt, "its TASK has no info frame of 16 bytes",
+                           (struct origin){0, 0});
             return;
         }
         uint64_t xid;
@@ -1783,13 +1831,51 @@ static void route_task(struct agent *a, shoal_wire_msg *m)
     int rc = pack_frames(a, f, n, (uint32_t)m->hdr.n_payload - first, &h);
     free(f);
     if (a->nparked && behind_parked(a, tf.data, nt))
-        park_task(a, m->hdr.task_id, tf.data, nt, 0, h, rc, token);
+        park_task(a, m->hdr.task_id, tf.data, nt, 0, h, rc, (struct origin){token, 0});
     else
-        dispatch_task(a, m->hdr.task_id, tf.data, nt, h, rc, token);
+        dispatch_task(a, m->hdr.task_id, tf.data, nt, h, rc, (struct origin){token, 0});
+}
+
+/* A client's direct task (docs/machines.md, "Direct tasks"), as its agent's
+ * TASK from the controller would go: to its engines, or to wait behind a
+ * parked task for one of them, or for its transfer. */
+static void direct_task(struct agent *a, shoal_bulk_arrival *arr)
+{
+    uint64_t task_id = DIRECT_TASK | ++a->next_direct;
+    struct origin o = {arr->token, arr->task};
+    const uint8_t *t = (const uint8_t *)arr->targets;
+    if (arr->status < 0)
+        fail_bulk_task(a, task_id, t, arr->nt, arr->why, o);
+    else if (arr->xid)
+        park_task(a, task_id, t, arr->nt, arr->xid, (shoal_handle){0, 0, 0}, 0, o);
+    else if (a->nparked && behind_parked(a, t, arr->nt))
+        park_task(a, task_id, t, arr->nt, 0, arr->h, 0, o);
+    else
+        dispatch_task(a, task_id, t, arr->nt, arr->h, 0, o);
+    free(arr->targets);
+}
+
+/* A client's abort of its direct task: marked as the controller's ABORT marks one. */
+static void abort_direct(struct agent *a, uint64_t token, uint64_t task)
+{
+    for (size_t k = 0; k < a->nparked; k++)
+        if (a->parked[k].o.task == task && a->parked[k].o.token == token) {
+            a->parked[k].aborted = 1;
+            return;
+        }
+    for (int i = 0; i < a->nengines; i++) {
+        struct engine *e = &a->engines[i];
+        for (size_t k = 0; k < e->nout; k++)
+            if (e->out[k].o.task == task && e->out[k].o.token == token) {
+                mark_aborted(a, a->blks[e->out[k].blk].h);
+                return; /* one block for all of the node's engines */
+            }
+    }
 }
 
 /* The bulk server's eventfd: transfers ended. Each goes to the task that
- * waits for it, or waits for its task. */
+ * waits for it, or waits for its task; a client's direct task goes on as
+ * its TASK would, and its abort likewise. */
 static void on_bulk(shoal_loop *l, int fd, uint32_t events, void *arg)
 {
     (void)l;
@@ -1802,6 +1888,14 @@ static void on_bulk(shoal_loop *l, int fd, uint32_t events, void *arg)
     size_t n;
     while ((n = shoal__bulk_take(a->bulk, got, 16)) > 0)
         for (size_t i = 0; i < n; i++) {
+            if (got[i].kind == SHOAL_BULK_DIRECT) {
+                direct_task(a, &got[i]);
+                continue;
+            }
+            if (got[i].kind == SHOAL_BULK_ABORT) {
+                abort_direct(a, got[i].token, got[i].task);
+                continue;
+            }
             if (a->narrivals == a->caparrivals) {
                 size_t cap = a->caparrivals ? 2 * a->caparrivals : 16;
                 struct arrival *ar = realloc(a->arrivals, cap * sizeof *ar);
@@ -1838,7 +1932,7 @@ static void expire_bulk(struct agent *a, int all)
                      (long long)a->bulk_wait_ms, (unsigned long long)p->xfer_id);
         if (p->ready && p->status == 0)
             shoal_arena_release(a->arena, p->h);
-        fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, why);
+        fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, why, p->o);
         free(p->targets);
     }
     a->nparked = keep;
@@ -1867,7 +1961,7 @@ static void expire_bulk(struct agent *a, int all)
  * SHOAL_RESULT_BULK and one frame (transfer id, bytes) in place of the
  * frames. Without such a connection, the old way.
  */
-static int forward_result(struct agent *a, struct engine *e, const struct slot *sl, uint16_t type, uint64_t token)
+static int forward_result(struct agent *a, struct engine *e, const struct slot *sl, uint16_t type, struct origin o)
 {
     shoal_handle h = {sl->offset, sl->length, sl->generation};
     int rc = shoal_arena_acquire(a->arena, h);
@@ -1886,6 +1980,15 @@ static int forward_result(struct agent *a, struct engine *e, const struct slot *
         uint64_t bytes = 16 + 8 * (uint64_t)nf;
         for (uint32_t i = 0; i < nf; i++)
             bytes += f[i].len;
+        if (o.task) {
+            /* A direct task's: on its client's connection, whatever its size. */
+            free(f);
+            if (bytes > h.length || !a->bulk ||
+                shoal__bulk_send_reply(a->bulk, o.token, ++a->next_xfer, o.task, (uint32_t)e->id, type, h, bytes) < 0)
+                shoal_arena_release(a->arena, h); /* its client is gone: nobody to tell */
+            return 0;
+        }
+        uint64_t token = o.token;
         if (type == SHOAL_MSG_RESULT && token && a->bulk && bytes >= a->bulk_threshold && bytes <= h.length) {
             uint64_t xid = ++a->next_xfer;
             if (shoal__bulk_send_result(a->bulk, token, xid, h, bytes) == 0) {
@@ -1973,13 +2076,11 @@ static int drain_completions(struct agent *a, struct engine *e)
     while ((n = shoal_ring_pop(&e->cq, sl, 64)) > 0) {
         for (int i = 0; i < n; i++) {
             if (sl[i].kind == KIND_OUTPUT) {
-                forward_result(a, e, &sl[i], SHOAL_MSG_OUTPUT, 0); /* best effort: the reply has it all */
+                struct origin o = origin_of(e, sl[i].task_id);
+                o.token = o.task ? o.token : 0; /* output through the controller is never bulk */
+                forward_result(a, e, &sl[i], SHOAL_MSG_OUTPUT, o); /* best effort: the reply has it all */
             } else if (sl[i].kind == KIND_RESULT) {
-                uint64_t token = 0;
-                for (size_t k = 0; k < e->nout; k++)
-                    if (e->out[k].task_id == sl[i].task_id)
-                        token = e->out[k].token;
-                if (forward_result(a, e, &sl[i], SHOAL_MSG_RESULT, token) < 0)
+                if (forward_result(a, e, &sl[i], SHOAL_MSG_RESULT, origin_of(e, sl[i].task_id)) < 0)
                     send_engine_error(a, e, sl[i].task_id, "sent a reply that could not be read");
                 finish_task(a, e, sl[i].task_id);
                 struct slot rel = {.kind = KIND_RELEASE, .offset = sl[i].offset, .length = sl[i].length,

@@ -77,6 +77,7 @@ struct hop {
 struct job {
     uint64_t xid, len;
     shoal_handle h; /* our reference, released once sent (or given up) */
+    char *meta;     /* its transfer's metadata (malloc'd; NULL: none) */
 };
 
 struct conn {
@@ -106,6 +107,11 @@ struct rx {
     struct hop *hop;
     char *route_meta;
     shoal_xfer_route route;
+    /* A direct task: the client's id for it, its targets and the transfer of its block (0: this one). */
+    int direct;
+    uint64_t task, xid;
+    uint32_t *targets;
+    uint32_t nt;
 };
 
 /* ---- addresses ------------------------------------------------------------------- */
@@ -156,7 +162,19 @@ static int local_addr_for(const char *ep, struct sockaddr_storage *ss, socklen_t
 
 /* ---- what ended, for the main loop --------------------------------------------------- */
 
+static void publish_arrival(shoal_bulk *b, const shoal_bulk_arrival *what);
+
 static void publish(shoal_bulk *b, uint64_t id, int status, shoal_handle h, const char *why)
+{
+    shoal_bulk_arrival a = {.id = id, .status = status, .h = h};
+    snprintf(a.why, sizeof a.why, "%s", why ? why : "");
+    publish_arrival(b, &a);
+}
+
+/* Puts what ended in the table for the main loop, and wakes it. On no
+ * memory it is dropped (a transfer's task fails when its wait runs out; a
+ * direct task fails its client when its connection is given up). */
+static void publish_arrival(shoal_bulk *b, const shoal_bulk_arrival *what)
 {
     pthread_mutex_lock(&b->mu);
     if (b->ndone == b->capdone) {
@@ -164,16 +182,15 @@ static void publish(shoal_bulk *b, uint64_t id, int status, shoal_handle h, cons
         shoal_bulk_arrival *d = realloc(b->done, cap * sizeof *d);
         if (!d) {
             pthread_mutex_unlock(&b->mu);
-            if (status == 0)
-                shoal_arena_release(b->arena, h);
-            return; /* its task fails when its wait runs out */
+            if (what->status == 0 && what->h.length)
+                shoal_arena_release(b->arena, what->h);
+            free(what->targets);
+            return;
         }
         b->done = d;
         b->capdone = cap;
     }
-    shoal_bulk_arrival *a = &b->done[b->ndone++];
-    *a = (shoal_bulk_arrival){.id = id, .status = status, .h = h};
-    snprintf(a->why, sizeof a->why, "%s", why ? why : "");
+    b->done[b->ndone++] = *what;
     pthread_mutex_unlock(&b->mu);
     uint64_t one = 1;
     ssize_t w = write(b->efd, &one, sizeof one);
@@ -259,14 +276,51 @@ static void pick_hop(struct rx *r)
     }
 }
 
+/* A direct task's metadata (j, with "task"): into r. -EPROTO if malformed. */
+#define MAX_TARGETS 4096
+static int direct_meta(struct rx *r, const cJSON *j)
+{
+    const cJSON *task = cJSON_GetObjectItemCaseSensitive(j, "task");
+    const cJSON *targets = cJSON_GetObjectItemCaseSensitive(j, "targets");
+    const cJSON *xid = cJSON_GetObjectItemCaseSensitive(j, "xid");
+    if (!cJSON_IsNumber(task) || task->valuedouble < 1 || task->valuedouble > 9007199254740992.0 ||
+        !cJSON_IsArray(targets) || cJSON_GetArraySize(targets) < 1 || cJSON_GetArraySize(targets) > MAX_TARGETS ||
+        (xid && (!cJSON_IsString(xid) || strlen(xid->valuestring) != 16)))
+        return -EPROTO;
+    r->direct = 1;
+    r->task = (uint64_t)task->valuedouble;
+    if (xid) {
+        char *end;
+        errno = 0;
+        r->xid = strtoull(xid->valuestring, &end, 16);
+        if (errno || *end || !r->xid)
+            return -EPROTO;
+    }
+    r->targets = malloc((size_t)cJSON_GetArraySize(targets) * 4);
+    if (!r->targets)
+        return -ENOMEM;
+    const cJSON *t;
+    cJSON_ArrayForEach(t, targets) {
+        if (!cJSON_IsNumber(t) || t->valuedouble < 0 || t->valuedouble > 4294967295.0)
+            return -EPROTO;
+        r->targets[r->nt++] = (uint32_t)t->valuedouble;
+    }
+    return 0;
+}
+
 static int on_begin(void *ctx, const shoal_xfer_begin *bg, shoal_xfer_sink *sink)
 {
     struct rx *r = ctx;
     cJSON *j = cJSON_ParseWithLength(bg->meta, bg->metalen);
     cJSON *chain = cJSON_GetObjectItemCaseSensitive(j, "chain");
+    cJSON *task = cJSON_GetObjectItemCaseSensitive(j, "task");
     int rc = 0;
-    if (!cJSON_IsArray(chain) || cJSON_GetArraySize(chain) > MAX_CHAIN)
+    if (task) {
+        rc = direct_meta(r, j);
+        chain = NULL;
+    } else if (!cJSON_IsArray(chain) || cJSON_GetArraySize(chain) > MAX_CHAIN) {
         rc = -EPROTO;
+    }
     const cJSON *ep;
     cJSON_ArrayForEach(ep, chain) {
         if (rc == 0 && (!cJSON_IsString(ep) || strlen(ep->valuestring) >= EP_LEN))
@@ -326,7 +380,30 @@ static int receive_transfer(struct conn *c, shoal_xfer *x, const shoal_xfer_hdr 
             }
         }
     }
-    if (rc == 0 && r->have_block) {
+    if (r->direct) {
+        shoal_bulk_arrival a = {.id = begin->id, .kind = SHOAL_BULK_DIRECT, .task = r->task, .xid = r->xid,
+                                .targets = r->targets, .nt = r->nt};
+        pthread_mutex_lock(&b->mu);
+        a.token = c->token;
+        pthread_mutex_unlock(&b->mu);
+        if (rc == 0 && r->have_block && r->xid) {
+            shoal_arena_release(b->arena, r->h); /* its block is the other transfer's */
+        } else if (rc == 0 && r->have_block) {
+            a.h = r->h;
+        } else {
+            if (r->have_block)
+                shoal_arena_release(b->arena, r->h);
+            a.status = rc < 0 ? rc : r->alloc_err ? r->alloc_err : -EIO;
+            snprintf(a.why, sizeof a.why, "%s%s", rc < 0 ? "the transfer failed: " : "no arena memory for it: ",
+                     rc < 0 ? shoal_xfer_strerror(rc) : strerror(-a.status));
+        }
+        if (a.token && r->nt) {
+            publish_arrival(b, &a); /* the targets go with it */
+            r->targets = NULL;
+        } else if (a.h.length) {
+            shoal_arena_release(b->arena, a.h); /* no token: nowhere to answer (the client sends it first) */
+        }
+    } else if (rc == 0 && r->have_block) {
         publish(b, begin->id, 0, r->h, NULL);
     } else {
         if (r->have_block)
@@ -337,6 +414,7 @@ static int receive_transfer(struct conn *c, shoal_xfer *x, const shoal_xfer_hdr 
         publish(b, begin->id, err ? err : -EIO, (shoal_handle){0}, why);
     }
     free(r->route_meta);
+    free(r->targets);
     free(r);
     /* Refused, aborted or a bad sink: the connection goes on. */
     return rc == -ECANCELED || rc == -ECONNABORTED || rc == -EINVAL ? 0 : rc;
@@ -357,10 +435,28 @@ static void *sender_main(void *arg)
     int err = 0;
     pthread_mutex_lock(&b->mu);
     for (;;) {
-        while (c->nq == 0 && !c->closing)
-            pthread_cond_wait(&c->more, &b->mu);
-        if (c->nq == 0)
+        int quiet = 0;
+        while (c->nq == 0 && !c->closing && !quiet) {
+            struct timespec until;
+            clock_gettime(CLOCK_MONOTONIC, &until);
+            until.tv_sec += SHOAL_BULK_KEEPALIVE_MS / 1000;
+            quiet = pthread_cond_timedwait(&c->more, &b->mu, &until) == ETIMEDOUT;
+        }
+        if (c->nq == 0 && c->closing)
             break; /* closing, and nothing left */
+        if (c->nq == 0) {
+            /* A second with nothing to send: a keepalive, while it serves a client. */
+            int send = !err && c->token;
+            pthread_mutex_unlock(&b->mu);
+            if (send) {
+                shoal_xfer_hdr kh = {.type = SHOAL_BULK_KEEPALIVE};
+                err = shoal_xfer_send(c->x, &kh, NULL, 0);
+            }
+            pthread_mutex_lock(&b->mu);
+            if (err)
+                c->token = 0;
+            continue;
+        }
         struct job j = c->q[0];
         memmove(c->q, c->q + 1, (c->nq - 1) * sizeof *c->q);
         c->nq--;
@@ -368,8 +464,9 @@ static void *sender_main(void *arg)
         pthread_mutex_unlock(&b->mu);
         void *p;
         if (!skip && shoal_arena_ptr(b->arena, j.h, &p) == 0)
-            err = shoal_xfer_send_buffer(c->x, j.xid, NULL, 0, p, j.len, 0);
+            err = shoal_xfer_send_buffer(c->x, j.xid, j.meta, j.meta ? strlen(j.meta) : 0, p, j.len, 0);
         shoal_arena_release(b->arena, j.h);
+        free(j.meta);
         pthread_mutex_lock(&b->mu);
         if (err)
             c->token = 0;
@@ -378,7 +475,27 @@ static void *sender_main(void *arg)
     return NULL;
 }
 
+static int queue_job(shoal_bulk *b, uint64_t token, struct job j);
+
 int shoal__bulk_send_result(shoal_bulk *b, uint64_t token, uint64_t xid, shoal_handle h, uint64_t len)
+{
+    return queue_job(b, token, (struct job){xid, len, h, NULL});
+}
+
+int shoal__bulk_send_reply(shoal_bulk *b, uint64_t token, uint64_t xid, uint64_t task, uint32_t engine,
+                           unsigned type, shoal_handle h, uint64_t len)
+{
+    char *meta = malloc(96);
+    if (!meta)
+        return -ENOMEM;
+    snprintf(meta, 96, "{\"task\":%llu,\"engine\":%u,\"type\":%u}", (unsigned long long)task, engine, type);
+    int rc = queue_job(b, token, (struct job){xid, len, h, meta});
+    if (rc < 0)
+        free(meta);
+    return rc;
+}
+
+static int queue_job(shoal_bulk *b, uint64_t token, struct job j)
 {
     if (!token)
         return -ENOENT;
@@ -398,7 +515,7 @@ int shoal__bulk_send_result(shoal_bulk *b, uint64_t token, uint64_t xid, shoal_h
             c->q = q;
             c->capq = cap;
         }
-        c->q[c->nq++] = (struct job){xid, len, h};
+        c->q[c->nq++] = j;
         pthread_cond_signal(&c->more);
         rc = 0;
         break;
@@ -428,6 +545,24 @@ static int take_token(struct conn *c, shoal_xfer *x, const shoal_xfer_hdr *h)
     return 0;
 }
 
+/* A client's abort of its direct task: to the main loop. */
+static int take_abort(struct conn *c, shoal_xfer *x, const shoal_xfer_hdr *h)
+{
+    uint64_t task;
+    if (h->length != sizeof task)
+        return shoal_xfer_skip_payload(x);
+    int rc = shoal_xfer_recv_payload(x, &task, sizeof task);
+    if (rc < 0)
+        return rc;
+    shoal_bulk_arrival a = {.kind = SHOAL_BULK_ABORT, .task = task};
+    pthread_mutex_lock(&c->b->mu);
+    a.token = c->token;
+    pthread_mutex_unlock(&c->b->mu);
+    if (a.token)
+        publish_arrival(c->b, &a);
+    return 0;
+}
+
 static void *conn_main(void *arg)
 {
     struct conn *c = arg;
@@ -445,6 +580,8 @@ static void *conn_main(void *arg)
                 rc = receive_transfer(c, x, &h);
             else if (h.type == SHOAL_BULK_TOKEN)
                 rc = take_token(c, x, &h);
+            else if (h.type == SHOAL_BULK_ABORT_RECORD)
+                rc = take_abort(c, x, &h);
             else if (h.length)
                 rc = shoal_xfer_skip_payload(x); /* records of later versions (the caller's types) */
             if (rc < 0)
@@ -506,7 +643,11 @@ static void *accept_main(void *arg)
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         if (slot >= 0) {
             *c = (struct conn){.b = b, .fd = fd, .slot = slot};
-            pthread_cond_init(&c->more, NULL);
+            pthread_condattr_t ca;
+            pthread_condattr_init(&ca);
+            pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the sender's keepalive wait */
+            pthread_cond_init(&c->more, &ca);
+            pthread_condattr_destroy(&ca);
             b->conn_fds[slot] = fd;
             b->conns[slot] = c;
             b->nconns++;
@@ -618,9 +759,11 @@ void shoal__bulk_stop(shoal_bulk *b)
     while (b->nconns > 0 && pthread_cond_timedwait(&b->idle, &b->mu, &until) == 0)
         ;
     int left = b->nconns;
-    for (size_t i = 0; i < b->ndone; i++)
-        if (b->done[i].status == 0)
+    for (size_t i = 0; i < b->ndone; i++) {
+        if (b->done[i].status == 0 && b->done[i].h.length)
             shoal_arena_release(b->arena, b->done[i].h);
+        free(b->done[i].targets);
+    }
     b->ndone = 0;
     pthread_mutex_unlock(&b->mu);
     if (left)

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #define MSGBLOCK_MAGIC 0x464D4853u /* "SHMF" */
+#define SMALL_BLOCK (64u << 10)   /* a block sent in one record, copied together first */
 
 typedef struct {
     PyObject_HEAD
@@ -166,12 +167,27 @@ static PyObject *bulk_send(BulkObject *self, PyObject *args)
     }
     int rc;
     size_t headlen = 16 + 8 * (size_t)n;
+    /* A small block goes in one record (a task's round trip counts the
+     * records); a large one from the parts' own memory, record by record. */
+    uint8_t *small = total <= SMALL_BLOCK ? PyMem_Malloc((size_t)total) : NULL;
+    if (small) {
+        memcpy(small, head, headlen);
+        size_t at = headlen;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            memcpy(small + at, views[i].buf, (size_t)views[i].len);
+            at += (size_t)views[i].len;
+        }
+    }
     self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     shoal_xfer_hdr h = {.type = SHOAL_XFER_BEGIN, .id = id, .offset = total};
     rc = shoal_xfer_send(self->x, &h, meta.buf, (size_t)meta.len);
     uint64_t off = 0;
-    if (rc == 0) {
+    if (rc == 0 && small) {
+        h = (shoal_xfer_hdr){.type = SHOAL_XFER_DATA, .id = id, .offset = 0};
+        rc = shoal_xfer_send(self->x, &h, small, (size_t)total);
+        n = 0; /* all sent */
+    } else if (rc == 0) {
         h = (shoal_xfer_hdr){.type = SHOAL_XFER_DATA, .id = id, .offset = 0};
         rc = shoal_xfer_send(self->x, &h, head, headlen);
         off = headlen;
@@ -194,6 +210,7 @@ static PyObject *bulk_send(BulkObject *self, PyObject *args)
     }
     Py_END_ALLOW_THREADS
     self->busy = 0;
+    PyMem_Free(small);
     if (rc < 0) {
         raise_on(self, rc, "a bulk transfer failed");
         goto out;
@@ -246,6 +263,8 @@ static PyObject *bulk_send_record(BulkObject *self, PyObject *args)
 struct rx_dst {
     Py_buffer *view;
     uint64_t total;
+    char *meta; /* a copy of the BEGIN's metadata (malloc'd; NULL: none) */
+    size_t metalen;
 };
 
 static int rx_accept(void *ctx, const shoal_xfer_begin *b, shoal_xfer_sink *sink)
@@ -253,16 +272,22 @@ static int rx_accept(void *ctx, const shoal_xfer_begin *b, shoal_xfer_sink *sink
     struct rx_dst *d = ctx;
     if (b->total != d->total || (uint64_t)d->view->len < b->total)
         return -EMSGSIZE;
+    if (b->metalen && (d->meta = malloc(b->metalen))) {
+        memcpy(d->meta, b->meta, b->metalen);
+        d->metalen = b->metalen;
+    }
     sink->dst = d->view->buf;
     return 0;
 }
 
 /*
- * recv_transfer(alloc, timeout_ms) -> (id, buffer): waits up to timeout_ms
- * for the next transfer's BEGIN (-1: for ever), calls alloc(id, total) for
- * a writable buffer of at least total bytes, and receives the transfer
- * straight into it (authenticated; opened in place when encrypted). Returns
- * (id, what alloc returned). Raises builtins TimeoutError when nothing
+ * recv_transfer(alloc, timeout_ms) -> (id, buffer, meta): waits up to
+ * timeout_ms for the next transfer's BEGIN (-1: for ever), calls
+ * alloc(id, total) for a writable buffer of at least total bytes, and
+ * receives the transfer straight into it (authenticated; opened in place
+ * when encrypted). Returns (id, what alloc returned, the transfer's
+ * metadata as bytes, b"" when it has none). Records of other types
+ * before the BEGIN (the agent's keepalives) are taken and dropped. Raises builtins TimeoutError when nothing
  * began within timeout_ms (the connection stays usable), OSError naming
  * the endpoint when the connection failed, or alloc's exception (the
  * transfer was then read and dropped).
@@ -308,7 +333,7 @@ static PyObject *bulk_recv_transfer(BulkObject *self, PyObject *args)
     PyObject *et = NULL, *ev = NULL, *tb = NULL;
     if (!have)
         PyErr_Fetch(&et, &ev, &tb); /* 3.11 has no PyErr_GetRaisedException */
-    struct rx_dst d = {&view, h.offset};
+    struct rx_dst d = {&view, h.offset, NULL, 0};
     Py_buffer none = {0};
     if (!have)
         d.view = &none; /* refused: read and dropped */
@@ -319,15 +344,26 @@ static PyObject *bulk_recv_transfer(BulkObject *self, PyObject *args)
     if (have)
         PyBuffer_Release(&view);
     if (!have) {
+        free(d.meta);
         Py_XDECREF(buf);
         PyErr_Restore(et, ev, tb);
         return NULL;
     }
     if (rc < 0) {
+        free(d.meta);
         Py_DECREF(buf);
         return raise_on(self, rc, "a result's transfer failed");
     }
-    return Py_BuildValue("(KN)", (unsigned long long)h.id, buf);
+    PyObject *out = Py_BuildValue("(KNy#)", (unsigned long long)h.id, buf, d.meta ? d.meta : "",
+                                  (Py_ssize_t)d.metalen);
+    free(d.meta);
+    return out;
+}
+
+static PyObject *bulk_fileno(BulkObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(self->x ? self->fd : -1);
 }
 
 static PyObject *bulk_get_endpoint(BulkObject *self, void *closure)
@@ -352,9 +388,11 @@ static PyMethodDef bulk_methods[] = {
     {"send_record", (PyCFunction)bulk_send_record, METH_VARARGS,
      "send_record(type, payload): one record of a caller's type (128 and up), e.g. the client's token."},
     {"recv_transfer", (PyCFunction)bulk_recv_transfer, METH_VARARGS,
-     "recv_transfer(alloc, timeout_ms) -> (id, buffer): the next transfer, received into alloc(id, total) "
-     "(a writable buffer), the GIL released; builtins TimeoutError if none began in timeout_ms, OSError when "
-     "the connection failed."},
+     "recv_transfer(alloc, timeout_ms) -> (id, buffer, meta): the next transfer, received into "
+     "alloc(id, total) (a writable buffer), the GIL released, with its metadata (bytes); builtins TimeoutError "
+     "if none began in timeout_ms, OSError when the connection failed."},
+    {"fileno", (PyCFunction)bulk_fileno, METH_NOARGS,
+     "fileno() -> the connection's socket (to poll for readable; -1 once closed)."},
     {"close", (PyCFunction)bulk_close, METH_NOARGS, "close(): says CLOSE to the server and closes."},
     {NULL, NULL, 0, NULL},
 };

@@ -231,6 +231,7 @@ class Client:
         """Takes the controller's list of engines (and of nodes)."""
         if nodes is not None:  # where each node's bulk server listens (None: it has none)
             self._bulk_at = {n["id"]: n.get("bulk") for n in nodes if n["alive"]}
+            self._nodes = {n["id"]: n for n in nodes}
         self._engines = engines
         self._alive = [e["id"] for e in engines if e["alive"] and e["id"] not in self._lost_engines]
         self._registry_at = time.monotonic()
@@ -252,6 +253,12 @@ class Client:
     def _engine_left(self):
         """An engine's lane closed: ids reads the registry again (the engine has left it, or is about to)."""
         self._registry_at = 0.0
+
+    def _node_words(self, eid):
+        """Engine eid's node, as an error names it: "N (host H, agent pid P)"."""
+        node = self._node_of(eid)
+        n = getattr(self, "_nodes", {}).get(node) or {}
+        return f"{node} (host {n.get('host', '?')}, agent pid {n.get('pid', '?')})"
 
     def _node_lost(self, node):
         """The agent of node died: its engines are lost (tasks sent to them fail at once)."""
@@ -451,6 +458,25 @@ class Client:
         endpoints = [self._bulk_at.get(n) for n in nodes]
         return endpoints if self._routes.controller.bulk.wanted(s, endpoints) else None
 
+    def _direct_nodes(self, group, s):
+        """[(bulk endpoint, engines)] of the nodes of group's engines, in
+        node order, if the task s should go to them directly (each has a
+        bulk server we may try, and s has no memmap files, which go by the
+        controller's way of resending); else None."""
+        bulk = self._routes.controller.bulk
+        if not bulk.direct or s.files:
+            return None
+        nodes = {}
+        for t in group:
+            nodes.setdefault(self._node_of(t), []).append(t)
+        out = []
+        for n in sorted(nodes, key=lambda n: (n is None, n)):
+            ep = self._bulk_at.get(n)
+            if n is None or not bulk.usable(ep):
+                return None
+            out.append((ep, nodes[n]))
+        return out
+
     def _bulk_endpoint(self, eid):
         """The bulk server of engine eid's node (None: none known)."""
         return self._bulk_at.get(self._node_of(eid))
@@ -516,6 +542,11 @@ class Client:
         # the chain of those nodes' agents; the controller gets the TASK
         # without them (and its limits do not apply).
         chain = self._bulk_chain(away, s_away) if away else None
+        # Other nodes' engines get the task straight from us, on our bulk
+        # connections to their agents, when each of those nodes has one.
+        by_node = self._direct_nodes(away, s_away) if away else None
+        if by_node and controller.submit_direct(ar, by_node, meta, s_away, obj, chain):
+            away = []
         # Large results of other nodes' engines come back on our bulk
         # connections to their agents (made here if need be) when the TASK
         # carries our token.

@@ -3,6 +3,13 @@ socket, to any engine on any node (docs/protocol.md, docs/controller.md).
 The socket speaks CurveZMQ when the connection file carries Curve keys
 (a cluster that listens beyond loopback, or started with --curve).
 
+Tasks for engines of other nodes whose agents have a bulk server go
+straight to those agents instead, on the client's bulk connections, and
+their replies come back there (docs/machines.md, "Direct tasks";
+submit_direct): the controller is not on their way. Per engine, one way
+only: a node's engines get all of this client's direct-view tasks
+directly while its connection works.
+
 The same socket carries the client's questions to the controller (the
 registry, queues, signals, aborts, shutdown: control()). The route watches
 the controller too: when its process dies (a pidfd, on this machine) or it
@@ -11,6 +18,7 @@ error that says so.
 """
 
 import builtins
+import itertools
 import json
 import os
 import select
@@ -79,7 +87,9 @@ class ControllerRoute(Route):
         self.parts = 0  # task parts in flight through the controller (client.CONTROLLER_WINDOW)
         self.replies = {}  # msg_id -> (header, payload) of control replies
         self.waits = 0  # threads waiting for a controller reply
-        self.bulk = BulkSender(info)  # large data for other nodes' engines (submit_bulk)
+        self.bulk = BulkSender(info)  # large data for other nodes' engines (submit_bulk), and direct tasks
+        self.direct = {}  # msg_id -> the agent endpoint of a direct task (also in pending)
+        self.direct_ids = itertools.count(1 << 52)  # their msg_ids: apart from the socket's and the lanes'
 
     @staticmethod
     def _watch_process(info, path, profile, alive):
@@ -247,6 +257,93 @@ class ControllerRoute(Route):
         self._sent(ar, mid, group, meta, s, obj)
         return True
 
+    def submit_direct(self, ar, by_node, meta, s, obj, chain=None):
+        """Sends one task straight to the agents of its engines' nodes
+        (by_node: [(bulk endpoint, engines of that node)]), one direct task
+        for each: its message block on our connection to that agent, or,
+        when chain names the nodes' endpoints (large data), the block once
+        along that chain (as submit_bulk sends it) and to each agent a
+        direct task that names it. A node whose connection fails gets its
+        part through the controller instead. Returns False, having sent
+        nothing, when the chain's transfer could not be sent."""
+        parts = [json.dumps(request(meta, s)).encode(), s.payload, *s.frames]
+        xid = 0
+        if chain:
+            xid = self.bulk.send(chain, parts)
+            if xid is None:
+                return False
+        for ep, group in by_node:
+            mid = next(self.direct_ids)
+            try:
+                self.bulk.send_task(ep, mid, group, [] if xid else parts, xid)
+            except OSError as e:
+                self._direct_lost(ep, str(e))
+                self.check_limits(s, group)
+                self.submit(ar, group, meta, s, obj)
+                continue
+            self._sent(ar, mid, group, meta, s, obj)
+            self.direct[mid] = ep
+        return True
+
+    def _direct_lost(self, ep, why):
+        """Our connection to the agent at ep broke (or went silent): the
+        direct tasks on it fail, each part with an EngineError naming its
+        node."""
+        for mid, e in list(self.direct.items()):
+            if e != ep:
+                continue
+            del self.direct[mid]
+            ar = self.pending.get(mid)
+            if ar is None:
+                continue
+            for t in ar._mids.get(mid, ()):
+                if t not in ar._results:
+                    self.parts -= 1
+                    ar._fail(t, EngineError(f"engine {t} was lost with its node {self.registry._node_words(t)}: "
+                                            f"{why}", t))
+            self.pending.pop(mid, None)
+            if ar._zmq_done():
+                for m in ar._mids:
+                    self.pending.pop(m, None)
+                    self.direct.pop(m, None)
+
+    def _direct_reply(self, ep, meta, block, total):
+        """A reply (or output) of an engine to a direct task, taken from
+        the connection to ep."""
+        try:
+            mid, engine, kind = int(meta["task"]), int(meta["engine"]), int(meta["type"])
+            payload, buffers = _core.unpack_frames(memoryview(block)[:total])
+        except (KeyError, TypeError, ValueError):
+            return  # not one of ours to read: the agent's parse checks are the same
+        ar = self.pending.get(mid)
+        if ar is None or self.direct.get(mid) != ep:
+            return
+        hdr = {"type": kind, "reply_to": mid, "sender": engine, "task_id": mid, "flags": 0}
+        if kind == _core.MSG_OUTPUT:
+            ar._output(hdr, payload)
+        elif kind == _core.MSG_RESULT and engine not in ar._results and engine in ar._mids.get(mid, ()):
+            self.parts -= 1
+            ar._add(hdr, payload, buffers)
+            if ar._zmq_done():
+                for m in ar._mids:
+                    self.pending.pop(m, None)
+                    self.direct.pop(m, None)
+
+    def _wait_direct(self, timeout):
+        """Waits up to timeout seconds for what the agents of our direct
+        tasks send, and takes it; True if anything came."""
+        for mid in [m for m in self.direct if m not in self.pending]:
+            del self.direct[mid]  # ended otherwise (failed with the controller, say)
+        if not self.direct:
+            return False
+        broken = self.bulk.wait_direct(set(self.direct.values()), timeout, self.registry.arena)
+        for ep, why in broken:
+            self._direct_lost(ep, why)
+        got = bool(broken or self.bulk.replies)
+        while self.bulk.replies:
+            self._direct_reply(*self.bulk.replies.pop(0))
+        return got
+
     def _sent(self, ar, mid, group, meta, s, obj):
         """Notes task message mid (for group) as sent for ar."""
         ar._own("_mids")[mid] = group
@@ -282,14 +379,21 @@ class ControllerRoute(Route):
         not started one answers TaskAborted instead. A controller that is
         gone or refuses is warned of (at the caller of Client.abort)."""
         if ar._mids and not ar._zmq_done():
+            for mid in ar._mids:
+                if mid in self.direct:
+                    self.bulk.send_abort(self.direct[mid], mid)
+            mids = [m for m in ar._mids if m not in self.direct]
+            if not mids:
+                return False
             try:
-                self.control(_core.MSG_ABORT, {"msg_ids": list(ar._mids)}, timeout, receive)
+                self.control(_core.MSG_ABORT, {"msg_ids": mids}, timeout, receive)
             except (TimeoutError, RuntimeError) as e:  # the controller is gone or refuses: the task runs
                 warnings.warn(f"task {ar.msg_id} could not be aborted through the controller: {e}", stacklevel=4)
         return False
 
     def close(self):
         self.pending.clear()
+        self.direct.clear()
         self.parts = 0
         self.bulk.close()
         if self.sock is not None:
@@ -306,13 +410,24 @@ class ControllerRoute(Route):
     def wait(self, timeout, want=1):
         """Receives one message from the controller within timeout seconds."""
         with self.lock:
+            wait = min(max(timeout, 0), 0.005)
+            got = False
+            if self.direct:
+                # Direct tasks' replies come on our bulk connections: waited
+                # for there, and the socket looked at after (without waiting,
+                # unless tasks through the controller are due too).
+                alone = len(self.direct) >= len(self.pending) and not self.waits
+                got = self._wait_direct(wait if alone else min(wait, 0.001))
+                wait = 0
+                if got and alone:
+                    return True
             try:
                 # In short slices, so that another thread waits for the lock
                 # (to submit, or to receive for itself) 5 ms at most.
-                hdr, payload, buffers, _ = self.sock.recv(timeout=min(max(timeout, 0), 0.005))
+                hdr, payload, buffers, _ = self.sock.recv(timeout=wait)
             except builtins.TimeoutError:
                 self._watch()
-                return False
+                return got
             except _core.WireError:
                 return True  # counted by the socket; nothing we can use
             except ConnectionRefusedError as e:  # it refused our Curve keys: nothing will come

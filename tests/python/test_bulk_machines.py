@@ -204,7 +204,7 @@ def test_a_gather_comes_on_the_bulk_channel(cluster):
     assert out["ok"] and out["received"] >= 4, out
 
 
-def test_a_large_return_value_arrives_right_and_a_small_one_through_the_controller(cluster):
+def test_a_large_return_value_and_a_small_one_arrive_right(cluster):
     topo = cluster
     _, targets = _engines_of(topo, topo[2])
     out = client(topo[0], """
@@ -229,6 +229,96 @@ def test_a_client_without_an_arena_takes_results_into_its_own_memory(cluster):
         out = {"ok": bool((a == np.arange(4 << 20)).all()), "received": bulk.received}
     """, e=targets[0])
     assert out["ok"] and out["received"] == 1, out
+
+
+# ---- direct tasks: straight to another node's agent -----------------------------------------
+
+
+def test_a_task_for_another_node_goes_straight_to_its_agent(cluster):
+    """A task for an engine of another host goes on the client's bulk
+    connection to that host's agent, not through the controller (which has
+    no task pending while it runs); its value, its output printed while it
+    runs, and its error come back the same way."""
+    topo = cluster
+    _, targets = _engines_of(topo, topo[2])
+    out = client(topo[0], """
+        import sys
+        from shoal import _core
+        route = rc._routes.controller
+        def talk(n):
+            print("started", n, flush=True)
+            time.sleep(1.5)
+            return socket.gethostname(), n * 2
+        ar = rc[e].apply_async(talk, 21)
+        time.sleep(0.7)
+        direct = len(route.direct)
+        pending = rc._control(_core.MSG_QUERY, {"what": "status"})["tasks_pending"]
+        printed = ar.stdout
+        value = ar.get(timeout=30)
+        try:
+            rc[e].apply_sync(lambda: 1 / 0)
+            err = None
+        except ipp.RemoteError as x:
+            err = type(x).__name__ + ": " + str(x)
+        out = {"direct": direct, "pending": pending, "printed": printed, "value": list(value),
+               "err": err, "left": len(route.direct), "parts": route.parts}
+    """, e=targets[0])
+    assert out["direct"] == 1 and out["pending"] == 0, out
+    assert "started 21" in out["printed"], out
+    assert out["value"] == [topo[2].hostname, 42]
+    assert out["err"] and "ZeroDivisionError" in out["err"], out
+    assert out["left"] == 0 and out["parts"] == 0, out
+
+
+def test_direct_tasks_keep_their_order_and_can_be_aborted(cluster):
+    """Tasks to one engine of another host run in the order sent; one
+    aborted before its engine starts it ends in TaskAborted, and the next
+    runs."""
+    topo = cluster
+    _, targets = _engines_of(topo, topo[2])
+    out = client(topo[0], """
+        e = rc[eid]
+        e.execute("seen = []", block=True)
+        first = e.apply_async(lambda: (time.sleep(1.0), seen.append(1)))
+        second = e.apply_async(lambda: seen.append(2))
+        third = e.apply_async(lambda: seen.append(3))
+        rc.abort(second)
+        first.get(timeout=30)
+        try:
+            second.get(timeout=30)
+            aborted = None
+        except ipp.TaskAborted as x:
+            aborted = str(x)
+        third.get(timeout=30)
+        out = {"aborted": aborted, "seen": e.pull("seen", block=True)}
+    """, eid=targets[0])
+    assert out["aborted"] is not None, out
+    assert out["seen"] == [1, 3], out
+
+
+def test_a_direct_task_whose_engine_dies_fails_naming_it(cluster):
+    """The engine of a direct task dies under it: the agent says so on the
+    client's connection (EngineError naming the engine), and the engine's
+    replacement runs the next task."""
+    topo = cluster
+    _, targets = _engines_of(topo, topo[1])
+    out = client(topo[0], """
+        try:
+            rc[eid].apply_sync(lambda: os._exit(3))
+            err = None
+        except ipp.EngineError as x:
+            err = str(x)
+        deadline = time.monotonic() + 30
+        after = None
+        while after is None and time.monotonic() < deadline:
+            try:
+                after = rc[[i for i in rc.ids if i != eid][0]].apply_sync(lambda: 7)
+            except ipp.EngineError:
+                time.sleep(0.2)
+        out = {"err": err, "after": after}
+    """, eid=targets[0])
+    assert out["err"] and f"engine {targets[0]}" in out["err"], out
+    assert out["after"] == 7
 
 
 def test_killing_the_agent_while_a_result_is_in_flight_fails_it_clearly(cluster):
