@@ -298,8 +298,8 @@ def test_direct_tasks_keep_their_order_and_can_be_aborted(cluster):
 
 def test_a_direct_task_whose_engine_dies_fails_naming_it(cluster):
     """The engine of a direct task dies under it: the agent says so on the
-    client's connection (EngineError naming the engine), and the engine's
-    replacement runs the next task."""
+    client's connection (EngineError naming the engine), and the other
+    engines go on. (The agents here do not restart engines: one fewer after.)"""
     topo = cluster
     _, targets = _engines_of(topo, topo[1])
     out = client(topo[0], """
@@ -386,5 +386,5 @@ def test_a_task_after_a_bulk_push_waits_for_its_data(cluster):
         for h in topo:
             h.unshape()
     n, k = 3 * (1 << 20), len(out["sums"][0])  # engines: those the module's earlier tests left running
-    assert k >= 4 and out["hosts"] >= 2, out
+    assert k >= 3 and out["hosts"] >= 2, out
     assert out["sums"] == [[0.0] * k, [float(n)] * k], out

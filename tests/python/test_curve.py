@@ -258,11 +258,13 @@ def test_a_frame_of_max_frame_bytes_passes_with_curve_too(tmp_path, curve):
 # ---- no plaintext on the wire ----------------------------------------------------------------
 
 @pytest.mark.parametrize("curve", [False, True])
-def test_what_crosses_the_wire_is_encrypted_with_curve(tmp_path, curve):
+def test_what_crosses_the_wire_is_encrypted_with_curve(tmp_path, monkeypatch, curve):
     """A marker pushed in a large array (a buffer frame, which HMAC does not
     cover), in a small one (inline in the signed payload) and in executed
     code, and pulled back: seen in the relay's bytes without Curve (so that
-    the test can fail), never with it, either way."""
+    the test can fail), never with it, either way. (Through the controller:
+    direct tasks, which would go to the agent's bulk server, are off.)"""
+    monkeypatch.setenv("SHOAL_NO_DIRECT", "1")
     ctl, agent = start(tmp_path, curve, hidden=True)
     relay = Relay(ctl.info["client"])
     try:
