@@ -68,6 +68,7 @@ struct shoal_xfer {
     int role;
     int cipher;        /* SHOAL_XFER_CIPHER_* */
     int idle_ms;       /* bound on a wait for progress once a call has started; -1: none */
+    int more;          /* records are sent with MSG_MORE (shoal_xfer_set_more) */
     uint32_t peer_max; /* the longest payload the peer accepts (its hello) */
 
     /* Sending: touched only by the one thread that sends. */
@@ -313,7 +314,7 @@ static int write_iov(shoal_xfer *c, struct iovec *iov, int n, int64_t deadline)
     }
     while (n > 0) {
         struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-        ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT | (c->more ? MSG_MORE : 0));
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -575,6 +576,11 @@ void shoal_xfer_set_idle_timeout(shoal_xfer *c, int idle_ms)
     c->idle_ms = idle_ms < 0 ? -1 : idle_ms;
 }
 
+void shoal_xfer_set_more(shoal_xfer *c, int more)
+{
+    c->more = more != 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Records. */
 
@@ -750,12 +756,17 @@ int shoal_xfer_send_buffer(shoal_xfer *c, uint64_t id, const void *meta, size_t 
         chunk = SHOAL_XFER_CHUNK;
     if (chunk > SHOAL_XFER_MAX_RECORD || chunk > c->peer_max || metalen > SHOAL_XFER_MAX_META)
         return -EMSGSIZE;
+    /* Every record but the END with MSG_MORE: a small transfer leaves in
+     * one segment, not three (each one a wake-up at the other end). */
+    int more = c->more;
+    c->more = 1;
     int rc = send_record(c, SHOAL_XFER_BEGIN, 0, id, len, meta, metalen);
     const uint8_t *p = buf;
     for (size_t off = 0; rc == 0 && off < len; off += chunk) {
         size_t n = len - off < chunk ? len - off : chunk;
         rc = send_record(c, SHOAL_XFER_DATA, 0, id, off, p + off, n);
     }
+    c->more = more;
     if (rc == 0)
         rc = send_record(c, SHOAL_XFER_END, 0, id, len, NULL, 0);
     return rc;

@@ -22,6 +22,8 @@
 #define _GNU_SOURCE
 #include "bulk.h"
 
+#include <shoal/wire.h>
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -78,6 +80,7 @@ struct job {
     uint64_t xid, len;
     shoal_handle h; /* our reference, released once sent (or given up) */
     char *meta;     /* its transfer's metadata (malloc'd; NULL: none) */
+    int ends;       /* a direct task's RESULT: one reply fewer due on the connection */
 };
 
 struct conn {
@@ -90,6 +93,7 @@ struct conn {
     uint64_t token;  /* the client's (0: none, or the connection failed: no more results on it) */
     int has_sender;  /* the sender thread was started */
     int closing;     /* the connection ends: the sender sends nothing more */
+    uint64_t due;    /* replies of direct tasks still to send (one per target): keepalives while any */
     pthread_t sender;
     pthread_cond_t more; /* a job was queued, or closing was set */
     struct job *q;
@@ -398,6 +402,9 @@ static int receive_transfer(struct conn *c, shoal_xfer *x, const shoal_xfer_hdr 
                      rc < 0 ? shoal_xfer_strerror(rc) : strerror(-a.status));
         }
         if (a.token && r->nt) {
+            pthread_mutex_lock(&b->mu);
+            c->due += r->nt; /* a reply per target */
+            pthread_mutex_unlock(&b->mu);
             publish_arrival(b, &a); /* the targets go with it */
             r->targets = NULL;
         } else if (a.h.length) {
@@ -445,8 +452,11 @@ static void *sender_main(void *arg)
         if (c->nq == 0 && c->closing)
             break; /* closing, and nothing left */
         if (c->nq == 0) {
-            /* A second with nothing to send: a keepalive, while it serves a client. */
-            int send = !err && c->token;
+            /* A second with nothing to send: a keepalive, while the client
+             * waits for replies of its direct tasks (it reads the
+             * connection only then: keepalives sent to a client that does
+             * not read would fill its socket, and then block us). */
+            int send = !err && c->token && c->due;
             pthread_mutex_unlock(&b->mu);
             if (send) {
                 shoal_xfer_hdr kh = {.type = SHOAL_BULK_KEEPALIVE};
@@ -479,7 +489,7 @@ static int queue_job(shoal_bulk *b, uint64_t token, struct job j);
 
 int shoal__bulk_send_result(shoal_bulk *b, uint64_t token, uint64_t xid, shoal_handle h, uint64_t len)
 {
-    return queue_job(b, token, (struct job){xid, len, h, NULL});
+    return queue_job(b, token, (struct job){xid, len, h, NULL, 0});
 }
 
 int shoal__bulk_send_reply(shoal_bulk *b, uint64_t token, uint64_t xid, uint64_t task, uint32_t engine,
@@ -489,7 +499,7 @@ int shoal__bulk_send_reply(shoal_bulk *b, uint64_t token, uint64_t xid, uint64_t
     if (!meta)
         return -ENOMEM;
     snprintf(meta, 96, "{\"task\":%llu,\"engine\":%u,\"type\":%u}", (unsigned long long)task, engine, type);
-    int rc = queue_job(b, token, (struct job){xid, len, h, meta});
+    int rc = queue_job(b, token, (struct job){xid, len, h, meta, type == SHOAL_MSG_RESULT});
     if (rc < 0)
         free(meta);
     return rc;
@@ -516,6 +526,8 @@ static int queue_job(shoal_bulk *b, uint64_t token, struct job j)
             c->capq = cap;
         }
         c->q[c->nq++] = j;
+        if (j.ends && c->due)
+            c->due--;
         pthread_cond_signal(&c->more);
         rc = 0;
         break;

@@ -85,9 +85,10 @@ int shoal__bulk_send_result(shoal_bulk *b, uint64_t token, uint64_t xid, shoal_h
  * back on the client's connection: the first len bytes of block h as
  * transfer xid, its metadata {"task": ID, "engine": engine, "type": type}
  * (type: SHOAL_MSG_RESULT or SHOAL_MSG_OUTPUT). Ownership and returns as
- * shoal__bulk_send_result's. While it has a client's token, a connection's
- * sender sends SHOAL_BULK_KEEPALIVE (no payload) after each second with
- * nothing to send, so that the client tells a quiet agent from a lost one.
+ * shoal__bulk_send_result's. While replies of direct tasks are due on a
+ * connection (one per target of each), its sender sends
+ * SHOAL_BULK_KEEPALIVE (no payload) after each second with nothing to
+ * send, so that the client tells a quiet agent from a lost one.
  */
 #define SHOAL_BULK_ABORT_RECORD 129u
 #define SHOAL_BULK_KEEPALIVE 130u

@@ -154,6 +154,15 @@ int shoal_xfer_cipher(const shoal_xfer *c);
 void shoal_xfer_set_idle_timeout(shoal_xfer *c, int idle_ms);
 
 /*
+ * While set, records go to the socket with MSG_MORE: the kernel keeps a
+ * segment that is not full for the next send. Set it before a burst of
+ * records that leave together, and clear it before the burst's last (a
+ * record sent with it set and nothing after waits up to 200 ms).
+ * shoal_xfer_send_buffer does so itself. Call it from the sending thread.
+ */
+void shoal_xfer_set_more(shoal_xfer *c, int more);
+
+/*
  * Sends one record: hdr's type, flags, id and offset (its seq and length are
  * ignored: the library numbers records, and the length is len), then len
  * bytes of payload (at most SHOAL_XFER_MAX_RECORD; payload may be NULL when

@@ -181,6 +181,7 @@ static PyObject *bulk_send(BulkObject *self, PyObject *args)
     self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     shoal_xfer_hdr h = {.type = SHOAL_XFER_BEGIN, .id = id, .offset = total};
+    shoal_xfer_set_more(self->x, 1); /* one segment for a small transfer: see xfer.h */
     rc = shoal_xfer_send(self->x, &h, meta.buf, (size_t)meta.len);
     uint64_t off = 0;
     if (rc == 0 && small) {
@@ -204,6 +205,7 @@ static PyObject *bulk_send(BulkObject *self, PyObject *args)
             off += k;
         }
     }
+    shoal_xfer_set_more(self->x, 0);
     if (rc == 0) {
         h = (shoal_xfer_hdr){.type = SHOAL_XFER_END, .id = id, .offset = total};
         rc = shoal_xfer_send(self->x, &h, NULL, 0);

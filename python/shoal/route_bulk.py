@@ -54,6 +54,7 @@ class BulkSender:
         self.direct = self.enabled and not os.environ.get("SHOAL_NO_DIRECT")
         self.replies = []  # (endpoint, metadata, block, bytes) of direct replies taken, for the route
         self.heard = {}  # endpoint -> when its connection last had bytes for us
+        self.watched = set()  # endpoints whose direct replies are due (their silence is timed)
         self.conns = {}  # endpoint -> _core.Bulk
         self.failed = {}  # endpoint -> when it failed
         self.warned = False
@@ -136,7 +137,6 @@ class BulkSender:
         except OSError as e:
             self.lost(ep, f"the bulk connection to its agent at {ep} failed ({e})")
             raise
-        self.heard.setdefault(ep, time.monotonic())
 
     def send_abort(self, ep, task):
         """Asks the agent at ep to abort our direct task (as the controller's
@@ -162,6 +162,7 @@ class BulkSender:
         self.failed[ep] = time.monotonic()
         self.broken[ep] = why
         self.heard.pop(ep, None)
+        self.watched.discard(ep)
 
     def _take(self, ep, conn, timeout_ms, arena):
         """The next transfer on conn within timeout_ms: (id, block, meta);
@@ -196,11 +197,18 @@ class BulkSender:
         agent sends a keepalive each second)."""
         broken, fds = [], {}
         now = time.monotonic()
+        for ep in self.watched - set(eps):
+            self.watched.discard(ep)
+        for ep in set(eps) - self.watched:
+            # Silence counts from when replies are due: what the agent sent
+            # while none were is not read (and it sends no keepalives then).
+            self.watched.add(ep)
+            self.heard[ep] = now
         for ep in eps:
             conn = self.conns.get(ep)
             if conn is None:
                 broken.append((ep, self.broken.get(ep, f"there is no bulk connection to its agent at {ep}")))
-            elif now - self.heard.setdefault(ep, now) > self.direct_idle:
+            elif now - self.heard[ep] > self.direct_idle:
                 why = f"nothing came on the bulk connection from its agent at {ep} for {self.direct_idle:g} s"
                 self.lost(ep, why)
                 broken.append((ep, why))

@@ -321,6 +321,64 @@ def test_a_direct_task_whose_engine_dies_fails_naming_it(cluster):
     assert out["after"] == 7
 
 
+def test_a_direct_task_longer_than_the_node_timeout_and_one_after_a_long_quiet_run(cluster):
+    """A direct task that runs longer than the node timeout ends well (the
+    agent's keepalives tell the client it is there), and so does one sent
+    after the connection was quiet for longer than that (its silence while
+    nothing was due counts for nothing)."""
+    topo = cluster
+    _, targets = _engines_of(topo, topo[1])
+    out = client(topo[0], """
+        e = rc[eid]
+        long = e.apply_sync(lambda s: time.sleep(s) or "slept", wait)
+        time.sleep(wait)
+        out = [long, e.apply_sync(lambda: 2)]
+    """, eid=targets[0], wait=tm.NODE_TIMEOUT_MS / 1000 + 2)
+    assert out == ["slept", 2]
+
+
+def test_a_host_dying_in_the_middle_of_a_push_fails_only_its_engines(cluster):
+    """The last host of a push's chain loses its agent while the data
+    crosses (links at 200 Mbit/s): the host before it stops passing it on
+    and keeps its own, the push ends, the engines of the other hosts have
+    the data and run, the dead host's fail with an EngineError naming its
+    node; then the host joins again."""
+    import os
+    import signal
+
+    topo = cluster
+    node, dead = _engines_of(topo, topo[2])
+    reg = registry(topo[0])
+    pid = next(n["pid"] for n in reg["nodes"] if n["id"] == node)
+    alive = [e["id"] for e in reg["engines"] if e["alive"] and e["node"] != node]
+    for h in topo:
+        h.shape("200mbit")
+    try:
+        th, result = tm.client_submitted(topo[0], """
+            a = np.ones(8 * (1 << 20))  # 64 MiB: 2.7 s a link at 200 Mbit/s
+            open("/tmp/submitted", "w").close()
+            t0 = time.monotonic()
+            ar = rc[alive + dead].push({"mid": a}, block=False)
+            try:
+                ar.get(timeout=120)
+                err = None
+            except (ipp.EngineError, ipp.CompositeError) as x:
+                err = str(x)
+            out = {"err": err, "took": time.monotonic() - t0, "n": len(a),
+                   "sums": rc[alive].apply_sync(lambda: float(mid.sum()))}
+        """, alive=alive, dead=dead)
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        th.join(180)
+    finally:
+        for h in topo:
+            h.unshape()
+    assert result["err"] and f"lost with its node {node}" in result["err"], result
+    assert len(alive) >= 4 and result["sums"] == [float(result["n"])] * len(alive), result
+    join(topo[2])
+    client(topo[0], "rc.wait_for_engines(6, timeout=30)")
+
+
 def test_killing_the_agent_while_a_result_is_in_flight_fails_it_clearly(cluster):
     """The agent of host 2 dies while its engine's 256 MiB result waits to
     be read from the bulk channel: the task fails with an EngineError that
