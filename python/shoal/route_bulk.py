@@ -53,8 +53,9 @@ class BulkSender:
         # Tasks for other nodes' engines straight to their agents (SHOAL_NO_DIRECT=1: through the controller).
         self.direct = self.enabled and not os.environ.get("SHOAL_NO_DIRECT")
         self.replies = []  # (endpoint, metadata, block, bytes) of direct replies taken, for the route
-        self.heard = {}  # endpoint -> when its connection last had bytes for us
-        self.watched = set()  # endpoints whose direct replies are due (their silence is timed)
+        # endpoint -> when its connection last had bytes for us (or, when
+        # replies became due on it, then: the route sets it)
+        self.heard = {}
         self.conns = {}  # endpoint -> _core.Bulk
         self.failed = {}  # endpoint -> when it failed
         self.warned = False
@@ -162,7 +163,6 @@ class BulkSender:
         self.failed[ep] = time.monotonic()
         self.broken[ep] = why
         self.heard.pop(ep, None)
-        self.watched.discard(ep)
 
     def _take(self, ep, conn, timeout_ms, arena):
         """The next transfer on conn within timeout_ms: (id, block, meta);
@@ -197,18 +197,11 @@ class BulkSender:
         agent sends a keepalive each second)."""
         broken, fds = [], {}
         now = time.monotonic()
-        for ep in self.watched - set(eps):
-            self.watched.discard(ep)
-        for ep in set(eps) - self.watched:
-            # Silence counts from when replies are due: what the agent sent
-            # while none were is not read (and it sends no keepalives then).
-            self.watched.add(ep)
-            self.heard[ep] = now
         for ep in eps:
             conn = self.conns.get(ep)
             if conn is None:
                 broken.append((ep, self.broken.get(ep, f"there is no bulk connection to its agent at {ep}")))
-            elif now - self.heard[ep] > self.direct_idle:
+            elif now - self.heard.setdefault(ep, now) > self.direct_idle:
                 why = f"nothing came on the bulk connection from its agent at {ep} for {self.direct_idle:g} s"
                 self.lost(ep, why)
                 broken.append((ep, why))

@@ -89,6 +89,7 @@ class ControllerRoute(Route):
         self.waits = 0  # threads waiting for a controller reply
         self.bulk = BulkSender(info)  # large data for other nodes' engines (submit_bulk), and direct tasks
         self.direct = {}  # msg_id -> the agent endpoint of a direct task (also in pending)
+        self.due = {}  # endpoint -> its direct tasks in self.direct
         self.direct_ids = itertools.count(1 << 52)  # their msg_ids: apart from the socket's and the lanes'
 
     @staticmethod
@@ -282,8 +283,23 @@ class ControllerRoute(Route):
                 self.submit(ar, group, meta, s, obj)
                 continue
             self._sent(ar, mid, group, meta, s, obj)
-            self.direct[mid] = ep
+            self._direct_add(mid, ep)
         return True
+
+    def _direct_add(self, mid, ep):
+        if not self.due.get(ep):
+            # Its agent's silence counts from now: before, nothing was due,
+            # nobody read the connection, and the agent sent no keepalives.
+            self.bulk.heard[ep] = time.monotonic()
+        self.direct[mid] = ep
+        self.due[ep] = self.due.get(ep, 0) + 1
+
+    def _direct_pop(self, mid):
+        ep = self.direct.pop(mid, None)
+        if ep is not None:
+            self.due[ep] -= 1
+            if not self.due[ep]:
+                del self.due[ep]
 
     def _direct_lost(self, ep, why):
         """Our connection to the agent at ep broke (or went silent): the
@@ -292,7 +308,7 @@ class ControllerRoute(Route):
         for mid, e in list(self.direct.items()):
             if e != ep:
                 continue
-            del self.direct[mid]
+            self._direct_pop(mid)
             ar = self.pending.get(mid)
             if ar is None:
                 continue
@@ -305,7 +321,7 @@ class ControllerRoute(Route):
             if ar._zmq_done():
                 for m in ar._mids:
                     self.pending.pop(m, None)
-                    self.direct.pop(m, None)
+                    self._direct_pop(m)
 
     def _direct_reply(self, ep, meta, block, total):
         """A reply (or output) of an engine to a direct task, taken from
@@ -327,16 +343,16 @@ class ControllerRoute(Route):
             if ar._zmq_done():
                 for m in ar._mids:
                     self.pending.pop(m, None)
-                    self.direct.pop(m, None)
+                    self._direct_pop(m)
 
     def _wait_direct(self, timeout):
         """Waits up to timeout seconds for what the agents of our direct
         tasks send, and takes it; True if anything came."""
         for mid in [m for m in self.direct if m not in self.pending]:
-            del self.direct[mid]  # ended otherwise (failed with the controller, say)
+            self._direct_pop(mid)  # ended otherwise (failed with the controller, say)
         if not self.direct:
             return False
-        broken = self.bulk.wait_direct(set(self.direct.values()), timeout, self.registry.arena)
+        broken = self.bulk.wait_direct(list(self.due), timeout, self.registry.arena)
         for ep, why in broken:
             self._direct_lost(ep, why)
         got = bool(broken or self.bulk.replies)
@@ -394,6 +410,7 @@ class ControllerRoute(Route):
     def close(self):
         self.pending.clear()
         self.direct.clear()
+        self.due.clear()
         self.parts = 0
         self.bulk.close()
         if self.sock is not None:
