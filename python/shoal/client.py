@@ -391,12 +391,13 @@ class Client:
         """shoal's own view of the cluster (`shoal status` prints it): the
         controller's registry (``nodes``, ``engines``) and queues
         (``queue[e]``: unanswered tasks of engine e), with this client's
-        lane and pool tasks added; ``tasks_pending`` unfinished tasks, of
-        which ``lane_tasks_pending`` on lanes and in pools, ``unassigned``
-        load-balanced tasks no engine has taken.
+        lane, pool and direct tasks added; ``tasks_pending`` unfinished
+        tasks, of which ``lane_tasks_pending`` on lanes and in pools and
+        ``direct_tasks_pending`` sent to other nodes' agents directly,
+        ``unassigned`` load-balanced tasks no engine has taken.
 
-        The controller never sees lane tasks, so the figures for them are
-        this client's own: other clients' lane tasks are not counted."""
+        The controller never sees lane and direct tasks, so the figures for
+        them are this client's own: other clients' are not counted."""
         status = self._control(_core.MSG_QUERY, {"what": "status"})
         routes = self._routes
         with self._lock:
@@ -414,7 +415,13 @@ class Client:
             status["unassigned"] = status.get("unassigned", 0) + unassigned
             mine = routes.lane.held() + routes.pool.held()
             status["lane_tasks_pending"] = mine
-            status["tasks_pending"] += mine
+            direct = 0
+            for eid, _ in routes.controller.direct_queued():
+                direct += 1
+                if eid < len(status["queue"]):
+                    status["queue"][eid] += 1
+            status["direct_tasks_pending"] = direct
+            status["tasks_pending"] += mine + direct
         return status
 
     # ---- tasks ---------------------------------------------------------------------

@@ -389,6 +389,14 @@ class ControllerRoute(Route):
                 if e not in ar._results:
                     yield e, ar
 
+    def direct_queued(self):
+        """(engine id, AsyncResult) of each part of a direct task not yet answered."""
+        for mid in self.direct:
+            ar = self.pending.get(mid)
+            for e in ar._mids.get(mid, ()) if ar is not None else ():
+                if e not in ar._results:
+                    yield e, ar
+
     def abort(self, ar, timeout, receive):
         """Asks the controller to abort ar's messages (the agents mark
         them), waiting for its answer as control() does: an engine that has

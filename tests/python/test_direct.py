@@ -53,6 +53,9 @@ def test_tasks_go_to_the_agent_not_through_the_controller(node):
         time.sleep(0.3)
         assert len(route.direct) == 1, "one direct task, to the one node"
         assert status(ctl)["tasks_pending"] == 0, "the controller never saw it"
+        mine = rc.cluster_status()
+        assert mine["direct_tasks_pending"] == 2 and mine["tasks_pending"] == 2, mine
+        assert [mine["queue"][e] for e in dv.targets] == [1, 1], mine
         assert sorted(ar.get(10)) == sorted(e["pid"] for e in agent.engines)
         assert not route.direct and route.parts == 0
         # Output printed while it runs, and the reply's.
