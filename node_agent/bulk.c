@@ -37,7 +37,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -48,6 +50,7 @@
 #define EP_LEN 80          /* "tcp://[v6 address]:port" */
 #define OPEN_TIMEOUT_MS 10000
 #define CONNECT_TIMEOUT_MS 3000
+#define INLINE_MAX (16u << 10) /* a reply the main loop may send itself, when the connection is idle */
 
 struct conn;
 
@@ -94,6 +97,11 @@ struct conn {
     int has_sender;  /* the sender thread was started */
     int closing;     /* the connection ends: the sender sends nothing more */
     uint64_t due;    /* replies of direct tasks still to send (one per target): keepalives while any */
+    int busy;        /* the sender has taken a job and is sending it */
+    int err;         /* a send failed: nothing more is sent on it */
+    /* Held by whoever sends on x: the sender thread, or the main loop when
+     * it sends a small reply itself (queue_job). Not under b->mu. */
+    pthread_mutex_t tx;
     pthread_t sender;
     pthread_cond_t more; /* a job was queued, or closing was set */
     struct job *q;
@@ -439,7 +447,6 @@ static void *sender_main(void *arg)
 {
     struct conn *c = arg;
     shoal_bulk *b = c->b;
-    int err = 0;
     pthread_mutex_lock(&b->mu);
     for (;;) {
         int quiet = 0;
@@ -456,30 +463,41 @@ static void *sender_main(void *arg)
              * waits for replies of its direct tasks (it reads the
              * connection only then: keepalives sent to a client that does
              * not read would fill its socket, and then block us). */
-            int send = !err && c->token && c->due;
+            int send = !c->err && c->token && c->due, err = 0;
             pthread_mutex_unlock(&b->mu);
             if (send) {
                 shoal_xfer_hdr kh = {.type = SHOAL_BULK_KEEPALIVE};
+                pthread_mutex_lock(&c->tx);
                 err = shoal_xfer_send(c->x, &kh, NULL, 0);
+                pthread_mutex_unlock(&c->tx);
             }
             pthread_mutex_lock(&b->mu);
-            if (err)
+            if (err) {
+                c->err = err;
                 c->token = 0;
+            }
             continue;
         }
         struct job j = c->q[0];
         memmove(c->q, c->q + 1, (c->nq - 1) * sizeof *c->q);
         c->nq--;
-        int skip = err || c->closing;
+        int skip = c->err || c->closing, err = 0;
+        c->busy = 1;
         pthread_mutex_unlock(&b->mu);
         void *p;
-        if (!skip && shoal_arena_ptr(b->arena, j.h, &p) == 0)
+        if (!skip && shoal_arena_ptr(b->arena, j.h, &p) == 0) {
+            pthread_mutex_lock(&c->tx);
             err = shoal_xfer_send_buffer(c->x, j.xid, j.meta, j.meta ? strlen(j.meta) : 0, p, j.len, 0);
+            pthread_mutex_unlock(&c->tx);
+        }
         shoal_arena_release(b->arena, j.h);
         free(j.meta);
         pthread_mutex_lock(&b->mu);
-        if (err)
+        c->busy = 0;
+        if (err) {
+            c->err = err;
             c->token = 0;
+        }
     }
     pthread_mutex_unlock(&b->mu);
     return NULL;
@@ -505,6 +523,45 @@ int shoal__bulk_send_reply(shoal_bulk *b, uint64_t token, uint64_t xid, uint64_t
     return rc;
 }
 
+/* Whether fd's send buffer has room for need bytes now (a send then does not wait). */
+static int room_for(int fd, size_t need)
+{
+    int queued = 0, size = 0;
+    socklen_t len = sizeof size;
+    if (ioctl(fd, SIOCOUTQ, &queued) < 0 || getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, &len) < 0)
+        return 0;
+    return size / 2 - queued >= (int)need; /* SO_SNDBUF says twice what it holds of payload */
+}
+
+/*
+ * Sends small job j on c from the calling thread (the agent's main loop):
+ * called with b->mu held and c->tx taken, returns with neither. A hand-off
+ * to the sender thread costs a round trip one wake-up; the loop does it
+ * itself only when nothing else is queued or being sent (the replies keep
+ * their order) and the socket has room (it never waits on a client).
+ */
+static void send_inline(shoal_bulk *b, struct conn *c, struct job j)
+{
+    if (j.ends && c->due)
+        c->due--;
+    pthread_mutex_unlock(&b->mu);
+    void *p;
+    int err = -EFAULT;
+    if (shoal_arena_ptr(b->arena, j.h, &p) == 0)
+        err = shoal_xfer_send_buffer(c->x, j.xid, j.meta, j.meta ? strlen(j.meta) : 0, p, j.len, 0);
+    if (err) {
+        /* Under tx still: c is not freed before tx is let go (conn_main).
+         * Nobody waits for tx holding b->mu, so taking it here is safe. */
+        pthread_mutex_lock(&b->mu);
+        c->err = err;
+        c->token = 0;
+        pthread_mutex_unlock(&b->mu);
+    }
+    pthread_mutex_unlock(&c->tx);
+    shoal_arena_release(b->arena, j.h);
+    free(j.meta);
+}
+
 static int queue_job(shoal_bulk *b, uint64_t token, struct job j)
 {
     if (!token)
@@ -515,6 +572,11 @@ static int queue_job(shoal_bulk *b, uint64_t token, struct job j)
         struct conn *c = b->conns[i];
         if (!c || c->token != token || c->closing || !c->has_sender)
             continue;
+        if (c->nq == 0 && !c->busy && !c->err && j.len <= INLINE_MAX && room_for(c->fd, j.len + 1024) &&
+            pthread_mutex_trylock(&c->tx) == 0) {
+            send_inline(b, c, j);
+            return 0;
+        }
         if (c->nq == c->capq) {
             size_t cap = c->capq ? 2 * c->capq : 16;
             struct job *q = realloc(c->q, cap * sizeof *q);
@@ -612,6 +674,10 @@ static void *conn_main(void *arg)
         shutdown(c->fd, SHUT_RDWR);
         pthread_join(c->sender, NULL);
     }
+    /* A send of the main loop's that started before closing was set ends
+     * (the socket is shut: at once) before the connection goes. */
+    pthread_mutex_lock(&c->tx);
+    pthread_mutex_unlock(&c->tx);
     shoal_xfer_close(x);
     for (int i = 0; i < c->nhops; i++)
         if (c->hops[i].x) {
@@ -626,6 +692,7 @@ static void *conn_main(void *arg)
     pthread_cond_broadcast(&b->idle);
     pthread_mutex_unlock(&b->mu);
     pthread_cond_destroy(&c->more);
+    pthread_mutex_destroy(&c->tx);
     free(c->q);
     free(c);
     return NULL;
@@ -660,11 +727,13 @@ static void *accept_main(void *arg)
             pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the sender's keepalive wait */
             pthread_cond_init(&c->more, &ca);
             pthread_condattr_destroy(&ca);
+            pthread_mutex_init(&c->tx, NULL);
             b->conn_fds[slot] = fd;
             b->conns[slot] = c;
             b->nconns++;
             if (pthread_create(&t, &attr, conn_main, c) != 0) {
                 pthread_cond_destroy(&c->more);
+                pthread_mutex_destroy(&c->tx);
                 b->conns[slot] = NULL;
                 b->conn_fds[slot] = -1;
                 b->nconns--;

@@ -9,9 +9,11 @@
 #      two minutes; once, in the plain build),
 #   6. the Python tests again with the extension and the programs from the
 #      sanitizer build, but for the many-host ones (test_machines.py,
-#      test_hosts.py: namespaced hosts, about three minutes), which run once,
-#      in the plain build; test_bulk_machines.py runs in both, for the C of
-#      the bulk path.
+#      test_bulk_machines.py, test_hosts.py: namespaced hosts, about four
+#      minutes), which run once, in the plain build; the C of the bulk path
+#      and of direct tasks runs in both through test_direct.py and
+#      test_bulk.py (several agents on this machine, on loopback).
+# The slowest tests of each pytest run are listed at its end (--durations).
 # Exits non-zero if anything fails.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,7 +38,7 @@ step "fuzz targets, 30 s each (scripts/fuzz.sh)"
 ./scripts/fuzz.sh 30
 
 step "Python tests against the installed package"
-python -m pytest -q -p no:cacheprovider tests/python
+python -m pytest -q -p no:cacheprovider --durations=15 tests/python
 
 step "ipyparallel's own tests against shoal (scripts/compat.sh)"
 ./scripts/compat.sh
@@ -52,5 +54,6 @@ ln -sf "$root"/build/asan/python/shoal/_core*.so "$pkg/"
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONPATH="$root/build/asan/pkg" \
   SHOAL_BIN_DIR="$root/build/asan/controller:$root/build/asan/node_agent:$root/build/asan/engine" \
-  python -m pytest -q -p no:cacheprovider tests/python \
-  --ignore=tests/python/test_machines.py --ignore=tests/python/test_hosts.py
+  python -m pytest -q -p no:cacheprovider --durations=15 tests/python \
+  --ignore=tests/python/test_machines.py --ignore=tests/python/test_bulk_machines.py \
+  --ignore=tests/python/test_hosts.py

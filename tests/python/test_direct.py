@@ -28,7 +28,10 @@ def node(tmp_path_factory, request):
     ctl = Controller(root / "home", heartbeat_ms=200)
     first = Agent(ctl, root / "run", engines=1, env=env)
     agent = Agent(ctl, root / "run2", engines=2, env=env)
+    third = Agent(ctl, root / "run3", engines=1, env=env)
+    ctl.third = third  # for the chain's test
     yield ctl, agent
+    third.stop()
     agent.stop()
     first.stop()
     ctl.stop()
@@ -126,3 +129,23 @@ def test_the_agent_answers_bad_direct_tasks_and_goes_on(node):
     assert agent.proc.poll() is None
     with shoal.Client(url_file=str(ctl.conn)) as rc:
         assert away(rc, agent).apply_sync(lambda: 5) == [5, 5]
+
+
+def test_a_large_push_to_two_other_nodes_goes_along_a_chain(node):
+    """A push of 4 MiB to the engines of the two nodes the client is not
+    attached to: one transfer, to the first of their agents, which passes
+    it on to the other as it comes (docs/machines.md, "The bulk path"), and
+    a direct task to each naming it; every engine has the array, and a
+    large value comes back from each."""
+    ctl, agent = node
+    n = 4 * MiB // 8
+    with shoal.Client(url_file=str(ctl.conn)) as rc:
+        engines = [e["id"] for e in agent.engines + ctl.third.engines]
+        dv = rc[engines]
+        bulk = rc._routes.controller.bulk
+        sent = bulk.sent
+        dv.push({"chained": np.arange(n)}, block=True)
+        assert bulk.sent - sent == 1, "one transfer, along the chain"
+        dv.execute("total = int(chained.sum()); doubled = chained * 2", block=True)
+        assert dv.pull("total", block=True) == [int(np.arange(n).sum())] * 3
+        assert all((b == 2 * np.arange(n)).all() for b in dv.pull("doubled", block=True))
