@@ -149,7 +149,41 @@ class IPyParallel:
         shutil.rmtree(self.topo[0].path("/tmp/ipp"), ignore_errors=True)
 
 
-SYSTEMS = {"shoal": Shoal, "shoal-plain": ShoalPlain, "ipyparallel": IPyParallel}
+class Ray:
+    """Ray multi-node: `ray start --head` on host 0, `ray start --address`
+    on the others, each host's node with as many CPUs as engines and an
+    object store of its own (in its own /dev/shm); the driver's actors,
+    one per engine, are pinned to the nodes (machines_driver.py)."""
+    name = "ray"
+    conn = "auto"
+    store = 3 * GiB  # a 1 GiB push, and a scatter's parts, fit on each node
+
+    def __init__(self, topo, engines):
+        self.topo, self.engines = topo, engines
+
+    def ray(self, host, *args):
+        exe = os.path.join(os.path.dirname(PY), "ray")
+        p = host.run([exe, *args], env=env(), capture_output=True, text=True, timeout=300)
+        if p.returncode:
+            raise RuntimeError(f"ray {' '.join(args)} on {host.name}: {(p.stderr or p.stdout).strip()[-800:]}")
+
+    def start(self):
+        h0 = self.topo[0]
+        common = [f"--num-cpus={self.engines}", f"--object-store-memory={self.store}", "--disable-usage-stats"]
+        self.ray(h0, "start", "--head", f"--node-ip-address={h0.addr}", "--port=6379", "--include-dashboard=false",
+                 *common)
+        for h in list(self.topo)[1:]:
+            self.ray(h, "start", f"--address={h0.addr}:6379", f"--node-ip-address={h.addr}", *common)
+
+    def stop(self):
+        for h in self.topo:
+            try:
+                self.ray(h, "stop", "--force")
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"# {e}", file=sys.stderr)
+
+
+SYSTEMS = {"shoal": Shoal, "shoal-plain": ShoalPlain, "ipyparallel": IPyParallel, "ray": Ray}
 
 
 # ---- the cases --------------------------------------------------------------------

@@ -37,6 +37,8 @@ def hostname():
 
 def main():
     system, conn, engines = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if system == "ray":
+        return ray_main(engines)
     if system == "shoal":
         import shoal as ipp
         rc = ipp.Client(url_file=conn, timeout=60)
@@ -108,6 +110,131 @@ def run(req, rc, dv, ids, remote):
         lv = rc.load_balanced_view(ids)
         t = time.perf_counter()
         got = lv.map_sync(lambda x: (x, __import__("socket").gethostname()), range(n))
+        took = time.perf_counter() - t
+        per_host = {}
+        for _, h in got:
+            per_host[h] = per_host.get(h, 0) + 1
+        return {"case": case, "n": n, "seconds": took, "per_s": n / took, "per_host": per_host,
+                "ok": [x for x, _ in got] == list(range(n))}
+    raise ValueError(f"unknown case {case}")
+
+
+
+# ---- Ray: actors in place of engines ------------------------------------------------
+
+
+def ray_main(engines):
+    """The same cases with Ray: one actor per engine, spread over the nodes
+    (engines // nodes on each, pinned by node affinity); a push is a
+    ray.put and a call of every actor with its ref (each node fetches the
+    object once into its store, and the actors read it there); a pull, a
+    call whose value is the array."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    nodes = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: n["NodeManagerAddress"])
+    per = max(1, engines // len(nodes))
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def __init__(self):
+            self.ns = {}
+
+        def hostname(self):
+            return hostname()
+
+        def noop(self):
+            return None
+
+        def store(self, name, value):
+            self.ns[name] = value
+            return True
+
+        def make(self, name, n):
+            self.ns[name] = np.ones(n)
+            return True
+
+        def get(self, name):
+            return self.ns[name]
+
+        def check(self, name, n):
+            a = self.ns[name]
+            return float(a[-1]) + len(a) == 1.0 + n
+
+        def drop(self, name):
+            self.ns.pop(name, None)
+
+    actors = [Engine.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+              for n in nodes for _ in range(per)]
+    where = ray.get([a.hostname.remote() for a in actors])
+    here = hostname()
+    remote = [i for i, h in enumerate(where) if h != here]
+    answer({"ready": True, "where": {str(i): h for i, h in enumerate(where)}, "remote": remote})
+
+    @ray.remote
+    def tiny(x):
+        return x, hostname()
+
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        req = json.loads(line)
+        try:
+            answer(ray_run(ray, req, actors, remote, tiny))
+        except Exception as e:
+            answer({"case": req["case"], "error": f"{type(e).__name__}: {e}"})
+    ray.shutdown()
+
+
+def ray_run(ray, req, actors, remote, tiny):
+    case, size = req["case"], req.get("bytes", 0)
+    if case == "push":
+        a = np.ones(size // 8)
+        t = time.perf_counter()
+        ref = ray.put(a)
+        ray.get([x.store.remote("bench_a", ref) for x in actors])
+        took = time.perf_counter() - t
+        ok = ray.get([x.check.remote("bench_a", len(a)) for x in actors])
+        ray.get([x.drop.remote("bench_a") for x in actors])
+        del ref
+        return {"case": case, "bytes": size, "seconds": took, "ok": all(ok)}
+    if case == "pull":
+        e = actors[remote[-1]]
+        ray.get(e.make.remote("bench_r", size // 8))
+        t = time.perf_counter()
+        got = ray.get(e.get.remote("bench_r"))
+        took = time.perf_counter() - t
+        ok = got.shape == (size // 8,) and float(got[-1]) == 1.0
+        ray.get(e.drop.remote("bench_r"))
+        return {"case": case, "bytes": size, "seconds": took, "ok": ok, "engine": remote[-1]}
+    if case == "scatter_gather":
+        a = np.arange(size // 8, dtype=np.float64)
+        parts = np.array_split(a, len(actors))
+        t = time.perf_counter()
+        ray.get([x.store.remote("bench_s", ray.put(p)) for x, p in zip(actors, parts)])
+        mid = time.perf_counter()
+        back = np.concatenate(ray.get([x.get.remote("bench_s") for x in actors]))
+        took = time.perf_counter() - t
+        ok = bool(np.array_equal(back, a))
+        ray.get([x.drop.remote("bench_s") for x in actors])
+        return {"case": case, "bytes": size, "seconds": took, "scatter_s": mid - t, "gather_s": took - (mid - t),
+                "ok": ok}
+    if case == "rtt":
+        e = actors[remote[0]]
+        ray.get(e.noop.remote())
+        lat = []
+        for _ in range(req.get("n", 300)):
+            t = time.perf_counter()
+            ray.get(e.noop.remote())
+            lat.append(time.perf_counter() - t)
+        lat.sort()
+        return {"case": case, "p50_us": statistics.median(lat) * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+                "engine": remote[0], "ok": True}
+    if case == "lbmap":
+        n = req.get("n", 2000)
+        t = time.perf_counter()
+        got = ray.get([tiny.remote(x) for x in range(n)])
         took = time.perf_counter() - t
         per_host = {}
         for _, h in got:
