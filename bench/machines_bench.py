@@ -1,4 +1,4 @@
-"""shoal against ipyparallel on many machines: hosts made on this machine
+"""shoal against ipyparallel and Ray on many machines: hosts made on this machine
 (tests/python/hosts.py: each a network, mount, UTS and IPC namespace of its
 own, joined by a bridge), the controller and the client on host 0, engines
 on every host; a plain TCP stream over one link as the limit.
@@ -19,7 +19,7 @@ are (veth: the CPU's copies are the bound). One key=value line per case,
 and with --json, all of them.
 
     python bench/machines_bench.py [--hosts 4] [--engines 2] [--shape none,2gbit]
-                                   [--systems shoal,ipyparallel] [--json PATH]
+                                   [--systems shoal,shoal-plain,ipyparallel,ray] [--json PATH]
 Run it with bench/run_machines.sh (the benchmark's venv; as root).
 """
 

@@ -8,7 +8,10 @@ Protocol on stdin/stdout, one JSON object per line: the driver says
 runs the case and answers {"case": name, "seconds": s, ...} (or
 {"error": text}); an empty line ends it.
 
-    python machines_driver.py shoal|ipyparallel CONNECTION_FILE ENGINES
+    python machines_driver.py shoal|ipyparallel|ray CONNECTION_FILE ENGINES
+
+(ray: CONNECTION_FILE is "auto", the cluster that `ray start` made on
+this host.)
 """
 
 import json

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# shoal against ipyparallel on many machines (bench/machines_bench.py): hosts
+# shoal against ipyparallel and Ray on many machines (bench/machines_bench.py): hosts
 # made as namespaces on this machine (as root), in the benchmark's own
 # virtual environment (.venv-bench). One key=value line per case; saved
 # under bench/results/machines-STAMP.{txt,json}.
