@@ -56,15 +56,42 @@ def main():
     remote = [e for e in ids if where[e] != here]
     dv.apply_sync(noop)
     answer({"ready": True, "where": {str(k): v for k, v in where.items()}, "remote": remote})
+    serve(lambda req: run(req, rc, dv, ids, remote))
+    rc.close()
+
+
+def round_trips(call, n, engine):
+    """The rtt case's answer: call() once to warm up, then n times, timed."""
+    call()
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    return {"case": "rtt", "p50_us": statistics.median(lat) * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+            "engine": engine, "ok": True}
+
+
+def map_result(got, n, took):
+    """The lbmap case's answer: got is [(item, hostname)] for range(n)."""
+    per_host = {}
+    for _, h in got:
+        per_host[h] = per_host.get(h, 0) + 1
+    return {"case": "lbmap", "n": n, "seconds": took, "per_s": n / took, "per_host": per_host,
+            "ok": [x for x, _ in got] == list(range(n))}
+
+
+def serve(run_one):
+    """Answers the orchestrator's cases, a line each, until an empty line."""
     for line in sys.stdin:
         if not line.strip():
             break
         req = json.loads(line)
         try:
-            answer(run(req, rc, dv, ids, remote))
+            answer(run_one(req))
         except Exception as e:  # the orchestrator records it and goes on
             answer({"case": req["case"], "error": f"{type(e).__name__}: {e}"})
-    rc.close()
 
 
 def run(req, rc, dv, ids, remote):
@@ -99,26 +126,13 @@ def run(req, rc, dv, ids, remote):
                 "ok": ok}
     if case == "rtt":
         e = rc[remote[0]]
-        e.apply_sync(noop)
-        lat = []
-        for _ in range(req.get("n", 300)):
-            t = time.perf_counter()
-            e.apply_sync(noop)
-            lat.append(time.perf_counter() - t)
-        lat.sort()
-        return {"case": case, "p50_us": statistics.median(lat) * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
-                "engine": remote[0], "ok": True}
+        return round_trips(lambda: e.apply_sync(noop), req.get("n", 300), remote[0])
     if case == "lbmap":
         n = req.get("n", 2000)
         lv = rc.load_balanced_view(ids)
         t = time.perf_counter()
         got = lv.map_sync(lambda x: (x, __import__("socket").gethostname()), range(n))
-        took = time.perf_counter() - t
-        per_host = {}
-        for _, h in got:
-            per_host[h] = per_host.get(h, 0) + 1
-        return {"case": case, "n": n, "seconds": took, "per_s": n / took, "per_host": per_host,
-                "ok": [x for x, _ in got] == list(range(n))}
+        return map_result(got, n, time.perf_counter() - t)
     raise ValueError(f"unknown case {case}")
 
 
@@ -179,14 +193,7 @@ def ray_main(engines):
     def tiny(x):
         return x, hostname()
 
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        req = json.loads(line)
-        try:
-            answer(ray_run(ray, req, actors, remote, tiny))
-        except Exception as e:
-            answer({"case": req["case"], "error": f"{type(e).__name__}: {e}"})
+    serve(lambda req: ray_run(ray, req, actors, remote, tiny))
     ray.shutdown()
 
 
@@ -225,25 +232,12 @@ def ray_run(ray, req, actors, remote, tiny):
                 "ok": ok}
     if case == "rtt":
         e = actors[remote[0]]
-        ray.get(e.noop.remote())
-        lat = []
-        for _ in range(req.get("n", 300)):
-            t = time.perf_counter()
-            ray.get(e.noop.remote())
-            lat.append(time.perf_counter() - t)
-        lat.sort()
-        return {"case": case, "p50_us": statistics.median(lat) * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
-                "engine": remote[0], "ok": True}
+        return round_trips(lambda: ray.get(e.noop.remote()), req.get("n", 300), remote[0])
     if case == "lbmap":
         n = req.get("n", 2000)
         t = time.perf_counter()
         got = ray.get([tiny.remote(x) for x in range(n)])
-        took = time.perf_counter() - t
-        per_host = {}
-        for _, h in got:
-            per_host[h] = per_host.get(h, 0) + 1
-        return {"case": case, "n": n, "seconds": took, "per_s": n / took, "per_host": per_host,
-                "ok": [x for x, _ in got] == list(range(n))}
+        return map_result(got, n, time.perf_counter() - t)
     raise ValueError(f"unknown case {case}")
 
 
