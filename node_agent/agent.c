@@ -197,7 +197,7 @@ struct parked {
     uint32_t nt;
     int64_t at_ns;
     int ready;      /* its block is here (h, or status says why there is none) */
-    int status;     /* 0, or the transfer failed: why */
+    int status;     /* 0, or there is no block: its transfer failed (why), or no arena room for one that came whole */
     int aborted;    /* the controller aborted it while it waited */
     shoal_handle h; /* its message block, our reference, once ready and status == 0 */
     char why[sizeof(((shoal_bulk_arrival *)0)->why)];
@@ -1739,13 +1739,12 @@ static void release_parked(struct agent *a)
             a->parked[keep++] = *p;
             continue;
         }
-        if (p->status == 0) {
-            if (p->aborted)
-                mark_aborted(a, p->h);
-            dispatch_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->h, 0, p->o);
-        } else {
+        if (p->status == 0 && p->aborted)
+            mark_aborted(a, p->h);
+        if (p->status == 0 || !p->xfer_id) /* a block that came with its TASK says its own errors */
+            dispatch_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->h, p->status, p->o);
+        else
             fail_bulk_task(a, p->task_id, (const uint8_t *)p->targets, p->nt, p->why, p->o);
-        }
         free(p->targets);
     }
     a->nparked = keep;
@@ -1780,8 +1779,6 @@ static void park_task(struct agent *a, uint64_t task_id, const uint8_t *t, uint3
     struct parked *p = &a->parked[a->nparked++];
     *p = (struct parked){.task_id = task_id, .xfer_id = xid, .o = o, .targets = copy, .nt = nt,
                          .at_ns = now_ns(), .ready = !xid, .status = rc, .h = h};
-    if (!xid && rc < 0)
-        snprintf(p->why, sizeof p->why, "its agent could not get arena memory for it");
     release_parked(a);
 }
 

@@ -182,7 +182,11 @@ class BulkSender:
         xid, buf, meta = conn.recv_transfer(alloc, timeout_ms)
         self.heard[ep] = time.monotonic()
         if meta:
-            self.replies.append((ep, json.loads(meta), buf, sizes[xid]))
+            try:
+                what = json.loads(meta)
+            except ValueError:  # not from an agent of ours: the connection is given up, its tasks fail
+                raise OSError(f"its agent sent transfer {xid:016x} with metadata that is not JSON") from None
+            self.replies.append((ep, what, buf, sizes[xid]))
             if sizes[xid] >= self.threshold:
                 self.received += 1  # a large result, as those through the controller count
             return xid, None, meta
