@@ -198,7 +198,7 @@ struct parked {
     int64_t at_ns;
     int ready;      /* its block is here (h, or status says why there is none) */
     int status;     /* 0, or there is no block: its transfer failed (why), or no arena room for one that came whole */
-    int aborted;    /* the controller aborted it while it waited */
+    int aborted;    /* its sender (the controller, or a direct task's client) aborted it while it waited */
     shoal_handle h; /* its message block, our reference, once ready and status == 0 */
     char why[sizeof(((shoal_bulk_arrival *)0)->why)];
 };
